@@ -1,0 +1,52 @@
+"""A trained model as files: ``model.pt`` (state_dict) + ``bundle.json`` (config and data schema).
+
+This is what the pipeline's Model artifact holds and what the MLflow pyfunc wraps, so any step
+can rebuild the exact model without MLflow and without pickled modules.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from .data import Schema
+from .errors import UserError
+from .models import get_model
+
+WEIGHTS, META = "model.pt", "bundle.json"
+
+
+def save_bundle(model: nn.Module, cfg: DictConfig, schema: Schema, folder: str | Path, **extra) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, folder / WEIGHTS)
+    meta = {"config": OmegaConf.to_container(cfg, resolve=True), "schema": asdict(schema), **extra}
+    (folder / META).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, DictConfig, Schema, dict]:
+    """Rebuild the model with its weights; also return the config, schema and extra metadata."""
+    from .config import config_from_json
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / META).read_text())
+        state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise UserError(f"{folder} is not a model bundle: {Path(err.filename).name} is missing") from None
+    except (ValueError, RuntimeError, OSError) as err:
+        raise UserError(f"cannot read the model bundle in {folder}: {err}") from None
+    cfg = config_from_json(json.dumps(meta.pop("config")))
+    schema = Schema(**meta.pop("schema"))
+    model = get_model(cfg.model, schema.feature_shape, len(schema.class_names))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"weights in {folder} do not fit model {cfg.model.name}: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), cfg, schema, meta

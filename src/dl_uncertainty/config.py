@@ -1,0 +1,203 @@
+"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore, plus value checks.
+
+The YAML files under ``configs/`` are the single source of truth for values; these dataclasses
+fix the keys and types, so a typo in an override fails before any work, naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import UserError
+
+MODEL_NAMES = ("bnn", "mc_dropout_dnn", "deep_ensemble")
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits | csv | npz
+    path: str | None = None  # csv/npz: a local path or s3://bucket/key
+    label_column: str = "label"
+    ood_classes: list[str] = field(default_factory=lambda: ["8", "9"])
+    image_shape: list[int] | None = None  # e.g. [1, 8, 8]; digits sets it, CSV may
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    missing: str = "median"  # drop | mean | median | ffill
+    outliers: str = "iqr"  # none | iqr | zscore
+    outlier_threshold: float = 1.5  # IQR multiplier, or z-score limit
+    scaling: str = "standard"  # none | standard | minmax
+
+
+@dataclass
+class ModelConfig:
+    name: str = "bnn"  # bnn | mc_dropout_dnn | deep_ensemble
+    arch: str = "mlp"  # mlp | cnn
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
+    conv_channels: list[int] = field(default_factory=lambda: [16, 32])
+    activation: str = "relu"  # relu | gelu | tanh | silu
+    dropout: float = 0.0
+    prior_mu: float = 0.0
+    prior_sigma: float = 1.0
+    posterior_log_sigma_init: float = -5.0
+    kl_weight: float = 1.0  # multiplier on KL / N_train
+    kl_anneal_epochs: int = 0  # linear warm-up of the KL weight from 0
+    ensemble_size: int = 5
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    batch_size: int = 64
+    epochs: int = 60
+    early_stopping_patience: int = 15  # epochs without val NLL improvement; 0 disables
+    label_smoothing: float = 0.0
+    val_mc_samples: int = 10
+    checkpoint_dir: str | None = None  # default: checkpoints/<model name>
+    resume: bool = False
+    amp: bool = True  # mixed precision, used on CUDA only
+
+
+@dataclass
+class EvaluateConfig:
+    mc_samples: int = 50
+    strategy: str = "auto"  # auto | loop | repeat | lrt
+    batch_size: int = 1024
+    winner_metric: str = "nll"
+    winner_mode: str = "min"  # min | max
+    registered_model_name: str = "dl-uncertainty"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    experiment_name: str = "dl-uncertainty"
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    run_id: str | None = None  # evaluate: the MLflow run whose model to load
+    data_dir: str = "data/processed"  # preprocess: where the split files go
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+register_configs()
+
+
+def config_dir() -> Path:
+    """``configs/`` of this checkout, or ``$DLU_CONFIG_DIR`` (set in the container image)."""
+    env = os.environ.get("DLU_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"no config.yaml in {path}; set DLU_CONFIG_DIR to the project's configs/ folder")
+    return path
+
+
+def load_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``configs/`` with Hydra overrides (outside ``@hydra.main``) and validate it."""
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides or []))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserError(f"invalid configuration: {_first_line(err)}") from None
+    validate(cfg)
+    return cfg
+
+
+def config_from_json(text: str) -> DictConfig:
+    """Rebuild a validated config from ``to_json`` output (how pipeline steps pass it on)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), json.loads(text))
+    except (ValueError, OmegaConfBaseException) as err:
+        raise UserError(f"invalid configuration JSON: {_first_line(err)}") from None
+    validate(cfg)
+    return cfg
+
+
+def to_json(cfg: DictConfig) -> str:
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
+
+
+def flatten(cfg: DictConfig) -> dict[str, Any]:
+    """``{"model.name": "bnn", ...}`` for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def _first_line(err: Exception) -> str:
+    return " ".join(str(err).strip().splitlines()[:2])
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _one_of(value: Any, key: str, allowed: tuple) -> None:
+    _check(value in allowed, f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks the type system cannot express; raise UserError naming the key."""
+    d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.evaluate
+    _one_of(d.source, "data.source", ("digits", "csv", "npz"))
+    _check(d.source == "digits" or bool(d.path), f"data.path is required for data.source={d.source}")
+    _one_of(d.missing, "data.missing", ("drop", "mean", "median", "ffill"))
+    _one_of(d.outliers, "data.outliers", ("none", "iqr", "zscore"))
+    _one_of(d.scaling, "data.scaling", ("none", "standard", "minmax"))
+    _check(d.outlier_threshold > 0, "data.outlier_threshold must be > 0")
+    for key in ("val_fraction", "test_fraction"):
+        _check(0 < d[key] < 1, f"data.{key} must be in (0, 1), got {d[key]}")
+    _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction must be < 1")
+    _one_of(m.name, "model.name", MODEL_NAMES)
+    _one_of(m.arch, "model.arch", ("mlp", "cnn"))
+    _one_of(m.activation, "model.activation", ("relu", "gelu", "tanh", "silu"))
+    _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(all(h >= 1 for h in m.hidden_sizes), "model.hidden_sizes must all be >= 1")
+    _check(all(c >= 1 for c in m.conv_channels), "model.conv_channels must all be >= 1")
+    _check(m.prior_sigma > 0, f"model.prior_sigma must be > 0, got {m.prior_sigma}")
+    _check(m.kl_weight >= 0, f"model.kl_weight must be >= 0, got {m.kl_weight}")
+    _check(m.kl_anneal_epochs >= 0, "model.kl_anneal_epochs must be >= 0")
+    _check(m.ensemble_size >= 1, f"model.ensemble_size must be >= 1, got {m.ensemble_size}")
+    _one_of(t.optimizer, "train.optimizer", ("adam", "adamw", "sgd"))
+    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    _check(t.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0")
+    _check(0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+    _check(t.val_mc_samples >= 1, f"train.val_mc_samples must be >= 1, got {t.val_mc_samples}")
+    _check(e.mc_samples >= 1, f"evaluate.mc_samples must be >= 1, got {e.mc_samples}")
+    _one_of(e.strategy, "evaluate.strategy", ("auto", "loop", "repeat", "lrt"))
+    _one_of(e.winner_mode, "evaluate.winner_mode", ("min", "max"))
+    _check(e.batch_size >= 1, "evaluate.batch_size must be >= 1")
+    _check(
+        cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
+        f"device={cfg.device!r} is not auto, cpu, cuda or cuda:N",
+    )

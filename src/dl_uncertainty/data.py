@@ -1,0 +1,289 @@
+"""Load, clean and split data; save/load splits as .npz with a JSON schema.
+
+Sources: scikit-learn's digits, CSV and NPZ files, local or on S3/MinIO (``s3://bucket/key``).
+Imputation, outlier bounds and scaling are fitted on the training split only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+from sklearn.model_selection import train_test_split
+
+from .errors import UserError
+
+SPLITS = ("train", "val", "test", "ood")
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Schema:
+    """What a split file holds, so a later step can check it was given the right thing."""
+
+    feature_shape: list[int]  # per-example shape, e.g. [64] or [1, 8, 8]
+    class_names: list[str]  # in-distribution classes; label i is class_names[i]
+    ood_class_names: list[str]  # OOD split labels index into this
+    source: str
+    cleaning: dict = field(default_factory=dict)  # imputer/clip/scaler statistics and counts
+    version: int = SCHEMA_VERSION
+
+    @property
+    def num_features(self) -> int:
+        return int(np.prod(self.feature_shape))
+
+
+@dataclass
+class Split:
+    x: np.ndarray  # float32 [N, num_features]
+    y: np.ndarray  # int64 [N]
+    schema: Schema
+
+
+# ---------------------------------------------------------------- reading raw data
+
+
+def _s3_client():
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint or None)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket or not key:
+        raise UserError(f"{uri!r} is not an s3://bucket/key URI")
+    return bucket, key
+
+
+def read_bytes(path: str) -> bytes:
+    """Bytes of a local file or an ``s3://bucket/key`` object."""
+    if path.startswith("s3://"):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_s3_uri(path)
+        try:
+            return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError) as err:
+            raise UserError(f"cannot read {path}: {err}") from None
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"data file not found: {path}")
+    return file.read_bytes()
+
+
+def upload_file(local: str, uri: str) -> None:
+    """Put a local file at ``s3://bucket/key`` (e.g. MinIO's ``datasets`` bucket)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if not Path(local).is_file():
+        raise UserError(f"file not found: {local}")
+    bucket, key = split_s3_uri(uri)
+    try:
+        _s3_client().upload_file(local, bucket, key)
+    except (BotoCoreError, ClientError) as err:
+        raise UserError(f"cannot upload {local} to {uri}: {err}") from None
+
+
+def _read_csv(path: str, label_column: str) -> tuple[pd.DataFrame, pd.Series]:
+    try:
+        frame = pd.read_csv(io.BytesIO(read_bytes(path)))
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path} is empty") from None
+    except pd.errors.ParserError as err:
+        raise UserError(f"{path} is not a valid CSV: {str(err).splitlines()[0]}") from None
+    if frame.empty:
+        raise UserError(f"{path} has a header but no rows")
+    if label_column not in frame.columns:
+        raise UserError(
+            f"label column {label_column!r} not in {path} (columns: {', '.join(map(str, frame.columns[:10]))}); "
+            "set data.label_column"
+        )
+    labels = frame.pop(label_column)
+    bad = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    if bad:
+        raise UserError(f"feature column {bad[0]!r} in {path} is not numeric")
+    if frame.shape[1] == 0:
+        raise UserError(f"{path} has no feature columns besides {label_column!r}")
+    return frame.astype("float64"), labels
+
+
+def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
+    """Features (rows x flat features), labels as strings, and the per-example feature shape."""
+    if cfg.source == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        frame = pd.DataFrame(digits.data)
+        return frame, digits.target.astype(str), list(cfg.image_shape or [64])
+    if cfg.source == "csv":
+        frame, labels = _read_csv(cfg.path, cfg.label_column)
+        return frame, labels.astype(str).to_numpy(), list(cfg.image_shape or [frame.shape[1]])
+    try:
+        with np.load(io.BytesIO(read_bytes(cfg.path)), allow_pickle=False) as npz:
+            x, y = npz["x"], npz["y"]
+    except KeyError as err:
+        raise UserError(f"{cfg.path} must contain arrays 'x' and 'y' (missing {err})") from None
+    except ValueError as err:
+        raise UserError(f"{cfg.path} is not a valid .npz file: {err}") from None
+    if len(x) != len(y) or len(x) == 0:
+        raise UserError(f"{cfg.path}: x has {len(x)} rows but y has {len(y)}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise UserError(f"{cfg.path}: x must be numeric, got dtype {x.dtype}")
+    shape = list(x.shape[1:]) if x.ndim != 3 else [1, *x.shape[1:]]
+    return pd.DataFrame(x.reshape(len(x), -1).astype("float64")), y.astype(str), list(cfg.image_shape or shape)
+
+
+# ---------------------------------------------------------------- cleaning
+
+
+def _fit_cleaning(train: pd.DataFrame, cfg: DictConfig) -> dict:
+    stats: dict = {"missing": cfg.missing, "outliers": cfg.outliers, "scaling": cfg.scaling}
+    if cfg.missing in ("mean", "median"):
+        fill = train.mean() if cfg.missing == "mean" else train.median()
+        stats["fill"] = fill.fillna(0.0).tolist()
+    if cfg.outliers == "iqr":
+        q1, q3 = train.quantile(0.25), train.quantile(0.75)
+        k = cfg.outlier_threshold * (q3 - q1)
+        stats["clip_low"], stats["clip_high"] = (q1 - k).tolist(), (q3 + k).tolist()
+    elif cfg.outliers == "zscore":
+        mean, std = train.mean(), train.std(ddof=0)
+        k = cfg.outlier_threshold * std
+        stats["clip_low"], stats["clip_high"] = (mean - k).tolist(), (mean + k).tolist()
+    return stats
+
+
+def _apply_cleaning(frame: pd.DataFrame, stats: dict) -> tuple[np.ndarray, dict]:
+    counts = {"missing_filled": int(frame.isna().sum().sum()), "outliers_clipped": 0}
+    if "fill" in stats:
+        frame = frame.fillna(pd.Series(stats["fill"], index=frame.columns))
+    x = frame.to_numpy(dtype="float64")
+    if "clip_low" in stats:
+        low, high = np.asarray(stats["clip_low"]), np.asarray(stats["clip_high"])
+        counts["outliers_clipped"] = int(((x < low) | (x > high)).sum())
+        x = np.clip(x, low, high)
+    if "center" in stats:
+        x = (x - np.asarray(stats["center"])) / np.asarray(stats["scale"])
+    return x.astype("float32"), counts
+
+
+def _fit_scaling(x: np.ndarray, method: str) -> dict:
+    if method == "standard":
+        center, scale = x.mean(axis=0), x.std(axis=0)
+    elif method == "minmax":
+        center, scale = x.min(axis=0), x.max(axis=0) - x.min(axis=0)
+    else:
+        return {}
+    scale = np.where(scale > 1e-12, scale, 1.0)  # constant features (e.g. always-blank pixels)
+    return {"center": center.tolist(), "scale": scale.tolist()}
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
+    """Raw data -> cleaned, stratified train/val/test splits plus the held-out OOD classes."""
+    frame, labels, feature_shape = load_raw(cfg)
+    if int(np.prod(feature_shape)) != frame.shape[1]:
+        raise UserError(f"data.image_shape={feature_shape} does not match {frame.shape[1]} features")
+    if cfg.missing == "drop":
+        keep = ~frame.isna().any(axis=1).to_numpy()
+        frame, labels = frame[keep].reset_index(drop=True), labels[keep]
+    elif cfg.missing == "ffill":
+        frame = frame.ffill().bfill()
+    if len(frame) == 0:
+        raise UserError("no rows left after dropping rows with missing values")
+
+    ood_names = [str(c) for c in cfg.ood_classes]
+    unknown = sorted(set(ood_names) - set(labels))
+    if unknown:
+        raise UserError(f"data.ood_classes {unknown} are not labels in the data")
+    is_ood = np.isin(labels, ood_names)
+    class_names = sorted(set(labels[~is_ood]), key=_natural_key)
+    if len(class_names) < 2:
+        raise UserError("need at least two in-distribution classes after removing data.ood_classes")
+
+    index = {name: i for i, name in enumerate(class_names)}
+    y_in = np.array([index[v] for v in labels[~is_ood]], dtype=np.int64)
+    rows = np.flatnonzero(~is_ood)
+    try:
+        rest, test = train_test_split(
+            rows, test_size=cfg.test_fraction, stratify=y_in, random_state=seed
+        )
+        val_share = cfg.val_fraction / (1 - cfg.test_fraction)
+        train, val = train_test_split(
+            rest, test_size=val_share, stratify=y_in[np.searchsorted(rows, rest)], random_state=seed
+        )
+    except ValueError as err:
+        raise UserError(f"cannot make a stratified split: {err}") from None
+
+    stats = _fit_cleaning(frame.iloc[train], cfg)
+    x_train, _ = _apply_cleaning(frame.iloc[train], stats)
+    stats.update(_fit_scaling(x_train, cfg.scaling))
+
+    ood_index = {name: i for i, name in enumerate(ood_names)}
+    parts = {"train": train, "val": val, "test": test, "ood": np.flatnonzero(is_ood)}
+    splits = {}
+    for name, part in parts.items():
+        x, counts = _apply_cleaning(frame.iloc[part], stats)
+        if name == "ood":
+            y = np.array([ood_index[v] for v in labels[part]], dtype=np.int64)
+        else:
+            y = y_in[np.searchsorted(rows, part)]
+        schema = Schema(feature_shape, class_names, ood_names, cfg.source, {**stats, **counts})
+        splits[name] = Split(x, y, schema)
+    return splits
+
+
+def _natural_key(name: str):
+    try:
+        return (0, float(name), name)
+    except ValueError:
+        return (1, 0.0, name)
+
+
+# ---------------------------------------------------------------- files
+
+
+def save_split(split: Split, path: str | Path) -> None:
+    schema = json.dumps(asdict(split.schema))
+    with open(path, "wb") as fh:  # np.savez would append ".npz" to a path without it
+        np.savez_compressed(fh, x=split.x, y=split.y, schema=np.array(schema))
+
+
+def load_split(path: str | Path, expect: Schema | None = None) -> Split:
+    """Load a split; with ``expect``, check it has the same features and classes."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            x, y, schema = npz["x"], npz["y"], Schema(**json.loads(str(npz["schema"])))
+    except FileNotFoundError:
+        raise UserError(f"dataset file not found: {path}") from None
+    except (KeyError, ValueError, TypeError, OSError, EOFError) as err:
+        raise UserError(f"{path} is not a dataset written by dl_uncertainty ({err})") from None
+    if schema.version != SCHEMA_VERSION or x.ndim != 2 or x.shape[1] != schema.num_features:
+        raise UserError(f"{path}: features {x.shape} do not match its schema {schema.feature_shape}")
+    if expect is not None and (
+        schema.feature_shape != expect.feature_shape or schema.class_names != expect.class_names
+    ):
+        raise UserError(
+            f"{path} has features {schema.feature_shape} and classes {schema.class_names}, "
+            f"expected {expect.feature_shape} and {expect.class_names}"
+        )
+    return Split(x, y, schema)
+
+
+def save_splits(splits: dict[str, Split], folder: str | Path) -> dict[str, Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, split in splits.items():
+        paths[name] = folder / f"{name}.npz"
+        save_split(split, paths[name])
+    return paths

@@ -1,0 +1,126 @@
+"""The model families: a torchbnn BNN, an MC-Dropout DNN and a deep ensemble, as MLP or small CNN.
+
+Every model takes flat features [N, D] and returns logits [N, K]; the CNNs unflatten to the
+image shape themselves, so data files and the MLflow model always speak flat rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torchbnn
+from omegaconf import DictConfig
+from torch import nn
+
+from .errors import UserError
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+class Ensemble(nn.Module):
+    """M independently initialised members; their predictions are the ensemble's samples."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members])  # [M, N, K]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # log of the mean member probability: a proper logit vector for the ensemble prediction
+        log_probs = torch.log_softmax(self.member_logits(x), dim=-1)
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
+
+
+def _linear(bayesian: bool, cfg: DictConfig, n_in: int, n_out: int) -> nn.Module:
+    if bayesian:
+        return torchbnn.BayesLinear(cfg.prior_mu, cfg.prior_sigma, n_in, n_out)
+    return nn.Linear(n_in, n_out)
+
+
+def _conv(bayesian: bool, cfg: DictConfig, c_in: int, c_out: int) -> nn.Module:
+    if bayesian:
+        return torchbnn.BayesConv2d(cfg.prior_mu, cfg.prior_sigma, c_in, c_out, 3, padding=1)
+    return nn.Conv2d(c_in, c_out, 3, padding=1)
+
+
+def _build(cfg: DictConfig, feature_shape: list[int], num_classes: int, bayesian: bool) -> nn.Sequential:
+    act = ACTIVATIONS[cfg.activation]
+    layers: list[nn.Module] = []
+    if cfg.arch == "cnn":
+        if len(feature_shape) != 3:
+            raise UserError(
+                f"model.arch=cnn needs image data [C, H, W], got features {feature_shape}; "
+                "set data.image_shape or use model.arch=mlp"
+            )
+        channels, height, width = feature_shape
+        layers.append(nn.Unflatten(1, tuple(feature_shape)))
+        for out_channels in cfg.conv_channels:
+            layers.append(_conv(bayesian, cfg, channels, out_channels))
+            if not bayesian:
+                layers.append(nn.BatchNorm2d(out_channels))
+            layers.append(act())
+            if min(height, width) >= 2:
+                layers.append(nn.MaxPool2d(2))
+                height, width = height // 2, width // 2
+            if cfg.dropout > 0:
+                layers.append(nn.Dropout(cfg.dropout))
+            channels = out_channels
+        layers.append(nn.Flatten())
+        width_in = channels * height * width
+    else:
+        layers.append(nn.Flatten())
+        width_in = math.prod(feature_shape)
+    for hidden in cfg.hidden_sizes:
+        layers += [_linear(bayesian, cfg, width_in, hidden), act()]
+        if cfg.dropout > 0:
+            layers.append(nn.Dropout(cfg.dropout))
+        width_in = hidden
+    layers.append(_linear(bayesian, cfg, width_in, num_classes))
+    model = nn.Sequential(*layers)
+    if bayesian:
+        _init_posterior_scale(model, cfg.posterior_log_sigma_init)
+    return model
+
+
+def _init_posterior_scale(model: nn.Module, log_sigma: float) -> None:
+    # torchbnn starts the posterior at log(prior_sigma): with a wide prior the first epochs
+    # are pure noise. Starting near-deterministic lets the data speak first.
+    for module in model.modules():
+        if isinstance(module, (torchbnn.BayesLinear, torchbnn.BayesConv2d)):
+            nn.init.constant_(module.weight_log_sigma, log_sigma)
+            if getattr(module, "bias_log_sigma", None) is not None:
+                nn.init.constant_(module.bias_log_sigma, log_sigma)
+
+
+def get_model(cfg: DictConfig, feature_shape: list[int], num_classes: int) -> nn.Module:
+    """Build ``cfg.name`` (bnn | mc_dropout_dnn | deep_ensemble) for these inputs and classes."""
+    if cfg.name == "bnn":
+        return _build(cfg, feature_shape, num_classes, bayesian=True)
+    if cfg.name == "mc_dropout_dnn":
+        if cfg.dropout <= 0:
+            raise UserError("model=mc_dropout_dnn needs model.dropout > 0")
+        return _build(cfg, feature_shape, num_classes, bayesian=False)
+    if cfg.name == "deep_ensemble":
+        members = [_build(cfg, feature_shape, num_classes, bayesian=False) for _ in range(cfg.ensemble_size)]
+        return Ensemble(members)
+    raise UserError(f"unknown model {cfg.name!r}: use bnn, mc_dropout_dnn or deep_ensemble")
+
+
+def is_bayesian(model: nn.Module) -> bool:
+    return any(isinstance(m, (torchbnn.BayesLinear, torchbnn.BayesConv2d)) for m in model.modules())
+
+
+def kl_divergence(model: nn.Module) -> torch.Tensor:
+    """KL(q || p) summed over every Bayesian weight and bias (the ELBO's KL, not torchbnn's mean)."""
+    return torchbnn.functional.bayesian_kl_loss(model, reduction="sum", last_layer_only=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but CUDA is not available here; use device=auto or cpu")
+    return torch.device(name)

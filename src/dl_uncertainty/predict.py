@@ -1,0 +1,50 @@
+"""MC prediction for every model family: [T, N, K] per-sample log-probabilities."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .inference import mc_log_probs
+from .models import Ensemble
+
+
+def predict_log_probs(
+    model: nn.Module,
+    x: np.ndarray | torch.Tensor,
+    samples: int,
+    *,
+    strategy: str = "auto",
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """Per-sample log-softmax outputs [T, N, K] on the CPU; an ensemble's members are its samples."""
+    device = next(model.parameters()).device
+    x = torch.as_tensor(x, dtype=torch.float32)
+    chunks = []
+    for start in range(0, len(x), batch_size):
+        batch = x[start : start + batch_size].to(device)
+        if isinstance(model, Ensemble):
+            was_training = model.training
+            model.eval()
+            with torch.inference_mode():
+                chunks.append(torch.log_softmax(model.member_logits(batch).float(), dim=-1).cpu())
+            model.train(was_training)
+        else:
+            chunks.append(mc_log_probs(model, batch, samples, strategy=strategy).float().cpu())
+    return torch.cat(chunks, dim=1)
+
+
+def summarize_predictions(log_probs: torch.Tensor) -> dict[str, np.ndarray]:
+    """Mean probabilities, predicted class, predictive entropy and mutual information per example."""
+    samples = log_probs.shape[0]
+    mean_log = torch.logsumexp(log_probs, dim=0) - np.log(samples)
+    probs = mean_log.exp()
+    entropy = -(probs * mean_log).sum(-1)
+    expected = -(log_probs.exp() * log_probs).sum(-1).mean(0)
+    return {
+        "probs": probs.numpy(),
+        "predicted_class": probs.argmax(-1).numpy(),
+        "predictive_entropy": entropy.numpy(),
+        "mutual_information": (entropy - expected).clamp_min(0).numpy(),
+    }

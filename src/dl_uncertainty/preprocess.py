@@ -1,0 +1,22 @@
+"""Clean and split the configured data into ``<out>/{train,val,test,ood}.npz``.
+
+    python -m dl_uncertainty.preprocess data_dir=data/processed data=csv data.path=table.csv
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from .data import prepare, save_splits
+
+
+def _task(cfg: DictConfig) -> None:
+    splits = prepare(cfg.data, cfg.seed)
+    for name, path in save_splits(splits, cfg.data_dir).items():
+        print(f"{name:5s} {len(splits[name].y):6d} examples -> {path}")
+
+
+if __name__ == "__main__":
+    from .cli import hydra_main
+
+    hydra_main(_task)

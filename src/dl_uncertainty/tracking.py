@@ -1,0 +1,142 @@
+"""MLflow: where runs go, what they log, and the uncertainty-aware pyfunc model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig
+from torch import nn
+
+from .bundle import load_bundle, save_bundle
+from .config import flatten
+from .data import Schema
+from .errors import UserError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+PYFUNC_REQUIREMENTS = ["torch>=2.3", "torchbnn>=1.2,<1.3", "numpy", "pandas", "omegaconf>=2.3,<2.4",
+                       "hydra-core>=1.3.2,<1.4", "scikit-learn", "boto3"]
+
+
+def tracking_uri(cfg: DictConfig | None = None) -> str:
+    return (cfg and cfg.tracking_uri) or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after MLflow's minutes of retries, when a server is not there."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).read()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(
+            f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, "
+            "or unset MLFLOW_TRACKING_URI to use the local sqlite:///mlflow.db"
+        ) from None
+
+
+def setup(cfg: DictConfig) -> str:
+    """Point MLflow at the configured store and select (or create) the experiment."""
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        if mlflow.get_experiment_by_name(cfg.experiment_name) is None:
+            location = None
+            if uri.startswith("sqlite:"):  # keep local artifacts beside the local database
+                location = Path(ARTIFACT_DIR).resolve().as_uri()
+            mlflow.create_experiment(cfg.experiment_name, artifact_location=location)
+        mlflow.set_experiment(cfg.experiment_name)
+    except MlflowException as err:
+        raise UserError(f"MLflow at {uri}: {err.message.splitlines()[0]}") from None
+    return uri
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode == 0 and out.stdout.strip():
+        return out.stdout.strip()
+    return os.environ.get("DLU_GIT_SHA")
+
+
+@contextmanager
+def start_run(cfg: DictConfig, run_id: str | None = None):
+    """A run tagged with the model type, with the flattened config as params."""
+    setup(cfg)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.model.name) as run:
+        if run_id is None:
+            tags = {"model_type": cfg.model.name}
+            sha = git_sha()
+            if sha:
+                tags["git_sha"] = sha
+            mlflow.set_tags(tags)
+            mlflow.log_params(flatten(cfg))
+        yield run
+
+
+class UncertaintyModel(mlflow.pyfunc.PythonModel):
+    """predict(x) -> per-class mean probability, predicted class, predictive entropy, mutual information."""
+
+    def load_context(self, context):
+        self.model, self.cfg, self.schema, _ = load_bundle(context.artifacts["bundle"])
+
+    def predict(self, context, model_input, params=None):
+        from .predict import predict_log_probs, summarize_predictions
+
+        x = np.asarray(model_input, dtype=np.float32).reshape(len(model_input), -1)
+        if x.shape[1] != self.schema.num_features:
+            raise ValueError(f"expected {self.schema.num_features} features per row, got {x.shape[1]}")
+        log_probs = predict_log_probs(self.model, x, self.cfg.evaluate.mc_samples,
+                                      strategy=self.cfg.evaluate.strategy)
+        out = summarize_predictions(log_probs)
+        frame = pd.DataFrame(out["probs"], columns=[f"prob_{c}" for c in self.schema.class_names])
+        frame["predicted_class"] = [self.schema.class_names[i] for i in out["predicted_class"]]
+        frame["predictive_entropy"] = out["predictive_entropy"]
+        frame["mutual_information"] = out["mutual_information"]
+        return frame
+
+
+def log_model(model: nn.Module, cfg: DictConfig, schema: Schema, example: np.ndarray) -> str:
+    """Log the model as a self-contained pyfunc (weights + config + this package's code)."""
+    package = Path(__file__).parent
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = save_bundle(model, cfg, schema, Path(tmp) / "bundle")
+        wrapper = UncertaintyModel()
+        wrapper.load_context(type("Ctx", (), {"artifacts": {"bundle": str(bundle)}})())
+        example = example[:5].astype(np.float32)
+        columns = [f"f{i}" for i in range(example.shape[1])]
+        frame = pd.DataFrame(example, columns=columns)
+        signature = mlflow.models.infer_signature(frame, wrapper.predict(None, frame))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=wrapper,
+            artifacts={"bundle": str(bundle)},
+            code_paths=[str(package)],
+            signature=signature,
+            input_example=frame,
+            pip_requirements=PYFUNC_REQUIREMENTS,
+        )
+    return info.model_uri
+
+
+def load_logged_model(run_id: str) -> UncertaintyModel:
+    """The run's pyfunc wrapper, with ``.model``, ``.cfg`` and ``.schema`` rebuilt from its bundle."""
+    try:
+        return mlflow.pyfunc.load_model(f"runs:/{run_id}/model").unwrap_python_model()
+    except MlflowException as err:
+        raise UserError(f"no logged model for run {run_id}: {err.message.splitlines()[0]}") from None

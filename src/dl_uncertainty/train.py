@@ -1,0 +1,71 @@
+"""Train one model and log it to MLflow.
+
+    python -m dl_uncertainty.train model=bnn
+    python -m dl_uncertainty.train --multirun model=bnn,mc_dropout_dnn
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from omegaconf import DictConfig
+from torch import nn
+
+from . import tracking
+from .data import Split, prepare
+from .training import TrainResult, train_model
+
+
+@dataclass
+class TrainedRun:
+    run_id: str
+    model: nn.Module
+    result: TrainResult
+
+
+def train_and_log(
+    cfg: DictConfig, train: Split | None = None, val: Split | None = None, checkpoint_dir: str | Path | None = None
+) -> TrainedRun:
+    """Train ``cfg.model`` (on ``cfg.data`` unless splits are given) inside a new MLflow run."""
+    if train is None or val is None:
+        splits = prepare(cfg.data, cfg.seed)
+        train, val = splits["train"], splits["val"]
+    checkpoint_dir = checkpoint_dir or cfg.train.checkpoint_dir or Path("checkpoints") / cfg.model.name
+    with tracking.start_run(cfg) as run:
+        result = train_model(
+            cfg, train, val,
+            on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch),
+            checkpoint_dir=checkpoint_dir,
+        )
+        mlflow.log_metrics({
+            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+            "best_val_acc": result.best["val_acc"], "best_val_nll": result.best["val_nll"],
+            "train_samples_per_second": result.samples_per_second,
+        })
+        _log_curves(result)
+        tracking.log_model(result.model, cfg, train.schema, train.x)
+    return TrainedRun(run.info.run_id, result.model, result)
+
+
+def _log_curves(result: TrainResult) -> None:
+    from .plots import training_curves
+
+    mlflow.log_figure(training_curves(result.history), "figures/training_curves.png")
+
+
+def _task(cfg: DictConfig) -> None:
+    trained = train_and_log(cfg)
+    best = trained.result.best
+    print(
+        f"{cfg.model.name}: run {trained.run_id}  best epoch {trained.result.best_epoch}  "
+        f"val_acc {best['val_acc']:.4f}  val_nll {best['val_nll']:.4f}\n"
+        f"  evaluate it: python -m dl_uncertainty.evaluate run_id={trained.run_id}"
+    )
+
+
+if __name__ == "__main__":
+    from .cli import hydra_main
+
+    hydra_main(_task)

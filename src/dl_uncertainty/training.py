@@ -1,0 +1,212 @@
+"""Training: ELBO for the BNN, cross-entropy for MC-Dropout and ensemble members.
+
+Small datasets live on the device as tensors and are batched by index (no DataLoader); every
+epoch ends with a checkpoint, so ``train.resume=true`` continues exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Split
+from .errors import UserError
+from .models import Ensemble, get_model, is_bayesian, kl_divergence, resolve_device
+from .predict import predict_log_probs
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: dict[str, list[float]] = field(default_factory=dict)
+    best_epoch: int = 0
+    epochs_run: int = 0
+    samples_per_second: float = 0.0
+
+    @property
+    def best(self) -> dict[str, float]:
+        return {k: v[self.best_epoch - 1] for k, v in self.history.items()}
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def make_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def kl_scale(model_cfg: DictConfig, epoch: int, n_train: int) -> float:
+    """Weight on the summed KL: kl_weight / N_train, linearly warmed up over kl_anneal_epochs."""
+    warmup = min(1.0, epoch / model_cfg.kl_anneal_epochs) if model_cfg.kl_anneal_epochs else 1.0
+    return model_cfg.kl_weight * warmup / n_train
+
+
+def loss_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, kl_w: float) -> dict:
+    """The training objective and its parts for one batch."""
+    if isinstance(model, Ensemble):
+        logits = model.member_logits(x)
+        members = logits.shape[0]
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), y.repeat(members),
+            label_smoothing=cfg.train.label_smoothing,
+        ) * members  # sum of the members' mean losses: each member learns as if alone
+        return {"loss": nll, "nll": nll / members}
+    logits = model(x).float()
+    if is_bayesian(model):
+        nll = F.cross_entropy(logits, y)
+        kl = kl_divergence(model).squeeze()
+        return {"loss": nll + kl_w * kl, "nll": nll, "kl": kl}
+    nll = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
+    return {"loss": nll, "nll": nll}
+
+
+def evaluate_split(model: nn.Module, split: Split, samples: int, device: torch.device) -> dict[str, float]:
+    """MC-averaged NLL and accuracy on a split."""
+    log_probs = predict_log_probs(model, split.x, samples)
+    mean_log = torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
+    y = torch.as_tensor(split.y)
+    return {
+        "nll": float(F.nll_loss(mean_log, y)),
+        "acc": float((mean_log.argmax(-1) == y).float().mean()),
+    }
+
+
+class Checkpointer:
+    """``last.pt`` after every epoch: weights, optimizer, RNG states, history, best-so-far."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / "last.pt"
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)  # never leave a half-written checkpoint behind
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same user problem
+            raise UserError(f"cannot read checkpoint {self.path}: {err}") from None
+
+
+def train_model(
+    cfg: DictConfig,
+    train: Split,
+    val: Split,
+    *,
+    on_epoch: EpochCallback | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> TrainResult:
+    """Train ``cfg.model`` on ``train`` with early stopping on the val NLL; return the best weights."""
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    model = get_model(cfg.model, train.schema.feature_shape, len(train.schema.class_names)).to(device)
+    optimizer = make_optimizer(cfg.train, model.parameters())
+    use_amp = cfg.train.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+
+    x = torch.as_tensor(train.x, dtype=torch.float32, device=device)
+    y = torch.as_tensor(train.y, dtype=torch.long, device=device)
+    n_train, batch = len(x), cfg.train.batch_size
+
+    history: dict[str, list[float]] = {}
+    best = {"nll": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+    bad_epochs, start_epoch = 0, 1
+    checkpoints = Checkpointer(checkpoint_dir) if checkpoint_dir else None
+    state = checkpoints.load() if checkpoints and cfg.train.resume else None
+    if state is not None:
+        if state["model_config"] != OmegaConf.to_container(cfg.model, resolve=True):
+            raise UserError(f"checkpoint {checkpoints.path} was written for a different model config")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
+        start_epoch = state["epoch"] + 1
+        torch.set_rng_state(state["rng"])
+        shuffle.set_state(state["shuffle_rng"])
+        print(f"resuming {cfg.model.name} from {checkpoints.path} after epoch {state['epoch']}")
+
+    interactive = sys.stderr.isatty()
+    seen, busy = 0, 0.0
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        if cfg.train.early_stopping_patience and bad_epochs >= cfg.train.early_stopping_patience:
+            epoch -= 1
+            break
+        model.train()
+        kl_w = kl_scale(cfg.model, epoch, n_train)
+        sums: dict[str, float] = {}
+        order = torch.randperm(n_train, generator=shuffle).to(device)
+        starts = range(0, n_train, batch)
+        bar = tqdm(starts, desc=f"{cfg.model.name} epoch {epoch}/{cfg.train.epochs}",
+                   leave=False, disable=not interactive, unit="batch")
+        tic = time.perf_counter()
+        for start in bar:
+            idx = order[start : start + batch]
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                terms = loss_terms(model, x[idx], y[idx], cfg, kl_w)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) * len(idx)
+        busy += time.perf_counter() - tic
+        seen += n_train
+
+        val_metrics = evaluate_split(model, val, cfg.train.val_mc_samples, device)
+        kl_term = kl_w * sums["kl"] / n_train if "kl" in sums else 0.0
+        metrics = {
+            "train_loss": sums["loss"] / n_train,
+            "train_nll": sums["nll"] / n_train,
+            **({"kl": sums["kl"] / n_train} if "kl" in sums else {}),
+            "val_loss": val_metrics["nll"] + kl_term,
+            "val_acc": val_metrics["acc"],
+            "val_nll": val_metrics["nll"],
+        }
+        for key, value in metrics.items():
+            history.setdefault(key, []).append(value)
+        if metrics["val_nll"] < best["nll"]:
+            best, bad_epochs = {"nll": metrics["val_nll"], "epoch": epoch,
+                                "state": copy.deepcopy(model.state_dict())}, 0
+        else:
+            bad_epochs += 1
+        line = (f"{cfg.model.name} epoch {epoch:3d}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
+                f"val_acc {metrics['val_acc']:.4f}  val_nll {metrics['val_nll']:.4f}")
+        (tqdm.write if interactive else print)(line)
+        if on_epoch:
+            on_epoch(epoch, metrics)
+        if checkpoints:
+            checkpoints.save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+                "history": history, "best": best, "bad_epochs": bad_epochs,
+                "rng": torch.get_rng_state(), "shuffle_rng": shuffle.get_state(),
+            })
+
+    model.load_state_dict(best["state"])
+    rate = seen / busy if busy else 0.0
+    return TrainResult(model, history, best_epoch=best["epoch"], epochs_run=epoch, samples_per_second=rate)
