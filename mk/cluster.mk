@@ -56,10 +56,10 @@ KIND_CONFIG := $(K8S_DIR)/kind/$(if $(filter 1 true yes,$(GPU)),cluster-gpu.yaml
 images: $(addprefix image-,$(IMAGE_VARIANTS)) ## build the runtime images dl-uncertainty:<TAG>[-cuda] (IMAGE_VARIANTS="cpu cuda")
 
 image-cpu: ## build the CPU image dl-uncertainty:<TAG>
-	cd $(DLU_ROOT) && $(CONTAINER_ENGINE) build -f images/Dockerfile --build-arg VARIANT=cpu $(IMAGE_BUILD_ARGS) -t $(IMAGE_CPU) .
+	cd $(DLU_ROOT) && $(CONTAINER_ENGINE) build -f images/Dockerfile --build-arg VARIANT=cpu --build-arg GIT_SHA=$(_DLU_GIT_SHA) $(IMAGE_BUILD_ARGS) -t $(IMAGE_CPU) .
 
 image-cuda: ## build the CUDA image dl-uncertainty:<TAG>-cuda
-	cd $(DLU_ROOT) && $(CONTAINER_ENGINE) build -f images/Dockerfile --build-arg VARIANT=cuda $(IMAGE_BUILD_ARGS) -t $(IMAGE_CUDA) .
+	cd $(DLU_ROOT) && $(CONTAINER_ENGINE) build -f images/Dockerfile --build-arg VARIANT=cuda --build-arg GIT_SHA=$(_DLU_GIT_SHA) $(IMAGE_BUILD_ARGS) -t $(IMAGE_CUDA) .
 
 image-names: ## print the image references the pipeline will use
 	@for image in $(DLU_IMAGES); do echo "$$image"; done

@@ -81,11 +81,33 @@ class EvaluateConfig:
 
 
 @dataclass
+class PipelineConfig:
+    models: list[str] = field(default_factory=lambda: ["bnn", "mc_dropout_dnn"])
+    gpu: bool = True  # training tasks request nvidia.com/gpu
+    gpu_limit: int = 1
+    gpu_node_selector: dict[str, str] = field(default_factory=dict)
+    gpu_toleration_key: str | None = "nvidia.com/gpu"
+    train_cpu_request: str = "1"
+    train_cpu_limit: str = "4"
+    train_memory_request: str = "2G"
+    train_memory_limit: str = "8G"
+    step_cpu_request: str = "500m"
+    step_cpu_limit: str = "2"
+    step_memory_request: str = "1G"
+    step_memory_limit: str = "4G"
+    retries: int = 2
+    mlflow_tracking_uri: str = "http://mlflow.dlu.svc.cluster.local:5000"
+    s3_endpoint_url: str = "http://minio.dlu.svc.cluster.local:9000"
+    s3_secret: str = "dlu-s3-credentials"
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     experiment_name: str = "dl-uncertainty"
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -121,6 +143,30 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
+def data_source_overrides(source: str) -> list[str]:
+    """``digits`` | a ``.csv`` / ``.npz`` path or ``s3://`` URI -> the matching data overrides."""
+    if not source or source == "digits":
+        return []
+    for suffix in ("csv", "npz"):
+        if source.lower().endswith(f".{suffix}"):
+            return [f"data={suffix}", f"data.path={source}"]
+    raise UserError(f"data_source {source!r} must be 'digits' or a path/s3:// URI ending in .csv or .npz")
+
+
+def model_configs(models: list[str], overrides: list[str]) -> str:
+    """JSON ``{model name: config}``, each validated: what each pipeline branch trains and evaluates."""
+    configs = {name: load_config([*overrides, f"model={name}"]) for name in models}
+    return json.dumps({name: OmegaConf.to_container(cfg, resolve=True) for name, cfg in configs.items()})
+
+
+def pick_config(model_configs_json: str, model_name: str | None = None) -> DictConfig:
+    """One model's config from ``model_configs`` output (the first one when no name is given)."""
+    configs = json.loads(model_configs_json)
+    if model_name is not None and model_name not in configs:
+        raise UserError(f"no config for model {model_name!r}; configured models: {', '.join(configs)}")
+    return config_from_json(json.dumps(configs[model_name or next(iter(configs))]))
+
+
 def config_from_json(text: str) -> DictConfig:
     """Rebuild a validated config from ``to_json`` output (how pipeline steps pass it on)."""
     try:
@@ -150,8 +196,13 @@ def flatten(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-def _first_line(err: Exception) -> str:
-    return " ".join(str(err).strip().splitlines()[:2])
+def _first_line(err: BaseException) -> str:
+    """The informative part of a Hydra/OmegaConf message (and its cause), on one line."""
+    noise = ("full_key:", "object_type", "reference_type", "To append", "Set the environment")
+    cause = err.__cause__ or err.__context__
+    text = str(err).split("Config search path")[0] + "\n" + (str(cause) if cause else "")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " ".join(ln for ln in lines if not ln.startswith(noise))
 
 
 def _check(ok: bool, message: str) -> None:
@@ -197,6 +248,10 @@ def validate(cfg: DictConfig) -> None:
     _one_of(e.strategy, "evaluate.strategy", ("auto", "loop", "repeat", "lrt"))
     _one_of(e.winner_mode, "evaluate.winner_mode", ("min", "max"))
     _check(e.batch_size >= 1, "evaluate.batch_size must be >= 1")
+    _check(len(cfg.pipeline.models) >= 1, "pipeline.models must name at least one model")
+    for name in cfg.pipeline.models:
+        _one_of(name, "pipeline.models[]", MODEL_NAMES)
+    _check(cfg.pipeline.retries >= 0, "pipeline.retries must be >= 0")
     _check(
         cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
         f"device={cfg.device!r} is not auto, cpu, cuda or cuda:N",

@@ -34,17 +34,3 @@ def predict_log_probs(
             chunks.append(mc_log_probs(model, batch, samples, strategy=strategy).float().cpu())
     return torch.cat(chunks, dim=1)
 
-
-def summarize_predictions(log_probs: torch.Tensor) -> dict[str, np.ndarray]:
-    """Mean probabilities, predicted class, predictive entropy and mutual information per example."""
-    samples = log_probs.shape[0]
-    mean_log = torch.logsumexp(log_probs, dim=0) - np.log(samples)
-    probs = mean_log.exp()
-    entropy = -(probs * mean_log).sum(-1)
-    expected = -(log_probs.exp() * log_probs).sum(-1).mean(0)
-    return {
-        "probs": probs.numpy(),
-        "predicted_class": probs.argmax(-1).numpy(),
-        "predictive_entropy": entropy.numpy(),
-        "mutual_information": (entropy - expected).clamp_min(0).numpy(),
-    }

@@ -1,4 +1,5 @@
-"""Clean and split the configured data into ``<out>/{train,val,test,ood}.npz``.
+"""Clean and split the configured data into ``<data_dir>/{train,val,test,ood}.npz``.
+
 
     python -m dl_uncertainty.preprocess data_dir=data/processed data=csv data.path=table.csv
 """
@@ -17,6 +18,6 @@ def _task(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import hydra_main
+    from .cli import run
 
-    hydra_main(_task)
+    run("preprocess", __doc__, _task)

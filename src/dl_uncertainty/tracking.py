@@ -7,6 +7,7 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,6 +90,10 @@ def start_run(cfg: DictConfig, run_id: str | None = None):
         yield run
 
 
+# predict() takes DataFrames and arrays alike, so it has no type hints for MLflow to validate against
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+
+
 class UncertaintyModel(mlflow.pyfunc.PythonModel):
     """predict(x) -> per-class mean probability, predicted class, predictive entropy, mutual information."""
 
@@ -96,18 +101,19 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
         self.model, self.cfg, self.schema, _ = load_bundle(context.artifacts["bundle"])
 
     def predict(self, context, model_input, params=None):
-        from .predict import predict_log_probs, summarize_predictions
+        from .metrics import mean_probs, uncertainty_scores
+        from .predict import predict_log_probs
 
         x = np.asarray(model_input, dtype=np.float32).reshape(len(model_input), -1)
         if x.shape[1] != self.schema.num_features:
             raise ValueError(f"expected {self.schema.num_features} features per row, got {x.shape[1]}")
         log_probs = predict_log_probs(self.model, x, self.cfg.evaluate.mc_samples,
                                       strategy=self.cfg.evaluate.strategy)
-        out = summarize_predictions(log_probs)
-        frame = pd.DataFrame(out["probs"], columns=[f"prob_{c}" for c in self.schema.class_names])
-        frame["predicted_class"] = [self.schema.class_names[i] for i in out["predicted_class"]]
-        frame["predictive_entropy"] = out["predictive_entropy"]
-        frame["mutual_information"] = out["mutual_information"]
+        probs, scores = mean_probs(log_probs), uncertainty_scores(log_probs)
+        frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in self.schema.class_names])
+        frame["predicted_class"] = [self.schema.class_names[i] for i in probs.argmax(1)]
+        frame["predictive_entropy"] = scores["entropy"]
+        frame["mutual_information"] = scores["mutual_info"]
         return frame
 
 
@@ -132,6 +138,20 @@ def log_model(model: nn.Module, cfg: DictConfig, schema: Schema, example: np.nda
             pip_requirements=PYFUNC_REQUIREMENTS,
         )
     return info.model_uri
+
+
+def log_evaluation(evaluation) -> None:
+    """Metrics, figures, the HTML report and predictions.npz into the active run."""
+    from .evaluation import html, save_predictions
+
+    mlflow.log_metrics(evaluation.metrics)
+    for name, figure in evaluation.figures.items():
+        mlflow.log_figure(figure, f"figures/{name}.png")
+    mlflow.log_text(html(evaluation), "reports/evaluation.html")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "predictions.npz"
+        save_predictions(evaluation, path)
+        mlflow.log_artifact(str(path), "predictions")
 
 
 def load_logged_model(run_id: str) -> UncertaintyModel:

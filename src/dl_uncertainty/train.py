@@ -66,6 +66,6 @@ def _task(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import hydra_main
+    from .cli import run
 
-    hydra_main(_task)
+    run("train", __doc__, _task)

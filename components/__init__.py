@@ -1,0 +1,1 @@
+"""KFP components: thin wrappers that parse inputs, call one core function and write outputs."""

@@ -1,0 +1,33 @@
+from kfp import dsl
+from kfp.dsl import Artifact, Output
+
+from components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def configure(
+    models: list,
+    overrides: list,
+    epochs: int,
+    learning_rate: float,
+    mc_samples: int,
+    seed: int,
+    data_source: str,
+    experiment_name: str,
+    mlflow_tracking_uri: str,
+    config: Output[Artifact],
+):
+    """Compose and validate one config per model from configs/ and the run's parameters (JSON file).
+
+    An artifact, not a string output: kfp.local (2.17.0) hands a ParallelFor task the loop item in
+    place of any upstream *parameter* output, while artifacts arrive intact.
+    """
+    from dl_uncertainty.config import data_source_overrides, model_configs
+
+    typed = [f"train.epochs={epochs}", f"train.lr={learning_rate}", f"evaluate.mc_samples={mc_samples}",
+             f"seed={seed}", f"experiment_name={experiment_name}", *data_source_overrides(data_source)]
+    if mlflow_tracking_uri:
+        typed.append(f"tracking_uri={mlflow_tracking_uri}")
+    with open(config.path, "w") as fh:
+        fh.write(model_configs(list(models), [*typed, *overrides]))
+    config.metadata["models"] = list(models)

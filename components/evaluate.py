@@ -1,0 +1,46 @@
+from kfp import dsl
+from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+from components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def evaluate(
+    model: Input[Model],
+    val: Input[Dataset],
+    test: Input[Dataset],
+    ood: Input[Dataset],
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+    report: Output[HTML],
+    predictions: Output[Dataset],
+):
+    """MC-evaluate the model's uncertainty; log everything to its MLflow run and to KFP."""
+    import json
+
+    import mlflow
+    import numpy as np
+
+    from dl_uncertainty import tracking
+    from dl_uncertainty.bundle import load_bundle
+    from dl_uncertainty.data import load_split
+    from dl_uncertainty.evaluation import evaluate_model, html, save_predictions
+
+    net, cfg, schema, meta = load_bundle(model.path)
+    splits = {name: load_split(a.path, expect=schema) for name, a in {"val": val, "test": test}.items()}
+    ood_split = load_split(ood.path)
+    result = evaluate_model(net, cfg, splits["test"], ood_split, splits["val"])
+    for key, value in result.metrics.items():
+        metrics.log_metric(key, value)
+    preds = result.predictions["probs"].argmax(1)
+    matrix = np.zeros((len(schema.class_names),) * 2, dtype=int)
+    np.add.at(matrix, (result.predictions["labels"], preds), 1)
+    confusion.log_confusion_matrix(list(schema.class_names), matrix.tolist())
+    with open(report.path, "w") as fh:
+        fh.write(html(result))
+    save_predictions(result, predictions.path)
+    with open(metrics.path, "w") as fh:  # the file travels with the artifact to the compare step
+        json.dump({"model": cfg.model.name, "run_id": meta["run_id"], "metrics": result.metrics}, fh)
+    tracking.setup(cfg)
+    with mlflow.start_run(run_id=meta["run_id"]):
+        tracking.log_evaluation(result)

@@ -1,0 +1,28 @@
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Output
+
+from components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def preprocess(
+    config: Input[Artifact],
+    train: Output[Dataset],
+    val: Output[Dataset],
+    test: Output[Dataset],
+    ood: Output[Dataset],
+    eda_report: Output[HTML],
+):
+    """Load, clean and split the data; write the four splits and the EDA report."""
+    from dl_uncertainty.config import pick_config
+    from dl_uncertainty.data import save_split
+    from dl_uncertainty.data import prepare as prepare_splits
+    from dl_uncertainty.eda import eda_html
+
+    cfg = pick_config(open(config.path).read())
+    splits = prepare_splits(cfg.data, cfg.seed)
+    for name, artifact in {"train": train, "val": val, "test": test, "ood": ood}.items():
+        save_split(splits[name], artifact.path)
+        artifact.metadata.update({"examples": len(splits[name].y), "classes": splits[name].schema.class_names})
+    with open(eda_report.path, "w") as fh:
+        fh.write(eda_html(splits))

@@ -1,0 +1,1 @@
+"""The uncertainty pipeline and its command line: compile, run-local, upload, run."""

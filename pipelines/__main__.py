@@ -1,0 +1,73 @@
+"""python -m pipelines {compile,run-local,upload,run} [options] [hydra overrides...]
+
+  compile    write the pipeline YAML for a cluster (defaults composed from configs/)
+  run-local  run the whole pipeline here with kfp.local; MLflow in ./mlflow.db
+  upload     compile and upload to Kubeflow Pipelines (a new version if it exists)
+  run        start a run of the latest uploaded version and wait for it
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dl_uncertainty.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{compile,run-local,upload,run}")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.epochs=5 model.dropout=0.1")
+        return cmd
+
+    for name, help_text in (("compile", "compile the pipeline YAML for a cluster"),
+                            ("upload", "compile and upload to KFP (new version if the pipeline exists)"),
+                            ("run", "run the latest uploaded version and wait for it")):
+        cmd = command(name, help_text)
+        cmd.add_argument("--no-gpu", action="store_true", help="do not request GPUs (CPU image everywhere)")
+        cmd.add_argument("--output", default="build/uncertainty_pipeline.yaml", help="where the YAML goes")
+        if name != "compile":
+            cmd.add_argument("--host", default="http://localhost:8080", help="KFP API / UI address")
+        if name == "run":
+            cmd.add_argument("--experiment", default=None, help="KFP experiment (default: experiment_name)")
+            cmd.add_argument("--no-wait", action="store_true", help="return once the run is created")
+            cmd.add_argument("--timeout", type=int, default=3600, help="seconds to wait for the run")
+    local = command("run-local", "run the whole pipeline locally with kfp.local (SubprocessRunner)")
+    local.add_argument("--pipeline-root", default="local_outputs", help="where task outputs go")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "compile":
+            from pipelines.compile import compile_pipeline
+
+            path = compile_pipeline(args.overrides, args.output, gpu=not args.no_gpu)
+            print(f"compiled {path}")
+        elif args.command == "run-local":
+            from pipelines.local import run_local
+
+            run_local(args.overrides, args.pipeline_root)
+        elif args.command == "upload":
+            from pipelines.compile import compile_pipeline
+            from pipelines.delivery import upload
+
+            upload(args.host, compile_pipeline(args.overrides, args.output, gpu=not args.no_gpu))
+        else:
+            from pipelines.delivery import run
+
+            run(args.host, args.overrides, experiment=args.experiment, wait=not args.no_wait,
+                timeout=args.timeout)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Run the whole pipeline on this machine with kfp.local, then show what came out."""
+
+from __future__ import annotations
+
+import re
+import sys
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from dl_uncertainty.config import load_config
+from dl_uncertainty.errors import UserError
+from dl_uncertainty.tracking import DEFAULT_URI, setup
+from pipelines.pipeline import PIPELINE_NAME, build_pipeline
+
+
+def _absolute_tracking_uri(uri: str) -> str:
+    """Task processes may start elsewhere: pin the local sqlite store to this folder."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs") -> Path:
+    """Run ``uncertainty-pipeline`` with kfp.local; return the run's output folder."""
+    from kfp import local
+
+    cfg = load_config(overrides)  # fail on a bad override before any task starts
+    uri = _absolute_tracking_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    setup(cfg)  # create the store and experiment once: parallel tasks would race to do it
+    root = Path(pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    before = set(root.glob(f"{PIPELINE_NAME}-*"))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    pipeline = build_pipeline(cfg, cluster=False, mlflow_tracking_uri=uri, default_overrides=overrides)
+    tic = time.perf_counter()
+    try:
+        pipeline()
+    except RuntimeError as err:  # kfp.local names the failed task; its log is printed above
+        raise UserError(f"{_plain(str(err))} See that task's log above.") from None
+    new = sorted(set(root.glob(f"{PIPELINE_NAME}-*")) - before)
+    if not new:
+        raise UserError(f"the local run left no outputs under {root}")
+    run_dir = new[-1]
+    _summary(run_dir, uri, time.perf_counter() - tic)
+    return run_dir
+
+
+def _plain(text: str) -> str:
+    """kfp.local's message without its terminal colour codes, on one line."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
+
+
+def _collect_reports(run_dir: Path) -> dict[str, Path]:
+    """Copy every HTML report to <run>/reports/<name>.html, named after its step and model."""
+    out = run_dir / "reports"
+    out.mkdir(exist_ok=True)
+    found = {}
+    for report in sorted(run_dir.rglob("*report")):
+        if not report.is_file():
+            continue
+        name = report.parent.name
+        metrics = report.parent / "metrics"
+        if metrics.is_file():
+            name = f"{name}-{json.loads(metrics.read_text())['model']}"
+        found[name] = out / f"{name}.html"
+        shutil.copyfile(report, found[name])
+    return found
+
+
+def _summary(run_dir: Path, uri: str, seconds: float) -> None:
+    # sys.stdout.write: kfp.local leaves builtins.print indented after a run
+    def say(text: str = "") -> None:
+        sys.stdout.write(text + "\n")
+
+    say(f"\n{PIPELINE_NAME} finished in {seconds:.0f} s; outputs in {run_dir}\n")
+    comparison = next(run_dir.glob("compare/comparison"), None)
+    if comparison:
+        say(comparison.read_text())
+    say("reports (self-contained HTML, open in a browser):")
+    for name, path in _collect_reports(run_dir).items():
+        say(f"  {name:22s} {path}")
+    say(f"\nMLflow: {uri}\n  browse runs, curves and the registered champion with `make mlflow-ui` "
+        "(http://127.0.0.1:5000)")

@@ -1,0 +1,91 @@
+"""``uncertainty-pipeline``: preprocess -> ParallelFor(models: train -> evaluate) -> compare.
+
+Parameter defaults are composed from ``configs/`` with Hydra when the pipeline is built, so the
+compiled YAML and the configs never drift.
+"""
+
+from kfp import dsl, kubernetes
+from omegaconf import DictConfig
+
+from components.compare import compare
+from components.configure import configure
+from components.evaluate import evaluate
+from components.images import CPU_IMAGE
+from components.preprocess import preprocess
+from components.train import train
+
+PIPELINE_NAME = "uncertainty-pipeline"
+
+
+def _resources(task, cpu_request: str, cpu_limit: str, memory_request: str, memory_limit: str):
+    return (task.set_cpu_request(cpu_request).set_cpu_limit(cpu_limit)
+            .set_memory_request(memory_request).set_memory_limit(memory_limit))
+
+
+def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" = None,
+                   mlflow_tracking_uri: "str | None" = None, default_overrides: "list[str] | None" = None):
+    """The pipeline function, with defaults from ``cfg``.
+
+    ``cluster`` adds what only a Kubernetes cluster understands (resources, GPU, secrets, env);
+    kfp.local runs the same graph without it. ``gpu=False`` relaxes the GPU request.
+    """
+    p = cfg.pipeline
+    gpu = p.gpu if gpu is None else gpu
+    tracking_env = mlflow_tracking_uri or p.mlflow_tracking_uri
+
+    def configure_task(task, kind: str = "step"):
+        task.set_caching_options(False)
+        if not cluster:
+            task.set_env_variable("MLFLOW_TRACKING_URI", tracking_env)
+            return task
+        if kind == "train":
+            _resources(task, p.train_cpu_request, p.train_cpu_limit, p.train_memory_request, p.train_memory_limit)
+            if gpu:
+                task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(p.gpu_limit)
+                for key, value in p.gpu_node_selector.items():
+                    kubernetes.add_node_selector(task, key, value)
+                if p.gpu_toleration_key:
+                    kubernetes.add_toleration(task, key=p.gpu_toleration_key, operator="Exists",
+                                              effect="NoSchedule")
+            else:
+                task.container_spec.image = CPU_IMAGE  # no GPU: the CUDA image buys nothing
+        else:
+            _resources(task, p.step_cpu_request, p.step_cpu_limit, p.step_memory_request, p.step_memory_limit)
+        task.set_retry(num_retries=p.retries, backoff_duration="30s", backoff_factor=2)
+        task.set_env_variable("MLFLOW_TRACKING_URI", tracking_env)
+        task.set_env_variable("AWS_ENDPOINT_URL", p.s3_endpoint_url)
+        task.set_env_variable("MLFLOW_S3_ENDPOINT_URL", p.s3_endpoint_url)
+        kubernetes.use_secret_as_env(task, secret_name=p.s3_secret, secret_key_to_env={
+            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
+        return task
+
+    @dsl.pipeline(name=PIPELINE_NAME,
+                  description="Train a torchbnn BNN and an MC-Dropout DNN, measure and compare their uncertainty.")
+    def uncertainty_pipeline(
+        models: list = list(p.models),
+        epochs: int = int(cfg.train.epochs),
+        learning_rate: float = float(cfg.train.lr),
+        mc_samples: int = int(cfg.evaluate.mc_samples),
+        seed: int = int(cfg.seed),
+        data_source: str = str(cfg.data.path or cfg.data.source),
+        mlflow_tracking_uri: str = "",
+        experiment_name: str = str(cfg.experiment_name),
+        overrides: list = list(default_overrides or []),
+    ):
+        config = configure_task(configure(
+            models=models, overrides=overrides, epochs=epochs, learning_rate=learning_rate,
+            mc_samples=mc_samples, seed=seed, data_source=data_source, experiment_name=experiment_name,
+            mlflow_tracking_uri=mlflow_tracking_uri)).set_display_name("configure")
+        data = configure_task(preprocess(config=config.outputs["config"])).set_display_name("preprocess")
+        with dsl.ParallelFor(models, name="models") as model_name:
+            trained = configure_task(train(
+                config=config.outputs["config"], model_name=model_name, train=data.outputs["train"],
+                val=data.outputs["val"]), kind="train").set_display_name("train")
+            evaluated = configure_task(evaluate(
+                model=trained.outputs["model"], val=data.outputs["val"], test=data.outputs["test"],
+                ood=data.outputs["ood"])).set_display_name("evaluate")
+        configure_task(compare(
+            config=config.outputs["config"], metrics=dsl.Collected(evaluated.outputs["metrics"]),
+            predictions=dsl.Collected(evaluated.outputs["predictions"]))).set_display_name("compare")
+
+    return uncertainty_pipeline

@@ -1,0 +1,63 @@
+"""Put evaluated models side by side, pick the winner, and register it as the MLflow champion."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+
+from . import plots
+from .errors import UserError
+from .report import Section, html_report, markdown_table
+
+CHAMPION = "champion"
+
+
+def pick_winner(results: dict[str, dict[str, float]], metric: str, mode: str) -> str:
+    """Name of the model with the best ``metric`` (lowest for mode=min, highest for max)."""
+    scored = {name: m[metric] for name, m in results.items() if metric in m and math.isfinite(m[metric])}
+    if not scored:
+        raise UserError(f"no model has a finite {metric!r} to compare (metrics: {sorted(next(iter(results.values())))})")
+    pick = min if mode == "min" else max
+    return pick(scored, key=scored.get)
+
+
+def register_champion(run_id: str, name: str) -> str:
+    """Register ``runs:/<run_id>/model`` as a new version of ``name`` and point the alias at it."""
+    try:
+        version = mlflow.register_model(f"runs:/{run_id}/model", name)
+        mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION, version.version)
+    except MlflowException as err:
+        raise UserError(f"cannot register run {run_id} as {name}@{CHAMPION}: {err.message.splitlines()[0]}") from None
+    return str(version.version)
+
+
+def comparison_rows(results: dict[str, dict[str, float]], columns: list[str]) -> list[dict]:
+    return [{"model": name, **{c: m.get(c, float("nan")) for c in columns}} for name, m in results.items()]
+
+
+def comparison_markdown(results: dict[str, dict[str, float]], columns: list[str], winner: str,
+                        metric: str, mode: str) -> str:
+    reason = f"{'lowest' if mode == 'min' else 'highest'} {metric}: {results[winner][metric]:.4f}"
+    return (f"# Model comparison\n\n{markdown_table(comparison_rows(results, columns))}\n\n"
+            f"**Winner: {winner}** ({reason}).\n")
+
+
+def comparison_html(results: dict[str, dict[str, float]], columns: list[str], winner: str, metric: str,
+                    mode: str, predictions: dict[str, dict[str, np.ndarray]]) -> str:
+    """Side-by-side report: every metric, overlaid reliability diagrams and risk-coverage curves."""
+    pairs = {name: (p["probs"], p["labels"]) for name, p in predictions.items()}
+    all_metrics = sorted({k for m in results.values() for k in m})
+    full = [{"metric": k, **{name: m.get(k, float("nan")) for name, m in results.items()}} for k in all_metrics]
+    reason = f"{'lowest' if mode == 'min' else 'highest'} {metric} ({results[winner][metric]:.4f})"
+    sections = [
+        Section("Winner", text=[f"{winner} wins on {reason}."], table=comparison_rows(results, columns)),
+        Section("Calibration and selective prediction", figures={
+            "Reliability": plots.reliability_diagram(pairs),
+            "Risk-coverage": plots.risk_coverage_plot(pairs),
+        }),
+        Section("Every metric", table=full),
+    ]
+    return html_report("Model comparison", sections)

@@ -1,0 +1,47 @@
+"""Re-evaluate a logged model and add the uncertainty metrics, figures and report to its MLflow run.
+
+    python -m dl_uncertainty.evaluate run_id=<MLflow run id> [evaluate.mc_samples=100]
+"""
+
+from __future__ import annotations
+
+import mlflow
+from omegaconf import DictConfig
+
+from . import tracking
+from .data import prepare
+from .errors import UserError
+from .evaluation import Evaluation, evaluate_model, metrics_table
+from .report import markdown_table
+
+
+def evaluate_run(cfg: DictConfig) -> Evaluation:
+    """Evaluate run ``cfg.run_id``'s model on the data it was trained on, log to that run."""
+    if not cfg.run_id:
+        raise UserError("set run_id=<MLflow run id> (printed by dl_uncertainty.train, or see `make mlflow-ui`)")
+    tracking.setup(cfg)
+    try:
+        mlflow.get_run(cfg.run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"no MLflow run {cfg.run_id} at {tracking.tracking_uri(cfg)}") from None
+    logged = tracking.load_logged_model(cfg.run_id)
+    run_cfg = logged.cfg.copy()
+    run_cfg.evaluate = cfg.evaluate  # data and model as trained; evaluation options from the command line
+    splits = prepare(run_cfg.data, run_cfg.seed)
+    evaluation = evaluate_model(logged.model, run_cfg, splits["test"], splits["ood"], splits["val"])
+    with mlflow.start_run(run_id=cfg.run_id):
+        tracking.log_evaluation(evaluation)
+    return evaluation
+
+
+def _task(cfg: DictConfig) -> None:
+    evaluation = evaluate_run(cfg)
+    print(markdown_table(metrics_table([evaluation])))
+    print(f"\nlogged to run {cfg.run_id}: test_accuracy {evaluation.metrics['test_accuracy']:.4f}, "
+          f"avg_test_uncertainty {evaluation.metrics['avg_test_uncertainty']:.4f}")
+
+
+if __name__ == "__main__":
+    from .cli import run
+
+    run("evaluate", __doc__, _task)

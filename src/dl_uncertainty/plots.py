@@ -1,0 +1,286 @@
+"""Figures for uncertainty evaluation. Every function returns a ``matplotlib.figure.Figure``.
+
+Figures are built as bare ``Figure`` objects (rendered by Agg; no display and no pyplot state), so
+nothing needs closing; ``report.figure_to_data_uri`` embeds one in HTML.
+Probabilities are predictive (MC-averaged) probabilities ``[N, K]`` -- see ``metrics.mean_probs``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import confusion_matrix
+
+from dl_uncertainty import metrics as M
+
+SIZE = (6.4, 4.4)
+SCORE_LABELS = {
+    "entropy": "predictive entropy H[p̄] (nats)",
+    "mutual_info": "mutual information (nats)",
+    "expected_entropy": "expected entropy E[H[p_t]] (nats)",
+    "max_prob": "1 − max p̄",
+}
+SCORE_TITLES = {
+    "entropy": "total uncertainty",
+    "mutual_info": "epistemic uncertainty",
+    "expected_entropy": "aleatoric uncertainty",
+    "max_prob": "1 − confidence",
+}
+
+
+def _colors(n: int) -> list:
+    cmap = matplotlib.colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _top_label(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    p = M.to_numpy(probs, np.float64)
+    y = M.to_numpy(labels).astype(int)
+    return p.max(axis=1), (p.argmax(axis=1) == y).astype(float)
+
+
+def reliability_diagram(
+    models: Mapping[str, tuple[Any, Any]],
+    n_bins: int = M.N_BINS,
+    title: str = "Reliability diagram",
+) -> Figure:
+    """Accuracy vs confidence per equal-width bin, models overlaid, confidence histogram below.
+
+    ``models``: name -> (probs [N, K], labels [N]). The legend shows each model's ECE.
+    """
+    fig = Figure(figsize=(6.4, 6.0), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    width = 1.0 / n_bins
+    for (name, (probs, labels)), color in zip(models.items(), _colors(len(models)), strict=True):
+        b = M.reliability_bins(probs, labels, n_bins)
+        centers = b["edges"][:-1] + width / 2
+        ok = b["count"] > 0
+        err = float(
+            np.sum(np.abs(b["accuracy"][ok] - b["confidence"][ok]) * b["count"][ok])
+            / b["count"].sum()
+        )
+        conf = M.to_numpy(probs, np.float64).max(axis=1)
+        top.plot(
+            centers[ok], b["accuracy"][ok], marker="o", color=color, label=f"{name} (ECE {err:.3f})"
+        )
+        bottom.hist(conf, bins=b["edges"], histtype="step", lw=1.8, color=color, label=name)
+    top.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="accuracy", title=title)
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", fontsize="small")
+    bottom.set(xlabel="confidence (max p̄)", ylabel="count")
+    bottom.grid(alpha=0.3)
+    return fig
+
+
+def risk_coverage_plot(
+    models: Mapping[str, tuple[Any, Any]], title: str = "Selective prediction: risk vs coverage"
+) -> Figure:
+    """Selective risk vs coverage (reject the least confident first), models overlaid, AURC in legend."""
+    fig = Figure(figsize=SIZE, layout="constrained")
+    ax = fig.subplots()
+    for (name, (probs, labels)), color in zip(models.items(), _colors(len(models)), strict=True):
+        conf, correct = _top_label(probs, labels)
+        cov, risk = M.risk_coverage_curve(conf, correct)
+        ax.plot(cov, risk, color=color, lw=2, label=f"{name} (AURC {np.mean(risk):.4f})")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, None),
+        xlabel="coverage (fraction of examples kept)",
+        ylabel="risk (error rate on kept examples)",
+        title=title,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    return fig
+
+
+def uncertainty_histograms(
+    in_dist: Mapping[str, Any],
+    ood: Mapping[str, Any] | None = None,
+    far_ood: Mapping[str, Any] | None = None,
+    scores: Sequence[str] = ("entropy", "mutual_info"),
+    title: str = "Uncertainty: in-distribution vs OOD",
+) -> Figure:
+    """Density histograms of each score for in-distribution vs OOD (vs far-OOD) inputs.
+
+    Each mapping is ``metrics.uncertainty_scores(...)`` output (score name -> [N] array).
+    """
+    sets = [("in-distribution", in_dist), ("OOD", ood), ("far-OOD", far_ood)]
+    sets = [(n, s) for n, s in sets if s is not None]
+    fig = Figure(figsize=(4.2 * len(scores), 4.0), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(scores)))
+    for ax, score in zip(axes, scores, strict=True):
+        values = [np.asarray(s[score], dtype=float) for _, s in sets]
+        hi = max(float(v.max()) for v in values)
+        edges = np.linspace(0.0, hi if hi > 0 else 1.0, 31)
+        for (name, _), v, color in zip(sets, values, _colors(len(sets)), strict=True):
+            ax.hist(
+                v,
+                bins=edges,
+                density=True,
+                alpha=0.45,
+                color=color,
+                label=f"{name} (mean {v.mean():.3f})",
+            )
+        ax.set(
+            xlabel=SCORE_LABELS.get(score, score),
+            ylabel="density",
+            title=SCORE_TITLES.get(score, score),
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def shift_plot(
+    rows: Sequence[Mapping[str, Any]],
+    metrics: Sequence[str] = ("acc", "ece"),
+    title: str = "Performance under distribution shift",
+) -> Figure:
+    """Metric vs shift severity: one column per corruption kind, one row per metric, models overlaid.
+
+    ``rows``: dicts with ``model``, ``kind``, ``severity`` (0 = clean) and the metric keys. Rows with
+    ``severity == 0`` and ``kind`` ``"clean"``/``None`` are drawn at severity 0 in every column.
+    """
+    kinds = sorted({r["kind"] for r in rows if r.get("kind") not in (None, "clean")})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    colors = dict(zip(models, _colors(len(models)), strict=True))
+    fig = Figure(figsize=(max(4.2 * len(kinds), 6.4), 3.2 * len(metrics)), layout="constrained")
+    axes = np.array(fig.subplots(len(metrics), len(kinds), squeeze=False, sharex=True))
+    for j, kind in enumerate(kinds):
+        for i, metric in enumerate(metrics):
+            ax = axes[i, j]
+            for model in models:
+                pts = sorted(
+                    (r["severity"], r[metric])
+                    for r in rows
+                    if r["model"] == model
+                    and (
+                        r.get("kind") == kind
+                        or (r.get("kind") in (None, "clean") and r["severity"] == 0)
+                    )
+                )
+                if pts:
+                    xs, ys = zip(*pts, strict=True)
+                    ax.plot(xs, ys, marker="o", color=colors[model], label=model)
+            ax.set(ylabel=metric, xlabel="severity (0 = clean)" if i == len(metrics) - 1 else "")
+            if i == 0:
+                ax.set_title(kind.replace("_", " "))
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def most_uncertain_inputs(
+    images: Any,
+    probs: Any,
+    labels: Any,
+    scores: Any,
+    k: int = 8,
+    class_names: Sequence[str] | None = None,
+    score_name: str = "H",
+    title: str = "Most uncertain test inputs",
+) -> Figure:
+    """The ``k`` highest-scoring inputs (images [N, H, W]) with their predictive distribution below each."""
+    imgs = M.to_numpy(images, np.float64)
+    p = M.to_numpy(probs, np.float64)
+    y = M.to_numpy(labels).astype(int)
+    s = M.to_numpy(scores, np.float64)
+    idx = np.argsort(-s, kind="stable")[:k]
+    n_cls = p.shape[1]
+    names = list(class_names) if class_names is not None else [str(c) for c in range(n_cls)]
+    cols = min(len(idx), 6)
+    rows = -(-len(idx) // cols)
+    fig = Figure(figsize=(1.7 * cols + 0.4, 3.3 * rows), layout="constrained")
+    grid = fig.add_gridspec(2 * rows, cols, height_ratios=[1.3, 1] * rows)
+    for n, i in enumerate(idx):
+        r, c = divmod(n, cols)
+        ax_img = fig.add_subplot(grid[2 * r, c])
+        ax_img.imshow(imgs[i], cmap="gray_r")
+        ax_img.set_title(
+            f"true {names[y[i]]}, pred {names[p[i].argmax()]}\n{score_name}={s[i]:.2f}", fontsize=8
+        )
+        ax_img.axis("off")
+        ax_bar = fig.add_subplot(grid[2 * r + 1, c])
+        colors = ["tab:green" if j == y[i] else "tab:blue" for j in range(n_cls)]
+        ax_bar.bar(range(n_cls), p[i], color=colors)
+        ax_bar.set_ylim(0, 1)
+        ax_bar.set_xticks(range(n_cls), names, fontsize=7)
+        ax_bar.tick_params(axis="y", labelsize=7)
+        ax_bar.set_xlabel("class", fontsize=7)
+        ax_bar.set_ylabel("p̄" if c == 0 else "", fontsize=8)
+    fig.suptitle(f"{title} (green bar = true class)")
+    return fig
+
+
+def confusion_matrix_plot(
+    labels: Any,
+    preds: Any,
+    class_names: Sequence[str] | None = None,
+    normalize: bool = False,
+    title: str = "Confusion matrix",
+) -> Figure:
+    """Heat-map of counts (or row-normalized rates) with the value written in each cell."""
+    y, yhat = M.to_numpy(labels).astype(int), M.to_numpy(preds).astype(int)
+    n_cls = len(class_names) if class_names is not None else int(max(y.max(), yhat.max())) + 1
+    names = list(class_names) if class_names is not None else [str(c) for c in range(n_cls)]
+    cm = confusion_matrix(y, yhat, labels=list(range(n_cls))).astype(float)
+    if normalize:
+        cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig = Figure(
+        figsize=(max(4.8, 0.55 * n_cls + 2.5), max(4.0, 0.5 * n_cls + 1.8)), layout="constrained"
+    )
+    ax = fig.subplots()
+    im = ax.imshow(cm, cmap="Blues", vmin=0)
+    cbar = fig.colorbar(im, ax=ax)
+    cbar.set_label("fraction of true class" if normalize else "count")
+    fmt = "{:.2f}" if normalize else "{:.0f}"
+    threshold = cm.max() / 2 if cm.size else 0
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(
+            j,
+            i,
+            fmt.format(v),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if v > threshold else "black",
+        )
+    ax.set_xticks(range(n_cls), names)
+    ax.set_yticks(range(n_cls), names)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    return fig
+
+
+def _metric_family(name: str) -> str:
+    return re.sub(r"^(train|val|valid|validation|test)[_/]", "", name)
+
+
+def training_curves(
+    history: Mapping[str, Sequence[float]], title: str = "Training curves"
+) -> Figure:
+    """Per-epoch curves; ``train_x`` / ``val_x`` share one panel per metric family ``x``."""
+    families = list(dict.fromkeys(_metric_family(n) for n in history))
+    cols = min(len(families), 3)
+    rows = -(-len(families) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
+    axes = np.array(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, fam in zip(axes, families, strict=False):
+        for name, values in history.items():
+            if _metric_family(name) == fam:
+                ax.plot(np.arange(1, len(values) + 1), values, marker="o", ms=3, label=name)
+        ax.set(xlabel="epoch", ylabel=fam, title=fam)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in axes[len(families) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig

@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+import torchbnn
+
+from dl_uncertainty.models import get_model, kl_divergence
+from dl_uncertainty.training import kl_scale, loss_terms, train_model
+
+
+@pytest.mark.parametrize("model", ["bnn", "mc_dropout_dnn"])
+def test_both_models_beat_90_percent_val_accuracy_in_a_few_epochs(tiny_cfg, digits_splits, model):
+    cfg = tiny_cfg(f"model={model}", "train.epochs=8", "model.hidden_sizes=[128]")
+    result = train_model(cfg, digits_splits["train"], digits_splits["val"])
+    assert result.best["val_acc"] > 0.90
+    assert len(result.history["val_nll"]) == 8
+    assert ("kl" in result.history) == (model == "bnn")
+
+
+def _closed_form_kl(model) -> float:
+    """KL(N(mu, sigma) || N(prior_mu, prior_sigma)) summed over every weight and bias, by hand."""
+    total = 0.0
+    for m in model.modules():
+        if isinstance(m, (torchbnn.BayesLinear, torchbnn.BayesConv2d)):
+            for mu, log_sigma in ((m.weight_mu, m.weight_log_sigma), (m.bias_mu, m.bias_log_sigma)):
+                sigma, prior = log_sigma.exp().double(), m.prior_sigma
+                total += float((math.log(prior) - sigma.log() + (sigma**2 + (mu.double() - m.prior_mu) ** 2)
+                                / (2 * prior**2) - 0.5).sum())
+    return total
+
+
+def test_bnn_elbo_uses_the_summed_kl_scaled_by_one_over_n(tiny_cfg, digits_splits):
+    cfg = tiny_cfg("model=bnn", "model.kl_weight=0.5")
+    train = digits_splits["train"]
+    model = get_model(cfg.model, train.schema.feature_shape, len(train.schema.class_names))
+    n_train = len(train.y)
+    weight = kl_scale(cfg.model, epoch=1, n_train=n_train)
+    assert weight == pytest.approx(0.5 / n_train)
+    x, y = torch.as_tensor(train.x[:32]), torch.as_tensor(train.y[:32])
+    terms = loss_terms(model, x, y, cfg, weight)
+    expected_kl = _closed_form_kl(model)
+    assert float(kl_divergence(model)) == pytest.approx(expected_kl, rel=1e-4)
+    assert float(terms["loss"] - terms["nll"]) == pytest.approx(0.5 * expected_kl / n_train, rel=1e-4)
+    # torchbnn's default 'mean' reduction would be far smaller: make sure we are not using it
+    mean_kl = float(torchbnn.BKLLoss(reduction="mean")(model))
+    assert float(terms["loss"] - terms["nll"]) != pytest.approx(0.5 * mean_kl / n_train, rel=1e-2)
+
+
+def test_kl_annealing_ramps_linearly(tiny_cfg):
+    cfg = tiny_cfg("model.kl_anneal_epochs=4")
+    assert [kl_scale(cfg.model, e, 100) for e in (1, 2, 4, 8)] == pytest.approx([0.0025, 0.005, 0.01, 0.01])
+
+
+@pytest.mark.parametrize("model", ["bnn", "mc_dropout_dnn"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_cfg, digits_splits, tmp_path, model):
+    train, val = digits_splits["train"], digits_splits["val"]
+    straight = train_model(tiny_cfg(f"model={model}", "train.epochs=4"), train, val,
+                           checkpoint_dir=tmp_path / "a")
+    train_model(tiny_cfg(f"model={model}", "train.epochs=2"), train, val, checkpoint_dir=tmp_path / "b")
+    resumed = train_model(tiny_cfg(f"model={model}", "train.epochs=4", "train.resume=true"), train, val,
+                          checkpoint_dir=tmp_path / "b")
+    assert resumed.history == straight.history
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    last_a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    last_b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tiny_cfg, digits_splits, tmp_path):
+    from dl_uncertainty.errors import UserError
+
+    train, val = digits_splits["train"], digits_splits["val"]
+    train_model(tiny_cfg("train.epochs=1"), train, val, checkpoint_dir=tmp_path)
+    with pytest.raises(UserError, match="different model"):
+        train_model(tiny_cfg("train.epochs=2", "train.resume=true", "model.hidden_sizes=[32]"), train, val,
+                    checkpoint_dir=tmp_path)
+
+
+def test_training_is_deterministic_on_cpu(tiny_cfg, digits_splits):
+    cfg = tiny_cfg("model=mc_dropout_dnn", "train.epochs=2")
+    a = train_model(cfg, digits_splits["train"], digits_splits["val"])
+    b = train_model(cfg, digits_splits["train"], digits_splits["val"])
+    assert a.history == b.history
+
+
+def test_early_stopping_stops_when_val_nll_stalls(tiny_cfg, digits_splits):
+    cfg = tiny_cfg("model=mc_dropout_dnn", "train.epochs=200", "train.early_stopping_patience=2", "train.lr=0.05")
+    result = train_model(cfg, digits_splits["train"], digits_splits["val"])
+    assert result.epochs_run < 200
+    assert result.epochs_run - result.best_epoch == 2
+
+
+def test_mc_dropout_cnn_and_bnn_cnn_build_for_images(tiny_cfg, digits_splits):
+    x = torch.as_tensor(digits_splits["train"].x[:4])
+    for name in ("bnn", "mc_dropout_dnn", "deep_ensemble"):
+        cfg = tiny_cfg(f"model={name}", "model.arch=cnn")
+        model = get_model(cfg.model, [1, 8, 8], 8)
+        assert model(x).shape == (4, 8)
