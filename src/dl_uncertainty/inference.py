@@ -123,15 +123,19 @@ class Plan:
     samples_per_chunk: int  # MC samples per forward call
     examples_per_chunk: int  # examples per forward call
     reason: str
+    est_seconds: float = float("nan")  # the cost model's estimate for the whole call
 
 
 @dataclass(frozen=True)
 class _Costs:
-    """This machine's cost of one random normal, one uniform and one matmul flop (seconds)."""
+    """This machine's cost (seconds) of one normal, one uniform, one flop, one elementwise op
+    and one module call, and its cache size: the constants of the cost model."""
 
     normal: float
     uniform: float
     flop: float
+    elem: float
+    call: float
     cache_bytes: int
 
 
@@ -139,40 +143,42 @@ _COSTS: _Costs | None = None
 
 
 def _cache_bytes() -> int:
-    """Largest per-core cache (L2) from sysfs; 1 MiB if unknown."""
-    best = 0
+    """Total L2 cache (per-core size x cores sharing none of it) from sysfs; 1 MiB if unknown."""
     for idx in range(8):
+        base = f"/sys/devices/system/cpu/cpu0/cache/index{idx}/"
         try:
-            base = f"/sys/devices/system/cpu/cpu0/cache/index{idx}/"
             with open(base + "level") as fh:
                 level = int(fh.read())
             with open(base + "size") as fh:
                 txt = fh.read().strip().upper()
         except (OSError, ValueError):
             continue
-        if level != 2:
-            continue
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
-        best = max(best, int(txt.rstrip("KMG")) * mult)
-    return best or (1 << 20)
+        if level == 2:
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+            return int(txt.rstrip("KMG")) * mult * max(1, torch.get_num_threads())
+    return 1 << 20
 
 
 def _machine_costs() -> _Costs:
-    """Measure once per process (~10 ms): the constants of the cost model."""
+    """Measure the cost model's constants once per process (~10 ms)."""
     global _COSTS
     if _COSTS is None:
         with torch.inference_mode():
             buf = torch.empty(1 << 16)
             a = torch.randn(256, 256)
+            tiny = torch.zeros(1, 1)
+            relu = nn.ReLU()
 
             def best(fn) -> float:
                 fn()
-                return min(_timed(fn) for _ in range(3))
+                return min(_timed(fn) for _ in range(5))
 
             normal = best(buf.normal_) / buf.numel()
             uniform = best(buf.uniform_) / buf.numel()
+            elem = best(lambda: buf.mul_(1.0)) / buf.numel()
             flop = best(lambda: torch.mm(a, a)) / (2 * 256**3)
-        _COSTS = _Costs(normal, uniform, flop, _cache_bytes())
+            call = best(lambda: relu(tiny))
+        _COSTS = _Costs(normal, uniform, flop, elem, call, _cache_bytes())
     return _COSTS
 
 
@@ -182,22 +188,119 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _widest_row(model: nn.Module, x: torch.Tensor) -> int:
-    """Largest number of features a row carries through the model (for the memory model)."""
-    widest = x[0].numel() if x.dim() else 1
-    for m in model.modules():
+@dataclass(frozen=True)
+class _Step:
+    """One leaf module as executed on one example: its kind and per-example sizes."""
+
+    kind: str  # "det", "dropout", "bayes_linear", "bayes_conv", "bayes_bn"
+    in_numel: int
+    out_numel: int
+    flops: float  # multiply-adds x 2 for one example (matmul-like modules), else 0
+    weights: int  # number of sampled weights (Bayes modules)
+    out_features: int  # LRT draws one normal per output element
+
+
+_TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _kind(m: nn.Module) -> str:
+    if not _is_stochastic(m):
+        return "det"
+    if isinstance(m, _BAYES_LINEAR):
+        return "bayes_linear"
+    if isinstance(m, _BAYES_CONV):
+        return "bayes_conv"
+    if isinstance(m, _BAYES_BN):
+        return "bayes_bn"
+    return "dropout"
+
+
+def _trace(model: nn.Module, x: torch.Tensor) -> list[_Step]:
+    """Execution-order sizes of the leaf modules for one example (cached per model + shape)."""
+    key = (tuple(x.shape[1:]), x.dtype)
+    per_model = _TRACES.setdefault(model, {})
+    if key in per_model:
+        return per_model[key]
+    steps: list[_Step] = []
+
+    def hook(m: nn.Module, inputs, output) -> None:
+        if not inputs or not torch.is_tensor(inputs[0]) or not torch.is_tensor(output):
+            return
+        inp, n_rows = inputs[0], max(1, inputs[0].shape[0])
+        in_numel, out_numel = inp.numel() // n_rows, output.numel() // n_rows
+        flops, weights, out_features = 0.0, 0, out_numel
         if isinstance(m, (nn.Linear, *_BAYES_LINEAR)):
-            widest = max(widest, m.in_features, m.out_features)
+            flops = 2.0 * in_numel * m.out_features
+            out_features = m.out_features
         elif isinstance(m, (nn.modules.conv._ConvNd, *_BAYES_CONV)):
-            # channels x the input's spatial size: an upper bound for stride >= 1
-            spatial = x[0].numel() // max(1, x.shape[1]) if x.dim() > 2 else 1
-            widest = max(widest, m.out_channels * spatial, m.in_channels * spatial)
-    return widest
+            w = m.weight_mu if isinstance(m, _BAYES_CONV) else m.weight
+            flops = 2.0 * out_numel * (w[0].numel())
+        if isinstance(m, _BAYES_LINEAR + _BAYES_CONV):
+            weights = m.weight_mu.numel()
+        steps.append(_Step(_kind(m), in_numel, out_numel, flops, weights, out_features))
+
+    leaves = [m for m in model.modules()
+              if not list(m.children()) or isinstance(m, _BAYES_LINEAR + _BAYES_CONV + _BAYES_BN)]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.random.fork_rng(devices=[]):  # the probe must not shift the caller's RNG
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    per_model[key] = steps
+    return steps
+
+
+def _lrt_cheaper(c: _Costs, weights: int, out_features: int, rows_per_sample: int,
+                 share: int) -> bool:
+    """Per MC sample of a BayesLinear: LRT (two matmuls, done once for ``share`` samples when
+    the input is not yet sample-specific, plus one normal per output) vs one sampled weight set
+    shared by the sample's rows (one normal per weight, one matmul)."""
+    flops_per_row = 2.0 * weights
+    weight_cost = weights * (c.normal + 2 * c.elem) + rows_per_sample * flops_per_row * c.flop
+    lrt_cost = (rows_per_sample * out_features * (c.normal + 3 * c.elem)
+                + 2 * rows_per_sample * flops_per_row * c.flop / share)
+    return lrt_cost < weight_cost
+
+
+def _chunk_cost(steps: list[_Step], c: _Costs, mode: str, tc: int, nc: int) -> float:
+    """Cost-model seconds of one forward call carrying tc MC samples x nc examples."""
+    total, shared = 0.0, tc > 1
+    for s in steps:
+        rows = nc if shared else tc * nc
+        total += c.call
+        if s.kind == "det":
+            total += rows * (s.flops * c.flop + s.out_numel * c.elem)
+        elif s.kind == "dropout":
+            shared = False
+            total += tc * nc * s.out_numel * (c.uniform + 2 * c.elem)
+        elif s.kind == "bayes_linear":
+            per_sample = nc * max(1, s.out_numel // max(1, s.out_features))
+            lrt = mode == "lrt" or (mode == "auto" and _lrt_cheaper(
+                c, s.weights, s.out_features, per_sample, tc if shared else 1))
+            if lrt:
+                total += (2 * rows * s.flops * c.flop
+                          + tc * nc * s.out_numel * (c.normal + 3 * c.elem))
+            else:
+                total += tc * (s.weights * (c.normal + 2 * c.elem) + nc * s.flops * c.flop
+                               + c.call)
+            shared = False
+        elif s.kind == "bayes_conv":
+            shared = False
+            total += tc * s.weights * (c.normal + 2 * c.elem) + tc * nc * s.flops * c.flop
+        else:  # bayes_bn
+            shared = False
+            total += tc * nc * s.out_numel * 4 * c.elem
+    return total
 
 
 def mc_plan(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: str = "auto",
             chunk_size: int | None = None) -> Plan:
-    """The plan :func:`mc_log_probs` follows for this model, input and T (cheap, no forward)."""
+    """The plan :func:`mc_log_probs` follows for this model, input and T.
+
+    Cheap: one traced forward of one example per (model, input shape), then arithmetic.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if samples < 1:
@@ -209,30 +312,39 @@ def mc_plan(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: str = 
     stochastic = [m for m in modules if _is_stochastic(m)]
     coupled = any(_couples_batch(m) for m in modules)
     if not stochastic:
-        rows = chunk_size or n
-        return Plan("deterministic", 1, min(n, rows), "no stochastic module: one pass, expanded")
+        return Plan("deterministic", 1, min(n, chunk_size or n), "nothing stochastic: one pass")
     if strategy == "loop" or (strategy == "auto" and coupled):
-        why = "forced" if strategy == "loop" else "a module uses batch statistics"
-        # batch-coupled models see the whole batch, as they would outside MC sampling
-        rows = n if coupled else min(n, chunk_size or n)
-        return Plan("loop", 1, rows, why)
+        why = "forced" if strategy == "loop" else "a BatchNorm uses batch statistics"
+        # batch-coupled models must see the whole batch, as they would outside MC sampling
+        return Plan("loop", 1, n if coupled else min(n, chunk_size or n), why)
     if coupled:
         raise ValueError(
-            f"strategy {strategy!r} repeats examples inside a batch, but this model has a "
-            "BatchNorm that uses batch statistics; use strategy='loop'"
+            f"strategy {strategy!r} puts several MC samples of an example in one batch, but this "
+            "model has a BatchNorm that uses batch statistics; use strategy='loop'"
         )
+    c = _machine_costs()
+    with torch.inference_mode(), mc_mode(model):
+        steps = _trace(model, x)
     if chunk_size is None:
-        # Memory model: a chunk's widest activation (input, output, mask) fits this core's cache,
-        # but never fewer rows than one full batch of the loop would use (what the loop needs).
-        costs = _machine_costs()
-        row_bytes = 3 * x.element_size() * _widest_row(model, x)
-        chunk_size = max(costs.cache_bytes // row_bytes, min(n, 4 * costs.cache_bytes // row_bytes))
-        chunk_size = max(1, chunk_size)
-    # All T samples in a chunk if they fit (the deterministic prefix is then computed once per
-    # example), the remaining rows spent on examples.
-    tc = max(1, min(samples, chunk_size))
-    nc = max(1, min(n, chunk_size // tc))
-    return Plan(strategy, tc, nc, f"rows per forward <= {chunk_size}")
+        # Memory model: the widest activation of a chunk stays within the cache, or within
+        # 8x the cache when the caller's own batch is that large (the loop would hold it too).
+        widest = max([s.out_numel for s in steps] + [x[0].numel()])
+        fit = max(1, c.cache_bytes // (x.element_size() * widest))
+        chunk_size = max(fit, min(n, 8 * fit))
+    # Cost model over chunk shapes: all samples per call share the deterministic prefix,
+    # all examples per call share a sampled weight set; rows per call are bounded.
+    best: tuple[float, int, int] | None = None
+    tcs = sorted({max(1, min(samples, chunk_size)), *(
+        math.ceil(samples / k) for k in range(1, samples + 1)
+        if math.ceil(samples / k) <= chunk_size)})
+    for tc in tcs:
+        nc = max(1, min(n, chunk_size // tc))
+        calls = math.ceil(samples / tc) * math.ceil(n / nc)
+        cost = calls * _chunk_cost(steps, c, strategy, tc, nc)
+        if best is None or cost < best[0]:
+            best = (cost, tc, nc)
+    assert best is not None
+    return Plan(strategy, best[1], best[2], f"cost model, rows per call <= {chunk_size}", best[0])
 
 
 # ----------------------------------------------------------------------------- batched engine
@@ -311,13 +423,8 @@ def _bayes_linear_forward(m: nn.Module, lay: _Layout):
     def use_lrt(rows_per_sample: int, shared: bool) -> bool:
         if lay.mode != "auto":
             return lay.mode == "lrt"
-        c = lay.costs
-        # per MC sample: normals drawn + matmul flops (LRT: two matmuls, done once if shared)
-        weights = n_w * c.normal + 2 * rows_per_sample * n_w * c.flop
-        lrt = rows_per_sample * m.out_features * c.normal + 4 * rows_per_sample * n_w * c.flop / (
-            lay.tc if shared else 1
-        )
-        return lrt < weights
+        return _lrt_cheaper(lay.costs, n_w, m.out_features, rows_per_sample,
+                            lay.tc if shared else 1)
 
     def sample_weight() -> tuple[torch.Tensor, torch.Tensor | None]:
         w = torch.randn_like(mu).mul_(sigma).add_(mu)
@@ -327,9 +434,8 @@ def _bayes_linear_forward(m: nn.Module, lay: _Layout):
     def forward(inp: torch.Tensor) -> torch.Tensor:
         shared = lay.shared(inp)
         tc, nc = lay.tc, lay.nc
-        rows = inp.shape[0] // (1 if shared else tc)
         per_row = inp[0].numel() // m.in_features  # extra (non-batch) leading dims of F.linear
-        if use_lrt(rows * per_row, shared):
+        if use_lrt(nc * per_row, shared):
             mean = F.linear(inp, mu, b_mu)
             std = F.linear(inp * inp, sigma2, b_sigma2).sqrt_()
             if shared:

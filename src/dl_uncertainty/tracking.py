@@ -7,9 +7,9 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -90,12 +90,10 @@ def start_run(cfg: DictConfig, run_id: str | None = None):
         yield run
 
 
-# predict() takes DataFrames and arrays alike, so it has no type hints for MLflow to validate against
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
-
-
 class UncertaintyModel(mlflow.pyfunc.PythonModel):
     """predict(x) -> per-class mean probability, predicted class, predictive entropy, mutual information."""
+
+    _skip_type_hint_validation = True  # predict takes DataFrames and arrays alike; the signature checks
 
     def load_context(self, context):
         self.model, self.cfg, self.schema, _ = load_bundle(context.artifacts["bundle"])
@@ -118,23 +116,21 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
 
 
 def log_model(model: nn.Module, cfg: DictConfig, schema: Schema, example: np.ndarray) -> str:
-    """Log the model as a self-contained pyfunc (weights + config + this package's code)."""
+    """Log the model as a self-contained pyfunc: weights + config, this package's code, no pickle."""
     package = Path(__file__).parent
     with tempfile.TemporaryDirectory() as tmp:
         bundle = save_bundle(model, cfg, schema, Path(tmp) / "bundle")
         wrapper = UncertaintyModel()
-        wrapper.load_context(type("Ctx", (), {"artifacts": {"bundle": str(bundle)}})())
+        wrapper.load_context(SimpleNamespace(artifacts={"bundle": str(bundle)}))
         example = example[:5].astype(np.float32)
-        columns = [f"f{i}" for i in range(example.shape[1])]
-        frame = pd.DataFrame(example, columns=columns)
-        signature = mlflow.models.infer_signature(frame, wrapper.predict(None, frame))
+        signature = mlflow.models.infer_signature(example, wrapper.predict(None, example))
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=wrapper,
+            python_model=str(package / "pyfunc_model.py"),
             artifacts={"bundle": str(bundle)},
             code_paths=[str(package)],
             signature=signature,
-            input_example=frame,
+            input_example=example,
             pip_requirements=PYFUNC_REQUIREMENTS,
         )
     return info.model_uri
