@@ -93,14 +93,15 @@ def evaluate_model(
             result[f"{row['kind']}_s{row['severity']}_acc"] = row["acc"]
             result[f"{row['kind']}_s{row['severity']}_ece"] = row["ece"]
 
-    predictions = _predictions(lp, shifted, test, ood if has_ood else None, far)
+    predictions = _predictions(lp, shifted, test, ood if has_ood else None, val if "val" in lp else None, far)
     evaluation = Evaluation(cfg.model.name, result, predictions, shift)
     if with_figures:
         evaluation.figures = _figures(evaluation, test, images)
     return evaluation
 
 
-def _predictions(lp: dict, shifted: dict, test: Split, ood: Split | None, far: np.ndarray) -> dict:
+def _predictions(lp: dict, shifted: dict, test: Split, ood: Split | None, val: Split | None,
+                 far: np.ndarray) -> dict:
     out: dict[str, np.ndarray] = {"labels": test.y, "far_ood_x": far}
     for name, log_probs in {**lp, **shifted}.items():
         prefix = "" if name == "test" else f"{name}_"
@@ -111,6 +112,8 @@ def _predictions(lp: dict, shifted: dict, test: Split, ood: Split | None, far: n
         out[f"{prefix}mutual_info"] = scores["mutual_info"]
     if ood is not None:
         out["ood_labels"] = ood.y
+    if val is not None:
+        out["val_labels"] = val.y
     return out
 
 

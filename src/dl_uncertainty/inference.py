@@ -485,12 +485,12 @@ def _bayes_conv_forward(m: nn.Module, lay: _Layout):
             y = _conv(m, inp, w.flatten(0, 1), None if b is None else b.flatten(), 1)
             y = y.view(nc, tc, m.out_channels, *y.shape[2:]).transpose(0, 1)
             return y.reshape(tc * nc, m.out_channels, *y.shape[3:])
-        xs = inp if shared else inp.view(tc, nc, *inp.shape[1:])
-        ys = [_conv(m, xs if shared else xs[t], w[t], None if b is None else b[t], m.groups)
-              for t in range(tc)]
-        return torch.cat(ys, 0)
-
-    return forward
+        # sample-specific inputs: one grouped convolution, sample t's channels meet kernel set t
+        x = lay.widen(inp)
+        x = x.view(tc, nc, *x.shape[1:]).transpose(0, 1).reshape(nc, tc * x.shape[1], *x.shape[2:])
+        y = _conv(m, x, w.flatten(0, 1), None if b is None else b.flatten(), tc * m.groups)
+        y = y.view(nc, tc, m.out_channels, *y.shape[2:]).transpose(0, 1)
+        return y.reshape(tc * nc, m.out_channels, *y.shape[3:])
 
 
 def _bayes_bn_forward(m: nn.Module, lay: _Layout):
@@ -541,9 +541,10 @@ def _patched(model: nn.Module, lay: _Layout) -> Iterator[None]:
                 m.forward = prev
 
 
-def _run_batched(model: nn.Module, x: torch.Tensor, out: torch.Tensor, plan: Plan,
-                 eager: bool) -> None:
-    samples, n = out.shape[0], out.shape[1]
+def _run_batched(model: nn.Module, x: torch.Tensor, samples: int, plan: Plan,
+                 eager: bool) -> torch.Tensor:
+    n = x.shape[0]
+    out: torch.Tensor | None = None
     lay = _Layout(plan.strategy, _machine_costs() if plan.strategy == "auto" else None)
     with _patched(model, lay):
         for n0 in range(0, n, plan.examples_per_chunk):
@@ -552,13 +553,16 @@ def _run_batched(model: nn.Module, x: torch.Tensor, out: torch.Tensor, plan: Pla
             for t0 in range(0, samples, plan.samples_per_chunk):
                 tc = min(plan.samples_per_chunk, samples - t0)
                 lay.tc, lay.nc = tc, nc
-                inp = lay.widen(xc) if eager else xc
-                logits = model(inp)
+                logits = model(lay.widen(xc) if eager else xc)
                 if logits.shape[0] == nc and tc > 1:  # nothing stochastic was reached
                     logits = logits.unsqueeze(0).expand(tc, *logits.shape)
                 else:
                     logits = logits.view(tc, nc, *logits.shape[1:])
+                if out is None:
+                    out = logits.new_empty((samples, n, *logits.shape[2:]))
                 torch.log_softmax(logits, dim=-1, out=out[t0:t0 + tc, n0:n0 + nc])
+    assert out is not None
+    return out
 
 
 # ----------------------------------------------------------------------------- public API
@@ -602,9 +606,12 @@ def mc_log_probs(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: s
     the model's device; for a deterministic model it is one pass expanded T times (a view).
     """
     x = x.to(_model_device(model, x))
-    plan = mc_plan(model, x, samples, strategy=strategy, chunk_size=chunk_size)
     n = x.shape[0]
     with _LOCK, torch.inference_mode(), mc_mode(model), _seeded(generator):
+        if n == 0:
+            one = torch.log_softmax(model(x), dim=-1)
+            return one.unsqueeze(0).expand(samples, *one.shape)
+        plan = mc_plan(model, x, samples, strategy=strategy, chunk_size=chunk_size)
         if plan.strategy == "deterministic":
             parts = [torch.log_softmax(model(x[i:i + plan.examples_per_chunk]), dim=-1)
                      for i in range(0, n, plan.examples_per_chunk)]
@@ -619,18 +626,11 @@ def mc_log_probs(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: s
                     out = lp.new_empty((samples, *lp.shape))
                 out[t] = lp
             return out
-        probe = model(x[:1]) if n else None  # output shape/dtype (cheap: one example)
-        k_shape = tuple(probe.shape[1:]) if probe is not None else ()
-        dtype = probe.dtype if probe is not None else x.dtype
-        out = torch.empty((samples, n, *k_shape), dtype=dtype, device=x.device)
-        if n == 0:
-            return out
         eager = model in _NEEDS_EAGER
         try:
-            _run_batched(model, x, out, plan, eager)
+            return _run_batched(model, x, samples, plan, eager)
         except (_LayoutError, RuntimeError):
             if eager:
                 raise
             _NEEDS_EAGER.add(model)  # forward mixes shared and widened rows: widen up front
-            _run_batched(model, x, out, plan, True)
-        return out
+            return _run_batched(model, x, samples, plan, True)

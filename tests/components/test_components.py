@@ -1,0 +1,153 @@
+"""Each component's python_func on tiny data, then every component once as a kfp.local task."""
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+from kfp import dsl, local
+
+from components.compare import compare
+from components.configure import configure
+from components.evaluate import evaluate
+from components.preprocess import preprocess
+from components.train import train
+from dl_uncertainty import metrics as M
+from dl_uncertainty.errors import UserError
+from tests.conftest import TINY
+
+PARAMS = dict(epochs=2, learning_rate=0.001, mc_samples=6, seed=3, data_source="digits",
+              experiment_name="component-test", mlflow_tracking_uri="")
+
+
+def art(cls, tmp_path, name):
+    return cls(name=name, uri=str(tmp_path / name), metadata={})
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """configure -> preprocess -> train (both models) -> evaluate -> compare, as plain functions."""
+    tmp = tmp_path_factory.mktemp("chain")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+    mp.chdir(tmp)
+    out = {"tmp": tmp, "config": art(dsl.Artifact, tmp, "config")}
+    configure.python_func(models=["bnn", "mc_dropout_dnn"], overrides=TINY, config=out["config"], **PARAMS)
+    splits = {n: art(dsl.Dataset, tmp, n) for n in ("train", "val", "test", "ood")}
+    out["eda"] = art(dsl.HTML, tmp, "eda")
+    preprocess.python_func(config=out["config"], eda_report=out["eda"], **splits)
+    out["splits"] = splits
+    out["evaluated"] = {}
+    for name in ("bnn", "mc_dropout_dnn"):
+        model = art(dsl.Model, tmp, f"model-{name}")
+        train.python_func(config=out["config"], model_name=name, train=splits["train"], val=splits["val"],
+                          model=model)
+        outputs = {k: art(cls, tmp, f"{k}-{name}") for k, cls in (
+            ("metrics", dsl.Metrics), ("confusion", dsl.ClassificationMetrics), ("report", dsl.HTML),
+            ("predictions", dsl.Dataset))}
+        evaluate.python_func(model=model, val=splits["val"], test=splits["test"], ood=splits["ood"], **outputs)
+        out["evaluated"][name] = {"model": model, **outputs}
+    out["comparison"], out["compare_report"] = art(dsl.Markdown, tmp, "comparison"), art(dsl.HTML, tmp, "cmp")
+    out["winner"] = compare.python_func(
+        config=out["config"], metrics=[e["metrics"] for e in out["evaluated"].values()],
+        predictions=[e["predictions"] for e in out["evaluated"].values()],
+        comparison=out["comparison"], report=out["compare_report"])
+    yield out
+    mp.undo()
+
+
+def test_configure_writes_one_validated_config_per_model(chain):
+    configs = json.loads(open(chain["config"].path).read())
+    assert set(configs) == {"bnn", "mc_dropout_dnn"}
+    assert configs["bnn"]["seed"] == 3  # typed parameter
+    assert configs["bnn"]["train"]["epochs"] == 3  # the overrides list is applied last and wins
+    assert configs["mc_dropout_dnn"]["model"]["dropout"] > 0
+
+
+def test_configure_rejects_a_bad_override(tmp_path):
+    with pytest.raises(UserError, match="model.dropout"):
+        configure.python_func(models=["bnn"], overrides=["model.dropout=2"], config=art(dsl.Artifact, tmp_path, "c"),
+                              **PARAMS)
+
+
+def test_preprocess_writes_splits_and_a_self_contained_eda_report(chain):
+    assert chain["splits"]["ood"].metadata["examples"] > 0
+    page = open(chain["eda"].path).read()
+    assert page.count("data:image/png;base64,") >= 3
+    assert "Class balance" in page and "missing values" in page
+
+
+def test_train_exports_a_bundle_and_the_run_id(chain):
+    model = chain["evaluated"]["bnn"]["model"]
+    run = mlflow.MlflowClient(f"sqlite:///{chain['tmp'] / 'mlflow.db'}").get_run(model.metadata["mlflow_run_id"])
+    assert run.data.tags["model_type"] == "bnn"
+    assert (chain["tmp"] / "model-bnn" / "model.pt").is_file()
+
+
+def test_evaluate_outputs_and_predictions_recompute_every_reported_number(chain):
+    ev = chain["evaluated"]["mc_dropout_dnn"]
+    reported = json.load(open(ev["metrics"].path))["metrics"]
+    assert reported["test_accuracy"] == ev["metrics"].metadata["test_accuracy"]
+    matrix = np.array([r["row"] for r in ev["confusion"].metadata["confusionMatrix"]["rows"]])
+    assert matrix.sum() == len(np.load(chain["splits"]["test"].path)["y"])
+    with np.load(ev["predictions"].path) as p:
+        assert {"labels", "probs", "ood_probs", "entropy", "mutual_info", "ood_entropy", "ood_mutual_info"} <= set(p)
+        assert np.allclose(p["probs"].sum(1), 1, atol=1e-5)
+        again = M.summarize(p["log_probs"], p["labels"], p["ood_log_probs"], p["far_ood_log_probs"])
+        temperature = M.fit_temperature(p["val_log_probs"], p["val_labels"])
+        scaled = M.summarize(M.apply_temperature(p["log_probs"], temperature), p["labels"])
+        shifted = {k: M.summarize(p[f"shift_{k}_log_probs"], p["labels"])
+                   for k in ("gaussian_noise_3", "rotation_5")}
+    for key, value in again.items():
+        assert reported[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert reported["temperature"] == pytest.approx(temperature, rel=1e-4)
+    assert reported["nll_ts"] == pytest.approx(scaled["nll"], rel=1e-6)
+    assert reported["gaussian_noise_s3_acc"] == pytest.approx(shifted["gaussian_noise_3"]["acc"])
+    assert reported["rotation_s5_ece"] == pytest.approx(shifted["rotation_5"]["ece"])
+    page = open(ev["report"].path).read()
+    assert page.count("data:image/png;base64,") >= 5 and "https://" not in page
+
+
+def test_compare_picks_the_lowest_nll_and_registers_the_champion(chain):
+    results = {n: json.load(open(e["metrics"].path)) for n, e in chain["evaluated"].items()}
+    best = min(results, key=lambda n: results[n]["metrics"]["nll"])
+    assert chain["winner"] == best
+    table = open(chain["comparison"].path).read()
+    assert f"**Winner: {best}**" in table and "mc_dropout_dnn" in table and "| bnn |" in table
+    client = mlflow.MlflowClient(f"sqlite:///{chain['tmp'] / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("dl-uncertainty", "champion")
+    assert version.run_id == results[best]["run_id"]
+
+
+def test_train_on_a_corrupt_dataset_artifact_fails_clearly(chain, tmp_path):
+    bad = art(dsl.Dataset, tmp_path, "train")
+    (tmp_path / "train").write_bytes(b"\x00garbage")
+    with pytest.raises(UserError, match="is not a dataset"):
+        train.python_func(config=chain["config"], model_name="bnn", train=bad, val=chain["splits"]["val"],
+                          model=art(dsl.Model, tmp_path, "m"))
+
+
+def test_the_components_run_as_kfp_local_tasks(tmp_path, monkeypatch):
+    """kfp.local takes no input artifacts for a lone task, so chain them in a minimal pipeline
+    (compare, which needs dsl.Collected, runs in tests/pipelines/test_local_run.py)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    from dl_uncertainty.config import load_config
+    from dl_uncertainty.tracking import setup
+
+    setup(load_config([*TINY, "experiment_name=component-test"]))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
+               raise_on_error=True)
+
+    @dsl.pipeline
+    def one_model() -> dsl.Metrics:
+        config = configure(models=["mc_dropout_dnn"], overrides=[*TINY, "train.epochs=1"], **PARAMS)
+        data = preprocess(config=config.outputs["config"])
+        model = train(config=config.outputs["config"], model_name="mc_dropout_dnn", train=data.outputs["train"],
+                      val=data.outputs["val"])
+        return evaluate(model=model.outputs["model"], val=data.outputs["val"], test=data.outputs["test"],
+                        ood=data.outputs["ood"]).outputs["metrics"]
+
+    metrics = one_model().output
+    assert json.load(open(metrics.path))["model"] == "mc_dropout_dnn"
+    assert 0 < metrics.metadata["test_accuracy"] <= 1

@@ -1,0 +1,119 @@
+"""The compiled YAML, loaded and checked: GPUs, images, secrets, defaults from configs/."""
+
+import re
+
+import pytest
+import yaml
+
+from dl_uncertainty.config import load_config
+from pipelines.compile import compile_pipeline
+from tests.conftest import REPO, run_module
+
+OVERRIDES = ["train.epochs=11", "model.dropout=0.3"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    path = compile_pipeline(OVERRIDES, tmp_path_factory.mktemp("yaml") / "p.yaml")
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return path.read_text(), docs[0], (docs[1] if len(docs) > 1 else {})
+
+
+def _executors(spec):
+    return spec["deploymentSpec"]["executors"]
+
+
+def _train_executors(spec):
+    return {k: v for k, v in _executors(spec).items() if k.startswith("exec-train")}
+
+
+def test_training_tasks_request_a_gpu_and_resources(compiled):
+    _, spec, _ = compiled
+    cfg = load_config(OVERRIDES)
+    trains = _train_executors(spec)
+    assert trains
+    for executor in trains.values():
+        resources = executor["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert int(resources["accelerator"]["resourceCount"]) == cfg.pipeline.gpu_limit
+        assert resources["memoryLimit"] > 0 and resources["cpuRequest"] > 0
+        assert executor["container"]["image"].endswith("-cuda")
+
+
+def test_every_image_is_the_configured_sha_tagged_one(compiled):
+    from components.images import CPU_IMAGE, CUDA_IMAGE
+
+    text, spec, _ = compiled
+    images = {e["container"]["image"] for e in _executors(spec).values()}
+    assert images == {CPU_IMAGE, CUDA_IMAGE}
+    for image in images:
+        assert not image.endswith(":latest") and ":" in image
+        tag = image.split(":", 1)[1]
+        assert re.fullmatch(r"([0-9a-f]{12}|nogit)(-dirty)?(-cuda)?", tag), tag
+    assert "latest" not in re.findall(r"image: (\S+)", text)
+
+
+def test_images_follow_the_environment_variables(tmp_path):
+    proc = run_module("pipelines", "compile", "--output", str(tmp_path / "p.yaml"), cwd=REPO,
+                      env={"DLU_IMAGE_REPO": "registry.example/dlu", "DLU_IMAGE_TAG": "0123456789ab"})
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "p.yaml").read_text()
+    assert set(re.findall(r"image: (\S+)", text)) == {"registry.example/dlu:0123456789ab",
+                                                       "registry.example/dlu:0123456789ab-cuda"}
+
+
+def test_no_gpu_relaxes_the_request_and_uses_the_cpu_image(tmp_path):
+    spec = next(yaml.safe_load_all(compile_pipeline([], tmp_path / "p.yaml", gpu=False).read_text()))
+    for executor in _train_executors(spec).values():
+        assert "accelerator" not in executor["container"].get("resources", {})
+        assert not executor["container"]["image"].endswith("-cuda")
+
+
+def test_s3_credentials_come_from_a_secret_and_no_credential_is_written(compiled):
+    text, spec, platform = compiled
+    cfg = load_config(OVERRIDES)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == set(_executors(spec))
+    for executor in executors.values():
+        (secret,) = executor["secretAsEnv"]
+        assert secret["secretName"] == cfg.pipeline.s3_secret
+        assert {m["envVar"] for m in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    for env in (e["container"].get("env", []) for e in _executors(spec).values()):
+        names = {v["name"] for v in env}
+        assert {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"} <= names
+        assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert not re.search(r"(?i)(minioadmin|aws_secret_access_key\s*[:=]\s*\S{8,}|password\s*[:=])", text)
+
+
+def test_training_tasks_tolerate_gpu_nodes(compiled):
+    _, _, platform = compiled
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, executor in executors.items():
+        has = any(t.get("key") == "nvidia.com/gpu" for t in executor.get("tolerations", []))
+        assert has == name.startswith("exec-train"), name
+
+
+def test_parameter_defaults_equal_the_composed_config(compiled):
+    _, spec, _ = compiled
+    cfg = load_config(OVERRIDES)
+    params = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert params == {
+        "models": list(cfg.pipeline.models), "epochs": 11, "learning_rate": cfg.train.lr,
+        "mc_samples": cfg.evaluate.mc_samples, "seed": cfg.seed, "data_source": "digits",
+        "mlflow_tracking_uri": "", "experiment_name": cfg.experiment_name, "overrides": OVERRIDES,
+    }
+
+
+def test_tasks_retry(compiled):
+    _, spec, _ = compiled
+    cfg = load_config(OVERRIDES)
+    retries = [t.get("retryPolicy", {}).get("maxRetryCount") for t in spec["root"]["dag"]["tasks"].values()
+               if "componentRef" in t and not t["componentRef"]["name"].startswith("comp-for-loop")]
+    assert retries and set(retries) == {cfg.pipeline.retries}
+
+
+def test_compile_cli_with_a_bad_override_is_one_line(tmp_path):
+    proc = run_module("pipelines", "compile", "--output", str(tmp_path / "p.yaml"), "train.epochs=0", cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "train.epochs" in proc.stderr
+    assert not (tmp_path / "p.yaml").exists()

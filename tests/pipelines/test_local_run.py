@@ -1,0 +1,44 @@
+"""The whole pipeline under kfp.local against a real MLflow server; and a failing task."""
+
+import mlflow
+import pytest
+
+from dl_uncertainty.errors import UserError
+from pipelines.local import run_local
+from tests.conftest import TINY
+
+
+def test_whole_pipeline_runs_locally_and_lands_in_mlflow(mlflow_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    run_dir = run_local([*TINY, "train.epochs=2", "experiment_name=pipeline-test"], tmp_path / "out")
+
+    printed = capsys.readouterr().out
+    assert "# Model comparison" in printed and "Winner:" in printed
+    for name in ("compare", "preprocess", "evaluate-bnn", "evaluate-mc_dropout_dnn"):
+        page = (run_dir / "reports" / f"{name}.html").read_text()
+        assert "<img" in page and name in printed
+
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("pipeline-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["model_type"] for r in runs) == ["bnn", "mc_dropout_dnn"]
+    for run in runs:
+        assert {"test_accuracy", "avg_test_uncertainty", "ece", "auroc_entropy"} <= set(run.data.metrics)
+        assert len(client.get_metric_history(run.info.run_id, "val_nll")) == 2
+        figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+        assert "figures/reliability.png" in figures and "figures/training_curves.png" in figures
+    champion = client.get_model_version_by_alias("dl-uncertainty", "champion")
+    best = min(runs, key=lambda r: r.data.metrics["nll"])
+    assert champion.run_id == best.info.run_id
+
+
+def test_a_failing_task_fails_the_run_naming_the_task_and_nothing_after_it_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(UserError, match="preprocess") as info:
+        run_local([*TINY, "data=csv", f"data.path={tmp_path / 'missing.csv'}"], tmp_path / "out")
+    assert "\n" not in str(info.value)
+    assert "data file not found" in capsys.readouterr().out  # the task's own log names the cause
+    run_dir = next((tmp_path / "out").glob("uncertainty-pipeline-*"))
+    assert not list(run_dir.rglob("model.pt")) and not list(run_dir.rglob("predictions"))
