@@ -20,7 +20,12 @@ def compare(
     import numpy as np
 
     from dl_uncertainty import tracking
-    from dl_uncertainty.compare import comparison_html, comparison_markdown, pick_winner, register_champion
+    from dl_uncertainty.compare import (
+        comparison_html,
+        comparison_markdown,
+        pick_winner,
+        register_champion,
+    )
     from dl_uncertainty.config import pick_config
     from dl_uncertainty.evaluation import TABLE_METRICS
 

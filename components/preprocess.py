@@ -15,8 +15,8 @@ def preprocess(
 ):
     """Load, clean and split the data; write the four splits and the EDA report."""
     from dl_uncertainty.config import pick_config
-    from dl_uncertainty.data import save_split
     from dl_uncertainty.data import prepare as prepare_splits
+    from dl_uncertainty.data import save_split
     from dl_uncertainty.eda import eda_html
 
     cfg = pick_config(open(config.path).read())

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
-import sys
 import json
 import os
+import re
 import shutil
+import sys
 import time
 from pathlib import Path
 

@@ -35,7 +35,7 @@ class DataConfig:
     missing: str = "median"  # drop | mean | median | ffill
     outliers: str = "iqr"  # none | iqr | zscore
     outlier_threshold: float = 1.5  # IQR multiplier, or z-score limit
-    scaling: str = "standard"  # none | standard | minmax
+    scaling: str = "standard"  # none | standard | minmax | global
 
 
 @dataclass
@@ -82,7 +82,7 @@ class EvaluateConfig:
 
 @dataclass
 class PipelineConfig:
-    models: list[str] = field(default_factory=lambda: ["bnn", "mc_dropout_dnn"])
+    models: list[str] = field(default_factory=lambda: ["bnn", "mc_dropout_dnn", "deep_ensemble"])
     gpu: bool = True  # training tasks request nvidia.com/gpu
     gpu_limit: int = 1
     gpu_node_selector: dict[str, str] = field(default_factory=dict)
@@ -111,6 +111,7 @@ class Config:
     experiment_name: str = "dl-uncertainty"
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int = 1  # torch CPU threads; 0 = torch's default (one per core)
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     run_id: str | None = None  # evaluate: the MLflow run whose model to load
     data_dir: str = "data/processed"  # preprocess: where the split files go
@@ -221,7 +222,7 @@ def validate(cfg: DictConfig) -> None:
     _check(d.source == "digits" or bool(d.path), f"data.path is required for data.source={d.source}")
     _one_of(d.missing, "data.missing", ("drop", "mean", "median", "ffill"))
     _one_of(d.outliers, "data.outliers", ("none", "iqr", "zscore"))
-    _one_of(d.scaling, "data.scaling", ("none", "standard", "minmax"))
+    _one_of(d.scaling, "data.scaling", ("none", "standard", "minmax", "global"))
     _check(d.outlier_threshold > 0, "data.outlier_threshold must be > 0")
     for key in ("val_fraction", "test_fraction"):
         _check(0 < d[key] < 1, f"data.{key} must be in (0, 1), got {d[key]}")
@@ -248,6 +249,7 @@ def validate(cfg: DictConfig) -> None:
     _one_of(e.strategy, "evaluate.strategy", ("auto", "loop", "repeat", "lrt"))
     _one_of(e.winner_mode, "evaluate.winner_mode", ("min", "max"))
     _check(e.batch_size >= 1, "evaluate.batch_size must be >= 1")
+    _check(cfg.num_threads >= 0, f"num_threads must be >= 0, got {cfg.num_threads}")
     _check(len(cfg.pipeline.models) >= 1, "pipeline.models must name at least one model")
     for name in cfg.pipeline.models:
         _one_of(name, "pipeline.models[]", MODEL_NAMES)

@@ -179,6 +179,8 @@ def _fit_scaling(x: np.ndarray, method: str) -> dict:
         center, scale = x.mean(axis=0), x.std(axis=0)
     elif method == "minmax":
         center, scale = x.min(axis=0), x.max(axis=0) - x.min(axis=0)
+    elif method == "global":  # one mean/std for every feature: pixels keep their relative scale
+        center, scale = np.full(x.shape[1], x.mean()), np.full(x.shape[1], x.std())
     else:
         return {}
     scale = np.where(scale > 1e-12, scale, 1.0)  # constant features (e.g. always-blank pixels)

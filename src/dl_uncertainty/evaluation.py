@@ -19,6 +19,7 @@ from . import plots
 from .data import Schema, Split
 from .predict import predict_log_probs
 from .report import Section, html_report
+from .training import set_threads
 
 TABLE_METRICS = ("acc", "nll", "brier", "ece", "aece", "aurc", "auroc_entropy", "auroc_mutual_info",
                  "far_auroc_entropy", "avg_test_uncertainty", "mutual_info")
@@ -56,6 +57,7 @@ def evaluate_model(
 ) -> Evaluation:
     """MC-predict every split, compute all metrics, and (optionally) draw the figures."""
     e = cfg.evaluate
+    set_threads(cfg.num_threads)
 
     def predict(x: np.ndarray) -> np.ndarray:
         return predict_log_probs(model, x, e.mc_samples, strategy=e.strategy, batch_size=e.batch_size).numpy()

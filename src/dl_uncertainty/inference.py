@@ -492,6 +492,8 @@ def _bayes_conv_forward(m: nn.Module, lay: _Layout):
         y = y.view(nc, tc, m.out_channels, *y.shape[2:]).transpose(0, 1)
         return y.reshape(tc * nc, m.out_channels, *y.shape[3:])
 
+    return forward
+
 
 def _bayes_bn_forward(m: nn.Module, lay: _Layout):
     w_sigma, b_sigma = _sigma(m.weight_log_sigma), _sigma(m.bias_log_sigma)

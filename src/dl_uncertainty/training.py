@@ -48,6 +48,11 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def set_threads(num_threads: int) -> None:
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+
+
 def make_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -122,6 +127,7 @@ def train_model(
 ) -> TrainResult:
     """Train ``cfg.model`` on ``train`` with early stopping on the val NLL; return the best weights."""
     seed_everything(cfg.seed)
+    set_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     model = get_model(cfg.model, train.schema.feature_shape, len(train.schema.class_names)).to(device)
     optimizer = make_optimizer(cfg.train, model.parameters())
