@@ -23,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ LOG_SIGMA = -5.0  # configs/model/bnn.yaml posterior_log_sigma_init (does not af
 
 def build(kind: str, widths: tuple[int, ...]) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
-    pairs = list(zip(widths[:-1], widths[1:]))
+    pairs = list(pairwise(widths))
     for i, (n_in, n_out) in enumerate(pairs):
         last = i == len(pairs) - 1
         if kind == "bnn":
@@ -98,7 +99,7 @@ def timed(fn, *args, min_seconds: float) -> float:
 
 def bare_mm_seconds(widths: tuple[int, ...], n: int, samples: int, min_seconds: float) -> float:
     """torch.mm on the layer shapes of one pass, times T (the matmul floor of the loop)."""
-    mats = [(torch.randn(n, a), torch.randn(b, a)) for a, b in zip(widths[:-1], widths[1:])]
+    mats = [(torch.randn(n, a), torch.randn(b, a)) for a, b in pairwise(widths)]
 
     def one_pass() -> None:
         for x, w in mats:
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         for arch in args.archs:
             widths = ARCHS[arch]
             model = build(model_kind, widths)
-            flops_per_example = 2 * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+            flops_per_example = 2 * sum(a * b for a, b in pairwise(widths))
             for samples in samples_list:
                 for n in args.batches:
                     x = torch.randn(n, widths[0])

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs")
     """Run ``uncertainty-pipeline`` with kfp.local; return the run's output folder."""
     from kfp import local
 
+    # Our tasks name the project image; locally they run in this venv, which has the same code.
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
     cfg = load_config(overrides)  # fail on a bad override before any task starts
     uri = _absolute_tracking_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
     os.environ["MLFLOW_TRACKING_URI"] = uri

@@ -5,18 +5,19 @@
 
 from __future__ import annotations
 
-import mlflow
 from omegaconf import DictConfig
 
-from . import tracking
-from .data import prepare
 from .errors import UserError
-from .evaluation import Evaluation, evaluate_model, metrics_table
-from .report import markdown_table
 
 
-def evaluate_run(cfg: DictConfig) -> Evaluation:
+def evaluate_run(cfg: DictConfig):
     """Evaluate run ``cfg.run_id``'s model on the data it was trained on, log to that run."""
+    import mlflow
+
+    from . import tracking
+    from .data import prepare
+    from .evaluation import evaluate_model
+
     if not cfg.run_id:
         raise UserError("set run_id=<MLflow run id> (printed by dl_uncertainty.train, or see `make mlflow-ui`)")
     tracking.setup(cfg)
@@ -35,6 +36,9 @@ def evaluate_run(cfg: DictConfig) -> Evaluation:
 
 
 def _task(cfg: DictConfig) -> None:
+    from .evaluation import metrics_table
+    from .report import markdown_table
+
     evaluation = evaluate_run(cfg)
     print(markdown_table(metrics_table([evaluation])))
     print(f"\nlogged to run {cfg.run_id}: test_accuracy {evaluation.metrics['test_accuracy']:.4f}, "

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlflow
 from omegaconf import DictConfig
-from torch import nn
 
-from . import tracking
-from .data import Split, prepare
-from .training import TrainResult, train_model
+if TYPE_CHECKING:  # torch and MLflow load only when there is work: --help and bad input stay fast
+    from torch import nn
+
+    from .data import Split
+    from .training import TrainResult
 
 
 @dataclass
@@ -29,6 +30,13 @@ def train_and_log(
     cfg: DictConfig, train: Split | None = None, val: Split | None = None, checkpoint_dir: str | Path | None = None
 ) -> TrainedRun:
     """Train ``cfg.model`` (on ``cfg.data`` unless splits are given) inside a new MLflow run."""
+    import mlflow
+
+    from . import tracking
+    from .data import prepare
+    from .plots import training_curves
+    from .training import train_model
+
     if train is None or val is None:
         splits = prepare(cfg.data, cfg.seed)
         train, val = splits["train"], splits["val"]
@@ -44,15 +52,9 @@ def train_and_log(
             "best_val_acc": result.best["val_acc"], "best_val_nll": result.best["val_nll"],
             "train_samples_per_second": result.samples_per_second,
         })
-        _log_curves(result)
+        mlflow.log_figure(training_curves(result.history), "figures/training_curves.png")
         tracking.log_model(result.model, cfg, train.schema, train.x)
     return TrainedRun(run.info.run_id, result.model, result)
-
-
-def _log_curves(result: TrainResult) -> None:
-    from .plots import training_curves
-
-    mlflow.log_figure(training_curves(result.history), "figures/training_curves.png")
 
 
 def _task(cfg: DictConfig) -> None:

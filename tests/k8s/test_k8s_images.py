@@ -61,7 +61,7 @@ def test_image_copies_only_the_project_and_runs_unprivileged():
     text = DOCKERFILE.read_text()
     copies = re.findall(r"^COPY\s+(.+)$", text, re.M)
     sources = [part for line in copies for part in line.split()[:-1] if not part.startswith("--")]
-    assert sorted(sources) == ["README.md", "pyproject.toml", "src/"]
+    assert sorted(sources) == ["README.md", "configs/", "pyproject.toml", "src/"]
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users, "image must switch to an unprivileged USER"
     uid = users[-1].split(":")[0]
@@ -78,6 +78,6 @@ def test_dockerignore_keeps_the_context_minimal():
     ]
     assert lines[0] == "*", ".dockerignore must start by excluding everything"
     allowed = {ln[1:] for ln in lines if ln.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "src/"}
+    assert allowed == {"pyproject.toml", "README.md", "src/", "configs/"}
     for required in ("**/__pycache__", "**/*.egg-info"):
         assert required in lines
