@@ -19,6 +19,7 @@ from . import plots
 from .data import Schema, Split
 from .predict import predict_log_probs
 from .report import Section, html_report
+from .saliency import grad_cam
 from .training import set_threads
 
 TABLE_METRICS = ("acc", "nll", "brier", "ece", "aece", "aurc", "auroc_entropy", "auroc_mutual_info",
@@ -98,7 +99,7 @@ def evaluate_model(
     predictions = _predictions(lp, shifted, test, ood if has_ood else None, val if "val" in lp else None, far)
     evaluation = Evaluation(cfg.model.name, result, predictions, shift)
     if with_figures:
-        evaluation.figures = _figures(evaluation, test, images)
+        evaluation.figures = _figures(evaluation, test, images, model)
     return evaluation
 
 
@@ -119,7 +120,7 @@ def _predictions(lp: dict, shifted: dict, test: Split, ood: Split | None, val: S
     return out
 
 
-def _figures(ev: Evaluation, test: Split, images: np.ndarray | None) -> dict[str, Figure]:
+def _figures(ev: Evaluation, test: Split, images: np.ndarray | None, model: nn.Module) -> dict[str, Figure]:
     p, y = ev.predictions, ev.predictions["labels"]
     name = ev.model_name
     scores = {k: p.get(f"{k}entropy") for k in ("", "ood_", "far_ood_")}
@@ -134,6 +135,13 @@ def _figures(ev: Evaluation, test: Split, images: np.ndarray | None) -> dict[str
     if images is not None:
         figures["most_uncertain"] = plots.most_uncertain_inputs(
             images[:, 0], p["probs"], y, p["entropy"], class_names=test.schema.class_names)
+        uncertain = np.argsort(-p["entropy"], kind="stable")[:8]
+        predicted = p["probs"][uncertain].argmax(1)
+        cams = grad_cam(model, test.x[uncertain], predicted, test.schema.feature_shape)
+        if cams is not None:
+            names = test.schema.class_names
+            titles = [f"true {names[y[i]]}, pred {names[k]}" for i, k in zip(uncertain, predicted, strict=True)]
+            figures["saliency"] = plots.saliency_plot(images[uncertain, 0], cams, titles)
         if ev.shift:
             clean = {"model": name, "kind": "clean", "severity": 0, "acc": ev.metrics["acc"], "ece": ev.metrics["ece"]}
             figures["shift"] = plots.shift_plot([clean, *ev.shift])
@@ -172,7 +180,8 @@ def html(ev: Evaluation, title: str | None = None) -> str:
         Section("Out-of-distribution detection", figures={"Uncertainty histograms":
                                                           ev.figures.get("uncertainty_histograms")}),
         Section("Distribution shift", table=ev.shift or None, figures={"Shift": ev.figures.get("shift")}),
-        Section("Most uncertain test inputs", figures={"Inputs": ev.figures.get("most_uncertain")}),
+        Section("Most uncertain test inputs", figures={"Inputs": ev.figures.get("most_uncertain"),
+                                                       "Grad-CAM": ev.figures.get("saliency")}),
         Section("Confusion matrix", figures={"Confusion": ev.figures.get("confusion_matrix")}),
         Section("All metrics", table=[{"metric": k, "value": v} for k, v in sorted(m.items())]),
     ]

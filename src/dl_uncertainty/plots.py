@@ -221,6 +221,33 @@ def most_uncertain_inputs(
     return fig
 
 
+def saliency_plot(
+    images: Any,
+    cams: Any,
+    titles: Sequence[str],
+    title: str = "Grad-CAM: evidence for the predicted class",
+) -> Figure:
+    """Each image (gray) beside the same image with its Grad-CAM map overlaid (0 = none, 1 = peak)."""
+    imgs, maps = M.to_numpy(images, np.float64), M.to_numpy(cams, np.float64)
+    cols = min(len(imgs), 6)
+    rows = -(-len(imgs) // cols)
+    fig = Figure(figsize=(1.7 * cols + 0.8, 3.4 * rows), layout="constrained")
+    axes = np.array(fig.subplots(2 * rows, cols, squeeze=False))
+    for ax in axes.ravel():
+        ax.axis("off")
+    heat = None
+    for n in range(len(imgs)):
+        r, c = divmod(n, cols)
+        axes[2 * r, c].imshow(imgs[n], cmap="gray_r")
+        axes[2 * r, c].set_title(titles[n], fontsize=8)
+        axes[2 * r + 1, c].imshow(imgs[n], cmap="gray_r")
+        heat = axes[2 * r + 1, c].imshow(maps[n], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    if heat is not None:
+        fig.colorbar(heat, ax=axes.ravel().tolist(), shrink=0.6, label="Grad-CAM (relative)")
+    fig.suptitle(title)
+    return fig
+
+
 def confusion_matrix_plot(
     labels: Any,
     preds: Any,
