@@ -122,11 +122,15 @@ def main(argv: list[str] | None = None) -> int:
                     choices=["bnn", "mc_dropout_dnn"])
     ap.add_argument("--min-seconds", type=float, default=0.05,
                     help="shortest single measurement (short calls are repeated)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's, = cores)")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 5)
     samples_list = args.samples or ([50] if args.quick else [10, 50, 100])
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     header = [
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "

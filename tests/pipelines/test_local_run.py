@@ -11,7 +11,8 @@ from tests.conftest import TINY
 def test_whole_pipeline_runs_locally_and_lands_in_mlflow(mlflow_server, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    run_dir = run_local([*TINY, "train.epochs=2", "experiment_name=pipeline-test"], tmp_path / "out")
+    run_dir = run_local([*TINY, "train.epochs=2", "experiment_name=pipeline-test",
+                         "pipeline.models=[bnn,mc_dropout_dnn]"], tmp_path / "out")
 
     printed = capsys.readouterr().out
     assert "# Model comparison" in printed and "Winner:" in printed

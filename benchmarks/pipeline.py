@@ -1,0 +1,110 @@
+"""Pipeline overhead: `make run` (kfp.local) wall time and peak memory per step, against calling
+the same core functions directly in one process.
+
+    python benchmarks/pipeline.py [key=value overrides]     (default: the full default config)
+
+Per-step times come from kfp.local's own log (task start to finish, so they include each task's
+Python start-up and imports); peak memory is the largest RSS of any process in the run's tree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO))
+
+LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) - \w+ - (Executing task|Task) .*?'(\w[\w-]*)'.*?(finished)?")
+
+
+def kfp_local(overrides: list[str], workdir: Path) -> tuple[float, float, dict[str, float]]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'kfp.db'}"}
+    tic = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "run-local", "--pipeline-root",
+                             str(workdir / "out"), *overrides], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = proc.communicate()[0]
+    wall = time.perf_counter() - tic
+    if proc.returncode:
+        sys.exit(f"run-local failed:\n{log[-3000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", log)
+    starts: dict[str, list[datetime]] = {}
+    steps: dict[str, float] = {}
+    for line in plain.splitlines():
+        m = LINE.match(line)
+        if not m:
+            continue
+        stamp, task = datetime.strptime(m.group(1), "%H:%M:%S.%f"), m.group(3)
+        if m.group(2) == "Executing task":
+            starts.setdefault(task, []).append(stamp)
+        elif "finished" in line and starts.get(task):
+            steps[task] = steps.get(task, 0.0) + (stamp - starts[task].pop(0)).total_seconds()
+    return wall, peak, steps
+
+
+def direct(overrides: list[str], workdir: Path) -> tuple[float, dict[str, float]]:
+    """The same steps as plain function calls in this process (no subprocesses, no artifacts)."""
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'direct.db'}"
+    os.chdir(workdir)
+    steps: dict[str, float] = {}
+    tic0 = time.perf_counter()
+
+    def timed(name, fn):
+        tic = time.perf_counter()
+        out = fn()
+        steps[name] = steps.get(name, 0.0) + time.perf_counter() - tic
+        return out
+
+    from dl_uncertainty.compare import pick_winner, register_champion
+    from dl_uncertainty.config import load_config, pick_config, model_configs
+    from dl_uncertainty.data import prepare
+    from dl_uncertainty.evaluation import evaluate_model
+    from dl_uncertainty.train import train_and_log
+
+    base = load_config(overrides)
+    configs = timed("configure", lambda: model_configs(list(base.pipeline.models), overrides))
+    cfg = pick_config(configs)
+    splits = timed("preprocess", lambda: prepare(cfg.data, cfg.seed))
+    results, runs = {}, {}
+    for name in base.pipeline.models:
+        mcfg = pick_config(configs, name)
+        trained = timed("train", lambda mcfg=mcfg: train_and_log(mcfg, splits["train"], splits["val"]))
+        ev = timed("evaluate", lambda mcfg=mcfg, trained=trained: evaluate_model(
+            trained.model, mcfg, splits["test"], splits["ood"], splits["val"]))
+        results[name], runs[name] = ev.metrics, trained.run_id
+    timed("compare", lambda: register_champion(
+        runs[pick_winner(results, cfg.evaluate.winner_metric, cfg.evaluate.winner_mode)],
+        cfg.evaluate.registered_model_name))
+    return time.perf_counter() - tic0, steps
+
+
+def main() -> None:
+    overrides = sys.argv[1:]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        wall_kfp, peak_kfp, steps_kfp = kfp_local(overrides, work)
+        wall_direct, steps_direct = direct(overrides, work)
+        peak_direct = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"# overrides: {' '.join(overrides) or '(defaults)'}")
+    print("| step | kfp.local s | direct s | ratio |")
+    print("| --- | ---: | ---: | ---: |")
+    for step in ("configure", "preprocess", "train", "evaluate", "compare"):
+        k, d = steps_kfp.get(step, float("nan")), steps_direct.get(step, float("nan"))
+        print(f"| {step} | {k:.1f} | {d:.1f} | {k / d:.1f}x |")
+    print(f"| **total (wall)** | {wall_kfp:.1f} | {wall_direct:.1f} | {wall_kfp / wall_direct:.2f}x |")
+    print(f"\npeak RSS: kfp.local largest process {peak_kfp:.0f} MB; direct (one process) {peak_direct:.0f} MB")
+    print("kfp.local runs ParallelFor branches concurrently, so its per-step sums can exceed its wall time.")
+
+
+if __name__ == "__main__":
+    main()
