@@ -53,7 +53,7 @@ def kfp_local(overrides: list[str], workdir: Path) -> tuple[float, float, dict[s
 
 
 def direct(overrides: list[str], workdir: Path) -> tuple[float, dict[str, float]]:
-    """The same steps as plain function calls in this process (no subprocesses, no artifacts)."""
+    """The same steps as plain function calls in one process: same MLflow logging, no KFP artifacts."""
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'direct.db'}"
     os.chdir(workdir)
     steps: dict[str, float] = {}
@@ -65,11 +65,20 @@ def direct(overrides: list[str], workdir: Path) -> tuple[float, dict[str, float]
         steps[name] = steps.get(name, 0.0) + time.perf_counter() - tic
         return out
 
+    import mlflow
+
     from dl_uncertainty.compare import pick_winner, register_champion
     from dl_uncertainty.config import load_config, pick_config, model_configs
     from dl_uncertainty.data import prepare
     from dl_uncertainty.evaluation import evaluate_model
+    from dl_uncertainty.tracking import log_evaluation
     from dl_uncertainty.train import train_and_log
+
+    def evaluate_and_log(mcfg, trained):
+        evaluation = evaluate_model(trained.model, mcfg, splits["test"], splits["ood"], splits["val"])
+        with mlflow.start_run(run_id=trained.run_id):
+            log_evaluation(evaluation)
+        return evaluation
 
     base = load_config(overrides)
     configs = timed("configure", lambda: model_configs(list(base.pipeline.models), overrides))
@@ -79,8 +88,7 @@ def direct(overrides: list[str], workdir: Path) -> tuple[float, dict[str, float]
     for name in base.pipeline.models:
         mcfg = pick_config(configs, name)
         trained = timed("train", lambda mcfg=mcfg: train_and_log(mcfg, splits["train"], splits["val"]))
-        ev = timed("evaluate", lambda mcfg=mcfg, trained=trained: evaluate_model(
-            trained.model, mcfg, splits["test"], splits["ood"], splits["val"]))
+        ev = timed("evaluate", lambda mcfg=mcfg, trained=trained: evaluate_and_log(mcfg, trained))
         results[name], runs[name] = ev.metrics, trained.run_id
     timed("compare", lambda: register_champion(
         runs[pick_winner(results, cfg.evaluate.winner_metric, cfg.evaluate.winner_mode)],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import resource
 import statistics
@@ -67,8 +68,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads available; epochs={args.epochs}, repeats={args.repeats}")
+    set_threads(load_config(args.overrides).num_threads)
+    print(f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} on "
+          f"{torch.get_num_threads()} thread(s); epochs={args.epochs}, repeats={args.repeats}")
     print("| model | ours samples/s | DataLoader samples/s | ours s/epoch | ratio ours/DataLoader |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name in args.models.split(","):
