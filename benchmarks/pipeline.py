@@ -68,7 +68,7 @@ def direct(overrides: list[str], workdir: Path) -> tuple[float, dict[str, float]
     import mlflow
 
     from dl_uncertainty.compare import pick_winner, register_champion
-    from dl_uncertainty.config import load_config, pick_config, model_configs
+    from dl_uncertainty.config import load_config, model_configs, pick_config
     from dl_uncertainty.data import prepare
     from dl_uncertainty.evaluation import evaluate_model
     from dl_uncertainty.tracking import log_evaluation

@@ -70,6 +70,31 @@ def _serve(model_uri: str, env: dict, calls: int, row: np.ndarray) -> float:
         proc.wait(timeout=20)
 
 
+def measure(cfg, env: dict, calls: int) -> str:
+    """One table row: train briefly, log, then time the naive loop, pyfunc predict and HTTP."""
+    import mlflow
+
+    from dl_uncertainty.data import prepare
+    from dl_uncertainty.inference import mc_mode
+    from dl_uncertainty.train import train_and_log
+
+    trained = train_and_log(cfg)
+    row = prepare(cfg.data, cfg.seed)["test"].x[:1]
+    uri = f"runs:/{trained.run_id}/model"
+    loaded = mlflow.pyfunc.load_model(uri)
+    predict_ms = _median_ms(lambda: loaded.predict(row), calls)
+    net, x, samples = trained.model, torch.as_tensor(row), cfg.evaluate.mc_samples
+
+    def loop():
+        with mc_mode(net), torch.inference_mode():
+            torch.stack([torch.log_softmax(net(x), -1) for _ in range(samples)])
+
+    loop_ms = _median_ms(loop, calls)
+    http_ms = _serve(uri, env, max(20, calls // 4), row)
+    return (f"| {cfg.model.name} | {samples} | {loop_ms:.2f} | {predict_ms:.2f} | {http_ms:.2f} | "
+            f"{loop_ms / predict_ms:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=200)
@@ -77,11 +102,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    import mlflow
-
     from dl_uncertainty.config import load_config
-    from dl_uncertainty.inference import mc_mode
-    from dl_uncertainty.train import train_and_log
 
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
@@ -91,25 +112,7 @@ def main() -> None:
         print("| model | T | naive loop ms | pyfunc predict ms | HTTP /invocations ms | loop / predict |")
         print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for name in args.models.split(","):
-            cfg = load_config([f"model={name}", "train.epochs=3", *args.overrides])
-            trained = train_and_log(cfg)
-            from dl_uncertainty.data import prepare
-
-            row = prepare(cfg.data, cfg.seed)["test"].x[:1]
-            uri = f"runs:/{trained.run_id}/model"
-            loaded = mlflow.pyfunc.load_model(uri)
-            predict_ms = _median_ms(lambda: loaded.predict(row), args.calls)
-            net, x, samples = trained.model, torch.as_tensor(row), cfg.evaluate.mc_samples
-
-            def loop():
-                with mc_mode(net), torch.inference_mode():
-                    torch.stack([torch.log_softmax(net(x), -1) for _ in range(samples)])
-
-            loop_ms = _median_ms(loop, args.calls)
-            http_ms = _serve(uri, env, max(20, args.calls // 4), row)
-            print(f"| {name} | {samples} | {loop_ms:.2f} | {predict_ms:.2f} | {http_ms:.2f} | "
-                  f"{loop_ms / predict_ms:.2f}x |")
-
+            print(measure(load_config([f"model={name}", "train.epochs=3", *args.overrides]), env, args.calls))
 
 if __name__ == "__main__":
     main()

@@ -7,8 +7,8 @@ import os
 import re
 import shutil
 import sys
-import warnings
 import time
+import warnings
 from pathlib import Path
 
 from dl_uncertainty.config import load_config
