@@ -49,9 +49,11 @@ mlflow-ui: $(INSTALLED) ## MLflow UI on the local store at http://127.0.0.1:$(ML
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db \
 		--default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
-bench: $(INSTALLED) ## speed benchmarks (see BENCHMARKS.md)
-	$(PY) benchmarks/mc_inference.py
+bench: $(INSTALLED) ## speed benchmarks, a few minutes each (see BENCHMARKS.md)
+	$(PY) benchmarks/mc_inference.py --quick
+	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/pipeline.py
 
 pipeline-upload: $(INSTALLED) ## compile and upload to KFP_HOST (new version if the pipeline exists)
 	$(PY) -m pipelines upload --host $(KFP_HOST) $(PIPELINE_FLAGS) $(OVERRIDES)

@@ -81,6 +81,7 @@ def read_bytes(path: str) -> bytes:
 
 def upload_file(local: str, uri: str) -> None:
     """Put a local file at ``s3://bucket/key`` (e.g. MinIO's ``datasets`` bucket)."""
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     if not Path(local).is_file():
@@ -88,7 +89,7 @@ def upload_file(local: str, uri: str) -> None:
     bucket, key = split_s3_uri(uri)
     try:
         _s3_client().upload_file(local, bucket, key)
-    except (BotoCoreError, ClientError) as err:
+    except (BotoCoreError, ClientError, Boto3Error) as err:
         raise UserError(f"cannot upload {local} to {uri}: {err}") from None
 
 
@@ -289,3 +290,34 @@ def save_splits(splits: dict[str, Split], folder: str | Path) -> dict[str, Path]
         paths[name] = folder / f"{name}.npz"
         save_split(split, paths[name])
     return paths
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dl_uncertainty.data upload table.csv s3://datasets/table.csv``"""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m dl_uncertainty.data", description="Dataset helpers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    upload = sub.add_parser("upload", help="put a CSV/NPZ file at s3://bucket/key (e.g. MinIO's datasets bucket)",
+                            description="Endpoint from AWS_ENDPOINT_URL (or MLFLOW_S3_ENDPOINT_URL), "
+                                        "credentials from the standard AWS variables.")
+    upload.add_argument("file", help="local .csv or .npz file")
+    upload.add_argument("uri", help="destination, s3://bucket/key")
+    args = parser.parse_args(argv)
+    try:
+        if Path(args.file).suffix.lower() not in (".csv", ".npz"):
+            raise UserError(f"{args.file}: only .csv and .npz files can be used as data_source")
+        upload_file(args.file, args.uri)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"uploaded {args.file} -> {args.uri}; use it with data_source={args.uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

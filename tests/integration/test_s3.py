@@ -37,3 +37,27 @@ def test_missing_s3_object_is_a_user_error(bucket):
     cfg = load_config(["data=csv", f"data.path=s3://{bucket}/nope.csv"])
     with pytest.raises(UserError, match="cannot read s3://"):
         prepare(cfg.data, cfg.seed)
+
+
+def test_upload_command_puts_the_file_where_a_run_reads_it(tmp_path, bucket, capsys):
+    from dl_uncertainty.config import data_source_overrides
+    from dl_uncertainty.data import main
+
+    local = tmp_path / "t.csv"
+    pd.DataFrame({"a": np.arange(40.0), "label": np.tile(["p", "q"], 20)}).to_csv(local, index=False)
+    uri = f"s3://{bucket}/uploads/t.csv"
+    assert main(["upload", str(local), uri]) == 0
+    assert f"data_source={uri}" in capsys.readouterr().out
+    cfg = load_config([*data_source_overrides(uri), "data.outliers=none"])
+    assert sum(len(s.y) for s in prepare(cfg.data, cfg.seed).values()) == 40
+
+
+def test_upload_command_rejects_bad_input_in_one_line(tmp_path, bucket, capsys):
+    from dl_uncertainty.data import main
+
+    assert main(["upload", str(tmp_path / "missing.csv"), f"s3://{bucket}/x.csv"]) == 2
+    assert main(["upload", str(tmp_path), f"s3://{bucket}/x.csv"]) == 2
+    (tmp_path / "t.csv").write_text("a,label\n1,x\n")
+    assert main(["upload", str(tmp_path / "t.csv"), "s3://no-such-bucket-here/x.csv"]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln]
+    assert len(errors) == 3 and all(ln.startswith("error: ") for ln in errors)
