@@ -22,7 +22,7 @@ def class_balance(splits: dict[str, Split]) -> Figure:
         ax.bar(len(names) + np.arange(len(ood.schema.ood_class_names)), np.bincount(ood.y), 0.8 / 3 * 3,
                color="grey", label=f"OOD, held out ({len(ood.y)})")
         names = names + [f"{c} (OOD)" for c in ood.schema.ood_class_names]
-    ax.set_xticks(np.arange(len(names)), names, rotation=45 if len(names) > 12 else 0)
+    ax.set_xticks(np.arange(len(names)), names, rotation=30 if len(names) > 8 else 0)
     ax.set(xlabel="class", ylabel="examples", title="Class balance per split")
     ax.legend(fontsize="small")
     return fig

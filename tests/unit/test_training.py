@@ -23,8 +23,8 @@ def _closed_form_kl(model) -> float:
     for m in model.modules():
         if isinstance(m, (torchbnn.BayesLinear, torchbnn.BayesConv2d)):
             for mu, log_sigma in ((m.weight_mu, m.weight_log_sigma), (m.bias_mu, m.bias_log_sigma)):
-                sigma, prior = log_sigma.exp().double(), m.prior_sigma
-                total += float((math.log(prior) - sigma.log() + (sigma**2 + (mu.double() - m.prior_mu) ** 2)
+                sigma, prior = log_sigma.detach().exp().double(), m.prior_sigma
+                total += float((math.log(prior) - sigma.log() + (sigma**2 + (mu.detach().double() - m.prior_mu) ** 2)
                                 / (2 * prior**2) - 0.5).sum())
     return total
 
