@@ -4,7 +4,8 @@ the same core functions directly in one process.
     python benchmarks/pipeline.py [key=value overrides]     (default: the full default config)
 
 Per-step times come from kfp.local's own log (task start to finish, so they include each task's
-Python start-up and imports); peak memory is the largest RSS of any process in the run's tree.
+Python start-up and imports); per-step peak memory is the largest peak RSS (VmHWM) of that step's
+task processes, polled from /proc.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -26,14 +28,38 @@ sys.path.insert(0, str(REPO))
 LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) - \w+ - (Executing task|Task) .*?'(\w[\w-]*)'.*?(finished)?")
 
 
-def kfp_local(overrides: list[str], workdir: Path) -> tuple[float, float, dict[str, float]]:
+def _task_peaks(root_pid: int, peaks: dict[str, float], done: threading.Event) -> None:
+    """Poll /proc for the run's task processes; keep each step's largest VmHWM (peak RSS, MB)."""
+    while not done.is_set():
+        for status in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                argv = status.read_bytes().split(b"\0")
+                if b"--function_to_execute" not in argv:
+                    continue
+                step = argv[argv.index(b"--function_to_execute") + 1].decode()
+                text = (status.parent / "status").read_text()
+            except (OSError, IndexError):
+                continue  # the process ended between the two reads
+            kb = int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) if "VmHWM" in text else 0
+            peaks[step] = max(peaks.get(step, 0.0), kb / 1024)
+        done.wait(0.05)
+    assert root_pid  # polling is machine-wide; root_pid documents whose tasks we expect
+
+
+def kfp_local(overrides: list[str], workdir: Path) -> tuple[float, float, dict[str, float], dict[str, float]]:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'kfp.db'}"}
     tic = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "pipelines", "run-local", "--pipeline-root",
                              str(workdir / "out"), *overrides], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    peaks: dict[str, float] = {}
+    done = threading.Event()
+    poller = threading.Thread(target=_task_peaks, args=(proc.pid, peaks, done), daemon=True)
+    poller.start()
     log = proc.communicate()[0]
     wall = time.perf_counter() - tic
+    done.set()
+    poller.join()
     if proc.returncode:
         sys.exit(f"run-local failed:\n{log[-3000:]}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -49,7 +75,7 @@ def kfp_local(overrides: list[str], workdir: Path) -> tuple[float, float, dict[s
             starts.setdefault(task, []).append(stamp)
         elif "finished" in line and starts.get(task):
             steps[task] = steps.get(task, 0.0) + (stamp - starts[task].pop(0)).total_seconds()
-    return wall, peak, steps
+    return wall, peak, steps, peaks
 
 
 def direct(overrides: list[str], workdir: Path) -> tuple[float, dict[str, float]]:
@@ -100,15 +126,15 @@ def main() -> None:
     overrides = sys.argv[1:]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        wall_kfp, peak_kfp, steps_kfp = kfp_local(overrides, work)
+        wall_kfp, peak_kfp, steps_kfp, peaks = kfp_local(overrides, work)
         wall_direct, steps_direct = direct(overrides, work)
         peak_direct = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"# overrides: {' '.join(overrides) or '(defaults)'}")
-    print("| step | kfp.local s | direct s | ratio |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| step | kfp.local s | direct s | ratio | kfp.local peak RSS MB |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for step in ("configure", "preprocess", "train", "evaluate", "compare"):
         k, d = steps_kfp.get(step, float("nan")), steps_direct.get(step, float("nan"))
-        print(f"| {step} | {k:.1f} | {d:.1f} | {k / d:.1f}x |")
+        print(f"| {step} | {k:.1f} | {d:.1f} | {k / d:.1f}x | {peaks.get(step, float('nan')):.0f} |")
     print(f"| **total (wall)** | {wall_kfp:.1f} | {wall_direct:.1f} | {wall_kfp / wall_direct:.2f}x |")
     print(f"\npeak RSS: kfp.local largest process {peak_kfp:.0f} MB; direct (one process) {peak_direct:.0f} MB")
     print("kfp.local runs ParallelFor branches concurrently, so its per-step sums can exceed its wall time.")
