@@ -55,8 +55,9 @@ def setup(cfg: DictConfig) -> str:
     try:
         if mlflow.get_experiment_by_name(cfg.experiment_name) is None:
             location = None
-            if uri.startswith("sqlite:"):  # keep local artifacts beside the local database
-                location = Path(ARTIFACT_DIR).resolve().as_uri()
+            if uri.startswith("sqlite:///"):  # keep local artifacts beside the local database
+                database = Path(uri.removeprefix("sqlite:///")).resolve()
+                location = (database.parent / ARTIFACT_DIR).as_uri()
             mlflow.create_experiment(cfg.experiment_name, artifact_location=location)
         mlflow.set_experiment(cfg.experiment_name)
     except MlflowException as err:
@@ -65,28 +66,25 @@ def setup(cfg: DictConfig) -> str:
 
 
 def git_sha() -> str | None:
+    """The checkout's commit, or the one the container image was built from (DLU_GIT_SHA)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).parent)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode == 0 and out.stdout.strip():
-        return out.stdout.strip()
+        pass
     return os.environ.get("DLU_GIT_SHA")
 
 
 @contextmanager
-def start_run(cfg: DictConfig, run_id: str | None = None):
-    """A run tagged with the model type, with the flattened config as params."""
+def start_run(cfg: DictConfig):
+    """A new run tagged with the model type, with the flattened config as params."""
     setup(cfg)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.model.name) as run:
-        if run_id is None:
-            tags = {"model_type": cfg.model.name}
-            sha = git_sha()
-            if sha:
-                tags["git_sha"] = sha
-            mlflow.set_tags(tags)
-            mlflow.log_params(flatten(cfg))
+    with mlflow.start_run(run_name=cfg.model.name) as run:
+        sha = git_sha()
+        mlflow.set_tags({"model_type": cfg.model.name, **({"git_sha": sha} if sha else {})})
+        mlflow.log_params(flatten(cfg))
         yield run
 
 
