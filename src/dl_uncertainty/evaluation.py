@@ -78,10 +78,9 @@ def evaluate_model(
     if val is not None and len(val.y):
         lp["val"] = predict(val.x)
         temperature = M.fit_temperature(lp["val"], val.y)
-        scaled = M.apply_temperature(lp["test"], temperature)
+        scaled = M.summarize(M.apply_temperature(lp["test"], temperature), test.y)
         result["temperature"] = temperature
-        for key in ("acc", "nll", "brier", "ece", "aece"):
-            result[f"{key}_ts"] = M.summarize(scaled, test.y)[key]
+        result.update({f"{key}_ts": scaled[key] for key in ("acc", "nll", "brier", "ece", "aece")})
 
     shift, shifted = [], {}
     if images is not None:
