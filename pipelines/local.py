@@ -86,5 +86,8 @@ def _summary(run_dir: Path, uri: str, seconds: float) -> None:
     say("reports (self-contained HTML, open in a browser):")
     for name, path in _collect_reports(run_dir).items():
         say(f"  {name:22s} {path}")
-    say(f"\nMLflow: {uri}\n  browse runs, curves and the registered champion with `make mlflow-ui` "
-        "(http://127.0.0.1:5000)")
+    default = uri == f"sqlite:///{Path(DEFAULT_URI.removeprefix('sqlite:///')).resolve()}"
+    how = "`make mlflow-ui`" if default else (
+        f"`mlflow ui --backend-store-uri {uri}`" if uri.startswith("sqlite:") else f"{uri} in a browser")
+    say(f"\nMLflow: {uri}\n  browse runs, curves and the registered champion with {how}"
+        + (" (http://127.0.0.1:5000)" if uri.startswith("sqlite:") else ""))
