@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import io
 import json
 import os
 import re
@@ -40,10 +43,12 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     pipeline = build_pipeline(cfg, cluster=False, mlflow_tracking_uri=uri, default_overrides=overrides)
     tic = time.perf_counter()
+    log = _Tee(sys.stdout)
     try:
-        pipeline()
-    except RuntimeError as err:  # kfp.local names the failed task; its log is printed above
-        raise UserError(f"{_plain(str(err))} See that task's log above.") from None
+        with contextlib.redirect_stdout(log):
+            pipeline()
+    except RuntimeError as err:  # kfp.local names the failed task; the task's log names the cause
+        raise UserError(f"{_plain(str(err))} {log.cause()}See the task's log above.") from None
     new = sorted(set(root.glob(f"{PIPELINE_NAME}-*")) - before)
     if not new:
         raise UserError(f"the local run left no outputs under {root}")
@@ -52,9 +57,31 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs")
     return run_dir
 
 
+class _Tee(io.TextIOBase):
+    """Pass output through, and remember it: a failed task's error line is the run's cause."""
+
+    def __init__(self, stream):
+        self.stream, self.text = stream, collections.deque(maxlen=5000)
+
+    def write(self, text: str) -> int:
+        self.text.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def cause(self) -> str:
+        errors = re.findall(r"^\s*[\w.]*(?:Error|Exception): (.+)$", _strip_colours("".join(self.text)), re.M)
+        return f"Cause: {errors[-1].strip().rstrip('.')}. " if errors else ""
+
+
+def _strip_colours(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
 def _plain(text: str) -> str:
     """kfp.local's message without its terminal colour codes, on one line."""
-    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
+    return " ".join(_strip_colours(text).split())
 
 
 def _collect_reports(run_dir: Path) -> dict[str, Path]:

@@ -40,6 +40,7 @@ def test_a_failing_task_fails_the_run_naming_the_task_and_nothing_after_it_runs(
     with pytest.raises(UserError, match="preprocess") as info:
         run_local([*TINY, "data=csv", f"data.path={tmp_path / 'missing.csv'}"], tmp_path / "out")
     assert "\n" not in str(info.value)
-    assert "data file not found" in capsys.readouterr().out  # the task's own log names the cause
+    assert f"Cause: data file not found: {tmp_path / 'missing.csv'}" in str(info.value)
+    assert "data file not found" in capsys.readouterr().out  # and the task's own log is shown
     run_dir = next((tmp_path / "out").glob("uncertainty-pipeline-*"))
     assert not list(run_dir.rglob("model.pt")) and not list(run_dir.rglob("predictions"))
