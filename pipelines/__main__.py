@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--timeout", type=int, default=3600, help="seconds to wait for the run")
     local = command("run-local", "run the whole pipeline locally with kfp.local (SubprocessRunner)")
     local.add_argument("--pipeline-root", default="local_outputs", help="where task outputs go")
+    local.add_argument("--verbose", action="store_true", help="also print each task's executor-input JSON")
     return parser
 
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run-local":
             from pipelines.local import run_local
 
-            run_local(args.overrides, args.pipeline_root)
+            run_local(args.overrides, args.pipeline_root, verbose=args.verbose)
         elif args.command == "upload":
             from pipelines.compile import compile_pipeline
             from pipelines.delivery import upload

@@ -27,7 +27,7 @@ def _absolute_tracking_uri(uri: str) -> str:
     return uri
 
 
-def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs") -> Path:
+def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs", verbose: bool = False) -> Path:
     """Run ``uncertainty-pipeline`` with kfp.local; return the run's output folder."""
     from kfp import local
 
@@ -43,10 +43,11 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     pipeline = build_pipeline(cfg, cluster=False, mlflow_tracking_uri=uri, default_overrides=overrides)
     tic = time.perf_counter()
-    log = _Tee(sys.stdout)
+    log = _Tee(sys.stdout, verbose)
     try:
         with contextlib.redirect_stdout(log):
             pipeline()
+        log.flush()
     except RuntimeError as err:  # kfp.local names the failed task; the task's log names the cause
         raise UserError(f"{_plain(str(err))} {log.cause()}See the task's log above.") from None
     new = sorted(set(root.glob(f"{PIPELINE_NAME}-*")) - before)
@@ -58,16 +59,40 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs")
 
 
 class _Tee(io.TextIOBase):
-    """Pass output through, and remember it: a failed task's error line is the run's cause."""
+    """Pass task logs through (minus the executor-input JSON unless verbose) and remember them:
+    a failed task's error line becomes the run's one-line cause."""
 
-    def __init__(self, stream):
-        self.stream, self.text = stream, collections.deque(maxlen=5000)
+    def __init__(self, stream, verbose: bool = False):
+        self.stream, self.verbose = stream, verbose
+        self.text: collections.deque[str] = collections.deque(maxlen=5000)
+        self.pending, self.closing, self.opening = "", None, False
 
     def write(self, text: str) -> int:
-        self.text.append(text)
-        return self.stream.write(text)
+        self.pending += text
+        while "\n" in self.pending:
+            line, self.pending = self.pending.split("\n", 1)
+            self._line(line + "\n")
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        self.text.append(line)
+        plain = _strip_colours(line).rstrip()
+        if not self.verbose:
+            if self.opening:  # the "{" that opens the JSON: skip to its matching "}"
+                self.opening, self.closing = False, plain[:-1] + "}"
+                return
+            if self.closing is not None:
+                self.closing = None if plain == self.closing else self.closing
+                return
+            if plain.endswith("Got executor_input:"):
+                self.opening = True
+                return
+        self.stream.write(line)
 
     def flush(self) -> None:
+        if self.pending:
+            self._line(self.pending)
+            self.pending = ""
         self.stream.flush()
 
     def cause(self) -> str:

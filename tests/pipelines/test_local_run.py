@@ -16,6 +16,7 @@ def test_whole_pipeline_runs_locally_and_lands_in_mlflow(mlflow_server, tmp_path
 
     printed = capsys.readouterr().out
     assert "# Model comparison" in printed and "Winner:" in printed
+    assert "epoch   2/2" in printed and "Got executor_input" not in printed  # task logs, minus kfp's JSON
     for name in ("compare", "preprocess", "evaluate-bnn", "evaluate-mc_dropout_dnn"):
         page = (run_dir / "reports" / f"{name}.html").read_text()
         assert "<img" in page and name in printed
@@ -44,3 +45,22 @@ def test_a_failing_task_fails_the_run_naming_the_task_and_nothing_after_it_runs(
     assert "data file not found" in capsys.readouterr().out  # and the task's own log is shown
     run_dir = next((tmp_path / "out").glob("uncertainty-pipeline-*"))
     assert not list(run_dir.rglob("model.pt")) and not list(run_dir.rglob("predictions"))
+
+
+def test_log_filter_drops_only_the_executor_input_json():
+    import io
+
+    from pipelines.local import _Tee
+
+    out = io.StringIO()
+    tee = _Tee(out)
+    for chunk in ["    [KFP] Got executor_input:\n", "    {\n", '        "a": {\n', "        }\n", "    }\n",
+                  "    epoch 1 ", "done\n", "    ValueError: bad thing\n"]:
+        tee.write(chunk)
+    tee.flush()
+    assert out.getvalue() == "    epoch 1 done\n    ValueError: bad thing\n"
+    assert tee.cause() == "Cause: bad thing. "
+    verbose = io.StringIO()
+    loud = _Tee(verbose, verbose=True)
+    loud.write("Got executor_input:\n{\n}\n")
+    assert verbose.getvalue() == "Got executor_input:\n{\n}\n"
