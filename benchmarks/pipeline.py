@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) - \w+ - (Executing task|Task) .*?'(\w[\w-]*)'.*?(finished)?")
 
 
-def _task_peaks(root_pid: int, peaks: dict[str, float], done: threading.Event) -> None:
-    """Poll /proc for the run's task processes; keep each step's largest VmHWM (peak RSS, MB)."""
+def _task_peaks(peaks: dict[str, float], done: threading.Event) -> None:
+    """Poll /proc for kfp task processes; keep each step's largest VmHWM (peak RSS, MB)."""
     while not done.is_set():
         for status in Path("/proc").glob("[0-9]*/cmdline"):
             try:
@@ -43,7 +43,6 @@ def _task_peaks(root_pid: int, peaks: dict[str, float], done: threading.Event) -
             kb = int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) if "VmHWM" in text else 0
             peaks[step] = max(peaks.get(step, 0.0), kb / 1024)
         done.wait(0.05)
-    assert root_pid  # polling is machine-wide; root_pid documents whose tasks we expect
 
 
 def kfp_local(overrides: list[str], workdir: Path) -> tuple[float, float, dict[str, float], dict[str, float]]:
@@ -54,7 +53,7 @@ def kfp_local(overrides: list[str], workdir: Path) -> tuple[float, float, dict[s
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peaks: dict[str, float] = {}
     done = threading.Event()
-    poller = threading.Thread(target=_task_peaks, args=(proc.pid, peaks, done), daemon=True)
+    poller = threading.Thread(target=_task_peaks, args=(peaks, done), daemon=True)
     poller.start()
     log = proc.communicate()[0]
     wall = time.perf_counter() - tic

@@ -19,7 +19,7 @@ def evaluate(
     import json
 
     import mlflow
-    import numpy as np
+    from sklearn.metrics import confusion_matrix
 
     from dl_uncertainty import tracking
     from dl_uncertainty.bundle import load_bundle
@@ -32,9 +32,8 @@ def evaluate(
     result = evaluate_model(net, cfg, splits["test"], ood_split, splits["val"])
     for key, value in result.metrics.items():
         metrics.log_metric(key, value)
-    preds = result.predictions["probs"].argmax(1)
-    matrix = np.zeros((len(schema.class_names),) * 2, dtype=int)
-    np.add.at(matrix, (result.predictions["labels"], preds), 1)
+    matrix = confusion_matrix(result.predictions["labels"], result.predictions["probs"].argmax(1),
+                              labels=list(range(len(schema.class_names))))
     confusion.log_confusion_matrix(list(schema.class_names), matrix.tolist())
     with open(report.path, "w") as fh:
         fh.write(html(result))

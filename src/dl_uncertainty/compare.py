@@ -38,11 +38,14 @@ def comparison_rows(results: dict[str, dict[str, float]], columns: list[str]) ->
     return [{"model": name, **{c: m.get(c, float("nan")) for c in columns}} for name, m in results.items()]
 
 
+def _reason(results: dict[str, dict[str, float]], winner: str, metric: str, mode: str) -> str:
+    return f"{'lowest' if mode == 'min' else 'highest'} {metric}: {results[winner][metric]:.4f}"
+
+
 def comparison_markdown(results: dict[str, dict[str, float]], columns: list[str], winner: str,
                         metric: str, mode: str) -> str:
-    reason = f"{'lowest' if mode == 'min' else 'highest'} {metric}: {results[winner][metric]:.4f}"
     return (f"# Model comparison\n\n{markdown_table(comparison_rows(results, columns))}\n\n"
-            f"**Winner: {winner}** ({reason}).\n")
+            f"**Winner: {winner}** ({_reason(results, winner, metric, mode)}).\n")
 
 
 def comparison_html(results: dict[str, dict[str, float]], columns: list[str], winner: str, metric: str,
@@ -51,9 +54,8 @@ def comparison_html(results: dict[str, dict[str, float]], columns: list[str], wi
     pairs = {name: (p["probs"], p["labels"]) for name, p in predictions.items()}
     all_metrics = sorted({k for m in results.values() for k in m})
     full = [{"metric": k, **{name: m.get(k, float("nan")) for name, m in results.items()}} for k in all_metrics]
-    reason = f"{'lowest' if mode == 'min' else 'highest'} {metric} ({results[winner][metric]:.4f})"
     sections = [
-        Section("Winner", text=[f"{winner} wins on {reason}."], table=comparison_rows(results, columns)),
+        Section("Winner", text=[f"{winner} wins on {_reason(results, winner, metric, mode)}."], table=comparison_rows(results, columns)),
         Section("Calibration and selective prediction", figures={
             "Reliability": plots.reliability_diagram(pairs),
             "Risk-coverage": plots.risk_coverage_plot(pairs),

@@ -252,6 +252,24 @@ def _natural_key(name: str):
         return (1, 0.0, name)
 
 
+def to_images(x: np.ndarray, schema: Schema) -> np.ndarray | None:
+    """Flat rows back to [N, C, H, W] in the raw value range, or None for non-image data."""
+    if len(schema.feature_shape) != 3:
+        return None
+    stats = schema.cleaning
+    raw = x * np.asarray(stats["scale"]) + np.asarray(stats["center"]) if "center" in stats else x
+    return raw.reshape(len(x), *schema.feature_shape)
+
+
+def to_rows(images: np.ndarray, schema: Schema) -> np.ndarray:
+    """The inverse of ``to_images``: raw images to flat, scaled float32 rows."""
+    flat = images.reshape(len(images), -1)
+    stats = schema.cleaning
+    if "center" in stats:
+        flat = (flat - np.asarray(stats["center"])) / np.asarray(stats["scale"])
+    return flat.astype(np.float32)
+
+
 # ---------------------------------------------------------------- files
 
 

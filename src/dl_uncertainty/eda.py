@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from .data import Split
+from .data import Split, to_images
 from .report import Section, html_report
 
 
@@ -19,7 +19,7 @@ def class_balance(splits: dict[str, Split]) -> Figure:
         ax.bar(np.arange(len(names)) + (i - 1) * width, counts, width, label=f"{split} ({counts.sum()})")
     ood = splits.get("ood")
     if ood is not None and len(ood.y):
-        ax.bar(len(names) + np.arange(len(ood.schema.ood_class_names)), np.bincount(ood.y), 0.8 / 3 * 3,
+        ax.bar(len(names) + np.arange(len(ood.schema.ood_class_names)), np.bincount(ood.y), 0.8,
                color="grey", label=f"OOD, held out ({len(ood.y)})")
         names = names + [f"{c} (OOD)" for c in ood.schema.ood_class_names]
     ax.set_xticks(np.arange(len(names)), names, rotation=30 if len(names) > 8 else 0)
@@ -50,11 +50,10 @@ def feature_distributions(splits: dict[str, Split]) -> Figure:
 def mean_images(splits: dict[str, Split]) -> Figure | None:
     """Mean raw image per class: what the model sees, in the original pixel scale."""
     train = splits["train"]
-    if len(train.schema.feature_shape) != 3:
+    images = to_images(train.x, train.schema)
+    if images is None:
         return None
-    stats = train.schema.cleaning
-    raw = train.x * np.asarray(stats.get("scale", 1.0)) + np.asarray(stats.get("center", 0.0))
-    images = raw.reshape(len(raw), *train.schema.feature_shape)[:, 0]
+    images = images[:, 0]
     names = train.schema.class_names
     fig = Figure(figsize=(1.4 * len(names), 1.9), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(names)))

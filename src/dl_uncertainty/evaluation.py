@@ -16,7 +16,7 @@ from torch import nn
 
 from . import metrics as M
 from . import plots
-from .data import Schema, Split
+from .data import Split, to_images, to_rows
 from .predict import predict_log_probs
 from .report import Section, html_report
 from .saliency import grad_cam
@@ -35,23 +35,6 @@ class Evaluation:
     figures: dict[str, Figure] = field(default_factory=dict)
 
 
-def _images(x: np.ndarray, schema: Schema) -> np.ndarray | None:
-    """Flat rows back to [N, C, H, W] in the raw value range, or None for non-image data."""
-    if len(schema.feature_shape) != 3:
-        return None
-    stats = schema.cleaning
-    raw = x * np.asarray(stats["scale"]) + np.asarray(stats["center"]) if "center" in stats else x
-    return raw.reshape(len(x), *schema.feature_shape)
-
-
-def _rows(images: np.ndarray, schema: Schema) -> np.ndarray:
-    flat = images.reshape(len(images), -1)
-    stats = schema.cleaning
-    if "center" in stats:
-        flat = (flat - np.asarray(stats["center"])) / np.asarray(stats["scale"])
-    return flat.astype(np.float32)
-
-
 def evaluate_model(
     model: nn.Module, cfg: DictConfig, test: Split, ood: Split | None = None, val: Split | None = None,
     *, with_figures: bool = True,
@@ -64,9 +47,9 @@ def evaluate_model(
         return predict_log_probs(model, x, e.mc_samples, strategy=e.strategy, batch_size=e.batch_size).numpy()
 
     lp = {"test": predict(test.x)}
-    images = _images(test.x, test.schema)
+    images = to_images(test.x, test.schema)
     if images is not None:  # noise images in pixel space, then the same scaling as real inputs
-        far = _rows(M.uniform_noise_like(images, len(images), seed=cfg.seed), test.schema)
+        far = to_rows(M.uniform_noise_like(images, len(images), seed=cfg.seed), test.schema)
     else:
         far = M.uniform_noise_like(test.x, len(test.x), seed=cfg.seed)
     lp["far_ood"] = predict(far)
@@ -87,7 +70,7 @@ def evaluate_model(
         for kind in M.CORRUPTIONS:
             for severity in range(1, 6):
                 key = f"shift_{kind}_{severity}"
-                shifted[key] = predict(_rows(M.corrupt(images, kind, severity, seed=cfg.seed), test.schema))
+                shifted[key] = predict(to_rows(M.corrupt(images, kind, severity, seed=cfg.seed), test.schema))
                 s = M.summarize(shifted[key], test.y)
                 shift.append({"model": cfg.model.name, "kind": kind, "severity": severity,
                               **{k: s[k] for k in ("acc", "nll", "ece", "entropy")}})

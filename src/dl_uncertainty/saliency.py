@@ -29,7 +29,7 @@ def _cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor, samples: int) 
         return None
     captured: list[torch.Tensor] = []
     hook = conv.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    total = torch.zeros(0)
+    cams = []
     try:
         with mc_mode(model), torch.enable_grad():
             for _ in range(samples):
@@ -37,18 +37,17 @@ def _cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor, samples: int) 
                 score = model(x).gather(1, target[:, None]).sum()
                 (grad,) = torch.autograd.grad(score, captured[0])
                 weights = grad.mean(dim=(2, 3), keepdim=True)
-                cam = F.relu((weights * captured[0]).sum(1)).detach()
-                total = cam if total.numel() == 0 else total + cam
+                cams.append(F.relu((weights * captured[0]).sum(1)).detach())
     finally:
         hook.remove()
-    return total / samples
+    return torch.stack(cams).mean(0)
 
 
 def grad_cam(model: nn.Module, x: np.ndarray, target: np.ndarray, image_shape: list[int],
              samples: int = 8) -> np.ndarray | None:
     """Maps [N, H, W] in [0, 1] for class ``target`` of each flat input row, or None (no conv layer)."""
     device = next(model.parameters()).device
-    inputs = torch.as_tensor(x, dtype=torch.float32, device=device).requires_grad_(False)
+    inputs = torch.as_tensor(x, dtype=torch.float32, device=device)
     labels = torch.as_tensor(target, dtype=torch.long, device=device)
     members = list(model.members) if isinstance(model, Ensemble) else [model]
     maps = [m for m in (_cam(member, inputs, labels, samples) for member in members) if m is not None]

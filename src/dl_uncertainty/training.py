@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import metrics
 from .data import Split
 from .errors import UserError
 from .models import Ensemble, get_model, is_bayesian, kl_divergence, resolve_device
@@ -85,15 +86,10 @@ def loss_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConf
     return {"loss": nll, "nll": nll}
 
 
-def evaluate_split(model: nn.Module, split: Split, samples: int, device: torch.device) -> dict[str, float]:
+def evaluate_split(model: nn.Module, split: Split, samples: int) -> dict[str, float]:
     """MC-averaged NLL and accuracy on a split."""
     log_probs = predict_log_probs(model, split.x, samples)
-    mean_log = torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
-    y = torch.as_tensor(split.y)
-    return {
-        "nll": float(F.nll_loss(mean_log, y)),
-        "acc": float((mean_log.argmax(-1) == y).float().mean()),
-    }
+    return {"nll": metrics.nll(log_probs, split.y), "acc": metrics.accuracy(log_probs, split.y)}
 
 
 class Checkpointer:
@@ -183,7 +179,7 @@ def train_model(
         busy += time.perf_counter() - tic
         seen += n_train
 
-        val_metrics = evaluate_split(model, val, cfg.train.val_mc_samples, device)
+        val_metrics = evaluate_split(model, val, cfg.train.val_mc_samples)
         kl_term = kl_w * sums["kl"] / n_train if "kl" in sums else 0.0
         metrics = {
             "train_loss": sums["loss"] / n_train,

@@ -87,6 +87,17 @@ def _assert_same_distribution(ref: torch.Tensor, got: torch.Tensor) -> None:
     assert (v1 > 0).all() and (v2 > 0).all()
 
 
+def _assert_matches_loop(model: nn.Module, x: torch.Tensor, samples: int, strategy: str, seed: int,
+                         **kwargs) -> torch.Tensor:
+    """Sample with ``strategy`` and with the reference loop; the distributions must agree."""
+    g = torch.Generator().manual_seed(seed)
+    ref = mc_log_probs(model, x, samples, strategy="loop", generator=g)
+    got = mc_log_probs(model, x, samples, strategy=strategy, generator=g, **kwargs)
+    assert got.shape == ref.shape
+    _assert_same_distribution(ref, got)
+    return got
+
+
 def _mutual_information(log_probs: torch.Tensor) -> torch.Tensor:
     probs = log_probs.exp()
     mean = probs.mean(0)
@@ -100,31 +111,22 @@ def _mutual_information(log_probs: torch.Tensor) -> torch.Tensor:
 def test_bnn_strategies_sample_torchbnns_distribution(strategy: str, bias: bool) -> None:
     model = _bnn(bias=bias)
     x = torch.randn(5, 6) * 2
-    g = torch.Generator().manual_seed(3)
-    ref = mc_log_probs(model, x, 4000, strategy="loop", generator=g)
-    got = mc_log_probs(model, x, 4000, strategy=strategy, generator=g)
-    assert got.shape == ref.shape == (4000, 5, 3)
-    _assert_same_distribution(ref, got)
+    got = _assert_matches_loop(model, x, 4000, strategy, seed=3)
+    assert got.shape == (4000, 5, 3)
 
 
 @pytest.mark.parametrize("strategy", EXACT)
 def test_conv_bnn_strategies_sample_torchbnns_distribution(strategy: str) -> None:
     model = _conv_bnn()
     x = torch.randn(4, 72)
-    g = torch.Generator().manual_seed(4)
-    ref = mc_log_probs(model, x, 2500, strategy="loop", generator=g)
-    got = mc_log_probs(model, x, 2500, strategy=strategy, generator=g)
-    _assert_same_distribution(ref, got)
+    _assert_matches_loop(model, x, 2500, strategy, seed=4)
 
 
 @pytest.mark.parametrize("strategy", EXACT)
 def test_dropout_strategies_sample_dropouts_distribution(strategy: str) -> None:
     model = _dropout_dnn()
     x = torch.randn(5, 6)
-    g = torch.Generator().manual_seed(5)
-    ref = mc_log_probs(model, x, 4000, strategy="loop", generator=g)
-    got = mc_log_probs(model, x, 4000, strategy=strategy, generator=g)
-    _assert_same_distribution(ref, got)
+    _assert_matches_loop(model, x, 4000, strategy, seed=5)
 
 
 @pytest.mark.parametrize("strategy", EXACT)
@@ -132,11 +134,7 @@ def test_dropout_strategies_sample_dropouts_distribution(strategy: str) -> None:
 def test_forced_chunking_keeps_the_distribution(strategy: str, small_chunks: bool) -> None:
     model = _bnn()
     x = torch.randn(7, 6)
-    g = torch.Generator().manual_seed(6)
-    ref = mc_log_probs(model, x, 2000, strategy="loop", generator=g)
-    got = mc_log_probs(model, x, 2000, strategy=strategy, generator=g,
-                       chunk_size=50 if small_chunks else None)
-    _assert_same_distribution(ref, got)
+    _assert_matches_loop(model, x, 2000, strategy, seed=6, chunk_size=50 if small_chunks else None)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -260,7 +258,4 @@ def test_forward_mixing_shared_and_sampled_rows_falls_back_to_repeating_up_front
     torch.manual_seed(0)
     model = _Skip()
     x = torch.randn(6, 6)
-    g = torch.Generator().manual_seed(7)
-    ref = mc_log_probs(model, x, 3000, strategy="loop", generator=g)
-    got = mc_log_probs(model, x, 3000, strategy="auto", generator=g)
-    _assert_same_distribution(ref, got)
+    _assert_matches_loop(model, x, 3000, "auto", seed=7)
