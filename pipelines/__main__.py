@@ -1,7 +1,7 @@
 """python -m pipelines {compile,run-local,upload,run} [options] [hydra overrides...]
 
   compile    write the pipeline YAML for a cluster (defaults composed from configs/)
-  run-local  run the whole pipeline here with kfp.local; MLflow in ./mlflow.db
+  run-local  run the whole pipeline here with kfp.local (--runner docker: in the image)
   upload     compile and upload to Kubeflow Pipelines (a new version if it exists)
   run        start a run of the latest uploaded version and wait for it
 """
@@ -36,7 +36,10 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--experiment", default=None, help="KFP experiment (default: experiment_name)")
             cmd.add_argument("--no-wait", action="store_true", help="return once the run is created")
             cmd.add_argument("--timeout", type=int, default=3600, help="seconds to wait for the run")
-    local = command("run-local", "run the whole pipeline locally with kfp.local (SubprocessRunner)")
+    local = command("run-local", "run the whole pipeline locally with kfp.local")
+    local.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                       help="subprocess: tasks run in this environment; docker: in the project image "
+                            "(make image-cpu), through Docker or podman's socket (DOCKER_HOST)")
     local.add_argument("--pipeline-root", default="local_outputs", help="where task outputs go")
     local.add_argument("--verbose", action="store_true", help="also print each task's executor-input JSON")
     return parser
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run-local":
             from pipelines.local import run_local
 
-            run_local(args.overrides, args.pipeline_root, verbose=args.verbose)
+            run_local(args.overrides, args.pipeline_root, verbose=args.verbose, runner=args.runner)
         elif args.command == "upload":
             from pipelines.compile import compile_pipeline
             from pipelines.delivery import upload

@@ -17,6 +17,7 @@ from pathlib import Path
 from dl_uncertainty.config import load_config
 from dl_uncertainty.errors import UserError
 from dl_uncertainty.tracking import DEFAULT_URI, setup
+from components.images import CPU_IMAGE
 from pipelines.pipeline import PIPELINE_NAME, build_pipeline
 
 
@@ -27,11 +28,16 @@ def _absolute_tracking_uri(uri: str) -> str:
     return uri
 
 
-def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs", verbose: bool = False) -> Path:
-    """Run ``uncertainty-pipeline`` with kfp.local; return the run's output folder."""
+def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs", verbose: bool = False,
+              runner: str = "subprocess") -> Path:
+    """Run ``uncertainty-pipeline`` with kfp.local; return the run's output folder.
+
+    ``runner="subprocess"`` runs each task as a process in this environment; ``"docker"`` runs it
+    in the project image (``make image-cpu``) through Docker or podman's Docker-compatible socket.
+    """
     from kfp import local
 
-    # Our tasks name the project image; locally they run in this venv, which has the same code.
+    # Our tasks name the project image; under the subprocess runner they run in this venv instead.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
     cfg = load_config(overrides)  # fail on a bad override before any task starts
     uri = _absolute_tracking_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
@@ -40,32 +46,55 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs",
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     before = set(root.glob(f"{PIPELINE_NAME}-*"))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    pipeline = build_pipeline(cfg, cluster=False, mlflow_tracking_uri=uri, default_overrides=overrides)
-    tic = time.perf_counter()
-    log = _Tee(sys.stdout, verbose)
-    try:
-        with contextlib.redirect_stdout(log):
-            pipeline()
-        log.flush()
-    except RuntimeError as err:  # kfp.local names the failed task; the task's log names the cause
-        raise UserError(f"{_plain(str(err))} {log.cause()}See the task's log above.") from None
+    with contextlib.ExitStack() as stack:
+        task_uri, image, task_runner = uri, None, local.SubprocessRunner(use_venv=False)
+        if runner == "docker":
+            from pipelines import containers
+
+            client = containers.connect()
+            image = containers.local_image(client, CPU_IMAGE)
+            mounts = []
+            if uri.startswith("sqlite:"):  # containers cannot open our sqlite file: serve it
+                task_uri, artifacts = stack.enter_context(containers.serve_sqlite_store(uri))
+                mounts.append(str(artifacts))
+            task_runner = containers.runner(mounts)
+            print(f"running every task in {image} ({os.environ['DOCKER_HOST']}), MLflow at {task_uri}")
+        local.init(runner=task_runner, pipeline_root=str(root), raise_on_error=True)
+        pipeline = build_pipeline(cfg, cluster=False, mlflow_tracking_uri=task_uri, default_overrides=overrides,
+                                  image=image)
+        tic = time.perf_counter()
+        log = _Tee(sys.stdout, verbose)
+        try:
+            with contextlib.redirect_stdout(log):
+                pipeline()
+            log.flush()
+        except RuntimeError as err:  # kfp.local names the failed task; the task's log names the cause
+            raise UserError(f"{_plain(str(err))} {log.cause()}See the task's log above.") from None
+        except Exception as err:  # the container engine failed us (a task killed, an image gone)
+            if runner != "docker" or type(err).__module__.split(".")[0] != "docker":
+                raise
+            raise UserError(f"task {log.current()!r}: the container engine failed: {_plain(str(err))[:300]} "
+                            f"{log.cause()}Rerun with --verbose to see every task's log.") from None
     new = sorted(set(root.glob(f"{PIPELINE_NAME}-*")) - before)
     if not new:
         raise UserError(f"the local run left no outputs under {root}")
     run_dir = new[-1]
-    _summary(run_dir, uri, time.perf_counter() - tic)
+    _summary(run_dir, uri, time.perf_counter() - tic, log.task_times())
     return run_dir
 
 
 class _Tee(io.TextIOBase):
     """Pass task logs through (minus the executor-input JSON unless verbose) and remember them:
-    a failed task's error line becomes the run's one-line cause."""
+    a failed task's error line becomes the run's one-line cause, and kfp.local's start and finish
+    lines give each task's wall time."""
 
     def __init__(self, stream, verbose: bool = False):
         self.stream, self.verbose = stream, verbose
         self.text: collections.deque[str] = collections.deque(maxlen=5000)
         self.pending, self.closing, self.opening = "", None, False
+        self.started: dict[str, list[float]] = collections.defaultdict(list)
+        self.times: dict[str, list[float]] = collections.defaultdict(list)
+        self.last_started = ""
 
     def write(self, text: str) -> int:
         self.pending += text
@@ -77,6 +106,7 @@ class _Tee(io.TextIOBase):
     def _line(self, line: str) -> None:
         self.text.append(line)
         plain = _strip_colours(line).rstrip()
+        self._time(plain)
         if not self.verbose:
             if self.opening:  # the "{" that opens the JSON: skip to its matching "}"
                 self.opening, self.closing = False, plain[:-1] + "}"
@@ -94,6 +124,21 @@ class _Tee(io.TextIOBase):
             self._line(self.pending)
             self.pending = ""
         self.stream.flush()
+
+    def _time(self, plain: str) -> None:
+        # Parallel branches start tasks of the same name together: pair each finish with the
+        # earliest unfinished start of that name.
+        if started := re.search(r"Executing task '([^']+)'$", plain):
+            self.last_started = started[1]
+            self.started[started[1]].append(time.perf_counter())
+        elif (finished := re.search(r"Task '([^']+)' finished with status", plain)) and self.started[finished[1]]:
+            self.times[finished[1]].append(time.perf_counter() - self.started[finished[1]].pop(0))
+
+    def current(self) -> str:
+        return self.last_started
+
+    def task_times(self) -> dict[str, list[float]]:
+        return dict(self.times)
 
     def cause(self) -> str:
         errors = re.findall(r"^\s*[\w.]*(?:Error|Exception): (.+)$", _strip_colours("".join(self.text)), re.M)
@@ -126,12 +171,14 @@ def _collect_reports(run_dir: Path) -> dict[str, Path]:
     return found
 
 
-def _summary(run_dir: Path, uri: str, seconds: float) -> None:
+def _summary(run_dir: Path, uri: str, seconds: float, task_times: dict[str, list[float]]) -> None:
     # sys.stdout.write: kfp.local leaves builtins.print indented after a run
     def say(text: str = "") -> None:
         sys.stdout.write(text + "\n")
 
-    say(f"\n{PIPELINE_NAME} finished in {seconds:.0f} s; outputs in {run_dir}\n")
+    say(f"\n{PIPELINE_NAME} finished in {seconds:.0f} s; outputs in {run_dir}")
+    say("task wall times (s): " + " | ".join(
+        f"{name} {', '.join(f'{t:.1f}' for t in times)}" for name, times in task_times.items()) + "\n")
     comparison = next(run_dir.glob("compare/comparison"), None)
     if comparison:
         say(comparison.read_text())

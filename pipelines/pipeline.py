@@ -23,11 +23,13 @@ def _resources(task, cpu_request: str, cpu_limit: str, memory_request: str, memo
 
 
 def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" = None,
-                   mlflow_tracking_uri: "str | None" = None, default_overrides: "list[str] | None" = None):
+                   mlflow_tracking_uri: "str | None" = None, default_overrides: "list[str] | None" = None,
+                   image: "str | None" = None):
     """The pipeline function, with defaults from ``cfg``.
 
     ``cluster`` adds what only a Kubernetes cluster understands (resources, GPU, secrets, env);
-    kfp.local runs the same graph without it. ``gpu=False`` relaxes the GPU request.
+    kfp.local runs the same graph without it. ``gpu=False`` relaxes the GPU request. ``image``
+    puts every task in that one image (kfp.local's DockerRunner, where no GPU is asked for).
     """
     p = cfg.pipeline
     gpu = p.gpu if gpu is None else gpu
@@ -35,6 +37,8 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
 
     def configure_task(task, kind: str = "step"):
         task.set_caching_options(False)
+        if image:
+            task.container_spec.image = image
         if not cluster:
             task.set_env_variable("MLFLOW_TRACKING_URI", tracking_env)
             return task
@@ -60,7 +64,8 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
         return task
 
     @dsl.pipeline(name=PIPELINE_NAME,
-                  description="Train a torchbnn BNN and an MC-Dropout DNN, measure and compare their uncertainty.")
+                  description="Train a torchbnn BNN, an MC-Dropout DNN and a deep ensemble, measure and "
+                              "compare their uncertainty, register the winner.")
     def uncertainty_pipeline(
         models: list = list(p.models),
         epochs: int = int(cfg.train.epochs),

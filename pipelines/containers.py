@@ -1,0 +1,124 @@
+"""Run the pipeline's tasks in the project image: kfp.local's DockerRunner on Docker or podman.
+
+Containers share the host's network, so MLflow at 127.0.0.1 (`make stack-up`, or a temporary
+server on the local sqlite store) is reachable from them as it is from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from dl_uncertainty.errors import UserError
+from dl_uncertainty.tracking import ARTIFACT_DIR
+
+# What a task may need from this shell besides MLFLOW_TRACKING_URI (set per task): S3 data.
+PASSED_ENV = ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+              "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")
+PODMAN_HINT = ("for podman, start its Docker-compatible socket: `podman system service --time=0 "
+               "unix:///tmp/podman.sock &` and `export DOCKER_HOST=unix:///tmp/podman.sock`")
+
+
+def _engine_addresses() -> list[str]:
+    if os.environ.get("DOCKER_HOST"):
+        return [os.environ["DOCKER_HOST"]]
+    runtime = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
+    sockets = ["/var/run/docker.sock", "/run/podman/podman.sock", f"{runtime}/podman/podman.sock"]
+    return [f"unix://{path}" for path in sockets if Path(path).exists()] or ["unix:///var/run/docker.sock"]
+
+
+def connect():
+    """A docker client for the first engine that answers; DOCKER_HOST is set to it for kfp.local."""
+    import docker
+
+    for address in _engine_addresses():
+        try:
+            client = docker.DockerClient(base_url=address, timeout=30)
+            client.ping()
+        except docker.errors.DockerException:
+            continue
+        os.environ["DOCKER_HOST"] = address
+        return client
+    raise UserError(f"no container engine answers at {' or '.join(_engine_addresses())}: start Docker, "
+                    f"or {PODMAN_HINT}")
+
+
+def local_image(client, image: str) -> str:
+    """The image's name as the engine lists it: kfp.local matches names exactly, and podman keeps
+    a locally built ``dl-uncertainty:<tag>`` as ``localhost/dl-uncertainty:<tag>``."""
+    import docker
+
+    try:
+        tags = client.images.get(image).tags
+    except docker.errors.ImageNotFound:
+        raise UserError(f"image {image} is not in the container engine: build it with `make image-cpu` "
+                        "(podman: `make image-cpu CONTAINER_ENGINE=podman`), or set DLU_IMAGE_REPO/"
+                        "DLU_IMAGE_TAG to an image you have") from None
+    return next((t for t in tags if t == image or t.endswith(f"/{image}")), tags[0] if tags else image)
+
+
+def runner(mounts: list[str] = ()):
+    """DockerRunner: host network, this user's uid (outputs stay ours), S3 settings passed on."""
+    import docker
+    from kfp import local
+
+    env = {key: os.environ[key] for key in PASSED_ENV if key in os.environ}
+    env["HOME"] = "/tmp"  # the image's home belongs to its own user, not necessarily to ours
+    return local.DockerRunner(
+        network_mode="host", user=f"{os.getuid()}:{os.getgid()}", environment=env,
+        mounts=[docker.types.Mount(target=path, source=path, type="bind") for path in mounts])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_sqlite_store(uri: str, timeout: float = 90.0):
+    """An MLflow server on the local sqlite store for the containers, for as long as the run lasts.
+
+    Yields ``(http_uri, artifact_dir)``: local experiments keep their artifacts in a folder next to
+    the database, which the containers mount at the same path.
+    """
+    database = Path(uri.removeprefix("sqlite:///"))
+    artifacts = database.parent / ARTIFACT_DIR
+    artifacts.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", uri, "--artifacts-destination", str(artifacts)]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        http = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(http, server, log, timeout)
+            yield http, artifacts
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def _wait_healthy(http: str, server: subprocess.Popen, log, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            log.seek(0)
+            last = (log.read().decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"the MLflow server for the containers exited at start-up: {last}")
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(f"{http}/health", timeout=2).read()
+            return
+        time.sleep(0.3)
+    raise UserError(f"the MLflow server for the containers did not answer at {http} in {timeout:.0f} s")
