@@ -10,9 +10,18 @@ OVERRIDES ?=
 MLFLOW_PORT ?= 5000
 KFP_HOST ?= http://localhost:8080
 PIPELINE_FLAGS ?=
+RUNNER ?= subprocess
+# torch comes first and alone: a wheel already on this machine (pip's find-links) wins, else this
+# index. The CPU build is what a laptop wants; PyPI's default torch is a multi-GB CUDA build.
+# On a GPU machine: TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+# `make stack-up` leaves the stack's addresses here; run, train, evaluate and the e2e tests use them.
+STACK_ENV := .stack/env
+WITH_STACK = $(if $(wildcard $(STACK_ENV)),source $(STACK_ENV) && echo "using the local stack ($(STACK_ENV)): $$MLFLOW_TRACKING_URI" &&,)
 
-.PHONY: help install test lint format run compile train evaluate mlflow-ui bench pipeline-upload \
-        pipeline-run clean
+.PHONY: help install test test-e2e lint format run compile train evaluate mlflow-ui bench pipeline-upload \
+        pipeline-run stack-up stack-down stack-status clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-20s %s\n", $$1, $$2}' \
@@ -21,8 +30,9 @@ help: ## list the targets
 $(INSTALLED): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0  # the CPU wheel first: an unpinned torch pulls CUDA
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null \
+	  || $(PY) -m pip install --quiet --no-deps --index-url $(TORCH_INDEX_URL) "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install --quiet -e '.[dev]'  # torch's own dependencies come from PyPI here
 	@touch $@
 
 install: $(INSTALLED) ## create .venv and install the project with its dev tools
@@ -30,20 +40,23 @@ install: $(INSTALLED) ## create .venv and install the project with its dev tools
 test: $(INSTALLED) ## run every test: unit, components, pipeline, integration, k8s
 	$(PY) -m pytest -q
 
+test-e2e: $(INSTALLED) ## build the image, run the whole pipeline in containers against the local stack (podman or Docker)
+	$(PY) -m pytest -q -m e2e tests/e2e
+
 lint: $(INSTALLED) ## ruff on the whole tree
 	$(VENV)/bin/ruff check src components pipelines tests benchmarks
 
-run: $(INSTALLED) ## run the whole pipeline locally (kfp.local), MLflow in ./mlflow.db
-	$(PY) -m pipelines run-local $(OVERRIDES)
+run: $(INSTALLED) ## run the whole pipeline locally (kfp.local); RUNNER=docker: every task in the image
+	@$(WITH_STACK) $(PY) -m pipelines run-local --runner $(RUNNER) $(OVERRIDES)
 
 compile: $(INSTALLED) ## compile the pipeline to build/uncertainty_pipeline.yaml
 	$(PY) -m pipelines compile $(PIPELINE_FLAGS) $(OVERRIDES)
 
 train: $(INSTALLED) ## train both models with plain Hydra (no KFP), logged to MLflow
-	$(PY) -m dl_uncertainty.train --multirun model=bnn,mc_dropout_dnn $(OVERRIDES)
+	@$(WITH_STACK) $(PY) -m dl_uncertainty.train --multirun model=bnn,mc_dropout_dnn $(OVERRIDES)
 
 evaluate: $(INSTALLED) ## re-evaluate a logged model: make evaluate RUN_ID=<id>
-	$(PY) -m dl_uncertainty.evaluate run_id=$(RUN_ID) $(OVERRIDES)
+	@$(WITH_STACK) $(PY) -m dl_uncertainty.evaluate run_id=$(RUN_ID) $(OVERRIDES)
 
 mlflow-ui: $(INSTALLED) ## MLflow UI on the local store at http://127.0.0.1:$(MLFLOW_PORT)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db \
@@ -60,6 +73,15 @@ pipeline-upload: $(INSTALLED) ## compile and upload to KFP_HOST (new version if 
 
 pipeline-run: $(INSTALLED) ## start a run of the latest version, wait for it: make pipeline-run OVERRIDES="train.epochs=5"
 	$(PY) -m pipelines run --host $(KFP_HOST) $(PIPELINE_FLAGS) $(OVERRIDES)
+
+stack-up: $(INSTALLED) ## start the cluster's services here: PostgreSQL + S3 (moto) + MLflow, as k8s/ runs them
+	VENV=$(VENV) k8s/scripts/local-stack.sh up
+
+stack-down: ## stop the local stack and delete its data (.stack/)
+	VENV=$(VENV) k8s/scripts/local-stack.sh down
+
+stack-status: ## say which services of the local stack are running
+	VENV=$(VENV) k8s/scripts/local-stack.sh status
 
 clean: ## remove local outputs (keeps mlflow.db and mlartifacts)
 	rm -rf local_outputs build outputs multirun checkpoints .pytest_cache

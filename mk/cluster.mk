@@ -35,6 +35,8 @@ IMAGE_REPO ?= dl-uncertainty
 IMAGE_TAG ?= $(_DLU_GIT_SHA)$(_DLU_GIT_DIRTY)
 IMAGE_VARIANTS ?= cpu cuda
 IMAGE_BUILD_ARGS ?=
+# podman writes OCI images by default, which drop the Dockerfile's SHELL; docker format keeps it.
+_BUILD_FORMAT := $(if $(findstring podman,$(CONTAINER_ENGINE)),--format docker,)
 
 _dlu_image = $(IMAGE_REPO):$(IMAGE_TAG)$(if $(filter cuda,$(1)),-cuda,)
 IMAGE_CPU := $(call _dlu_image,cpu)
@@ -56,31 +58,40 @@ KIND_CONFIG := $(K8S_DIR)/kind/$(if $(filter 1 true yes,$(GPU)),cluster-gpu.yaml
 images: $(addprefix image-,$(IMAGE_VARIANTS)) ## build the runtime images dl-uncertainty:<TAG>[-cuda] (IMAGE_VARIANTS="cpu cuda")
 
 image-cpu: ## build the CPU image dl-uncertainty:<TAG>
-	cd $(DLU_ROOT) && $(CONTAINER_ENGINE) build -f images/Dockerfile --build-arg VARIANT=cpu --build-arg GIT_SHA=$(_DLU_GIT_SHA) $(IMAGE_BUILD_ARGS) -t $(IMAGE_CPU) .
+	cd $(DLU_ROOT) && $(CONTAINER_ENGINE) build $(_BUILD_FORMAT) -f images/Dockerfile --build-arg VARIANT=cpu --build-arg GIT_SHA=$(_DLU_GIT_SHA) $(IMAGE_BUILD_ARGS) -t $(IMAGE_CPU) .
 
 image-cuda: ## build the CUDA image dl-uncertainty:<TAG>-cuda
-	cd $(DLU_ROOT) && $(CONTAINER_ENGINE) build -f images/Dockerfile --build-arg VARIANT=cuda --build-arg GIT_SHA=$(_DLU_GIT_SHA) $(IMAGE_BUILD_ARGS) -t $(IMAGE_CUDA) .
+	cd $(DLU_ROOT) && $(CONTAINER_ENGINE) build $(_BUILD_FORMAT) -f images/Dockerfile --build-arg VARIANT=cuda --build-arg GIT_SHA=$(_DLU_GIT_SHA) $(IMAGE_BUILD_ARGS) -t $(IMAGE_CUDA) .
 
 image-names: ## print the image references the pipeline will use
 	@for image in $(DLU_IMAGES); do echo "$$image"; done
+
+# podman keeps a local build as localhost/<name>; a pod asking for dl-uncertainty:<tag> means
+# docker.io/library/dl-uncertainty:<tag>. So the archive is saved under that full name.
+_archive_image = archive="$$(mktemp -t dlu-image-XXXXXX.tar)"; trap 'rm -f "$$archive"' EXIT; \
+	  full="docker.io/library/$${image\#\#*/}"; \
+	  $(CONTAINER_ENGINE) tag "$$image" "$$full"; $(CONTAINER_ENGINE) save -o "$$archive" "$$full"
 
 kind-load: ## load the built images into the kind cluster (KIND_CLUSTER_NAME=dlu)
 	@set -e; for image in $(DLU_IMAGES); do \
 	  echo "kind-load: $$image -> $(KIND_CLUSTER_NAME)"; \
 	  if [ "$(CONTAINER_ENGINE)" = docker ]; then \
 	    $(KIND) load docker-image --name $(KIND_CLUSTER_NAME) "$$image"; \
-	  else \
-	    archive="$$(mktemp -t dlu-image-XXXXXX.tar)"; \
-	    $(CONTAINER_ENGINE) save -o "$$archive" "$$image"; \
-	    $(KIND) load image-archive --name $(KIND_CLUSTER_NAME) "$$archive"; \
-	    rm -f "$$archive"; \
+	  else ( set -e; \
+	    $(_archive_image); \
+	    $(KIND) load image-archive --name $(KIND_CLUSTER_NAME) "$$archive" ); \
 	  fi; \
 	done
 
 minikube-load: ## load the built images into minikube (MINIKUBE_PROFILE=dlu)
 	@set -e; for image in $(DLU_IMAGES); do \
 	  echo "minikube-load: $$image -> $(MINIKUBE_PROFILE)"; \
-	  $(MINIKUBE) -p $(MINIKUBE_PROFILE) image load "$$image"; \
+	  if [ "$(CONTAINER_ENGINE)" = docker ]; then \
+	    $(MINIKUBE) -p $(MINIKUBE_PROFILE) image load "$$image"; \
+	  else ( set -e; \
+	    $(_archive_image); \
+	    $(MINIKUBE) -p $(MINIKUBE_PROFILE) image load "$$archive" ); \
+	  fi; \
 	done
 
 cluster-load: $(CLUSTER)-load ## load the images into the current CLUSTER (kind|minikube)

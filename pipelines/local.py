@@ -14,10 +14,10 @@ import time
 import warnings
 from pathlib import Path
 
+from components.images import CPU_IMAGE
 from dl_uncertainty.config import load_config
 from dl_uncertainty.errors import UserError
 from dl_uncertainty.tracking import DEFAULT_URI, setup
-from components.images import CPU_IMAGE
 from pipelines.pipeline import PIPELINE_NAME, build_pipeline
 
 

@@ -4,7 +4,7 @@
 # cannot drift: PostgreSQL backend store, artifacts proxied by the server (--serve-artifacts) into
 # an S3 bucket, so clients need only MLFLOW_TRACKING_URI, one worker, no job runner.
 #
-# Environment (required): MLFLOW_BACKEND_STORE_URI  postgresql://user:password@host:port/db
+# Environment (required): MLFLOW_BACKEND_STORE_URI  the PostgreSQL URI (postgresql://...)
 #                         MLFLOW_ALLOWED_HOSTS      Host headers clients send, comma-separated
 #                         MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 # Environment (optional): MLFLOW_ARTIFACTS_DESTINATION (s3://mlflow), MLFLOW_HOST (0.0.0.0),

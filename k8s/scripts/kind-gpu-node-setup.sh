@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Makes the GPUs handed to a kind node (k8s/kind/cluster-gpu.yaml) usable by its containerd:
-# installs the NVIDIA Container Toolkit inside every node of the cluster and sets "nvidia" as
-# containerd's default runtime. Idempotent. Run by `make cluster-up GPU=1`.
+# installs the NVIDIA Container Toolkit inside every node of the cluster and registers "nvidia" as
+# an extra containerd runtime, NOT the default (as nvkind does): only pods of the "nvidia"
+# RuntimeClass (the device plugin, k8s/nvidia) use it, and training pods get exactly their
+# allocated GPUs as CDI devices. Idempotent. Run by `make cluster-up GPU=1`.
 #
 # usage: kind-gpu-node-setup.sh [cluster-name]     (env ENGINE=docker|podman, default docker)
 set -euo pipefail
@@ -34,7 +36,7 @@ for node in $nodes; do
       apt-get update
       apt-get install -y --no-install-recommends nvidia-container-toolkit
     fi
-    nvidia-ctk runtime configure --runtime=containerd --config-source=command --set-as-default
+    nvidia-ctk runtime configure --runtime=containerd --config-source=file
     systemctl restart containerd
   '
 done

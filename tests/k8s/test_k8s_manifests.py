@@ -209,29 +209,73 @@ def test_dlu_stack_contract():
     assert re.search(r"for bucket in mlpipeline mlflow datasets", script)
 
 
-def test_mlflow_server_contract():
+def _launch_argv(script: str, env: dict[str, str], tmp_path: Path) -> list[str]:
+    """What the MLflow launcher script executes, given the container's environment."""
+    fake = tmp_path / "fake-mlflow"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    fake.chmod(0o755)
+    launcher = tmp_path / "mlflow-server.sh"
+    launcher.write_text(script)
+    out = run(["/bin/sh", str(launcher)], env={"PATH": os.environ["PATH"], **env, "MLFLOW": str(fake)})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def _k8s_env(container: dict) -> dict[str, str]:
+    """The container's env as the kubelet builds it: secrets as placeholders, $(VAR) expanded."""
+    env: dict[str, str] = {}
+    for item in container["env"]:
+        value = item.get("value", f"<{item['name']}>")
+        env[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), value)
+    return env
+
+
+def test_mlflow_server_contract(tmp_path):
     objs = render(K8S_DIR / "dlu")
-    mlflow = _container(_objects_by(objs, "Deployment", "mlflow"), "mlflow")
-    argv = mlflow["command"] + mlflow["args"]
-    assert argv[:2] == ["mlflow", "server"]
-    flags = dict(a.split("=", 1) if "=" in a else (a, "") for a in argv[2:])
+    deployment = _objects_by(objs, "Deployment", "mlflow")
+    mlflow = _container(deployment, "mlflow")
+    assert mlflow["command"] == ["/bin/sh", "/opt/dlu/mlflow-server.sh"]
+    volume = next(v for v in pod_spec(deployment)["volumes"] if v["name"] == "launcher")
+    config_map = _objects_by(objs, "ConfigMap", volume["configMap"]["name"])
+    script = config_map["data"]["mlflow-server.sh"]
+    # One launcher for the cluster and for `make stack-up`: the file both use.
+    assert script == (K8S_DIR / "dlu" / "mlflow-server.sh").read_text()
+    assert "k8s/dlu/mlflow-server.sh" in (K8S_DIR / "scripts" / "local-stack.sh").read_text()
+
+    env = _k8s_env(mlflow)
+    argv = _launch_argv(script, env, tmp_path)
+    assert argv[0] == "server"
+    flags: dict[str, str] = {}
+    for arg in argv[1:]:
+        if arg.startswith("--"):
+            flags[last := arg] = ""
+        else:
+            flags[last] = arg
     assert flags["--host"] == "0.0.0.0" and flags["--port"] == "5000" and flags["--workers"] == "1"
-    assert flags["--backend-store-uri"].startswith("postgresql://")
-    assert "@mlflow-postgres.dlu.svc.cluster.local:5432/" in flags["--backend-store-uri"]
-    assert "$(MLFLOW_DB_PASSWORD)" in flags["--backend-store-uri"]
+    assert flags["--backend-store-uri"] == (
+        "postgresql://mlflow:<MLFLOW_DB_PASSWORD>@mlflow-postgres.dlu.svc.cluster.local:5432/mlflow")
     assert "--serve-artifacts" in flags
     assert flags["--artifacts-destination"] == "s3://mlflow"
     allowed = flags["--allowed-hosts"].split(",")
     for host in ("mlflow.dlu.svc.cluster.local:5000", "localhost:5000", "127.0.0.1:5000"):
         assert host in allowed, f"--allowed-hosts lacks {host}"
-    env = {e["name"]: e for e in mlflow["env"]}
-    assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "http://minio.dlu.svc.cluster.local:9000"
-    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"
+    assert "export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in script
+    raw = {e["name"]: e for e in mlflow["env"]}
+    assert raw["MLFLOW_S3_ENDPOINT_URL"]["value"] == "http://minio.dlu.svc.cluster.local:9000"
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "dlu-s3-credentials", "key": key}
-    assert env["MLFLOW_DB_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-postgres"
+        assert raw[key]["valueFrom"]["secretKeyRef"] == {"name": "dlu-s3-credentials", "key": key}
+    assert raw["MLFLOW_DB_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-postgres"
     for probe in ("readinessProbe", "livenessProbe"):
         assert mlflow[probe]["httpGet"]["path"] == "/health"
+
+
+def test_mlflow_launcher_refuses_a_missing_setting(tmp_path):
+    script = (K8S_DIR / "dlu" / "mlflow-server.sh").read_text()
+    launcher = tmp_path / "mlflow-server.sh"
+    launcher.write_text(script)
+    out = run(["/bin/sh", str(launcher)], env={"PATH": os.environ["PATH"], "MLFLOW_ALLOWED_HOSTS": "x",
+                                               "MLFLOW_S3_ENDPOINT_URL": "http://s3"})
+    assert out.returncode != 0 and "MLFLOW_BACKEND_STORE_URI" in out.stderr
 
 
 def test_network_policies():
@@ -372,7 +416,7 @@ _CREDENTIAL_PATTERNS = [
         r"(?i)(password|secret[_-]?access[_-]?key|access[_-]?key[_-]?id)\s*[:=]\s*['\"]?"
         r"(?!\$|%s|\{\{)[A-Za-z0-9+/]{8,}"
     ),
-    re.compile(r"postgres(?:ql)?(?:\+\w+)?://[^:\s/]+:(?!\$\()[^@\s]+@"),
+    re.compile(r"postgres(?:ql)?(?:\+\w+)?://[^:\s/]+:(?!\$)[^@\s]+@"),  # $(VAR)/$VAR: a reference
 ]
 
 _SCANNED = ["k8s", "images", "mk", ".github/workflows", "docs/cluster.md", ".dockerignore"]
