@@ -76,6 +76,38 @@ def runner(mounts: list[str] = ()):
         mounts=[docker.types.Mount(target=path, source=path, type="bind") for path in mounts])
 
 
+def run_task_container(client, image: str, command: list[str], volumes: dict, **run_args) -> int:
+    """Run one task's container to the end, stream its log, return its real exit code.
+
+    Stands in for kfp.local 2.17.0's ``run_docker_container``, which starts containers with
+    auto-remove and then asks for their exit code: by then a short task is gone, so Docker answers
+    404 (which kfp takes as success), podman answers 500, and the end of the log is lost.
+    """
+    run_args.pop("auto_remove", None)
+    print(f"Found image {image!r}\n")
+    container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True,
+                                      volumes=volumes, **run_args)
+    try:
+        streamed = b""
+        for chunk in container.logs(stream=True, follow=True):
+            streamed += chunk
+            print(chunk.decode(errors="replace"), end="")
+        code = container.wait()["StatusCode"]
+        whole = container.logs()  # the stream can end before the last lines of a short task
+        if len(whole) > len(streamed):
+            print(whole[len(streamed):].decode(errors="replace"), end="")
+        return code
+    finally:
+        container.remove(force=True)
+
+
+def use_task_containers() -> None:
+    """Make kfp.local's DockerRunner run tasks with :func:`run_task_container`."""
+    from kfp.local import docker_task_handler
+
+    docker_task_handler.run_docker_container = run_task_container
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

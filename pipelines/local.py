@@ -17,7 +17,7 @@ from pathlib import Path
 from components.images import CPU_IMAGE
 from dl_uncertainty.config import load_config
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.tracking import DEFAULT_URI, setup
+from dl_uncertainty.tracking import DEFAULT_URI, check_reachable, setup
 from pipelines.pipeline import PIPELINE_NAME, build_pipeline
 
 
@@ -42,22 +42,26 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs",
     cfg = load_config(overrides)  # fail on a bad override before any task starts
     uri = _absolute_tracking_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    check_reachable(uri)
+    image = None
+    if runner == "docker":  # the engine and the image before any work
+        from pipelines import containers
+
+        client = containers.connect()
+        image = containers.local_image(client, CPU_IMAGE)
     setup(cfg)  # create the store and experiment once: parallel tasks would race to do it
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     before = set(root.glob(f"{PIPELINE_NAME}-*"))
     with contextlib.ExitStack() as stack:
-        task_uri, image, task_runner = uri, None, local.SubprocessRunner(use_venv=False)
+        task_uri, task_runner = uri, local.SubprocessRunner(use_venv=False)
         if runner == "docker":
-            from pipelines import containers
-
-            client = containers.connect()
-            image = containers.local_image(client, CPU_IMAGE)
             mounts = []
             if uri.startswith("sqlite:"):  # containers cannot open our sqlite file: serve it
                 task_uri, artifacts = stack.enter_context(containers.serve_sqlite_store(uri))
                 mounts.append(str(artifacts))
             task_runner = containers.runner(mounts)
+            containers.use_task_containers()
             print(f"running every task in {image} ({os.environ['DOCKER_HOST']}), MLflow at {task_uri}")
         local.init(runner=task_runner, pipeline_root=str(root), raise_on_error=True)
         pipeline = build_pipeline(cfg, cluster=False, mlflow_tracking_uri=task_uri, default_overrides=overrides,
@@ -79,21 +83,21 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs",
     if not new:
         raise UserError(f"the local run left no outputs under {root}")
     run_dir = new[-1]
-    _summary(run_dir, uri, time.perf_counter() - tic, log.task_times())
+    _summary(run_dir, uri, time.perf_counter() - tic, log.task_times(list(cfg.pipeline.models)))
     return run_dir
 
 
 class _Tee(io.TextIOBase):
     """Pass task logs through (minus the executor-input JSON unless verbose) and remember them:
-    a failed task's error line becomes the run's one-line cause, and kfp.local's start and finish
-    lines give each task's wall time."""
+    a failed task's error line becomes the run's one-line cause, and each task's own start and
+    finish lines give its wall time."""
 
     def __init__(self, stream, verbose: bool = False):
         self.stream, self.verbose = stream, verbose
         self.text: collections.deque[str] = collections.deque(maxlen=5000)
         self.pending, self.closing, self.opening = "", None, False
-        self.started: dict[str, list[float]] = collections.defaultdict(list)
-        self.times: dict[str, list[float]] = collections.defaultdict(list)
+        self.started: dict[str, float] = {}
+        self.times: dict[str, float] = {}
         self.last_started = ""
 
     def write(self, text: str) -> int:
@@ -126,19 +130,29 @@ class _Tee(io.TextIOBase):
         self.stream.flush()
 
     def _time(self, plain: str) -> None:
-        # Parallel branches start tasks of the same name together: pair each finish with the
-        # earliest unfinished start of that name.
+        # kfp.local's own start/finish lines get lost when parallel branches log at once; the
+        # executor's are per task: the output file named in its input, and the one it wrote.
         if started := re.search(r"Executing task '([^']+)'$", plain):
             self.last_started = started[1]
-            self.started[started[1]].append(time.perf_counter())
-        elif (finished := re.search(r"Task '([^']+)' finished with status", plain)) and self.started[finished[1]]:
-            self.times[finished[1]].append(time.perf_counter() - self.started[finished[1]].pop(0))
+        elif started := re.search(r'"outputFile": "(.+)/executor_output\.json"', plain):
+            self.started[started[1]] = time.perf_counter()
+        elif (done := re.search(r"Wrote executor output file to (.+)/executor_output\.json", plain)) \
+                and done[1] in self.started:
+            self.times[done[1]] = time.perf_counter() - self.started.pop(done[1])
 
     def current(self) -> str:
         return self.last_started
 
-    def task_times(self) -> dict[str, list[float]]:
-        return dict(self.times)
+    def task_times(self, models: list[str]) -> dict[str, list[tuple[str, float]]]:
+        """Seconds per task, from its executor's start to its outputs written; parallel branches
+        are labelled with their model."""
+        found: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
+        for path, seconds in sorted(self.times.items()):
+            branch, task = Path(path).parent.name, Path(path).name
+            index = re.fullmatch(r"for-loop-\d+-iteration-(\d+)", branch)
+            label = models[int(index[1])] if index and int(index[1]) < len(models) else ""
+            found[task].append((label, seconds))
+        return dict(found)
 
     def cause(self) -> str:
         errors = re.findall(r"^\s*[\w.]*(?:Error|Exception): (.+)$", _strip_colours("".join(self.text)), re.M)
@@ -171,14 +185,16 @@ def _collect_reports(run_dir: Path) -> dict[str, Path]:
     return found
 
 
-def _summary(run_dir: Path, uri: str, seconds: float, task_times: dict[str, list[float]]) -> None:
+def _summary(run_dir: Path, uri: str, seconds: float, task_times: dict[str, list[tuple[str, float]]]) -> None:
     # sys.stdout.write: kfp.local leaves builtins.print indented after a run
     def say(text: str = "") -> None:
         sys.stdout.write(text + "\n")
 
     say(f"\n{PIPELINE_NAME} finished in {seconds:.0f} s; outputs in {run_dir}")
+    order = ["configure", "preprocess", "train", "evaluate", "compare"]
     say("task wall times (s): " + " | ".join(
-        f"{name} {', '.join(f'{t:.1f}' for t in times)}" for name, times in task_times.items()) + "\n")
+        f"{name} " + ", ".join(f"{label} {t:.1f}".strip() for label, t in task_times[name])
+        for name in sorted(task_times, key=lambda n: order.index(n) if n in order else len(order))) + "\n")
     comparison = next(run_dir.glob("compare/comparison"), None)
     if comparison:
         say(comparison.read_text())

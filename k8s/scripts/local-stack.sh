@@ -12,7 +12,7 @@
 # STACK_PG_PORT (55432), VENV (.venv: mlflow, moto_server, psycopg2), PG_BIN (initdb's folder).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
-state=$(mkdir -p "${STACK_DIR:-$root/.stack}" && cd "${STACK_DIR:-$root/.stack}" && pwd)
+state=$(realpath -m "${STACK_DIR:-$root/.stack}")
 venv=${VENV:-$root/.venv}
 mlflow_port=${STACK_MLFLOW_PORT:-5050}
 s3_port=${STACK_S3_PORT:-9000}
@@ -31,8 +31,18 @@ pg_bin() {
   die "PostgreSQL not found; install it (apt-get install postgresql) or set PG_BIN"
 }
 
-# PostgreSQL refuses to run as root: use the "postgres" account then.
+# PostgreSQL refuses to run as root: use the "postgres" account then, with its data in a folder
+# that account can reach (the state folder may sit under a private one, such as /tmp/pytest-of-root).
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+pg_dir() {
+  if [ -f "$state/pgdir" ]; then cat "$state/pgdir"; return; fi
+  [ -d "$state" ] || { echo "$state/postgres"; return; }
+  local dir=$state/postgres
+  if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$state"; then
+    dir=$(mktemp -d -t dlu-stack-pg-XXXXXX)
+  fi
+  echo "$dir" | tee "$state/pgdir"
+}
 
 alive() { [ -f "$state/$1.pid" ] && kill -0 "$(cat "$state/$1.pid")" 2>/dev/null; }
 healthy() { curl -fs -o /dev/null --max-time 2 "$1"; }
@@ -64,20 +74,21 @@ stop_bg() {
 }
 
 up_postgres() {
-  local bin; bin=$(pg_bin)
-  if [ ! -f "$state/pg/PG_VERSION" ]; then
-    mkdir -p "$state/pg" "$state/pg-run"
-    [ "$(id -u)" = 0 ] && chown postgres:postgres "$state/pg" "$state/pg-run" && chmod 700 "$state/pg"
-    as_pg "$bin/initdb" -D "$state/pg" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+  local bin pg; bin=$(pg_bin); pg=$(pg_dir)
+  if [ ! -f "$pg/data/PG_VERSION" ]; then
+    mkdir -p "$pg/data" "$pg/run"
+    if [ "$(id -u)" = 0 ]; then chown -R postgres:postgres "$pg"; fi
+    chmod 700 "$pg/data"
+    as_pg "$bin/initdb" -D "$pg/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
       >"$state/postgres-init.log" 2>&1 || { tail -5 "$state/postgres-init.log" >&2; die "initdb failed"; }
   fi
-  if ! as_pg "$bin/pg_ctl" -D "$state/pg" status >/dev/null 2>&1; then
+  if ! as_pg "$bin/pg_ctl" -D "$pg/data" status >/dev/null 2>&1; then
     port_free "$pg_port" || die "port $pg_port is in use; set STACK_PG_PORT to a free one"
-    as_pg "$bin/pg_ctl" -D "$state/pg" -l "$state/pg-run/postgres.log" -w -t 60 \
-      -o "-p $pg_port -k $state/pg-run -c listen_addresses=127.0.0.1" start >/dev/null \
-      || { tail -5 "$state/pg-run/postgres.log" >&2; die "PostgreSQL did not start"; }
+    as_pg "$bin/pg_ctl" -D "$pg/data" -l "$pg/run/postgres.log" -w -t 60 \
+      -o "-p $pg_port -k $pg/run -c listen_addresses=127.0.0.1" start >/dev/null \
+      || { tail -5 "$pg/run/postgres.log" >&2; die "PostgreSQL did not start (log: $pg/run/postgres.log)"; }
   fi
-  local sql=("$bin/psql" -h "$state/pg-run" -p "$pg_port" -U postgres -v ON_ERROR_STOP=1 -qtA)
+  local sql=("$bin/psql" -h "$pg/run" -p "$pg_port" -U postgres -v ON_ERROR_STOP=1 -qtA)
   if [ -z "$(as_pg "${sql[@]}" -c "SELECT 1 FROM pg_roles WHERE rolname = 'mlflow'")" ]; then
     as_pg "${sql[@]}" -c "CREATE ROLE mlflow LOGIN PASSWORD '$PG_PASSWORD'" \
       -c "CREATE DATABASE mlflow OWNER mlflow" >/dev/null
@@ -85,6 +96,7 @@ up_postgres() {
 }
 
 up() {
+  mkdir -p "$state"
   [ -x "$venv/bin/mlflow" ] || die "no mlflow in $venv; run \`make install\` first"
   [ -x "$venv/bin/moto_server" ] || die "no moto_server in $venv; run \`make install\` (dev extras)"
   command -v curl >/dev/null || die "curl not found; install it"
@@ -132,16 +144,17 @@ export AWS_DEFAULT_REGION=us-east-1
 ENV
   )
   say "up: MLflow $mlflow (PostgreSQL 127.0.0.1:$pg_port, artifacts in s3://mlflow), S3 $s3"
-  say "use it:  source $state/env   (make run and make test-e2e pick it up while it is up)"
+  say "use it:  source $state/env   (make run, train and evaluate use it while it is up)"
 }
 
 down() {
   stop_bg mlflow
   stop_bg s3
-  if [ -f "$state/pg/PG_VERSION" ]; then
-    as_pg "$(pg_bin)/pg_ctl" -D "$state/pg" -m fast -w stop >/dev/null 2>&1 || true
+  local pg; pg=$(pg_dir)
+  if [ -f "$pg/data/PG_VERSION" ]; then
+    as_pg "$(pg_bin)/pg_ctl" -D "$pg/data" -m fast -w stop >/dev/null 2>&1 || true
   fi
-  rm -rf "$state"
+  rm -rf "$pg" "$state"
   say "down: stopped, and $state deleted"
 }
 
@@ -150,7 +163,8 @@ status() {
   for name in mlflow s3; do
     if alive "$name"; then say "$name running (pid $(cat "$state/$name.pid"))"; else say "$name not running"; rc=1; fi
   done
-  if [ -f "$state/pg/PG_VERSION" ] && as_pg "$(pg_bin)/pg_ctl" -D "$state/pg" status >/dev/null 2>&1; then
+  local pg; pg=$(pg_dir)
+  if [ -f "$pg/data/PG_VERSION" ] && as_pg "$(pg_bin)/pg_ctl" -D "$pg/data" status >/dev/null 2>&1; then
     say "postgres running (port $pg_port)"
   else say "postgres not running"; rc=1; fi
   return $rc

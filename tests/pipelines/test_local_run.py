@@ -64,3 +64,39 @@ def test_log_filter_drops_only_the_executor_input_json():
     loud = _Tee(verbose, verbose=True)
     loud.write("Got executor_input:\n{\n}\n")
     assert verbose.getvalue() == "Got executor_input:\n{\n}\n"
+
+
+def test_task_times_come_from_each_tasks_own_start_and_finish_lines():
+    import io
+
+    from pipelines.local import _Tee
+
+    tee = _Tee(io.StringIO())
+    for path in ("/r/run/configure", "/r/run/for-loop-1-iteration-1/train", "/r/run/for-loop-1-iteration-0/train"):
+        tee.write(f'    "outputFile": "{path}/executor_output.json"\n')
+    tee.write("Wrote executor output file to /r/run/for-loop-1-iteration-0/train/executor_output.json.\n")
+    tee.write("Wrote executor output file to /r/run/configure/executor_output.json.\n")
+    times = tee.task_times(["bnn", "mc_dropout_dnn"])
+    assert list(times) == ["configure", "train"]  # iteration 1 never finished: no time for it
+    assert [label for label, _ in times["train"]] == ["bnn"] and times["configure"][0][0] == ""
+    assert all(seconds >= 0 for entries in times.values() for _, seconds in entries)
+
+
+def test_docker_runner_without_an_engine_is_one_line(tmp_path):
+    from tests.conftest import REPO, run_module
+
+    out = run_module("pipelines", "run-local", "--runner", "docker", *TINY, cwd=tmp_path,
+                     env={"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock", "PYTHONPATH": str(REPO)})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert f"no container engine answers at unix://{tmp_path}/no-engine.sock" in out.stderr
+    assert "podman system service" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_docker_runner_with_the_stack_down_is_one_line(tmp_path):
+    from tests.conftest import REPO, free_port, run_module
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    out = run_module("pipelines", "run-local", "--runner", "docker", *TINY, cwd=tmp_path,
+                     env={"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert f"cannot reach the MLflow tracking server at {uri}" in out.stderr
