@@ -48,15 +48,20 @@ def sh(cmd: list[str], env: dict | None = None, timeout: float = 1200, check: bo
 
 @pytest.fixture(scope="session")
 def engine() -> str:
+    """The first of podman and Docker that can run containers here (E2E_ENGINE picks one)."""
     os.environ.setdefault("CONTAINERS_CONF", str(HERE / "containers.conf"))
-    name = os.environ.get("E2E_ENGINE") or next((e for e in ("podman", "docker") if shutil.which(e)), None)
-    if not name or not shutil.which(name):
-        pytest.fail("the e2e tests need podman or Docker: apt-get install podman runc (see README)", pytrace=False)
-    probe = sh([name, "info"], check=False, timeout=120)
-    if probe.returncode != 0:
-        pytest.fail(f"`{name} info` fails, so containers cannot run here: {probe.stderr.strip()[-300:]}",
-                    pytrace=False)
-    return name
+    candidates = [os.environ["E2E_ENGINE"]] if os.environ.get("E2E_ENGINE") else ["podman", "docker"]
+    problems = []
+    for name in candidates:
+        if not shutil.which(name):
+            problems.append(f"{name} not installed")
+            continue
+        probe = sh([name, "info"], check=False, timeout=120)
+        if probe.returncode == 0:
+            return name
+        problems.append(f"`{name} info` fails: {(probe.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+    pytest.fail("containers cannot run here (" + "; ".join(problems) + "): install podman and runc "
+                "(apt-get install podman runc debootstrap) or start Docker", pytrace=False)
 
 
 @pytest.fixture(scope="session")
