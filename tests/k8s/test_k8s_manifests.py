@@ -207,6 +207,9 @@ def test_dlu_stack_contract():
     script = " ".join(job["command"])
     assert "mb --ignore-existing" in script
     assert re.search(r"for bucket in mlpipeline mlflow datasets", script)
+    # `make stack-up` makes the same buckets in its S3 stand-in
+    stack = (K8S_DIR / "scripts" / "local-stack.sh").read_text()
+    assert re.search(r'^buckets="mlpipeline mlflow datasets"', stack, re.M)
 
 
 def _launch_argv(script: str, env: dict[str, str], tmp_path: Path) -> list[str]:
