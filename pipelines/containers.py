@@ -88,17 +88,25 @@ def run_task_container(client, image: str, command: list[str], volumes: dict, **
     container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True,
                                       volumes=volumes, **run_args)
     try:
-        streamed = b""
+        streamed, printed = b"", 0
         for chunk in container.logs(stream=True, follow=True):
             streamed += chunk
-            print(chunk.decode(errors="replace"), end="")
+            # whole lines only: kfp.local indents every print, which would split a line in two
+            printed = _print_lines(streamed, printed)
         code = container.wait()["StatusCode"]
         whole = container.logs()  # the stream can end before the last lines of a short task
-        if len(whole) > len(streamed):
-            print(whole[len(streamed):].decode(errors="replace"), end="")
+        _print_lines(whole if len(whole) > len(streamed) else streamed, printed, final=True)
         return code
     finally:
         container.remove(force=True)
+
+
+def _print_lines(log: bytes, start: int, final: bool = False) -> int:
+    """Print ``log[start:]`` up to its last newline (or all of it when ``final``); return the new start."""
+    end = len(log) if final else log.rfind(b"\n", start) + 1
+    if end > start:
+        print(log[start:end].decode(errors="replace"), end="")
+    return max(end, start)
 
 
 def use_task_containers() -> None:

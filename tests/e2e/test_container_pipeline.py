@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -27,7 +28,9 @@ def test_every_task_succeeds_in_the_image(container_run, container_env):
     image = f"dl-uncertainty:{container_env['DLU_IMAGE_TAG']}"
     assert re.search(rf"running every task in \S*{re.escape(image)}", out.stdout)
     assert len(re.findall(rf"Found image '\S*{re.escape(image)}'", out.stdout)) == TASKS
-    assert len(re.findall(r"finished with status \S*SUCCESS", out.stdout)) == TASKS + 1  # + the pipeline
+    # kfp.local's own per-task lines can get lost when branches log at once; the executors' cannot
+    assert len(set(re.findall(r"Wrote executor output file to (\S+)\.", out.stdout))) == TASKS
+    assert re.search(r"Pipeline \S*'uncertainty-pipeline'\S* finished with status \S*SUCCESS", out.stdout)
     assert "Failed to import Git" not in out.stdout + out.stderr
     times = re.search(r"^task wall times \(s\): (.*)$", out.stdout, re.M)[1]
     assert [name.split()[0] for name in times.split(" | ")] == ["configure", "preprocess", "train", "evaluate",
@@ -129,3 +132,17 @@ def test_image_loads_into_kind_under_the_name_pods_ask_for(engine, container_env
               "IMAGE_VARIANTS=cpu", f"IMAGE_TAG={container_env['DLU_IMAGE_TAG']}"])
     manifest = json.loads(out.stdout[out.stdout.index("["):].splitlines()[0])
     assert manifest[0]["RepoTags"] == [f"docker.io/library/dl-uncertainty:{container_env['DLU_IMAGE_TAG']}"]
+
+
+def test_without_a_stack_the_local_store_is_served_to_the_containers(image, docker_host, tmp_path):
+    """`make run RUNNER=docker` on a laptop: no server, just ./mlflow.db; the run still lands there."""
+    env = {**image, "DOCKER_HOST": docker_host, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    out = run_pipeline(*RUN_OVERRIDES, "pipeline.models=[mc_dropout_dnn]", env=env, root=tmp_path / "out")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert re.search(r"running every task in \S+ \(.+\), MLflow at http://127\.0\.0\.1:\d+", out.stdout)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert [r.data.tags["model_type"] for r in runs] == ["mc_dropout_dnn"]
+    figures = tmp_path / "mlartifacts"
+    assert list(figures.rglob("reliability.png")) and list(figures.rglob("MLmodel"))
+    assert all(path.stat().st_uid == os.getuid() for path in (tmp_path / "out").rglob("*"))  # ours, not the image's
