@@ -64,6 +64,12 @@ class TrainConfig:
     epochs: int = 60
     early_stopping_patience: int = 15  # epochs without val NLL improvement; 0 disables
     label_smoothing: float = 0.0
+    loss: str = "ce"  # ce | focal
+    focal_gamma: float = 2.0  # focal: down-weights examples the model already gets right
+    focal_alpha: float = 1.0  # focal: weight of the whole loss
+    mixup_alpha: float = 0.0  # Beta(a, a) mixing weight of two examples; 0 = off
+    cutmix_alpha: float = 0.0  # Beta(a, a) share of an image kept when pasting a box of another; 0 = off
+    mix_prob: float = 1.0  # share of batches mixed when mixup or cutmix is on
     val_mc_samples: int = 10
     checkpoint_dir: str | None = None  # default: checkpoints/<model name>
     resume: bool = False
@@ -244,6 +250,15 @@ def validate(cfg: DictConfig) -> None:
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _check(t.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0")
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+    _one_of(t.loss, "train.loss", ("ce", "focal"))
+    _check(t.focal_gamma >= 0, f"train.focal_gamma must be >= 0, got {t.focal_gamma}")
+    _check(t.focal_alpha > 0, f"train.focal_alpha must be > 0, got {t.focal_alpha}")
+    _check(t.mixup_alpha >= 0, f"train.mixup_alpha must be >= 0 (0 = off), got {t.mixup_alpha}")
+    _check(t.cutmix_alpha >= 0, f"train.cutmix_alpha must be >= 0 (0 = off), got {t.cutmix_alpha}")
+    _check(0 < t.mix_prob <= 1, f"train.mix_prob must be in (0, 1], got {t.mix_prob}")
+    _check(t.cutmix_alpha == 0 or bool(d.image_shape) or m.arch == "cnn",
+           "train.cutmix_alpha > 0 needs image data: set data.image_shape (or model.arch=cnn on images), "
+           "or use train.mixup_alpha")
     _check(t.val_mc_samples >= 1, f"train.val_mc_samples must be >= 1, got {t.val_mc_samples}")
     _check(e.mc_samples >= 1, f"evaluate.mc_samples must be >= 1, got {e.mc_samples}")
     _one_of(e.strategy, "evaluate.strategy", ("auto", "loop", "repeat", "lrt"))
