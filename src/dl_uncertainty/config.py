@@ -87,6 +87,23 @@ class EvaluateConfig:
 
 
 @dataclass
+class TuneConfig:
+    n_trials: int = 10  # the study's budget: trials, across every worker
+    objectives: list[str] = field(default_factory=lambda: ["val_nll"])  # two or more: multi-objective
+    sampler: str = "tpe"  # tpe | random | nsga2
+    startup_trials: int = 4  # random trials before TPE models the space, and before pruning starts
+    pruner: str = "median"  # median | hyperband | none (single objective only)
+    warmup_epochs: int = 5  # no trial is pruned before this epoch
+    storage: str = "sqlite:///optuna.db"
+    study_name: str | None = None  # null: a new study <model>-<date>; a name: create or continue it
+    output_dir: str | None = None  # null: configs/ (the file goes to <output_dir>/tuned/<model>.yaml)
+    workers: int = 2  # tuning-pipeline: parallel trial workers
+    # model family -> {config key: Hydra sweep: interval(a, b), int(interval(a, b)), range(a, b, step=s),
+    # choice(x, y, ...), tag(log, interval(a, b))}
+    space: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+@dataclass
 class PipelineConfig:
     models: list[str] = field(default_factory=lambda: ["bnn", "mc_dropout_dnn", "deep_ensemble"])
     gpu: bool = True  # training tasks request nvidia.com/gpu
@@ -105,6 +122,8 @@ class PipelineConfig:
     mlflow_tracking_uri: str = "http://mlflow.dlu.svc.cluster.local:5000"
     s3_endpoint_url: str = "http://minio.dlu.svc.cluster.local:9000"
     s3_secret: str = "dlu-s3-credentials"
+    tune_storage: str = "postgresql+psycopg2://optuna@mlflow-postgres.dlu.svc.cluster.local:5432/optuna"
+    tune_secret: str = "optuna-postgres"  # Kubernetes Secret with PGPASSWORD for tune_storage
 
 
 @dataclass
@@ -114,6 +133,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     experiment_name: str = "dl-uncertainty"
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -189,7 +209,7 @@ def to_json(cfg: DictConfig) -> str:
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:
-    """``{"model.name": "bnn", ...}`` for MLflow params."""
+    """``{"model.name": "bnn", ...}`` for MLflow params (without the search space of ``tune``)."""
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -199,7 +219,7 @@ def flatten(cfg: DictConfig) -> dict[str, Any]:
         else:
             out[prefix[:-1]] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "tune"}, "")
     return out
 
 
@@ -219,6 +239,23 @@ def _check(ok: bool, message: str) -> None:
 
 def _one_of(value: Any, key: str, allowed: tuple) -> None:
     _check(value in allowed, f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+OBJECTIVES = {"val_nll": "minimize", "val_acc": "maximize", "val_ece": "minimize"}
+
+
+def _validate_tune(u: DictConfig) -> None:
+    _check(u.n_trials >= 1, f"tune.n_trials must be >= 1, got {u.n_trials}")
+    _check(len(u.objectives) >= 1, "tune.objectives must name at least one metric")
+    _check(len(set(u.objectives)) == len(u.objectives), "tune.objectives must not repeat a metric")
+    for name in u.objectives:
+        _one_of(name, "tune.objectives[]", tuple(OBJECTIVES))
+    _one_of(u.sampler, "tune.sampler", ("tpe", "random", "nsga2"))
+    _one_of(u.pruner, "tune.pruner", ("median", "hyperband", "none"))
+    _check(u.startup_trials >= 0, "tune.startup_trials must be >= 0")
+    _check(u.warmup_epochs >= 0, "tune.warmup_epochs must be >= 0")
+    _check(u.workers >= 1, f"tune.workers must be >= 1, got {u.workers}")
+    _check(bool(u.storage), "tune.storage must be a database URL, e.g. sqlite:///optuna.db")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -269,6 +306,7 @@ def validate(cfg: DictConfig) -> None:
     for name in cfg.pipeline.models:
         _one_of(name, "pipeline.models[]", MODEL_NAMES)
     _check(cfg.pipeline.retries >= 0, "pipeline.retries must be >= 0")
+    _validate_tune(cfg.tune)
     _check(
         cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
         f"device={cfg.device!r} is not auto, cpu, cuda or cuda:N",
