@@ -93,7 +93,7 @@ class TuneConfig:
     sampler: str = "tpe"  # tpe | random | nsga2
     startup_trials: int = 4  # random trials before TPE models the space, and before pruning starts
     pruner: str = "median"  # median | hyperband | none (single objective only)
-    warmup_epochs: int = 5  # no trial is pruned before this epoch
+    warmup_epochs: int = 10  # the first epochs of a trial, never pruned
     storage: str = "sqlite:///optuna.db"
     study_name: str | None = None  # null: a new study <model>-<date>; a name: create or continue it
     output_dir: str | None = None  # null: configs/ (the file goes to <output_dir>/tuned/<model>.yaml)

@@ -45,10 +45,11 @@ def _jobs(overrides: list[str]) -> list[list[str]]:
 def tune(cfg) -> object:
     """One study for ``cfg.model``: create it, run every trial here, summarise."""
     from .config import OBJECTIVES
-    from .sweep_report import finish
     from .tuning import _shown, begin, work
 
-    sweep = begin(cfg)
+    sweep = begin(cfg)  # a storage or MLflow problem shows up here, before the heavy imports
+    from .sweep_report import finish
+
     u = cfg.tune
     goal = ", ".join(f"{o} ({OBJECTIVES[o]})" for o in u.objectives)
     print(f"tuning {cfg.model.name}: study {sweep.study_name} in {_shown(u.storage)}, {sweep.trials} trials, "
@@ -61,7 +62,7 @@ def tune(cfg) -> object:
     best = ", ".join(f"{k} {v:.4f}" for k, v in summary.best.items())
     if summary.baseline:
         best += " (defaults: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.baseline.items()) + ")"
-    print(f"{cfg.model.name}: best trial {summary.best_trial + 1}: {best}\n"
+    print(f"{cfg.model.name}: best trial {summary.best_trial}: {best}\n"
           f"  best config {summary.tuned_path}\n  re-train it: {summary.retrain}\n"
           f"  report {report}  (MLflow parent run {sweep.parent_run_id})", flush=True)
     return summary

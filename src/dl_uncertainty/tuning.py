@@ -181,8 +181,9 @@ def _pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
     if u.pruner == "none" or len(u.objectives) > 1:  # Optuna prunes single-objective studies only
         return optuna.pruners.NopPruner()
     if u.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, u.warmup_epochs), max_resource=cfg.train.epochs)
-    return optuna.pruners.MedianPruner(n_startup_trials=u.startup_trials, n_warmup_steps=u.warmup_epochs)
+        return optuna.pruners.HyperbandPruner(min_resource=u.warmup_epochs + 1)
+    # steps are epochs, from 1; Optuna prunes from step n_warmup_steps on
+    return optuna.pruners.MedianPruner(n_startup_trials=u.startup_trials, n_warmup_steps=u.warmup_epochs + 1)
 
 
 def load_study(cfg: DictConfig, study_name: str, worker: int = 0) -> optuna.Study:
@@ -220,10 +221,6 @@ class Sweep:
 
 def begin(cfg: DictConfig) -> Sweep:
     """Create (or continue) the study and open the parent MLflow run. Run once, before any worker."""
-    import mlflow
-
-    from . import tracking
-
     search_space(cfg)
     name = cfg.tune.study_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     directions = [OBJECTIVES[o] for o in cfg.tune.objectives]
@@ -239,6 +236,10 @@ def begin(cfg: DictConfig) -> Sweep:
         baseline = {k: p.label(OmegaConf.select(cfg, k)) for k, p in search_space(cfg).items()}
         if _ABSENT not in baseline.values():
             study.enqueue_trial(baseline, user_attrs={"baseline": True})
+    import mlflow
+
+    from . import tracking
+
     tracking.setup(cfg)
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent is None:
@@ -317,16 +318,17 @@ def run_trial(trial: optuna.Trial, sweep: Sweep, space: dict[str, Param]) -> lis
             mlflow.end_run("KILLED")
             raise
         scores = objective_values(cfg, result, val)
-        mlflow.log_metrics({**scores, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run})
+        mlflow.log_metrics({**{f"best_{k}": v for k, v in scores.items()}, "best_epoch": result.best_epoch,
+                            "epochs_run": result.epochs_run})
         mlflow.set_tag("optuna_state", "COMPLETE")
     trial.set_user_attr("epochs_run", result.epochs_run)
     return [scores[name] for name in objectives]
 
 
-def progress_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, budget: int) -> str:
-    """``trial 3/10  val_nll 0.0213  best 0.0190 (trial 1)  train.lr=0.0031 ...``"""
+def progress_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, done: int, budget: int) -> str:
+    """``trial 3 [4/10]  val_nll 0.0213  best 0.0190 (trial 1)  train.lr=0.0031 ...``"""
     names = list(study.user_attrs.get("objectives") or [])
-    head = f"trial {trial.number + 1}/{budget}"
+    head = f"trial {trial.number} [{done}/{budget}]"
     params = "  ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
     if trial.state == optuna.trial.TrialState.PRUNED:
         return f"{head}  pruned at epoch {trial.user_attrs.get('pruned_at_epoch', '?')}  {params}"
@@ -336,7 +338,7 @@ def progress_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, budget: 
     if len(study.directions) > 1:
         best = f"Pareto front: {len(study.best_trials)} trials"
     else:
-        best = f"best {study.best_value:.4f} (trial {study.best_trial.number + 1})"
+        best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
     return f"{head}  {values}  {best}  {params}"
 
 
@@ -359,7 +361,8 @@ def work(sweep: Sweep, worker: int = 0, workers: int = 1) -> int:
 
     def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         done.append(trial.number)
-        print(progress_line(study, trial, cfg.tune.n_trials), flush=True)
+        finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+        print(progress_line(study, trial, finished, cfg.tune.n_trials), flush=True)
 
     if n:
         study.optimize(lambda trial: run_trial(trial, sweep, space), n_trials=n, callbacks=[report])
