@@ -12,7 +12,7 @@ KFP_HOST ?= http://localhost:8080
 PIPELINE_FLAGS ?=
 
 .PHONY: help install test lint format run compile train evaluate mlflow-ui bench pipeline-upload \
-        pipeline-run clean
+        pipeline-run clean tune
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-20s %s\n", $$1, $$2}' \
@@ -41,6 +41,9 @@ compile: $(INSTALLED) ## compile the pipeline to build/uncertainty_pipeline.yaml
 
 train: $(INSTALLED) ## train both models with plain Hydra (no KFP), logged to MLflow
 	$(PY) -m dl_uncertainty.train --multirun model=bnn,mc_dropout_dnn $(OVERRIDES)
+
+tune: $(INSTALLED) ## Optuna sweep of bnn and mc_dropout_dnn; best configs in configs/tuned/ (+tuned=<model>)
+	$(PY) -m dl_uncertainty.tune model=bnn,mc_dropout_dnn $(OVERRIDES)
 
 evaluate: $(INSTALLED) ## re-evaluate a logged model: make evaluate RUN_ID=<id>
 	$(PY) -m dl_uncertainty.evaluate run_id=$(RUN_ID) $(OVERRIDES)

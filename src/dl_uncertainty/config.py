@@ -96,7 +96,6 @@ class TuneConfig:
     warmup_epochs: int = 10  # the first epochs of a trial, never pruned
     storage: str = "sqlite:///optuna.db"
     study_name: str | None = None  # null: a new study <model>-<date>; a name: create or continue it
-    output_dir: str | None = None  # null: configs/ (the file goes to <output_dir>/tuned/<model>.yaml)
     workers: int = 2  # tuning-pipeline: parallel trial workers
     # model family -> {config key: Hydra sweep: interval(a, b), int(interval(a, b)), range(a, b, step=s),
     # choice(x, y, ...), tag(log, interval(a, b))}

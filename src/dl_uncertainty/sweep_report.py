@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import plots
 from .config import OBJECTIVES, config_dir, load_config
+from .errors import UserError
 from .report import Section, html_report
 from .tuning import Sweep, _shown, apply, load_study, search_space
 
@@ -34,8 +35,11 @@ class Summary:
     importances: dict[str, dict[str, float]] = field(default_factory=dict)
     tuned_yaml: str = ""
     tuned_path: Path | None = None
-    retrain: str = ""
     html: str = ""
+
+
+def retrain_command(model: str) -> str:
+    return f"python -m dl_uncertainty.train +tuned={model}"
 
 
 def best_trial(study: optuna.Study, objectives: list[str]) -> optuna.trial.FrozenTrial:
@@ -67,11 +71,12 @@ def tuned_yaml(cfg: DictConfig, trial: optuna.trial.FrozenTrial, headline: str) 
     return f"# @package _global_\n{headline}" + OmegaConf.to_yaml(OmegaConf.create(body))
 
 
-def tuned_target(model: str, output_dir: str | None) -> tuple[Path, str]:
-    """Where the best config goes, ``<output_dir>/tuned/<model>.yaml``, and the command that re-trains it."""
-    root = Path(output_dir) if output_dir else config_dir()
-    search = "" if root.resolve() == config_dir().resolve() else f"hydra.searchpath=[file://{root.resolve()}] "
-    return root / "tuned" / f"{model}.yaml", f"python -m dl_uncertainty.train {search}+tuned={model}"
+def save_tuned(summary: Summary) -> Path:
+    """Write ``configs/tuned/<model>.yaml``, which ``+tuned=<model>`` loads on top of the defaults."""
+    summary.tuned_path = config_dir() / "tuned" / f"{summary.model}.yaml"
+    summary.tuned_path.parent.mkdir(parents=True, exist_ok=True)
+    summary.tuned_path.write_text(summary.tuned_yaml)
+    return summary.tuned_path
 
 
 def importances(study: optuna.Study, objectives: list[str], seed: int) -> dict[str, dict[str, float]]:
@@ -104,8 +109,20 @@ def _rows(study: optuna.Study, objectives: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _values(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in values.items())
+
+
+def _headline(summary: Summary, n_trials: int, baseline: optuna.trial.FrozenTrial | None) -> str:
+    versus = f"; the defaults (trial {baseline.number}): {_values(summary.baseline)}" if baseline else ""
+    name = summary.model
+    return (f"# Best of Optuna study {summary.study_name}: trial {summary.best_trial} of {n_trials}, "
+            f"{_values(summary.best)}{versus}.\n"
+            f"# Re-train it from configs/tuned/{name}.yaml: {retrain_command(name)}\n")
+
+
 def finish(sweep: Sweep) -> Summary:
-    """Summarise the study, write the best config, log everything to the parent MLflow run."""
+    """Summarise the study and its best config; log both, the figures and the report to the parent run."""
     import mlflow
 
     from . import tracking
@@ -115,8 +132,6 @@ def finish(sweep: Sweep) -> Summary:
     try:
         best = best_trial(study, objectives)
     except ValueError:
-        from .errors import UserError
-
         raise UserError(f"no trial of study {sweep.study_name!r} completed; see the trials' logs") from None
     baseline = next((t for t in study.trials if t.user_attrs.get("baseline") and t.values), None)
     summary = Summary(
@@ -126,15 +141,7 @@ def finish(sweep: Sweep) -> Summary:
         counts={s.name.lower(): n for s in optuna.trial.TrialState
                 if (n := sum(t.state == s for t in study.trials))},
         params=dict(best.params), importances=importances(study, objectives, cfg.seed))
-    versus = (f"; the defaults (trial {baseline.number}): "
-              + ", ".join(f"{k} {v:.4f}" for k, v in summary.baseline.items())) if baseline else ""
-    summary.tuned_path, summary.retrain = tuned_target(cfg.model.name, cfg.tune.output_dir)
-    headline = (f"# Best of Optuna study {sweep.study_name}: trial {best.number} of {len(study.trials)}, "
-                + ", ".join(f"{k} {v:.4f}" for k, v in summary.best.items()) + f"{versus}.\n"
-                + f"# Re-train it: {summary.retrain}\n")
-    summary.tuned_yaml = tuned_yaml(cfg, best, headline)
-    summary.tuned_path.parent.mkdir(parents=True, exist_ok=True)
-    summary.tuned_path.write_text(summary.tuned_yaml)
+    summary.tuned_yaml = tuned_yaml(cfg, best, _headline(summary, len(study.trials), baseline))
     rows = _rows(study, objectives)
     figures = {"optimization_history": plots.optimization_history(
         rows, {o: OBJECTIVES[o] for o in objectives}, title=f"{sweep.study_name}: optimisation history")}
@@ -167,7 +174,8 @@ def html(summary: Summary, rows: list[dict], figures: dict, storage: str) -> str
     counts = ", ".join(f"{n} {s}" for s, n in summary.counts.items())
     sections = [
         Section("Best trial", text=[f"Study {summary.study_name} in {storage}: {counts}.",
-                                    f"Re-train it: {summary.retrain}"], table=compare),
+                                    f"Re-train it from configs/tuned/{summary.model}.yaml: "
+                                    f"{retrain_command(summary.model)}"], table=compare),
         Section("Best parameters", table={k: v for k, v in summary.params.items()}),
         Section("Optimisation history", figures={"Each trial and the best so far": figures["optimization_history"]}),
     ]

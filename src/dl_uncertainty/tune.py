@@ -20,8 +20,8 @@ syntax; on the command line the same syntax adds or replaces a key, and a plain 
   interval(a, b)  int(interval(a, b))  tag(log, interval(a, b))  range(a, b, step=s)  choice(x, y, ...)
 Other keys: tune.n_trials (budget), tune.objectives ([val_nll] | [val_nll,val_acc] ...),
 tune.sampler (tpe|random|nsga2), tune.pruner (median|hyperband|none), tune.storage (SQLAlchemy URL),
-tune.study_name (continue a study), tune.output_dir (where tuned/<model>.yaml goes).
-The best trial is written as <output_dir>/tuned/<model>.yaml: re-train it with
+tune.study_name (continue a study).
+The best trial is written as {configs}/tuned/<model>.yaml: re-train it with
   python -m dl_uncertainty.train +tuned=<model>
 --cfg prints the composed config (with the search space) and exits."""
 
@@ -48,7 +48,7 @@ def tune(cfg) -> object:
     from .tuning import _shown, begin, work
 
     sweep = begin(cfg)  # a storage or MLflow problem shows up here, before the heavy imports
-    from .sweep_report import finish
+    from .sweep_report import _values, finish, retrain_command, save_tuned
 
     u = cfg.tune
     goal = ", ".join(f"{o} ({OBJECTIVES[o]})" for o in u.objectives)
@@ -56,14 +56,13 @@ def tune(cfg) -> object:
           f"{goal}, sampler {u.sampler}, pruner {u.pruner if len(u.objectives) == 1 else 'none'}", flush=True)
     work(sweep)
     summary = finish(sweep)
+    save_tuned(summary)
     report = Path("outputs") / "sweeps" / f"{sweep.study_name}.html"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(summary.html)
-    best = ", ".join(f"{k} {v:.4f}" for k, v in summary.best.items())
-    if summary.baseline:
-        best += " (defaults: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.baseline.items()) + ")"
+    best = _values(summary.best) + (f" (defaults: {_values(summary.baseline)})" if summary.baseline else "")
     print(f"{cfg.model.name}: best trial {summary.best_trial}: {best}\n"
-          f"  best config {summary.tuned_path}\n  re-train it: {summary.retrain}\n"
+          f"  best config {summary.tuned_path}\n  re-train it: {retrain_command(cfg.model.name)}\n"
           f"  report {report}  (MLflow parent run {sweep.parent_run_id})", flush=True)
     return summary
 

@@ -2,12 +2,14 @@
 the best config re-trained in a fresh process, pruning, several objectives, and bad input."""
 
 import re
+import shutil
 
 import mlflow
 import optuna
 import pytest
 
-from dl_uncertainty.sweep_report import finish
+from dl_uncertainty.config import config_dir
+from dl_uncertainty.sweep_report import finish, save_tuned
 from dl_uncertainty.tune import tune
 from dl_uncertainty.tuning import begin, compose, work
 from tests.conftest import free_port, run_module
@@ -39,8 +41,16 @@ def test_bad_input_gives_one_clear_line(tmp_path, args, needle):
     assert not (tmp_path / "mlflow.db").exists()  # nothing started
 
 
-def test_a_sweep_logs_nested_runs_and_its_best_config_retrains_to_the_same_nll(in_tmp, capsys):
-    cfg = compose(["model=mc_dropout_dnn", *FAST, "tune.n_trials=4", f"tune.output_dir={in_tmp / 'tuned-configs'}"])
+@pytest.fixture()
+def own_configs(in_tmp, monkeypatch):
+    """A copy of configs/ to write configs/tuned/ into (the checkout's stays untouched)."""
+    shutil.copytree(config_dir(), in_tmp / "configs")
+    monkeypatch.setenv("DLU_CONFIG_DIR", str(in_tmp / "configs"))
+    return in_tmp / "configs"
+
+
+def test_a_sweep_logs_nested_runs_and_its_best_config_retrains_to_the_same_nll(in_tmp, own_configs, capsys):
+    cfg = compose(["model=mc_dropout_dnn", *FAST, "tune.n_trials=4"])
     summary = tune(cfg)
     printed = capsys.readouterr().out
     assert re.search(r"trial 3 \[4/4\]  val_nll \d\.\d{4}  best \d\.\d{4} \(trial \d\)", printed)
@@ -64,10 +74,10 @@ def test_a_sweep_logs_nested_runs_and_its_best_config_retrains_to_the_same_nll(i
     assert set(summary.importances["val_nll"]) == set(study.best_params)
     assert summary.html.count("data:image/png;base64,") == 2
 
-    written = (in_tmp / "tuned-configs" / "tuned" / "mc_dropout_dnn.yaml").read_text()
+    written = (own_configs / "tuned" / "mc_dropout_dnn.yaml").read_text()
     assert written.startswith("# @package _global_\n") and "override /model: mc_dropout_dnn" in written
-    retrain = summary.retrain.removeprefix("python -m dl_uncertainty.train ").split()
-    proc = run_module("dl_uncertainty.train", *retrain, "experiment_name=retrain", cwd=in_tmp)
+    assert "python -m dl_uncertainty.train +tuned=mc_dropout_dnn" in printed
+    proc = run_module("dl_uncertainty.train", "+tuned=mc_dropout_dnn", "experiment_name=retrain", cwd=in_tmp)
     assert proc.returncode == 0, proc.stderr
     run_id = re.search(r"run ([0-9a-f]{32})", proc.stdout).group(1)
     assert client.get_run(run_id).data.metrics["best_val_nll"] == study.best_value  # exactly the same training
@@ -89,9 +99,9 @@ def test_a_lagging_trial_is_pruned_and_its_run_marked_killed(in_tmp):
     assert finish(sweep).counts == {"complete": 1, "pruned": 1}
 
 
-def test_two_objectives_give_a_pareto_front_and_no_pruning(in_tmp):
+def test_two_objectives_give_a_pareto_front_and_no_pruning(in_tmp, own_configs):
     cfg = compose(["model=mc_dropout_dnn", *FAST, "train.epochs=2", "tune.n_trials=3",
-                   "tune.objectives=[val_nll,val_ece]", f"tune.output_dir={in_tmp}"])
+                   "tune.objectives=[val_nll,val_ece]"])
     sweep = begin(cfg)
     work(sweep)
     summary = finish(sweep)
@@ -101,4 +111,4 @@ def test_two_objectives_give_a_pareto_front_and_no_pruning(in_tmp):
     assert summary.best_trial in front
     assert summary.best["val_nll"] == min(t.values[0] for t in study.best_trials)
     assert set(summary.importances) == {"val_nll", "val_ece"}
-    assert (in_tmp / "tuned" / "mc_dropout_dnn.yaml").is_file()
+    assert save_tuned(summary) == own_configs / "tuned" / "mc_dropout_dnn.yaml"
