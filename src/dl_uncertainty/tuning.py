@@ -286,7 +286,7 @@ def objective_values(cfg: DictConfig, result, val) -> dict[str, float]:
     return values
 
 
-def run_trial(trial: optuna.Trial, sweep: Sweep, space: dict[str, Param]) -> list[float]:
+def run_trial(trial: optuna.Trial, sweep: Sweep, space: dict[str, Param], worker: int = 0) -> list[float]:
     """Train one suggested config inside a nested MLflow run; prune on the per-epoch objective."""
     import mlflow
 
@@ -310,6 +310,7 @@ def run_trial(trial: optuna.Trial, sweep: Sweep, space: dict[str, Param]) -> lis
     with mlflow.start_run(run_name=f"{cfg.model.name}-trial-{trial.number}", parent_run_id=sweep.parent_run_id,
                           tags=tags) as run:
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        trial.set_user_attr("worker", worker)
         mlflow.log_params({key: _label(value) for key, value in values.items()})
         try:
             result = train_model(cfg, train, val, on_epoch=on_epoch, quiet=True)
@@ -364,6 +365,18 @@ def work(sweep: Sweep, worker: int = 0, workers: int = 1) -> int:
         finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
         print(progress_line(study, trial, finished, cfg.tune.n_trials), flush=True)
 
+    if worker > 0:
+        _leave_the_queue_to_worker_zero(study)
     if n:
-        study.optimize(lambda trial: run_trial(trial, sweep, space), n_trials=n, callbacks=[report])
+        study.optimize(lambda trial: run_trial(trial, sweep, space, worker), n_trials=n, callbacks=[report])
     return len(done)
+
+
+def _leave_the_queue_to_worker_zero(study: optuna.Study, timeout: float = 120.0) -> None:
+    """Wait until the queued (baseline) trial is taken: SQLite cannot lock the row, and two workers
+    could otherwise both take it and both train it."""
+    deadline = time.monotonic() + timeout
+    while study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
