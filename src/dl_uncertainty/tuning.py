@@ -3,7 +3,7 @@
 The search space is Hydra's sweep syntax per model family (``configs/tune/default.yaml``), turned
 into Optuna distributions here. ``begin`` creates the study and the parent MLflow run, ``work`` runs
 trials (one process, or many workers sharing the study's storage), ``finish`` (in ``sweep_report``)
-picks the best trial and writes it as a Hydra config. A trial is ``train_model`` on the trial's
+picks the best trial and turns it into a Hydra config. A trial is ``train_model`` on the trial's
 config, reporting the per-epoch validation NLL to the pruner through the loop's ``on_epoch`` hook.
 """
 
@@ -227,8 +227,10 @@ def begin(cfg: DictConfig) -> Sweep:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage(cfg.tune.storage), study_name=name, load_if_exists=True,
                                 directions=directions)
-    if study.user_attrs.get("objectives", list(cfg.tune.objectives)) != list(cfg.tune.objectives):
-        raise UserError(f"study {name!r} exists with other objectives; pick another tune.study_name")
+    for key, value in (("objectives", list(cfg.tune.objectives)), ("model", cfg.model.name)):
+        if study.user_attrs.get(key, value) != value:
+            raise UserError(f"study {name!r} exists for other {key} ({study.user_attrs[key]}); "
+                            "pick another tune.study_name")
     study.set_user_attr("objectives", list(cfg.tune.objectives))
     study.set_user_attr("model", cfg.model.name)
     started = [t for t in study.trials if t.state != optuna.trial.TrialState.WAITING]

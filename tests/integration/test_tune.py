@@ -9,6 +9,7 @@ import optuna
 import pytest
 
 from dl_uncertainty.config import config_dir
+from dl_uncertainty.errors import UserError
 from dl_uncertainty.sweep_report import finish, save_tuned
 from dl_uncertainty.tune import tune
 from dl_uncertainty.tuning import begin, compose, work
@@ -112,3 +113,16 @@ def test_two_objectives_give_a_pareto_front_and_no_pruning(in_tmp, own_configs):
     assert summary.best["val_nll"] == min(t.values[0] for t in study.best_trials)
     assert set(summary.importances) == {"val_nll", "val_ece"}
     assert save_tuned(summary) == own_configs / "tuned" / "mc_dropout_dnn.yaml"
+
+
+def test_a_named_study_continues_up_to_its_budget_and_keeps_to_its_model(in_tmp):
+    first = begin(compose(["model=mc_dropout_dnn", *FAST, "train.epochs=1", "tune.n_trials=2",
+                           "tune.study_name=shared"]))
+    work(first)
+    again = begin(compose(["model=mc_dropout_dnn", *FAST, "train.epochs=1", "tune.n_trials=3",
+                           "tune.study_name=shared"]))
+    assert (again.trials, again.parent_run_id) == (1, first.parent_run_id)  # the budget counts every trial
+    work(again)
+    assert len(optuna.load_study(study_name="shared", storage="sqlite:///optuna.db").trials) == 3
+    with pytest.raises(UserError, match="study 'shared' exists for other model"):
+        begin(compose(["model=bnn", *FAST, "tune.study_name=shared"]))
