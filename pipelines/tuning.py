@@ -79,6 +79,7 @@ def run_tuning_local(overrides: list[str], pipeline_root: str | Path = "local_ou
     from pipelines.local import _absolute_tracking_uri, _plain, _Tee
 
     warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")  # display names
     cfg = compose(overrides)  # a bad override or search range fails before any task starts
     uri = _absolute_tracking_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
     os.environ["MLFLOW_TRACKING_URI"] = uri
