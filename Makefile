@@ -20,7 +20,7 @@ TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 STACK_ENV := .stack/env
 WITH_STACK = $(if $(wildcard $(STACK_ENV)),source $(STACK_ENV) && echo "using the local stack ($(STACK_ENV)): $$MLFLOW_TRACKING_URI" &&,)
 
-.PHONY: help install test test-e2e lint format run compile train evaluate mlflow-ui bench pipeline-upload \
+.PHONY: help install test test-e2e lint format run compile train tune evaluate mlflow-ui bench pipeline-upload \
         pipeline-run stack-up stack-down stack-status clean
 
 help: ## list the targets
@@ -54,6 +54,9 @@ compile: $(INSTALLED) ## compile the pipeline to build/uncertainty_pipeline.yaml
 
 train: $(INSTALLED) ## train both models with plain Hydra (no KFP), logged to MLflow
 	@$(WITH_STACK) $(PY) -m dl_uncertainty.train --multirun model=bnn,mc_dropout_dnn $(OVERRIDES)
+
+tune: $(INSTALLED) ## Optuna sweep of bnn and mc_dropout_dnn; best configs in configs/tuned/ (+tuned=<model>)
+	@$(WITH_STACK) $(PY) -m dl_uncertainty.tune model=bnn,mc_dropout_dnn $(OVERRIDES)
 
 evaluate: $(INSTALLED) ## re-evaluate a logged model: make evaluate RUN_ID=<id>
 	@$(WITH_STACK) $(PY) -m dl_uncertainty.evaluate run_id=$(RUN_ID) $(OVERRIDES)

@@ -4,6 +4,8 @@
   run-local  run the whole pipeline here with kfp.local (--runner docker: in the image)
   upload     compile and upload to Kubeflow Pipelines (a new version if it exists)
   run        start a run of the latest uploaded version and wait for it
+
+compile, upload and run-local take --pipeline tuning for the Optuna sweep (tuning-pipeline).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import argparse
 import sys
 
 from dl_uncertainty.errors import UserError
+
+PIPELINES = ("uncertainty", "tuning")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                             ("run", "run the latest uploaded version and wait for it")):
         cmd = command(name, help_text)
         cmd.add_argument("--no-gpu", action="store_true", help="do not request GPUs (CPU image everywhere)")
-        cmd.add_argument("--output", default="build/uncertainty_pipeline.yaml", help="where the YAML goes")
+        cmd.add_argument("--output", default=None, help="where the YAML goes (build/<pipeline>_pipeline.yaml)")
+        if name != "run":
+            cmd.add_argument("--pipeline", choices=PIPELINES, default="uncertainty", help="which pipeline")
         if name != "compile":
             cmd.add_argument("--host", default="http://localhost:8080", help="KFP API / UI address")
         if name == "run":
@@ -42,7 +48,12 @@ def _parser() -> argparse.ArgumentParser:
                             "(make image-cpu), through Docker or podman's socket (DOCKER_HOST)")
     local.add_argument("--pipeline-root", default="local_outputs", help="where task outputs go")
     local.add_argument("--verbose", action="store_true", help="also print each task's executor-input JSON")
+    local.add_argument("--pipeline", choices=PIPELINES, default="uncertainty", help="which pipeline")
     return parser
+
+
+def _output(args: argparse.Namespace) -> str:
+    return args.output or f"build/{args.pipeline}_pipeline.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compile":
             from pipelines.compile import compile_pipeline
 
-            path = compile_pipeline(args.overrides, args.output, gpu=not args.no_gpu)
+            path = compile_pipeline(args.overrides, _output(args), gpu=not args.no_gpu, pipeline=args.pipeline)
             print(f"compiled {path}")
+        elif args.command == "run-local" and args.pipeline == "tuning":
+            from pipelines.tuning import run_tuning_local
+
+            if args.runner != "subprocess":
+                raise UserError("the tuning pipeline runs locally with --runner subprocess only; "
+                                "`make tune` runs the same study without KFP")
+
+            run_tuning_local(args.overrides, args.pipeline_root)
         elif args.command == "run-local":
             from pipelines.local import run_local
 
@@ -61,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.compile import compile_pipeline
             from pipelines.delivery import upload
 
-            upload(args.host, compile_pipeline(args.overrides, args.output, gpu=not args.no_gpu))
+            path = compile_pipeline(args.overrides, _output(args), gpu=not args.no_gpu, pipeline=args.pipeline)
+            upload(args.host, path, **({"name": "tuning-pipeline"} if args.pipeline == "tuning" else {}))
         else:
             from pipelines.delivery import run
 

@@ -9,11 +9,23 @@ from kfp import compiler
 from dl_uncertainty.config import load_config
 from pipelines.pipeline import build_pipeline
 
+PIPELINES = ("uncertainty", "tuning")
 
-def compile_pipeline(overrides: list[str], output: str | Path, *, gpu: bool = True) -> Path:
-    cfg = load_config(overrides)
+
+def compile_pipeline(overrides: list[str], output: str | Path, *, gpu: bool = True,
+                     pipeline: str = "uncertainty") -> Path:
+    """``pipeline``: ``uncertainty`` (train, evaluate, compare) or ``tuning`` (an Optuna sweep)."""
+    if pipeline == "tuning":
+        from dl_uncertainty.tuning import compose
+        from pipelines.tuning import build_tuning_pipeline
+
+        cfg = compose(overrides)  # search ranges allowed in the overrides
+        build = build_tuning_pipeline
+        overrides = [o for o in overrides if not o.startswith("model=")]  # the model is a parameter
+    else:
+        cfg, build = load_config(overrides), build_pipeline
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    pipeline = build_pipeline(cfg, cluster=True, gpu=gpu and cfg.pipeline.gpu, default_overrides=overrides)
-    compiler.Compiler().compile(pipeline, str(output))
+    func = build(cfg, cluster=True, gpu=gpu and cfg.pipeline.gpu, default_overrides=overrides)
+    compiler.Compiler().compile(func, str(output))
     return output

@@ -57,24 +57,24 @@ def run_parameters(cfg: DictConfig, overrides: list[str]) -> dict:
     }
 
 
-def upload(host: str, package_path: Path) -> dict:
+def upload(host: str, package_path: Path, name: str = PIPELINE_NAME) -> dict:
     """Create the pipeline, or add a version named after the commit; print and return the ids and UI URL."""
     host = host.rstrip("/")
     client = _client(host)
     with _kfp_errors(host):
-        pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
+        pipeline_id = client.get_pipeline_id(name)
         if pipeline_id is None:
-            pipeline_id = client.upload_pipeline(str(package_path), pipeline_name=PIPELINE_NAME).pipeline_id
+            pipeline_id = client.upload_pipeline(str(package_path), pipeline_name=name).pipeline_id
             version = _latest_version(client, pipeline_id)
-            print(f"created pipeline {PIPELINE_NAME}")
+            print(f"created pipeline {name}")
         else:
-            name = version_name()
-            version = _latest_version(client, pipeline_id, name)
+            tag = version_name()
+            version = _latest_version(client, pipeline_id, tag)
             if version:
-                print(f"version {name} of {PIPELINE_NAME} already exists (same commit); not uploading it again")
+                print(f"version {tag} of {name} already exists (same commit); not uploading it again")
             else:
-                version = client.upload_pipeline_version(str(package_path), name, pipeline_id=pipeline_id)
-                print(f"uploaded version {name} of {PIPELINE_NAME}")
+                version = client.upload_pipeline_version(str(package_path), tag, pipeline_id=pipeline_id)
+                print(f"uploaded version {tag} of {name}")
     url = f"{host}/#/pipelines/details/{pipeline_id}/version/{version.pipeline_version_id}"
     print(f"pipeline id: {pipeline_id}\nversion id:  {version.pipeline_version_id} ({version.display_name})\n{url}")
     return {"pipeline_id": pipeline_id, "version_id": version.pipeline_version_id,

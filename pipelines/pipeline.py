@@ -22,6 +22,39 @@ def _resources(task, cpu_request: str, cpu_limit: str, memory_request: str, memo
             .set_memory_request(memory_request).set_memory_limit(memory_limit))
 
 
+def task_settings(task, p: DictConfig, kind: str = "step", *, cluster: bool, gpu: bool, tracking_uri: str,
+                  image: "str | None" = None):
+    """What a task needs: MLflow's address; on a cluster also resources, GPU (kind="train"), retries,
+    the S3 endpoint and its credentials from a Secret. ``p`` is the ``pipeline`` config section;
+    ``image`` puts the task in that image (kfp.local's DockerRunner, where no GPU is asked for)."""
+    task.set_caching_options(False)
+    if image:
+        task.container_spec.image = image
+    if not cluster:
+        task.set_env_variable("MLFLOW_TRACKING_URI", tracking_uri)
+        return task
+    if kind == "train":
+        _resources(task, p.train_cpu_request, p.train_cpu_limit, p.train_memory_request, p.train_memory_limit)
+        if gpu:
+            task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(p.gpu_limit)
+            for key, value in p.gpu_node_selector.items():
+                kubernetes.add_node_selector(task, key, value)
+            if p.gpu_toleration_key:
+                kubernetes.add_toleration(task, key=p.gpu_toleration_key, operator="Exists",
+                                          effect="NoSchedule")
+        else:
+            task.container_spec.image = CPU_IMAGE  # no GPU: the CUDA image buys nothing
+    else:
+        _resources(task, p.step_cpu_request, p.step_cpu_limit, p.step_memory_request, p.step_memory_limit)
+    task.set_retry(num_retries=p.retries, backoff_duration="30s", backoff_factor=2)
+    task.set_env_variable("MLFLOW_TRACKING_URI", tracking_uri)
+    task.set_env_variable("AWS_ENDPOINT_URL", p.s3_endpoint_url)
+    task.set_env_variable("MLFLOW_S3_ENDPOINT_URL", p.s3_endpoint_url)
+    kubernetes.use_secret_as_env(task, secret_name=p.s3_secret, secret_key_to_env={
+        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
+    return task
+
+
 def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" = None,
                    mlflow_tracking_uri: "str | None" = None, default_overrides: "list[str] | None" = None,
                    image: "str | None" = None):
@@ -36,32 +69,7 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
     tracking_env = mlflow_tracking_uri or p.mlflow_tracking_uri
 
     def configure_task(task, kind: str = "step"):
-        task.set_caching_options(False)
-        if image:
-            task.container_spec.image = image
-        if not cluster:
-            task.set_env_variable("MLFLOW_TRACKING_URI", tracking_env)
-            return task
-        if kind == "train":
-            _resources(task, p.train_cpu_request, p.train_cpu_limit, p.train_memory_request, p.train_memory_limit)
-            if gpu:
-                task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(p.gpu_limit)
-                for key, value in p.gpu_node_selector.items():
-                    kubernetes.add_node_selector(task, key, value)
-                if p.gpu_toleration_key:
-                    kubernetes.add_toleration(task, key=p.gpu_toleration_key, operator="Exists",
-                                              effect="NoSchedule")
-            else:
-                task.container_spec.image = CPU_IMAGE  # no GPU: the CUDA image buys nothing
-        else:
-            _resources(task, p.step_cpu_request, p.step_cpu_limit, p.step_memory_request, p.step_memory_limit)
-        task.set_retry(num_retries=p.retries, backoff_duration="30s", backoff_factor=2)
-        task.set_env_variable("MLFLOW_TRACKING_URI", tracking_env)
-        task.set_env_variable("AWS_ENDPOINT_URL", p.s3_endpoint_url)
-        task.set_env_variable("MLFLOW_S3_ENDPOINT_URL", p.s3_endpoint_url)
-        kubernetes.use_secret_as_env(task, secret_name=p.s3_secret, secret_key_to_env={
-            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
-        return task
+        return task_settings(task, p, kind, cluster=cluster, gpu=gpu, tracking_uri=tracking_env, image=image)
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="Train a torchbnn BNN, an MC-Dropout DNN and a deep ensemble, measure and "

@@ -6,6 +6,9 @@
 #                       kubeflow (KFP launcher via kfp-launcher providers, pipeline steps),
 #                       with the SAME values in both
 #   mlflow-postgres     key POSTGRES_PASSWORD, in namespace dlu
+#   optuna-postgres     key OPTUNA_DB_PASSWORD, in namespace dlu (PostgreSQL creates the role
+#                       "optuna" with it) and in namespace kubeflow (tuning-pipeline steps log
+#                       in with it), with the SAME value in both
 #
 # Idempotent: an existing Secret is never regenerated, so a redeploy does not rotate the
 # credentials under a running MinIO/PostgreSQL. The copy in kubeflow is (re)synchronised from
@@ -19,6 +22,7 @@ app_ns="${DLU_NAMESPACE:-dlu}"
 kfp_ns="${KFP_NAMESPACE:-kubeflow}"
 s3_secret="dlu-s3-credentials"
 pg_secret="mlflow-postgres"
+optuna_secret="optuna-postgres"
 
 for tool in openssl base64; do
   command -v "$tool" >/dev/null 2>&1 || { echo "ensure-secrets: '$tool' not found on PATH" >&2; exit 1; }
@@ -40,20 +44,26 @@ create_from_env() {  # namespace name ; env lines on stdin
   echo "ensure-secrets: created secret $1/$2"
 }
 
-apply_b64() {  # namespace name key1 b64value1 key2 b64value2
-  "$kubectl" apply -f - >/dev/null <<YAML
+apply_b64() {  # namespace name key1 b64value1 [key2 b64value2 ...]
+  local ns="$1" name="$2"
+  shift 2
+  {
+    cat <<YAML
 apiVersion: v1
 kind: Secret
 type: Opaque
 metadata:
-  name: $2
-  namespace: $1
+  name: $name
+  namespace: $ns
   labels:
     app.kubernetes.io/part-of: dl-uncertainty
 data:
-  $3: $4
-  $5: $6
 YAML
+    while [ "$#" -gt 0 ]; do
+      printf '  %s: %s\n' "$1" "$2"
+      shift 2
+    done
+  } | "$kubectl" apply -f - >/dev/null
 }
 
 for ns in "$app_ns" "$kfp_ns"; do
@@ -95,4 +105,25 @@ if ! exists "$app_ns" "$pg_secret"; then
     | create_from_env "$app_ns" "$pg_secret"
 fi
 
-echo "ensure-secrets: secrets present ($app_ns/$s3_secret, $kfp_ns/$s3_secret, $app_ns/$pg_secret)"
+# Optuna's database password: dlu is the source of truth, kubeflow gets a copy.
+if ! exists "$app_ns" "$optuna_secret"; then
+  if exists "$kfp_ns" "$optuna_secret"; then
+    apply_b64 "$app_ns" "$optuna_secret" OPTUNA_DB_PASSWORD "$(key_b64 "$kfp_ns" "$optuna_secret" OPTUNA_DB_PASSWORD)"
+    echo "ensure-secrets: copied secret $kfp_ns/$optuna_secret to $app_ns"
+  else
+    printf 'OPTUNA_DB_PASSWORD=%s\n' "$(openssl rand -hex 24)" | create_from_env "$app_ns" "$optuna_secret"
+  fi
+fi
+optuna_b64="$(key_b64 "$app_ns" "$optuna_secret" OPTUNA_DB_PASSWORD)"
+if [ -z "$optuna_b64" ]; then
+  echo "ensure-secrets: $app_ns/$optuna_secret lacks OPTUNA_DB_PASSWORD" >&2
+  exit 1
+fi
+if ! exists "$kfp_ns" "$optuna_secret" \
+   || [ "$(key_b64 "$kfp_ns" "$optuna_secret" OPTUNA_DB_PASSWORD)" != "$optuna_b64" ]; then
+  apply_b64 "$kfp_ns" "$optuna_secret" OPTUNA_DB_PASSWORD "$optuna_b64"
+  echo "ensure-secrets: synchronised secret $kfp_ns/$optuna_secret from $app_ns"
+fi
+
+echo "ensure-secrets: secrets present ($app_ns/$s3_secret, $kfp_ns/$s3_secret, $app_ns/$pg_secret," \
+  "$app_ns/$optuna_secret, $kfp_ns/$optuna_secret)"

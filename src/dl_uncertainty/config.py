@@ -64,6 +64,12 @@ class TrainConfig:
     epochs: int = 60
     early_stopping_patience: int = 15  # epochs without val NLL improvement; 0 disables
     label_smoothing: float = 0.0
+    loss: str = "ce"  # ce | focal
+    focal_gamma: float = 2.0  # focal: down-weights examples the model already gets right
+    focal_alpha: float = 1.0  # focal: weight of the whole loss
+    mixup_alpha: float = 0.0  # Beta(a, a) mixing weight of two examples; 0 = off
+    cutmix_alpha: float = 0.0  # Beta(a, a) share of an image kept when pasting a box of another; 0 = off
+    mix_prob: float = 1.0  # share of batches mixed when mixup or cutmix is on
     val_mc_samples: int = 10
     checkpoint_dir: str | None = None  # default: checkpoints/<model name>
     resume: bool = False
@@ -78,6 +84,22 @@ class EvaluateConfig:
     winner_metric: str = "nll"
     winner_mode: str = "min"  # min | max
     registered_model_name: str = "dl-uncertainty"
+
+
+@dataclass
+class TuneConfig:
+    n_trials: int = 10  # the study's budget: trials, across every worker
+    objectives: list[str] = field(default_factory=lambda: ["val_nll"])  # two or more: multi-objective
+    sampler: str = "tpe"  # tpe | random | nsga2
+    startup_trials: int = 4  # random trials before TPE models the space, and before pruning starts
+    pruner: str = "median"  # median | hyperband | none (single objective only)
+    warmup_epochs: int = 10  # the first epochs of a trial, never pruned
+    storage: str = "sqlite:///optuna.db"
+    study_name: str | None = None  # null: a new study <model>-<date>; a name: create or continue it
+    workers: int = 2  # tuning-pipeline: parallel trial workers
+    # model family -> {config key: Hydra sweep: interval(a, b), int(interval(a, b)), range(a, b, step=s),
+    # choice(x, y, ...), tag(log, interval(a, b))}
+    space: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,6 +121,8 @@ class PipelineConfig:
     mlflow_tracking_uri: str = "http://mlflow.dlu.svc.cluster.local:5000"
     s3_endpoint_url: str = "http://minio.dlu.svc.cluster.local:9000"
     s3_secret: str = "dlu-s3-credentials"
+    tune_storage: str = "postgresql+psycopg2://optuna@mlflow-postgres.dlu.svc.cluster.local:5432/optuna"
+    tune_secret: str = "optuna-postgres"  # Kubernetes Secret with PGPASSWORD for tune_storage
 
 
 @dataclass
@@ -108,6 +132,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     experiment_name: str = "dl-uncertainty"
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -183,7 +208,7 @@ def to_json(cfg: DictConfig) -> str:
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:
-    """``{"model.name": "bnn", ...}`` for MLflow params."""
+    """``{"model.name": "bnn", ...}`` for MLflow params (without the search space of ``tune``)."""
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -193,7 +218,7 @@ def flatten(cfg: DictConfig) -> dict[str, Any]:
         else:
             out[prefix[:-1]] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "tune"}, "")
     return out
 
 
@@ -213,6 +238,23 @@ def _check(ok: bool, message: str) -> None:
 
 def _one_of(value: Any, key: str, allowed: tuple) -> None:
     _check(value in allowed, f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+OBJECTIVES = {"val_nll": "minimize", "val_acc": "maximize", "val_ece": "minimize"}
+
+
+def _validate_tune(u: DictConfig) -> None:
+    _check(u.n_trials >= 1, f"tune.n_trials must be >= 1, got {u.n_trials}")
+    _check(len(u.objectives) >= 1, "tune.objectives must name at least one metric")
+    _check(len(set(u.objectives)) == len(u.objectives), "tune.objectives must not repeat a metric")
+    for name in u.objectives:
+        _one_of(name, "tune.objectives[]", tuple(OBJECTIVES))
+    _one_of(u.sampler, "tune.sampler", ("tpe", "random", "nsga2"))
+    _one_of(u.pruner, "tune.pruner", ("median", "hyperband", "none"))
+    _check(u.startup_trials >= 0, "tune.startup_trials must be >= 0")
+    _check(u.warmup_epochs >= 0, "tune.warmup_epochs must be >= 0")
+    _check(u.workers >= 1, f"tune.workers must be >= 1, got {u.workers}")
+    _check(bool(u.storage), "tune.storage must be a database URL, e.g. sqlite:///optuna.db")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -244,6 +286,15 @@ def validate(cfg: DictConfig) -> None:
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _check(t.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0")
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+    _one_of(t.loss, "train.loss", ("ce", "focal"))
+    _check(t.focal_gamma >= 0, f"train.focal_gamma must be >= 0, got {t.focal_gamma}")
+    _check(t.focal_alpha > 0, f"train.focal_alpha must be > 0, got {t.focal_alpha}")
+    _check(t.mixup_alpha >= 0, f"train.mixup_alpha must be >= 0 (0 = off), got {t.mixup_alpha}")
+    _check(t.cutmix_alpha >= 0, f"train.cutmix_alpha must be >= 0 (0 = off), got {t.cutmix_alpha}")
+    _check(0 < t.mix_prob <= 1, f"train.mix_prob must be in (0, 1], got {t.mix_prob}")
+    _check(t.cutmix_alpha == 0 or bool(d.image_shape) or m.arch == "cnn",
+           "train.cutmix_alpha > 0 needs image data: set data.image_shape (or model.arch=cnn on images), "
+           "or use train.mixup_alpha")
     _check(t.val_mc_samples >= 1, f"train.val_mc_samples must be >= 1, got {t.val_mc_samples}")
     _check(e.mc_samples >= 1, f"evaluate.mc_samples must be >= 1, got {e.mc_samples}")
     _one_of(e.strategy, "evaluate.strategy", ("auto", "loop", "repeat", "lrt"))
@@ -254,6 +305,7 @@ def validate(cfg: DictConfig) -> None:
     for name in cfg.pipeline.models:
         _one_of(name, "pipeline.models[]", MODEL_NAMES)
     _check(cfg.pipeline.retries >= 0, "pipeline.retries must be >= 0")
+    _validate_tune(cfg.tune)
     _check(
         cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
         f"device={cfg.device!r} is not auto, cpu, cuda or cuda:N",

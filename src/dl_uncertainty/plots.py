@@ -311,3 +311,47 @@ def training_curves(
         ax.set_visible(False)
     fig.suptitle(title)
     return fig
+
+
+def optimization_history(
+    trials: Sequence[Mapping[str, Any]],
+    objectives: Mapping[str, str],
+    title: str = "Optimisation history",
+) -> Figure:
+    """Each objective per trial, with the best so far; pruned trials at their last reported value.
+
+    ``trials``: ``{"number", "state": complete|pruned|..., "values": {objective: value}}`` dicts;
+    ``objectives``: name -> ``minimize`` | ``maximize``.
+    """
+    fig = Figure(figsize=(6.4, 3.4 * len(objectives)), layout="constrained")
+    axes = np.array(fig.subplots(len(objectives), 1, squeeze=False)).ravel()
+    for ax, (name, direction) in zip(axes, objectives.items(), strict=True):
+        done = [(t["number"], t["values"][name]) for t in trials if t["state"] == "complete"]
+        cut = [(t["number"], t["values"][name]) for t in trials
+               if t["state"] == "pruned" and name in t["values"]]
+        if done:
+            x, y = np.array(done).T
+            best = np.minimum.accumulate(y) if direction == "minimize" else np.maximum.accumulate(y)
+            ax.plot(x, y, "o", color="tab:blue", label="complete trial")
+            ax.step(x, best, where="post", color="tab:red", label="best so far")
+        if cut:
+            ax.plot(*np.array(cut).T, "x", color="grey", label="pruned (last epoch)")
+        ax.set(xlabel="trial", ylabel=f"{name} ({direction})", title=name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def param_importances(importances: Mapping[str, Mapping[str, float]], title: str = "Parameter importance") -> Figure:
+    """Horizontal bars of each parameter's share of the objective's variance, one panel per objective."""
+    fig = Figure(figsize=(6.4, 0.5 + 0.45 * max(len(v) for v in importances.values()) * len(importances)),
+                 layout="constrained")
+    axes = np.array(fig.subplots(len(importances), 1, squeeze=False)).ravel()
+    for ax, (name, values) in zip(axes, importances.items(), strict=True):
+        params = sorted(values, key=values.get)
+        ax.barh(params, [values[p] for p in params], color="tab:blue")
+        ax.set(xlabel="importance (fANOVA, sums to 1)", title=name, xlim=(0, 1))
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(title)
+    return fig

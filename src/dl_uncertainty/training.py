@@ -1,4 +1,4 @@
-"""Training: ELBO for the BNN, cross-entropy for MC-Dropout and ensemble members.
+"""Training: the ELBO for the BNN, the data loss alone for MC-Dropout and ensemble members.
 
 Small datasets live on the device as tensors and are batched by index (no DataLoader); every
 epoch ends with a checkpoint, so ``train.resume=true`` continues exactly where a run stopped.
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .data import Split
 from .errors import UserError
+from .losses import Mix, mix_batch, mixed_loss
 from .models import Ensemble, get_model, is_bayesian, kl_divergence, resolve_device
 from .predict import predict_log_probs
 
@@ -67,22 +67,22 @@ def kl_scale(model_cfg: DictConfig, epoch: int, n_train: int) -> float:
     return model_cfg.kl_weight * warmup / n_train
 
 
-def loss_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, kl_w: float) -> dict:
-    """The training objective and its parts for one batch."""
+def loss_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, kl_w: float,
+               mix: Mix | None = None) -> dict:
+    """The training objective and its parts for one batch (``mix``: the batch after mixup/cutmix)."""
+    inputs = x if mix is None else mix.x
     if isinstance(model, Ensemble):
-        logits = model.member_logits(x)
+        logits = model.member_logits(inputs)
         members = logits.shape[0]
-        nll = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), y.repeat(members),
-            label_smoothing=cfg.train.label_smoothing,
-        ) * members  # sum of the members' mean losses: each member learns as if alone
+        partner = None if mix is None else Mix(mix.x, mix.y_partner.repeat(members), mix.lam)
+        nll = mixed_loss(logits.reshape(-1, logits.shape[-1]).float(), y.repeat(members), partner,
+                         cfg.train) * members  # sum of the members' mean losses: each learns as if alone
         return {"loss": nll, "nll": nll / members}
-    logits = model(x).float()
-    if is_bayesian(model):
-        nll = F.cross_entropy(logits, y)
+    logits = model(inputs).float()
+    nll = mixed_loss(logits, y, mix, cfg.train)
+    if is_bayesian(model):  # the ELBO: the same data term plus the scaled KL
         kl = kl_divergence(model).squeeze()
         return {"loss": nll + kl_w * kl, "nll": nll, "kl": kl}
-    nll = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
     return {"loss": nll, "nll": nll}
 
 
@@ -120,8 +120,13 @@ def train_model(
     *,
     on_epoch: EpochCallback | None = None,
     checkpoint_dir: str | Path | None = None,
+    quiet: bool = False,
 ) -> TrainResult:
-    """Train ``cfg.model`` on ``train`` with early stopping on the val NLL; return the best weights."""
+    """Train ``cfg.model`` on ``train`` with early stopping on the val NLL; return the best weights.
+
+    ``on_epoch(epoch, metrics)`` sees every epoch's metrics (MLflow logging, pruning: an exception
+    it raises ends the training); ``quiet`` drops the per-epoch line.
+    """
     seed_everything(cfg.seed)
     set_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
@@ -151,7 +156,7 @@ def train_model(
         shuffle.set_state(state["shuffle_rng"])
         print(f"resuming {cfg.model.name} from {checkpoints.path} after epoch {state['epoch']}")
 
-    interactive = sys.stderr.isatty()
+    interactive = sys.stderr.isatty() and not quiet
     seen, busy = 0, 0.0
     epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.train.epochs + 1):
@@ -168,8 +173,9 @@ def train_model(
         tic = time.perf_counter()
         for start in bar:
             idx = order[start : start + batch]
+            mix = mix_batch(x[idx], y[idx], cfg.train, train.schema.feature_shape)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                terms = loss_terms(model, x[idx], y[idx], cfg, kl_w)
+                terms = loss_terms(model, x[idx], y[idx], cfg, kl_w, mix)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()
             scaler.step(optimizer)
@@ -198,7 +204,8 @@ def train_model(
             bad_epochs += 1
         line = (f"{cfg.model.name} epoch {epoch:3d}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"val_acc {metrics['val_acc']:.4f}  val_nll {metrics['val_nll']:.4f}")
-        (tqdm.write if interactive else print)(line)
+        if not quiet:
+            (tqdm.write if interactive else print)(line)
         if on_epoch:
             on_epoch(epoch, metrics)
         if checkpoints:

@@ -296,12 +296,40 @@ def test_network_policies():
     assert kubeflow in sources("minio-api")
     assert kubeflow in sources("mlflow")
     assert sources("mlflow-postgres") == [
-        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}},
+        {  # tuning-pipeline steps reach Optuna's database; KFP's own services do not
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}},
+            "podSelector": {"matchLabels": {"pipelines.kubeflow.org/v2_component": "true"}},
+        },
     ]
     # Every pod we run in dlu is selected by some allow policy or is a pure client.
     assert policies["mlflow-postgres"]["podSelector"]["matchLabels"] == {
         "app.kubernetes.io/name": "mlflow-postgres"
     }
+
+
+def test_postgres_creates_optunas_database_for_the_tuning_pipeline():
+    from sqlalchemy.engine import make_url
+
+    from dl_uncertainty.config import load_config
+
+    objs = render(K8S_DIR / "dlu")
+    pg = _objects_by(objs, "StatefulSet", "mlflow-postgres")
+    container = _container(pg, "postgres")
+    env = {e["name"]: e for e in container["env"]}
+    assert env["OPTUNA_DB_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "optuna-postgres", "key": "OPTUNA_DB_PASSWORD"}
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/docker-entrypoint-initdb.d")
+    volume = next(v for v in pod_spec(pg)["volumes"] if v["name"] == mount["name"])
+    script = _objects_by(objs, "ConfigMap", volume["configMap"]["name"])["data"]["10-optuna.sh"]
+    assert "-v ON_ERROR_STOP=1" in script and ":'pw'" in script  # the password as a quoted psql literal
+    for statement in ("CREATE ROLE optuna LOGIN", "CREATE DATABASE optuna OWNER optuna"):
+        assert re.search(rf"'{statement}' WHERE NOT EXISTS .*\\gexec", script), statement  # idempotent
+    # the pipeline's study storage is that database, as that user, without a password
+    url = make_url(load_config().pipeline.tune_storage)
+    assert (url.host, url.port, url.database, url.username, url.password) == (
+        "mlflow-postgres.dlu.svc.cluster.local", 5432, "optuna", "optuna", None)
+    assert [p["port"] for p in _objects_by(objs, "Service", "mlflow-postgres")["spec"]["ports"]] == [5432]
 
 
 # ------------------------------------------------------------------ security

@@ -121,18 +121,24 @@ def test_creates_once_and_never_rotates(fake_kube):
         "dlu/dlu-s3-credentials",
         "kubeflow/dlu-s3-credentials",
         "dlu/mlflow-postgres",
+        "dlu/optuna-postgres",
+        "kubeflow/optuna-postgres",
     }
     s3 = secrets["dlu/dlu-s3-credentials"]
     assert set(s3) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert len(s3["AWS_ACCESS_KEY_ID"]) == 20 and len(s3["AWS_SECRET_ACCESS_KEY"]) == 40
     assert secrets["kubeflow/dlu-s3-credentials"] == s3
     assert len(secrets["dlu/mlflow-postgres"]["POSTGRES_PASSWORD"]) == 48
+    optuna = secrets["dlu/optuna-postgres"]
+    assert set(optuna) == {"OPTUNA_DB_PASSWORD"} and len(optuna["OPTUNA_DB_PASSWORD"]) == 48
+    assert secrets["kubeflow/optuna-postgres"] == optuna
+    assert optuna["OPTUNA_DB_PASSWORD"] != secrets["dlu/mlflow-postgres"]["POSTGRES_PASSWORD"]
 
     second = fake_kube.run()
     assert second.returncode == 0, second.stderr
     assert fake_kube.secrets() == secrets, "a redeploy must not rotate credentials"
 
-    values = [*s3.values(), secrets["dlu/mlflow-postgres"]["POSTGRES_PASSWORD"]]
+    values = [*s3.values(), secrets["dlu/mlflow-postgres"]["POSTGRES_PASSWORD"], optuna["OPTUNA_DB_PASSWORD"]]
     encoded = [base64.b64encode(v.encode()).decode() for v in values]
     for value in values + encoded:
         assert value not in fake_kube.argv(), "a secret value reached a command line"
@@ -142,7 +148,7 @@ def test_creates_once_and_never_rotates(fake_kube):
 def test_resyncs_kubeflow_copy_from_dlu(fake_kube):
     assert fake_kube.run().returncode == 0
     secrets = fake_kube.secrets()
-    raw = {k: v for k, v in secrets.items() if k != "kubeflow/dlu-s3-credentials"}
+    raw = {k: v for k, v in secrets.items() if not k.startswith("kubeflow/")}
     fake_kube.set_state(
         secrets={
             k: {"data": {kk: base64.b64encode(vv.encode()).decode() for kk, vv in v.items()}}

@@ -45,6 +45,11 @@ def test_defaults_are_the_documented_ones():
         ("model=nope", "model/nope"),
         ("data.missing=guess", "data.missing"),
         ("device=tpu", "device"),
+        ("train.loss=hinge", "train.loss"),
+        ("train.focal_gamma=-1", "train.focal_gamma"),
+        ("train.focal_alpha=0", "train.focal_alpha"),
+        ("train.mixup_alpha=-0.2", "train.mixup_alpha"),
+        ("train.mix_prob=0", "train.mix_prob"),
     ],
 )
 def test_bad_config_is_a_user_error_naming_the_key(override, needle):
