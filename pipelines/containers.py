@@ -92,21 +92,22 @@ def run_task_container(client, image: str, command: list[str], volumes: dict, **
         for chunk in container.logs(stream=True, follow=True):
             streamed += chunk
             # whole lines only: kfp.local indents every print, which would split a line in two
-            printed = _print_lines(streamed, printed)
+            text, printed = whole_lines(streamed, printed)
+            if text:
+                print(text, end="")
         code = container.wait()["StatusCode"]
         whole = container.logs()  # the stream can end before the last lines of a short task
-        _print_lines(whole if len(whole) > len(streamed) else streamed, printed, final=True)
+        if text := whole_lines(whole if len(whole) > len(streamed) else streamed, printed, final=True)[0]:
+            print(text, end="")
         return code
     finally:
         container.remove(force=True)
 
 
-def _print_lines(log: bytes, start: int, final: bool = False) -> int:
-    """Print ``log[start:]`` up to its last newline (or all of it when ``final``); return the new start."""
-    end = len(log) if final else log.rfind(b"\n", start) + 1
-    if end > start:
-        print(log[start:end].decode(errors="replace"), end="")
-    return max(end, start)
+def whole_lines(log: bytes, start: int, final: bool = False) -> tuple[str, int]:
+    """``log[start:]`` up to its last newline (all of it when ``final``), and where the rest starts."""
+    end = max(len(log) if final else log.rfind(b"\n", start) + 1, start)
+    return log[start:end].decode(errors="replace"), end
 
 
 def use_task_containers() -> None:

@@ -102,14 +102,13 @@ def test_docker_runner_with_the_stack_down_is_one_line(tmp_path):
     assert f"cannot reach the MLflow tracking server at {uri}" in out.stderr
 
 
-def test_container_logs_are_printed_in_whole_lines(capsys):
-    from pipelines.containers import _print_lines
+def test_container_logs_are_printed_in_whole_lines():
+    from pipelines.containers import whole_lines
 
     log, printed, seen = b"", 0, []
     for chunk in (b"epoch 1 do", b"ne\nValueError: ba", b"d thing\nno newline"):
         log += chunk
-        printed = _print_lines(log, printed)
-        seen.append(capsys.readouterr().out)
-    _print_lines(log, printed, final=True)
+        text, printed = whole_lines(log, printed)
+        seen.append(text)
     assert seen == ["", "epoch 1 done\n", "ValueError: bad thing\n"]
-    assert capsys.readouterr().out == "no newline"
+    assert whole_lines(log, printed, final=True) == ("no newline", len(log))
