@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("the tuning pipeline runs locally with --runner subprocess only; "
                                 "`make tune` runs the same study without KFP")
 
-            run_tuning_local(args.overrides, args.pipeline_root)
+            run_tuning_local(args.overrides, args.pipeline_root, verbose=args.verbose)
         elif args.command == "run-local":
             from pipelines.local import run_local
 

@@ -12,6 +12,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from components.images import CPU_IMAGE
@@ -35,11 +36,25 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs",
     ``runner="subprocess"`` runs each task as a process in this environment; ``"docker"`` runs it
     in the project image (``make image-cpu``) through Docker or podman's Docker-compatible socket.
     """
+    cfg = load_config(overrides)  # fail on a bad override before any task starts
+    run_dir, uri, seconds, log = execute(
+        cfg, PIPELINE_NAME, pipeline_root, verbose, runner,
+        lambda task_uri, image: build_pipeline(cfg, cluster=False, mlflow_tracking_uri=task_uri,
+                                               default_overrides=overrides, image=image))
+    _summary(run_dir, uri, seconds, log.task_times(list(cfg.pipeline.models)))
+    return run_dir
+
+
+def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: str,
+            build: Callable[[str, str | None], Callable]) -> tuple[Path, str, float, _Tee]:
+    """Run the pipeline ``build(tracking_uri, image)`` returns under kfp.local, after checking
+    MLflow (and, for ``runner="docker"``, the engine and the image) before any work.
+    Returns the run's folder, the tracking URI, the seconds it took and its log."""
     from kfp import local
 
     # Our tasks name the project image; under the subprocess runner they run in this venv instead.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
-    cfg = load_config(overrides)  # fail on a bad override before any task starts
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")  # display names
     uri = _absolute_tracking_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     check_reachable(uri)
@@ -52,7 +67,7 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs",
     setup(cfg)  # create the store and experiment once: parallel tasks would race to do it
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    before = set(root.glob(f"{PIPELINE_NAME}-*"))
+    before = set(root.glob(f"{name}-*"))
     with contextlib.ExitStack() as stack:
         task_uri, task_runner = uri, local.SubprocessRunner(use_venv=False)
         if runner == "docker":
@@ -64,8 +79,7 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs",
             containers.use_task_containers()
             print(f"running every task in {image} ({os.environ['DOCKER_HOST']}), MLflow at {task_uri}")
         local.init(runner=task_runner, pipeline_root=str(root), raise_on_error=True)
-        pipeline = build_pipeline(cfg, cluster=False, mlflow_tracking_uri=task_uri, default_overrides=overrides,
-                                  image=image)
+        pipeline = build(task_uri, image)
         tic = time.perf_counter()
         log = _Tee(sys.stdout, verbose)
         try:
@@ -79,12 +93,10 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs",
                 raise
             raise UserError(f"task {log.current()!r}: the container engine failed: {_plain(str(err))[:300]} "
                             f"{log.cause()}Rerun with --verbose to see every task's log.") from None
-    new = sorted(set(root.glob(f"{PIPELINE_NAME}-*")) - before)
+    new = sorted(set(root.glob(f"{name}-*")) - before)
     if not new:
         raise UserError(f"the local run left no outputs under {root}")
-    run_dir = new[-1]
-    _summary(run_dir, uri, time.perf_counter() - tic, log.task_times(list(cfg.pipeline.models)))
-    return run_dir
+    return new[-1], uri, time.perf_counter() - tic, log
 
 
 class _Tee(io.TextIOBase):

@@ -4,11 +4,7 @@ Every worker runs trials of one Optuna study in shared RDB storage (PostgreSQL i
 SQLite under kfp.local); setup creates the study first, since concurrent schema creation races.
 """
 
-import contextlib
-import os
 import sys
-import time
-import warnings
 from pathlib import Path
 
 from kfp import dsl, kubernetes
@@ -17,7 +13,6 @@ from omegaconf import DictConfig
 from components.tune_report import tune_report
 from components.tune_setup import tune_setup
 from components.tune_trials import tune_trials
-from dl_uncertainty.errors import UserError
 from pipelines.pipeline import task_settings
 
 TUNING_PIPELINE_NAME = "tuning-pipeline"
@@ -70,37 +65,19 @@ def build_tuning_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: bool | 
     return tuning_pipeline
 
 
-def run_tuning_local(overrides: list[str], pipeline_root: str | Path = "local_outputs") -> Path:
+def run_tuning_local(overrides: list[str], pipeline_root: str | Path = "local_outputs", verbose: bool = False) -> Path:
     """Run ``tuning-pipeline`` with kfp.local (SQLite study, local MLflow); return the run's folder."""
-    from kfp import local
-
-    from dl_uncertainty.tracking import DEFAULT_URI, setup
     from dl_uncertainty.tuning import compose
-    from pipelines.local import _absolute_tracking_uri, _plain, _Tee
+    from pipelines.local import _absolute_tracking_uri, execute
 
-    warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
-    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")  # display names
     cfg = compose(overrides)  # a bad override or search range fails before any task starts
-    uri = _absolute_tracking_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    setup(cfg)  # create the MLflow store once: parallel tasks would race to do it
-    root = Path(pipeline_root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    before = set(root.glob(f"{TUNING_PIPELINE_NAME}-*"))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     rest = [o for o in overrides if not o.startswith("model=")]  # the model is a pipeline parameter
-    pipeline = build_tuning_pipeline(cfg, cluster=False, mlflow_tracking_uri=uri,
-                                     study_storage=_absolute_tracking_uri(cfg.tune.storage), default_overrides=rest)
-    tic = time.perf_counter()
-    log = _Tee(sys.stdout)  # task logs without kfp's executor-input JSON
-    try:
-        with contextlib.redirect_stdout(log):
-            pipeline()
-        log.flush()
-    except RuntimeError as err:
-        raise UserError(f"{_plain(str(err))} {log.cause()}See the task's log above.") from None
-    run_dir = sorted(set(root.glob(f"{TUNING_PIPELINE_NAME}-*")) - before)[-1]
-    sys.stdout.write(f"\n{TUNING_PIPELINE_NAME} finished in {time.perf_counter() - tic:.0f} s; outputs in {run_dir}\n"
+    storage = _absolute_tracking_uri(cfg.tune.storage)
+    run_dir, _, seconds, _ = execute(
+        cfg, TUNING_PIPELINE_NAME, pipeline_root, verbose, "subprocess",
+        lambda uri, _image: build_tuning_pipeline(cfg, cluster=False, mlflow_tracking_uri=uri,
+                                                  study_storage=storage, default_overrides=rest))
+    sys.stdout.write(f"\n{TUNING_PIPELINE_NAME} finished in {seconds:.0f} s; outputs in {run_dir}\n"
                      f"  best config {run_dir / 'tune-report' / 'tuned'} (save as configs/tuned/{cfg.model.name}.yaml"
                      f" to re-train it with +tuned={cfg.model.name})\n  report {run_dir / 'tune-report' / 'report'}\n")
     return run_dir
