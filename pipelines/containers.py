@@ -1,23 +1,15 @@
 """Run the pipeline's tasks in the project image: kfp.local's DockerRunner on Docker or podman.
 
-Containers share the host's network, so MLflow at 127.0.0.1 (`make stack-up`, or a temporary
-server on the local sqlite store) is reachable from them as it is from here.
+Containers share the host's network, so MLflow at 127.0.0.1 (`make stack-up`, or
+``dl_uncertainty.tracking.serve_local_store``) is reachable from them as it is from here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.tracking import ARTIFACT_DIR
 
 # What a task may need from this shell besides MLFLOW_TRACKING_URI (set per task): S3 data.
 PASSED_ENV = ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
@@ -115,51 +107,3 @@ def use_task_containers() -> None:
     from kfp.local import docker_task_handler
 
     docker_task_handler.run_docker_container = run_task_container
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve_sqlite_store(uri: str, timeout: float = 90.0):
-    """An MLflow server on the local sqlite store for the containers, for as long as the run lasts.
-
-    Yields ``(http_uri, artifact_dir)``: local experiments keep their artifacts in a folder next to
-    the database, which the containers mount at the same path.
-    """
-    database = Path(uri.removeprefix("sqlite:///"))
-    artifacts = database.parent / ARTIFACT_DIR
-    artifacts.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", uri, "--artifacts-destination", str(artifacts)]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        http = f"http://127.0.0.1:{port}"
-        try:
-            _wait_healthy(http, server, log, timeout)
-            yield http, artifacts
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-
-
-def _wait_healthy(http: str, server: subprocess.Popen, log, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            log.seek(0)
-            last = (log.read().decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
-            raise UserError(f"the MLflow server for the containers exited at start-up: {last}")
-        with contextlib.suppress(OSError):
-            urllib.request.urlopen(f"{http}/health", timeout=2).read()
-            return
-        time.sleep(0.3)
-    raise UserError(f"the MLflow server for the containers did not answer at {http} in {timeout:.0f} s")

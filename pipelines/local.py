@@ -18,7 +18,7 @@ from pathlib import Path
 from components.images import CPU_IMAGE
 from dl_uncertainty.config import load_config
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.tracking import DEFAULT_URI, check_reachable, setup
+from dl_uncertainty.tracking import DEFAULT_URI, check_reachable, serve_local_store, setup
 from pipelines.pipeline import PIPELINE_NAME, build_pipeline
 
 
@@ -73,7 +73,7 @@ def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: st
         if runner == "docker":
             mounts = []
             if uri.startswith("sqlite:"):  # containers cannot open our sqlite file: serve it
-                task_uri, artifacts = stack.enter_context(containers.serve_sqlite_store(uri))
+                task_uri, artifacts = stack.enter_context(serve_local_store(uri))
                 mounts.append(str(artifacts))
             task_runner = containers.runner(mounts)
             containers.use_task_containers()

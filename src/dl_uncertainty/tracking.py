@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -45,6 +48,51 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, "
             "or unset MLFLOW_TRACKING_URI to use the local sqlite:///mlflow.db"
         ) from None
+
+
+@contextmanager
+def serve_local_store(uri: str, timeout: float = 90.0):
+    """An ``mlflow server`` on a local sqlite store, for clients that cannot open the file (containers).
+
+    Yields ``(http_uri, artifact_dir)``: the server proxies artifacts into the folder beside the
+    database, where local experiments keep theirs.
+    """
+    database = Path(uri.removeprefix("sqlite:///"))
+    artifacts = database.parent / ARTIFACT_DIR
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", uri, "--artifacts-destination", str(artifacts)]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        http = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(http, server, log, timeout)
+            yield http, artifacts
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def _wait_healthy(http: str, server: subprocess.Popen, log, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            log.seek(0)
+            last = (log.read().decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"the MLflow server on {http} exited at start-up: {last}")
+        try:
+            urllib.request.urlopen(f"{http}/health", timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise UserError(f"the MLflow server did not answer at {http} within {timeout:.0f} s")
 
 
 def setup(cfg: DictConfig) -> str:
