@@ -16,7 +16,7 @@ RUNNER ?= subprocess
 # On a GPU machine: TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
-# `make stack-up` leaves the stack's addresses here; run, train, evaluate and the e2e tests use them.
+# `make stack-up` leaves the stack's addresses here; run, train, tune and evaluate use them.
 STACK_ENV := .stack/env
 WITH_STACK = $(if $(wildcard $(STACK_ENV)),source $(STACK_ENV) && echo "using the local stack ($(STACK_ENV)): $$MLFLOW_TRACKING_URI" &&,)
 

@@ -144,7 +144,7 @@ export AWS_DEFAULT_REGION=us-east-1
 ENV
   )
   say "up: MLflow $mlflow (PostgreSQL 127.0.0.1:$pg_port, artifacts in s3://mlflow), S3 $s3"
-  say "use it:  source $state/env   (make run, train and evaluate use it while it is up)"
+  say "use it:  source $state/env   (make run, train, tune and evaluate use it while it is up)"
 }
 
 down() {
