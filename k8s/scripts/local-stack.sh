@@ -9,7 +9,8 @@
 #   local-stack.sh status   say what is running
 #
 # Environment: STACK_DIR (default .stack), STACK_MLFLOW_PORT (5050), STACK_S3_PORT (9000),
-# STACK_PG_PORT (55432), VENV (.venv: mlflow, moto_server, psycopg2), PG_BIN (initdb's folder).
+# STACK_PG_PORT (55432), VENV (.venv: mlflow, moto_server, psycopg), PG_BIN (initdb's folder).
+# A failed `up` stops whatever it started, so nothing half-started stays behind.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 state=$(realpath -m "${STACK_DIR:-$root/.stack}")
@@ -23,11 +24,11 @@ say() { echo "stack: $*"; }
 die() { echo "stack: error: $*" >&2; exit 1; }
 
 pg_bin() {
-  if [ -n "${PG_BIN:-}" ]; then echo "$PG_BIN"; return; fi
+  if [ -n "${PG_BIN:-}" ]; then echo "$PG_BIN"; return 0; fi
   local found
   found=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
-  [ -n "$found" ] && { echo "$found"; return; }
-  command -v initdb >/dev/null && { dirname "$(command -v initdb)"; return; }
+  [ -n "$found" ] && { echo "$found"; return 0; }
+  command -v initdb >/dev/null && { dirname "$(command -v initdb)"; return 0; }
   die "PostgreSQL not found; install it (apt-get install postgresql) or set PG_BIN"
 }
 
@@ -35,8 +36,8 @@ pg_bin() {
 # that account can reach (the state folder may sit under a private one, such as /tmp/pytest-of-root).
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 pg_dir() {
-  if [ -f "$state/pgdir" ]; then cat "$state/pgdir"; return; fi
-  [ -d "$state" ] || { echo "$state/postgres"; return; }
+  if [ -f "$state/pgdir" ]; then cat "$state/pgdir"; return 0; fi
+  [ -d "$state" ] || { echo "$state/postgres"; return 0; }
   local dir=$state/postgres
   if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$state"; then
     dir=$(mktemp -d -t dlu-stack-pg-XXXXXX)
@@ -97,6 +98,7 @@ up_postgres() {
 
 up() {
   mkdir -p "$state"
+  trap 'status=$?; if [ "$status" != 0 ]; then down >/dev/null 2>&1; fi; exit "$status"' EXIT
   [ -x "$venv/bin/mlflow" ] || die "no mlflow in $venv; run \`make install\` first"
   [ -x "$venv/bin/moto_server" ] || die "no moto_server in $venv; run \`make install\` (dev extras)"
   command -v curl >/dev/null || die "curl not found; install it"

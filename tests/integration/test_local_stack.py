@@ -87,20 +87,21 @@ def test_up_again_is_a_no_op_and_status_says_running(stack):
     assert all(f"{name} running" in status.stdout for name in ("mlflow", "s3", "postgres"))
 
 
-def test_a_busy_port_is_one_line_naming_the_setting(tmp_path):
+def test_a_busy_port_is_one_line_naming_the_setting_and_nothing_stays_running(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         env = {"STACK_DIR": str(tmp_path / "state"), "VENV": str(Path(sys.executable).parents[1]),
-               "STACK_MLFLOW_PORT": str(free_port()), "STACK_S3_PORT": str(busy.getsockname()[1]),
+               "STACK_MLFLOW_PORT": str(busy.getsockname()[1]), "STACK_S3_PORT": str(free_port()),
                "STACK_PG_PORT": str(free_port())}
-        try:
-            out = _stack("up", env)
-        finally:
-            _stack("down", env)
+        out = _stack("up", env)  # PostgreSQL and S3 start before MLflow's port is checked
     assert out.returncode != 0
-    assert out.stderr.strip() == f"stack: error: port {env['STACK_S3_PORT']} is in use; set STACK_S3_PORT to a free one"
-    assert not (tmp_path / "state").exists()  # down removed what up had started
+    assert out.stderr.strip() == (f"stack: error: port {env['STACK_MLFLOW_PORT']} is in use; "
+                                  "set STACK_MLFLOW_PORT to a free one")
+    assert not (tmp_path / "state").exists()  # the failed up stopped what it had started
+    for port in (env["STACK_S3_PORT"], env["STACK_PG_PORT"]):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", int(port)), timeout=2)
 
 
 def test_down_stops_everything_and_deletes_the_state(tmp_path):
