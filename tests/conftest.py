@@ -14,6 +14,7 @@ from dl_uncertainty.config import load_config
 from dl_uncertainty.data import prepare
 
 REPO = Path(__file__).resolve().parents[1]
+os.environ.pop("DLU_TUNE_STORAGE", None)  # set by `make stack-up`'s env; tests choose their storage
 VENV_BIN = Path(sys.executable).parent
 
 TINY = [

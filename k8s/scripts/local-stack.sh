@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The cluster's service stack on one machine, with the same servers and flags that k8s/ deploys:
-#   PostgreSQL  MLflow's backend store (Debian's postgresql; user and database "mlflow")
+#   PostgreSQL  MLflow's backend store (Debian's postgresql; user and database "mlflow"), and
+#               Optuna's database made by k8s/dlu/10-optuna.sh, the cluster's own init script
 #   S3          moto's HTTP S3 server standing in for MinIO, buckets as the MinIO job makes them
 #   MLflow      k8s/dlu/mlflow-server.sh, the launcher the cluster's Deployment runs
 #
@@ -45,6 +46,7 @@ pg_dir() {
   echo "$dir" | tee "$state/pgdir"
 }
 
+random() { od -An -N16 -tx1 /dev/urandom | tr -d ' \n'; }
 alive() { [ -f "$state/$1.pid" ] && kill -0 "$(cat "$state/$1.pid")" 2>/dev/null; }
 healthy() { curl -fs -o /dev/null --max-time 2 "$1"; }
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -94,6 +96,9 @@ up_postgres() {
     as_pg "${sql[@]}" -c "CREATE ROLE mlflow LOGIN PASSWORD '$PG_PASSWORD'" \
       -c "CREATE DATABASE mlflow OWNER mlflow" >/dev/null
   fi
+  PATH="$bin:$PATH" PGHOST="$pg/run" PGPORT=$pg_port POSTGRES_USER=postgres POSTGRES_DB=postgres \
+    OPTUNA_DB_PASSWORD=$OPTUNA_PASSWORD as_pg sh "$root/k8s/dlu/10-optuna.sh" >/dev/null \
+    || die "creating Optuna's database failed (k8s/dlu/10-optuna.sh)"
 }
 
 up() {
@@ -103,9 +108,9 @@ up() {
   [ -x "$venv/bin/moto_server" ] || die "no moto_server in $venv; run \`make install\` (dev extras)"
   command -v curl >/dev/null || die "curl not found; install it"
   if [ -f "$state/secrets" ]; then . "$state/secrets"; else
-    PG_PASSWORD=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-    S3_SECRET=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-    (umask 077; printf 'PG_PASSWORD=%s\nS3_SECRET=%s\n' "$PG_PASSWORD" "$S3_SECRET" >"$state/secrets")
+    PG_PASSWORD=$(random) S3_SECRET=$(random) OPTUNA_PASSWORD=$(random)
+    (umask 077; printf 'PG_PASSWORD=%s\nS3_SECRET=%s\nOPTUNA_PASSWORD=%s\n' \
+      "$PG_PASSWORD" "$S3_SECRET" "$OPTUNA_PASSWORD" >"$state/secrets")
   fi
   up_postgres
 
@@ -143,9 +148,10 @@ export AWS_ENDPOINT_URL=$s3
 export AWS_ACCESS_KEY_ID=dlu
 export AWS_SECRET_ACCESS_KEY=$S3_SECRET
 export AWS_DEFAULT_REGION=us-east-1
+export DLU_TUNE_STORAGE=postgresql+psycopg2://optuna:$OPTUNA_PASSWORD@127.0.0.1:$pg_port/optuna
 ENV
   )
-  say "up: MLflow $mlflow (PostgreSQL 127.0.0.1:$pg_port, artifacts in s3://mlflow), S3 $s3"
+  say "up: MLflow $mlflow (PostgreSQL 127.0.0.1:$pg_port, artifacts in s3://mlflow), S3 $s3, Optuna studies in PostgreSQL"
   say "use it:  source $state/env   (make run, train, tune and evaluate use it while it is up)"
 }
 

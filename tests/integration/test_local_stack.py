@@ -19,7 +19,7 @@ import boto3
 import mlflow
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, run_module
 
 SCRIPT = REPO / "k8s" / "scripts" / "local-stack.sh"
 
@@ -76,6 +76,24 @@ def test_a_run_lands_in_postgres_and_its_artifacts_in_s3(stack, tmp_path, monkey
                            env={**os.environ, "PGPASSWORD": password}, capture_output=True, text=True)
     assert query.returncode == 0, query.stderr
     assert float(query.stdout.strip()) == 0.25
+
+
+def test_a_sweep_shares_its_study_through_the_stacks_postgres(stack, tmp_path):
+    """Optuna's database comes from k8s/dlu/10-optuna.sh, the script the cluster's PostgreSQL runs."""
+    import optuna
+
+    from dl_uncertainty.config import config_dir
+
+    _, values = stack
+    assert values["DLU_TUNE_STORAGE"].startswith("postgresql+psycopg2://optuna:")
+    shutil.copytree(config_dir(), tmp_path / "configs")  # configs/tuned/ is written there
+    out = run_module("dl_uncertainty.tune", "model=mc_dropout_dnn", "tune.n_trials=2", "train.epochs=2",
+                     "train.early_stopping_patience=0", "train.val_mc_samples=3", "experiment_name=stack-tune",
+                     cwd=tmp_path, env={**values, "DLU_CONFIG_DIR": str(tmp_path / "configs")}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    studies = optuna.get_all_study_summaries(storage=values["DLU_TUNE_STORAGE"])
+    assert [s.n_trials for s in studies] == [2]
+    assert (tmp_path / "configs" / "tuned" / "mc_dropout_dnn.yaml").is_file()
 
 
 def test_up_again_is_a_no_op_and_status_says_running(stack):

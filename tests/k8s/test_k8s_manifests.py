@@ -322,6 +322,9 @@ def test_postgres_creates_optunas_database_for_the_tuning_pipeline():
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/docker-entrypoint-initdb.d")
     volume = next(v for v in pod_spec(pg)["volumes"] if v["name"] == mount["name"])
     script = _objects_by(objs, "ConfigMap", volume["configMap"]["name"])["data"]["10-optuna.sh"]
+    # one init script for the cluster and for `make stack-up` (tests/integration runs it for real)
+    assert script == (K8S_DIR / "dlu" / "10-optuna.sh").read_text()
+    assert "k8s/dlu/10-optuna.sh" in (K8S_DIR / "scripts" / "local-stack.sh").read_text()
     assert "-v ON_ERROR_STOP=1" in script and ":'pw'" in script  # the password as a quoted psql literal
     for statement in ("CREATE ROLE optuna LOGIN", "CREATE DATABASE optuna OWNER optuna"):
         assert re.search(rf"'{statement}' WHERE NOT EXISTS .*\\gexec", script), statement  # idempotent
