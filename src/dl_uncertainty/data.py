@@ -337,7 +337,9 @@ def to_rows(images: np.ndarray, schema: Schema) -> np.ndarray:
 # ---------------------------------------------------------------- files
 
 
-def save_split(split: Split, path: str | Path) -> None:
+def save_split(split: Split, path: str | Path, shown_as: str | Path | None = None) -> None:
+    if not np.isfinite(split.x).all():  # checked here so that no caller can write NaN splits
+        raise UserError(f"refusing to write {shown_as or path}: its features hold NaN or infinite values")
     schema = json.dumps(asdict(split.schema))
     with open(path, "wb") as fh:  # np.savez would append ".npz" to a path without it
         np.savez_compressed(fh, x=split.x, y=split.y, schema=np.array(schema))
@@ -371,9 +373,7 @@ def save_splits(splits: dict[str, Split], folder: str | Path) -> dict[str, Path]
     try:  # all or nothing: no split file unless every split was written
         folder.mkdir(parents=True, exist_ok=True)
         for name, split in splits.items():
-            if not np.isfinite(split.x).all():
-                raise UserError(f"refusing to write {paths[name]}: its features hold NaN or infinite values")
-            save_split(split, temps[name])
+            save_split(split, temps[name], shown_as=paths[name])
         for name in splits:
             os.replace(temps[name], paths[name])
     except OSError as err:
