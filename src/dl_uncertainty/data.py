@@ -140,8 +140,8 @@ def _read_csv(path: str, cfg: DictConfig) -> tuple[pd.DataFrame, pd.Series]:
             f"label column {label_column!r} not in {path} (columns found with separator {sep!r}: "
             f"{', '.join(map(str, frame.columns[:10]))}); set data.label_column or data.separator"
         )
-    labels = frame.pop(label_column)
-    blank = labels.isna() | (labels.str.strip() == "")
+    labels = frame.pop(label_column).str.strip()
+    blank = labels.isna() | (labels == "")
     if blank.any():
         if cfg.blank_labels == "error":
             raise UserError(
