@@ -21,8 +21,9 @@ def preprocess(
 
     cfg = pick_config(open(config.path).read())
     splits = prepare_splits(cfg.data, cfg.seed)
+    report = eda_html(splits)  # before any split is written: a failure leaves no split behind
     for name, artifact in {"train": train, "val": val, "test": test, "ood": ood}.items():
         save_split(splits[name], artifact.path)
         artifact.metadata.update({"examples": len(splits[name].y), "classes": splits[name].schema.class_names})
     with open(eda_report.path, "w") as fh:
-        fh.write(eda_html(splits))
+        fh.write(report)

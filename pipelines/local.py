@@ -17,6 +17,7 @@ from pathlib import Path
 
 from components.images import CPU_IMAGE
 from dl_uncertainty.config import load_config
+from dl_uncertainty.data import load_raw
 from dl_uncertainty.errors import UserError
 from dl_uncertainty.tracking import DEFAULT_URI, check_reachable, serve_local_store, setup
 from pipelines.pipeline import PIPELINE_NAME, build_pipeline
@@ -37,6 +38,7 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs",
     in the project image (``make image-cpu``) through Docker or podman's Docker-compatible socket.
     """
     cfg = load_config(overrides)  # fail on a bad override before any task starts
+    load_raw(cfg.data)  # and on data that cannot be read (a missing file, S3 credentials, a bad CSV)
     run_dir, uri, seconds, log = execute(
         cfg, PIPELINE_NAME, pipeline_root, verbose, runner,
         lambda task_uri, image: build_pipeline(cfg, cluster=False, mlflow_tracking_uri=task_uri,

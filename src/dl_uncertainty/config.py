@@ -6,6 +6,7 @@ fix the keys and types, so a typo in an override fails before any work, naming t
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,6 +29,10 @@ class DataConfig:
     source: str = "digits"  # digits | csv | npz
     path: str | None = None  # csv/npz: a local path or s3://bucket/key
     label_column: str = "label"
+    encoding: str = "utf-8"  # csv: the file's text encoding, e.g. latin-1
+    separator: str | None = None  # csv: comma | semicolon | tab | one character; null = sniffed from the header
+    blank_labels: str = "error"  # csv: error | drop (rows without a label)
+    non_finite: str = "error"  # error | drop (rows) | as_missing (handled by data.missing)
     ood_classes: list[str] = field(default_factory=lambda: ["8", "9"])
     image_shape: list[int] | None = None  # e.g. [1, 8, 8]; digits sets it, CSV may
     val_fraction: float = 0.15
@@ -265,6 +270,14 @@ def validate(cfg: DictConfig) -> None:
     _one_of(d.missing, "data.missing", ("drop", "mean", "median", "ffill"))
     _one_of(d.outliers, "data.outliers", ("none", "iqr", "zscore"))
     _one_of(d.scaling, "data.scaling", ("none", "standard", "minmax", "global"))
+    _one_of(d.blank_labels, "data.blank_labels", ("error", "drop"))
+    _one_of(d.non_finite, "data.non_finite", ("error", "drop", "as_missing"))
+    _check(d.separator in (None, "comma", "semicolon", "tab") or len(d.separator) == 1,
+           f"data.separator must be comma, semicolon, tab or one character, got {d.separator!r}")
+    try:
+        codecs.lookup(d.encoding)
+    except LookupError:
+        raise UserError(f"data.encoding={d.encoding!r} is not a known text encoding, e.g. utf-8 or latin-1") from None
     _check(d.outlier_threshold > 0, "data.outlier_threshold must be > 0")
     for key in ("val_fraction", "test_fraction"):
         _check(0 < d[key] < 1, f"data.{key} must be in (0, 1), got {d[key]}")

@@ -6,6 +6,7 @@ Imputation, outlier bounds and scaling are fitted on the training split only.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -93,21 +94,61 @@ def upload_file(local: str, uri: str) -> None:
         raise UserError(f"cannot upload {local} to {uri}: {err}") from None
 
 
-def _read_csv(path: str, label_column: str) -> tuple[pd.DataFrame, pd.Series]:
+def _decode(raw: bytes, path: str, encoding: str) -> str:
     try:
-        frame = pd.read_csv(io.BytesIO(read_bytes(path)))
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        if b"\0" in raw[:4096]:
+            raise UserError(f"{path} is a binary file, not a CSV") from None
+        raise UserError(
+            f"{path} is not {encoding} text (byte {err.start}); set data.encoding, e.g. data.encoding=latin-1"
+        ) from None
+    if "\0" in text[:4096]:
+        raise UserError(f"{path} is a binary file, not a CSV (or set data.encoding, e.g. utf-16)")
+    return text
+
+
+SEPARATORS = {"comma": ",", "semicolon": ";", "tab": "\t"}
+
+
+def _separator(text: str, separator: str | None) -> str:
+    """``data.separator``, else whichever of , ; tab the header line holds most of."""
+    if separator:
+        return SEPARATORS.get(separator, separator)
+    header = text.lstrip("\ufeff").split("\n", 1)[0]
+    return max((",", ";", "\t"), key=header.count)
+
+
+def _read_csv(path: str, cfg: DictConfig) -> tuple[pd.DataFrame, pd.Series]:
+    text = _decode(read_bytes(path), path, cfg.encoding)
+    sep = _separator(text, cfg.separator)
+    try:
+        header = next(csv.reader(io.StringIO(text), delimiter=sep), [])
+        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype={cfg.label_column: str})
     except pd.errors.EmptyDataError:
         raise UserError(f"{path} is empty") from None
-    except pd.errors.ParserError as err:
+    except (pd.errors.ParserError, csv.Error) as err:
         raise UserError(f"{path} is not a valid CSV: {str(err).splitlines()[0]}") from None
+    duplicated = sorted({c for c in header if header.count(c) > 1})
+    if duplicated:
+        raise UserError(f"{path} has duplicated column names {duplicated}; rename them")
     if frame.empty:
         raise UserError(f"{path} has a header but no rows")
+    label_column = cfg.label_column
     if label_column not in frame.columns:
         raise UserError(
-            f"label column {label_column!r} not in {path} (columns: {', '.join(map(str, frame.columns[:10]))}); "
-            "set data.label_column"
+            f"label column {label_column!r} not in {path} (columns found with separator {sep!r}: "
+            f"{', '.join(map(str, frame.columns[:10]))}); set data.label_column or data.separator"
         )
-    labels = frame.pop(label_column)
+    labels = frame.pop(label_column).str.strip()
+    blank = labels.isna() | (labels == "")
+    if blank.any():
+        if cfg.blank_labels == "error":
+            raise UserError(
+                f"{int(blank.sum())} rows of {path} have a blank {label_column!r} (first on line "
+                f"{int(np.flatnonzero(blank)[0]) + 2}); fill them or set data.blank_labels=drop"
+            )
+        frame, labels = frame[~blank].reset_index(drop=True), labels[~blank].reset_index(drop=True)
     bad = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if bad:
         raise UserError(f"feature column {bad[0]!r} in {path} is not numeric")
@@ -125,7 +166,7 @@ def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
         frame = pd.DataFrame(digits.data)
         return frame, digits.target.astype(str), list(cfg.image_shape or [64])
     if cfg.source == "csv":
-        frame, labels = _read_csv(cfg.path, cfg.label_column)
+        frame, labels = _read_csv(cfg.path, cfg)
         return frame, labels.astype(str).to_numpy(), list(cfg.image_shape or [frame.shape[1]])
     try:
         with np.load(io.BytesIO(read_bytes(cfg.path)), allow_pickle=False) as npz:
@@ -143,6 +184,23 @@ def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
 
 
 # ---------------------------------------------------------------- cleaning
+
+
+def _non_finite(frame: pd.DataFrame, labels: np.ndarray, cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    """Infinite feature values: an error, dropped rows, or missing values (``data.non_finite``)."""
+    inf = np.isinf(frame.to_numpy())
+    if not inf.any():
+        return frame, labels
+    if cfg.non_finite == "error":
+        per_column = inf.sum(axis=0)
+        raise UserError(
+            f"{cfg.path or cfg.source} has {int(inf.sum())} infinite values (column {frame.columns[per_column.argmax()]!r} "
+            f"has {int(per_column.max())}); fix the data or set data.non_finite=drop or data.non_finite=as_missing"
+        )
+    if cfg.non_finite == "drop":
+        keep = ~inf.any(axis=1)
+        return frame[keep].reset_index(drop=True), labels[keep]
+    return frame.mask(inf), labels
 
 
 def _fit_cleaning(train: pd.DataFrame, cfg: DictConfig) -> dict:
@@ -194,6 +252,7 @@ def _fit_scaling(x: np.ndarray, method: str) -> dict:
 def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
     """Raw data -> cleaned, stratified train/val/test splits plus the held-out OOD classes."""
     frame, labels, feature_shape = load_raw(cfg)
+    frame, labels = _non_finite(frame, labels, cfg)
     if int(np.prod(feature_shape)) != frame.shape[1]:
         raise UserError(f"data.image_shape={feature_shape} does not match {frame.shape[1]} features")
     if cfg.missing == "drop":
@@ -240,6 +299,11 @@ def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
             y = np.array([ood_index[v] for v in labels[part]], dtype=np.int64)
         else:
             y = y_in[np.searchsorted(rows, part)]
+        if not np.isfinite(x).all():
+            raise UserError(
+                f"the {name} split has {int((~np.isfinite(x)).sum())} non-finite values after cleaning "
+                f"(data.missing={cfg.missing}); choose another data.missing or data.scaling"
+            )
         schema = Schema(feature_shape, class_names, ood_names, cfg.source, {**stats, **counts})
         splits[name] = Split(x, y, schema)
     return splits
@@ -273,7 +337,9 @@ def to_rows(images: np.ndarray, schema: Schema) -> np.ndarray:
 # ---------------------------------------------------------------- files
 
 
-def save_split(split: Split, path: str | Path) -> None:
+def save_split(split: Split, path: str | Path, shown_as: str | Path | None = None) -> None:
+    if not np.isfinite(split.x).all():  # checked here so that no caller can write NaN splits
+        raise UserError(f"refusing to write {shown_as or path}: its features hold NaN or infinite values")
     schema = json.dumps(asdict(split.schema))
     with open(path, "wb") as fh:  # np.savez would append ".npz" to a path without it
         np.savez_compressed(fh, x=split.x, y=split.y, schema=np.array(schema))
@@ -302,11 +368,20 @@ def load_split(path: str | Path, expect: Schema | None = None) -> Split:
 
 def save_splits(splits: dict[str, Split], folder: str | Path) -> dict[str, Path]:
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, split in splits.items():
-        paths[name] = folder / f"{name}.npz"
-        save_split(split, paths[name])
+    paths = {name: folder / f"{name}.npz" for name in splits}
+    temps = {name: folder / f".{name}.npz.partial" for name in splits}
+    try:  # all or nothing: no split file unless every split was written
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, split in splits.items():
+            save_split(split, temps[name], shown_as=paths[name])
+        for name in splits:
+            os.replace(temps[name], paths[name])
+    except OSError as err:
+        raise UserError(f"cannot write the splits to {folder}: {err.strerror or err}") from None
+    finally:
+        for temp in temps.values():
+            if temp.is_file():
+                temp.unlink()
     return paths
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 F = TypeVar("F", bound=Callable)
@@ -13,9 +15,29 @@ F = TypeVar("F", bound=Callable)
 class UserError(Exception):
     """Bad config, bad data or an unreachable service: one sentence saying what and where."""
 
+    exit_code = 2
+
+
+class Interrupted(UserError):
+    """Ctrl-C: said in one line, exit status 130 like any interrupted command."""
+
+    exit_code = 130
+
+
+def check_writable(folder: str | Path, key: str) -> Path:
+    """Create ``folder`` if needed and check a file can be written there, before any work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to {folder} ({err.strerror or err}); set {key} to a writable folder") from None
+    return folder
+
 
 def exit_on_user_error(fn: F) -> F:
-    """Print a UserError as one line on stderr and exit 2 instead of showing a traceback."""
+    """Print a UserError (or Ctrl-C) as one line on stderr and exit non-zero instead of a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -23,6 +45,9 @@ def exit_on_user_error(fn: F) -> F:
             return fn(*args, **kwargs)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
 
     return wrapper  # type: ignore[return-value]

@@ -9,9 +9,11 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from .data import prepare, save_splits
+from .errors import check_writable
 
 
 def _task(cfg: DictConfig) -> None:
+    check_writable(cfg.data_dir, "data_dir")  # before any work
     splits = prepare(cfg.data, cfg.seed)
     for name, path in save_splits(splits, cfg.data_dir).items():
         print(f"{name:5s} {len(splits[name].y):6d} examples -> {path}")

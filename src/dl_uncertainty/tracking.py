@@ -133,7 +133,11 @@ def start_run(cfg: DictConfig):
         sha = git_sha()
         mlflow.set_tags({"model_type": cfg.model.name, **({"git_sha": sha} if sha else {})})
         mlflow.log_params(flatten(cfg))
-        yield run
+        try:
+            yield run
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")  # stopped by the user, not a failure
+            raise
 
 
 class UncertaintyModel(mlflow.pyfunc.PythonModel):

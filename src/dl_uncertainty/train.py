@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
+from .errors import Interrupted, check_writable
+
 if TYPE_CHECKING:  # torch and MLflow load only when there is work: --help and bad input stay fast
     from torch import nn
 
@@ -35,25 +37,31 @@ def train_and_log(
     from . import tracking
     from .data import prepare
     from .plots import training_curves
-    from .training import train_model
+    from .training import Checkpointer, train_model
 
+    checkpoint_dir = checkpoint_dir or cfg.train.checkpoint_dir or Path("checkpoints") / cfg.model.name
+    check_writable(checkpoint_dir, "train.checkpoint_dir")
     if train is None or val is None:
         splits = prepare(cfg.data, cfg.seed)
         train, val = splits["train"], splits["val"]
-    checkpoint_dir = checkpoint_dir or cfg.train.checkpoint_dir or Path("checkpoints") / cfg.model.name
-    with tracking.start_run(cfg) as run:
-        result = train_model(
-            cfg, train, val,
-            on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch),
-            checkpoint_dir=checkpoint_dir,
-        )
-        mlflow.log_metrics({
-            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-            "best_val_acc": result.best["val_acc"], "best_val_nll": result.best["val_nll"],
-            "train_samples_per_second": result.samples_per_second,
-        })
-        mlflow.log_figure(training_curves(result.history), "figures/training_curves.png")
-        tracking.log_model(result.model, cfg, train.schema, train.x)
+    try:
+        with tracking.start_run(cfg) as run:
+            result = train_model(
+                cfg, train, val,
+                on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch),
+                checkpoint_dir=checkpoint_dir,
+            )
+            mlflow.log_metrics({
+                "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                "best_val_acc": result.best["val_acc"], "best_val_nll": result.best["val_nll"],
+                "train_samples_per_second": result.samples_per_second,
+            })
+            mlflow.log_figure(training_curves(result.history), "figures/training_curves.png")
+            tracking.log_model(result.model, cfg, train.schema, train.x)
+    except KeyboardInterrupt:  # the MLflow run ended KILLED; one line instead of a traceback
+        last = Checkpointer(checkpoint_dir).path
+        where = f"the checkpoint is at {last}; resume with train.resume=true" if last.is_file() else "no epoch finished"
+        raise Interrupted(f"interrupted; {where}") from None
     return TrainedRun(run.info.run_id, result.model, result)
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .data import Split
-from .errors import UserError
+from .errors import UserError, check_writable
 from .losses import Mix, mix_batch, mixed_loss
 from .models import Ensemble, get_model, is_bayesian, kl_divergence, resolve_device
 from .predict import predict_log_probs
@@ -96,7 +96,7 @@ class Checkpointer:
     """``last.pt`` after every epoch: weights, optimizer, RNG states, history, best-so-far."""
 
     def __init__(self, folder: str | Path):
-        self.path = Path(folder) / "last.pt"
+        self.path = check_writable(folder, "train.checkpoint_dir") / "last.pt"
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,8 +148,14 @@ def train_model(
     if state is not None:
         if state["model_config"] != OmegaConf.to_container(cfg.model, resolve=True):
             raise UserError(f"checkpoint {checkpoints.path} was written for a different model config")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError):
+            raise UserError(
+                f"checkpoint {checkpoints.path} was written for data with other features or classes; "
+                "delete it or set train.resume=false"
+            ) from None
         history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
         start_epoch = state["epoch"] + 1
         torch.set_rng_state(state["rng"])

@@ -1,6 +1,11 @@
 """The command lines, in fresh processes: the happy path and one clear line for each bad input."""
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import mlflow
 import pytest
@@ -63,3 +68,58 @@ def test_multirun_trains_both_models_then_evaluate_logs_to_the_same_run(tmp_path
     assert metrics["avg_test_uncertainty"] > 0
     artifacts = {a.path for a in client.list_artifacts(run_ids[0], "reports")}
     assert "reports/evaluation.html" in artifacts
+
+
+def _csv(n=40, features=2) -> str:
+    header = ",".join([*(f"f{j}" for j in range(features)), "label"])
+    return header + "\n" + "".join(",".join([*(str((i * (j + 3)) % 7) for j in range(features)), str(i % 2)]) + "\n"
+                                   for i in range(n))
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("température,label\n".encode("latin-1") + b"1,0\n" * 20, "t.csv is not utf-8 text"),
+        (b"PK\x03\x04\x00\x00\xff\xfe" * 50, "binary file, not a CSV"),
+        (_csv().replace("\n3,", "\ninf,", 1).encode(), "1 infinite values (column 'f0' has 1)"),
+        (b"a,label,label\n" + b"1,0,0\n2,1,1\n" * 10, "duplicated column names ['label']"),
+        (_csv().replace(",1\n", ",\n", 3).encode(), "3 rows of t.csv have a blank 'label'"),
+    ],
+)
+def test_bad_csv_gives_one_line_and_writes_no_split(tmp_path, content, needle):
+    (tmp_path / "t.csv").write_bytes(content)
+    proc = run_module("dl_uncertainty.preprocess", "data=csv", "data.path=t.csv", "data_dir=out", cwd=tmp_path, timeout=120)
+    assert needle in _one_line_error(proc)
+    assert not any((tmp_path / "out").glob("*"))
+
+
+def test_unwritable_output_and_checkpoint_folders_fail_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = run_module("dl_uncertainty.preprocess", "data_dir=file/out", cwd=tmp_path, timeout=120)
+    assert "cannot write to file/out" in _one_line_error(proc) and "data_dir" in proc.stderr
+    proc = run_module("dl_uncertainty.train", *TINY, "train.checkpoint_dir=file/ck", cwd=tmp_path, timeout=120)
+    assert "set train.checkpoint_dir" in _one_line_error(proc)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_ctrl_c_ends_the_run_killed_and_resuming_on_other_data_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    args = [*TINY, "train.epochs=500", "train.checkpoint_dir=ck"]
+    proc = subprocess.Popen([sys.executable, "-m", "dl_uncertainty.train", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "ck" / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    stderr = "\n".join(ln for ln in stderr.splitlines() if " INFO mlflow." not in ln)  # a new mlflow.db says so
+    line = _one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    assert proc.returncode == 130
+    assert f"interrupted; the checkpoint is at {os.path.join('ck', 'last.pt')}; resume with train.resume=true" in line
+    runs = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["0", "1"])
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+    (tmp_path / "t.csv").write_text(_csv(features=3))
+    other = run_module("dl_uncertainty.train", *args, "train.resume=true", "data=csv", "data.path=t.csv",
+                       cwd=tmp_path, timeout=120)
+    assert "was written for data with other features or classes" in _one_line_error(other)

@@ -5,7 +5,7 @@ import pytest
 
 from dl_uncertainty.errors import UserError
 from pipelines.local import run_local
-from tests.conftest import TINY
+from tests.conftest import REPO, TINY, run_module
 
 
 def test_whole_pipeline_runs_locally_and_lands_in_mlflow(mlflow_server, tmp_path, monkeypatch, capsys):
@@ -38,13 +38,23 @@ def test_whole_pipeline_runs_locally_and_lands_in_mlflow(mlflow_server, tmp_path
 def test_a_failing_task_fails_the_run_naming_the_task_and_nothing_after_it_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    table = tmp_path / "t.csv"  # readable, but its labels have no class 7: preprocess fails
+    table.write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
     with pytest.raises(UserError, match="preprocess") as info:
-        run_local([*TINY, "data=csv", f"data.path={tmp_path / 'missing.csv'}"], tmp_path / "out")
+        run_local([*TINY, "data=csv", f"data.path={table}", "data.ood_classes=[7]"], tmp_path / "out")
     assert "\n" not in str(info.value)
-    assert f"Cause: data file not found: {tmp_path / 'missing.csv'}" in str(info.value)
-    assert "data file not found" in capsys.readouterr().out  # and the task's own log is shown
+    assert "Cause: data.ood_classes ['7'] are not labels in the data" in str(info.value)
+    assert "are not labels in the data" in capsys.readouterr().out  # and the task's own log is shown
     run_dir = next((tmp_path / "out").glob("uncertainty-pipeline-*"))
     assert not list(run_dir.rglob("model.pt")) and not list(run_dir.rglob("predictions"))
+
+
+def test_unreadable_data_fails_before_any_task_starts(tmp_path):
+    proc = run_module("pipelines", "run-local", *TINY, "data=csv", "data.path=missing.csv", "--pipeline-root", "out",
+                      cwd=tmp_path, env={"PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == ["error: data file not found: missing.csv"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 def test_log_filter_drops_only_the_executor_input_json():

@@ -152,3 +152,103 @@ def test_bad_csv_is_one_clear_user_error(tmp_path, content, overrides, needle):
 def test_missing_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         prepare(_csv_cfg(tmp_path / "nope.csv"), 0)
+
+
+def _write(tmp_path, content: bytes | str, name="t.csv"):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def _rows(n=40, sep=","):
+    lines = [sep.join(["a", "b", "label"])]
+    lines += [sep.join([str(i % 7), str(i % 5 + 0.5), str(i % 2)]) for i in range(n)]
+    return "\n".join(lines) + "\n"
+
+
+def test_latin1_csv_says_to_set_the_encoding_and_reads_with_it(tmp_path):
+    path = _write(tmp_path, _rows().replace("a,b", "température,b").encode("latin-1"))
+    with pytest.raises(UserError, match=r"t\.csv is not utf-8 text.*data\.encoding"):
+        prepare(_csv_cfg(path), 0)
+    splits = prepare(_csv_cfg(path, "data.encoding=latin-1"), 0)
+    assert sum(len(s.y) for s in splits.values()) == 40
+
+
+def test_binary_file_is_not_a_csv(tmp_path):
+    np.savez(tmp_path / "x.npz", x=np.arange(100.0))
+    path = _write(tmp_path, (tmp_path / "x.npz").read_bytes())
+    with pytest.raises(UserError, match="binary file, not a CSV"):
+        prepare(_csv_cfg(path), 0)
+
+
+def test_unknown_encoding_is_a_config_error():
+    with pytest.raises(UserError, match="data.encoding"):
+        load_config(["data=csv", "data.path=t.csv", "data.encoding=klingon"])
+
+
+def _with_inf(tmp_path):
+    text = _rows().splitlines()
+    text[3] = "inf,1.5,0"
+    text[8] = "-inf,2.5,1"
+    return _write(tmp_path, "\n".join(text) + "\n")
+
+
+@pytest.mark.parametrize("outliers", ["iqr", "none"])
+def test_infinite_values_are_an_error_by_default_with_count_and_column(tmp_path, outliers):
+    with pytest.raises(UserError, match=r"2 infinite values \(column 'a' has 2\).*data\.non_finite"):
+        prepare(_csv_cfg(_with_inf(tmp_path), f"data.outliers={outliers}"), 0)
+
+
+@pytest.mark.parametrize(("choice", "rows"), [("drop", 38), ("as_missing", 40)])
+def test_infinite_values_dropped_or_treated_as_missing(tmp_path, choice, rows):
+    splits = prepare(_csv_cfg(_with_inf(tmp_path), f"data.non_finite={choice}", "data.outliers=none"), 0)
+    assert np.isfinite(_all(splits)).all()
+    assert len(_all(splits)) == rows
+
+
+def test_non_finite_splits_are_never_written_and_nothing_partial_is_left(tmp_path, digits_splits):
+    bad = dict(digits_splits)
+    x = digits_splits["ood"].x.copy()
+    x[0, 0] = np.nan
+    bad["ood"] = type(digits_splits["ood"])(x, digits_splits["ood"].y, digits_splits["ood"].schema)
+    with pytest.raises(UserError, match=r"ood\.npz.*NaN"):
+        save_splits(bad, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_unwritable_split_folder_is_a_user_error(tmp_path, digits_splits):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot write the splits to"):
+        save_splits(digits_splits, tmp_path / "file" / "out")
+
+
+def test_duplicated_column_names_are_an_error(tmp_path):
+    path = _write(tmp_path, "a,label,label\n" + "".join(f"{i},{i % 2},{i % 2}\n" for i in range(20)))
+    with pytest.raises(UserError, match=r"duplicated column names \['label'\]"):
+        prepare(_csv_cfg(path), 0)
+
+
+def test_integer_labels_stay_integers_and_blank_labels_are_reported(tmp_path):
+    lines = _rows().splitlines()
+    lines[1] = lines[1].rsplit(",", 1)[0] + ","
+    lines[2] = lines[2].rsplit(",", 1)[0] + ",2"
+    path = _write(tmp_path, "\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"1 rows of .*t\.csv have a blank 'label' \(first on line 2\).*blank_labels=drop"):
+        prepare(_csv_cfg(path), 0)
+    splits = prepare(_csv_cfg(path, "data.blank_labels=drop", "data.ood_classes=[2]"), 0)
+    assert splits["train"].schema.class_names == ["0", "1"]
+    assert splits["ood"].schema.ood_class_names == ["2"] and len(splits["ood"].y) == 1
+    assert sum(len(s.y) for s in splits.values()) == 39
+
+
+@pytest.mark.parametrize(("sep", "overrides"), [(";", []), ("\t", []), (";", ["data.separator=semicolon"]),
+                                                (";", ["data.separator=';'"]), ("\t", ["data.separator=tab"])])
+def test_semicolon_and_tab_files_are_read(tmp_path, sep, overrides):
+    splits = prepare(_csv_cfg(_write(tmp_path, _rows(sep=sep)), *overrides), 0)
+    assert splits["train"].schema.feature_shape == [2]
+
+
+def test_missing_label_column_lists_the_columns_found(tmp_path):
+    path = _write(tmp_path, _rows(sep=";"))
+    with pytest.raises(UserError, match=r"columns found with separator ',': a;b;label\).*data\.separator"):
+        prepare(_csv_cfg(path, "data.separator=comma"), 0)
