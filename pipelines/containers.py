@@ -106,4 +106,7 @@ def use_task_containers() -> None:
     """Make kfp.local's DockerRunner run tasks with :func:`run_task_container`."""
     from kfp.local import docker_task_handler
 
+    if not callable(getattr(docker_task_handler, "run_docker_container", None)):  # kfp is pinned to 2.17.0
+        raise RuntimeError("kfp.local no longer runs containers through run_docker_container; "
+                           "pipelines/containers.py needs updating for this kfp version")
     docker_task_handler.run_docker_container = run_task_container
