@@ -11,6 +11,7 @@ MLFLOW_PORT ?= 5000
 KFP_HOST ?= http://localhost:8080
 PIPELINE_FLAGS ?=
 RUNNER ?= subprocess
+MODELS ?= bnn,mc_dropout_dnn,deep_ensemble
 # torch comes first and alone: a wheel already on this machine (pip's find-links) wins, else this
 # index. The CPU build is what a laptop wants; PyPI's default torch is a multi-GB CUDA build.
 # On a GPU machine: TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
@@ -52,8 +53,8 @@ run: $(INSTALLED) ## run the whole pipeline locally (kfp.local); RUNNER=docker: 
 compile: $(INSTALLED) ## compile the pipeline to build/uncertainty_pipeline.yaml
 	$(PY) -m pipelines compile $(PIPELINE_FLAGS) $(OVERRIDES)
 
-train: $(INSTALLED) ## train both models with plain Hydra (no KFP), logged to MLflow
-	@$(WITH_STACK) $(PY) -m dl_uncertainty.train --multirun model=bnn,mc_dropout_dnn $(OVERRIDES)
+train: $(INSTALLED) ## train bnn, mc_dropout_dnn and deep_ensemble with plain Hydra (no KFP), logged to MLflow (MODELS=...)
+	@$(WITH_STACK) $(PY) -m dl_uncertainty.train --multirun model=$(MODELS) $(OVERRIDES)
 
 tune: $(INSTALLED) ## Optuna sweep of bnn and mc_dropout_dnn; best configs in configs/tuned/ (+tuned=<model>)
 	@$(WITH_STACK) $(PY) -m dl_uncertainty.tune model=bnn,mc_dropout_dnn $(OVERRIDES)
@@ -61,7 +62,7 @@ tune: $(INSTALLED) ## Optuna sweep of bnn and mc_dropout_dnn; best configs in co
 evaluate: $(INSTALLED) ## re-evaluate a logged model: make evaluate RUN_ID=<id>
 	@$(WITH_STACK) $(PY) -m dl_uncertainty.evaluate run_id=$(RUN_ID) $(OVERRIDES)
 
-mlflow-ui: $(INSTALLED) ## MLflow UI on the local store at http://127.0.0.1:$(MLFLOW_PORT)
+mlflow-ui: $(INSTALLED) ## MLflow UI on the local store at http://127.0.0.1:5000 (MLFLOW_PORT=...)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db \
 		--default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
