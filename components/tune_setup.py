@@ -22,8 +22,6 @@ def tune_setup(
     """Compose the sweep's config, create the Optuna study and the parent MLflow run, once, before the
     workers start (they only open the study). An artifact, not a string output: kfp.local (2.17.0)
     hands a ParallelFor task the loop item in place of any upstream *parameter* output."""
-    import json
-
     from dl_uncertainty.config import data_source_overrides
     from dl_uncertainty.tuning import begin, compose
 
@@ -37,4 +35,5 @@ def tune_setup(
     sweep = begin(compose([*typed, *overrides]))
     with open(study.path, "w") as fh:
         fh.write(sweep.to_json())
-    study.metadata.update({k: v for k, v in json.loads(sweep.to_json()).items() if k != "config"})
+    study.metadata.update({"study_name": sweep.study_name, "parent_run_id": sweep.parent_run_id,
+                           "trials": sweep.trials})

@@ -17,7 +17,7 @@ from . import plots
 from .config import OBJECTIVES, config_dir, load_config
 from .errors import UserError
 from .report import Section, html_report
-from .tuning import Sweep, _shown, apply, load_study, search_space
+from .tuning import Sweep, apply, load_study, search_space, shown_url
 
 TUNED_KEYS = ("data", "model", "train", "seed")
 
@@ -147,7 +147,7 @@ def finish(sweep: Sweep) -> Summary:
         rows, {o: OBJECTIVES[o] for o in objectives}, title=f"{sweep.study_name}: optimisation history")}
     if summary.importances:
         figures["param_importances"] = plots.param_importances(summary.importances)
-    summary.html = html(summary, rows, figures, _shown(cfg.tune.storage))
+    summary.html = html(summary, rows, figures, shown_url(cfg.tune.storage))
 
     tracking.setup(cfg)
     with mlflow.start_run(run_id=sweep.parent_run_id):

@@ -45,14 +45,14 @@ def _jobs(overrides: list[str]) -> list[list[str]]:
 def tune(cfg) -> object:
     """One study for ``cfg.model``: create it, run every trial here, summarise."""
     from .config import OBJECTIVES
-    from .tuning import _shown, begin, work
+    from .tuning import begin, shown_url, work
 
     sweep = begin(cfg)  # a storage or MLflow problem shows up here, before the heavy imports
     from .sweep_report import _values, finish, retrain_command, save_tuned
 
     u = cfg.tune
     goal = ", ".join(f"{o} ({OBJECTIVES[o]})" for o in u.objectives)
-    print(f"tuning {cfg.model.name}: study {sweep.study_name} in {_shown(u.storage)}, {sweep.trials} trials, "
+    print(f"tuning {cfg.model.name}: study {sweep.study_name} in {shown_url(u.storage)}, {sweep.trials} trials, "
           f"{goal}, sampler {u.sampler}, pruner {u.pruner if len(u.objectives) == 1 else 'none'}", flush=True)
     work(sweep)
     summary = finish(sweep)

@@ -149,11 +149,10 @@ def compose(overrides: list[str]) -> DictConfig:
 
 def storage(url: str) -> optuna.storages.RDBStorage:
     """Open (and on first use create) the study database; UserError when it cannot be reached."""
-    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
     try:
-        shown = make_url(url).render_as_string(hide_password=True)
+        shown = shown_url(url)
     except ArgumentError:
         raise UserError(f"tune.storage {url!r} is not a database URL (e.g. sqlite:///optuna.db)") from None
     engine = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
@@ -221,7 +220,7 @@ class Sweep:
 
 def begin(cfg: DictConfig) -> Sweep:
     """Create (or continue) the study and open the parent MLflow run. Run once, before any worker."""
-    search_space(cfg)
+    space = search_space(cfg)
     name = cfg.tune.study_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     directions = [OBJECTIVES[o] for o in cfg.tune.objectives]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -235,7 +234,7 @@ def begin(cfg: DictConfig) -> Sweep:
     study.set_user_attr("model", cfg.model.name)
     started = [t for t in study.trials if t.state != optuna.trial.TrialState.WAITING]
     if not study.trials:  # the first trial trains the configured defaults: the baseline
-        baseline = {k: p.label(OmegaConf.select(cfg, k)) for k, p in search_space(cfg).items()}
+        baseline = {k: p.label(OmegaConf.select(cfg, k)) for k, p in space.items()}
         if _ABSENT not in baseline.values():
             study.enqueue_trial(baseline, user_attrs={"baseline": True})
     import mlflow
@@ -247,14 +246,15 @@ def begin(cfg: DictConfig) -> Sweep:
     if parent is None:
         with mlflow.start_run(run_name=f"tune-{cfg.model.name}") as run:
             mlflow.set_tags({"model_type": cfg.model.name, "optuna_study": name, "sweep": "parent"})
-            mlflow.log_params({"tune.study_name": name, "tune.storage": _shown(cfg.tune.storage),
+            mlflow.log_params({"tune.study_name": name, "tune.storage": shown_url(cfg.tune.storage),
                                **{f"tune.{k}": v for k, v in _tune_params(cfg).items()}})
         parent = run.info.run_id
         study.set_user_attr("mlflow_parent_run_id", parent)
     return Sweep(cfg, name, parent, max(0, cfg.tune.n_trials - len(started)))
 
 
-def _shown(url: str) -> str:
+def shown_url(url: str) -> str:
+    """A database URL with its password masked, for screens, logs and MLflow params."""
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
