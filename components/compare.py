@@ -23,6 +23,8 @@ def compare(
     from dl_uncertainty.compare import (
         comparison_html,
         comparison_markdown,
+        gate_failures,
+        gate_verdict,
         pick_winner,
         register_champion,
     )
@@ -38,13 +40,17 @@ def compare(
             preds[entry["model"]] = {"probs": npz["probs"], "labels": npz["labels"]}
     metric, mode = cfg.evaluate.winner_metric, cfg.evaluate.winner_mode
     winner = pick_winner(results, metric, mode)
+    failures = gate_failures(results[winner], cfg.evaluate.champion_gate)
+    verdict = gate_verdict(winner, failures)
     columns = [c for c in TABLE_METRICS if any(c in m for m in results.values())]
     with open(comparison.path, "w") as fh:
-        fh.write(comparison_markdown(results, columns, winner, metric, mode))
+        fh.write(comparison_markdown(results, columns, winner, metric, mode, verdict))
     with open(report.path, "w") as fh:
-        fh.write(comparison_html(results, columns, winner, metric, mode, preds))
+        fh.write(comparison_html(results, columns, winner, metric, mode, preds, verdict))
     tracking.setup(cfg)
     run_id = next(e["run_id"] for e in entries if e["model"] == winner)
-    version = register_champion(run_id, cfg.evaluate.registered_model_name)
-    comparison.metadata.update({"winner": winner, "registered_version": version})
+    version = register_champion(run_id, cfg.evaluate.registered_model_name, promote=not failures)
+    print(verdict)
+    comparison.metadata.update({"winner": winner, "registered_version": version, "champion": not failures,
+                                "gate": verdict})
     return winner

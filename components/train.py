@@ -16,7 +16,8 @@ def train(config: Input[Artifact], model_name: str, train: Input[Dataset], val: 
     train_split = load_split(train.path)
     val_split = load_split(val.path, expect=train_split.schema)
     trained = train_and_log(cfg, train_split, val_split, checkpoint_dir=f"{model.path}.checkpoints")
-    save_bundle(trained.model, cfg, train_split.schema, model.path, run_id=trained.run_id)
+    save_bundle(trained.model, cfg, train_split.schema, model.path, run_id=trained.run_id,
+                calibration=trained.calibration.to_dict())
     model.metadata.update({"model_name": model_name, "mlflow_run_id": trained.run_id,
                            "best_val_acc": trained.result.best["val_acc"],
                            "best_val_nll": trained.result.best["val_nll"]})

@@ -24,14 +24,47 @@ def pick_winner(results: dict[str, dict[str, float]], metric: str, mode: str) ->
     return pick(scored, key=scored.get)
 
 
-def register_champion(run_id: str, name: str) -> str:
-    """Register ``runs:/<run_id>/model`` as a new version of ``name`` and point the alias at it."""
+# gate key -> (metric, direction, what it means)
+GATE = {
+    "max_ece": ("ece_ts", "max", "test ECE (calibrated)"),
+    "min_ood_auroc": ("auroc_entropy", "min", "OOD AUROC (entropy)"),
+    "min_coverage": ("coverage", "min", "conformal coverage"),
+}
+
+
+def gate_failures(metrics: dict[str, float], gate) -> list[str]:
+    """Why a model may not become champion: one phrase per failed threshold (empty: it passes).
+
+    A threshold set to null is not checked; a metric the model lacks (no OOD split) is skipped.
+    """
+    failures = []
+    for key, (metric, direction, label) in GATE.items():
+        limit = gate[key]
+        value = metrics.get(metric)
+        if limit is None or value is None:
+            continue
+        if not math.isfinite(value) or (value > limit if direction == "max" else value < limit):
+            failures.append(f"{label} {value:.4f} {'>' if direction == 'max' else '<'} {limit:g}")
+    return failures
+
+
+def register_champion(run_id: str, name: str, promote: bool = True) -> str:
+    """Register ``runs:/<run_id>/model`` as a new version of ``name``; with ``promote``, point the
+    champion alias at it (otherwise the alias stays where it was)."""
     try:
         version = mlflow.register_model(f"runs:/{run_id}/model", name)
-        mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION, version.version)
+        if promote:
+            mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION, version.version)
     except MlflowException as err:
         raise UserError(f"cannot register run {run_id} as {name}@{CHAMPION}: {err.message.splitlines()[0]}") from None
     return str(version.version)
+
+
+def gate_verdict(winner: str, failures: list[str]) -> str:
+    if not failures:
+        return f"{winner} passes the champion gate and becomes {CHAMPION}."
+    return (f"{winner} fails the champion gate ({'; '.join(failures)}): registered, but the {CHAMPION} "
+            f"alias stays on the previous champion (thresholds: evaluate.champion_gate).")
 
 
 def comparison_rows(results: dict[str, dict[str, float]], columns: list[str]) -> list[dict]:
@@ -43,19 +76,20 @@ def _reason(results: dict[str, dict[str, float]], winner: str, metric: str, mode
 
 
 def comparison_markdown(results: dict[str, dict[str, float]], columns: list[str], winner: str,
-                        metric: str, mode: str) -> str:
+                        metric: str, mode: str, verdict: str = "") -> str:
     return (f"# Model comparison\n\n{markdown_table(comparison_rows(results, columns))}\n\n"
-            f"**Winner: {winner}** ({_reason(results, winner, metric, mode)}).\n")
+            f"**Winner: {winner}** ({_reason(results, winner, metric, mode)}). {verdict}\n")
 
 
 def comparison_html(results: dict[str, dict[str, float]], columns: list[str], winner: str, metric: str,
-                    mode: str, predictions: dict[str, dict[str, np.ndarray]]) -> str:
+                    mode: str, predictions: dict[str, dict[str, np.ndarray]], verdict: str = "") -> str:
     """Side-by-side report: every metric, overlaid reliability diagrams and risk-coverage curves."""
     pairs = {name: (p["probs"], p["labels"]) for name, p in predictions.items()}
     all_metrics = sorted({k for m in results.values() for k in m})
     full = [{"metric": k, **{name: m.get(k, float("nan")) for name, m in results.items()}} for k in all_metrics]
     sections = [
-        Section("Winner", text=[f"{winner} wins on {_reason(results, winner, metric, mode)}."], table=comparison_rows(results, columns)),
+        Section("Winner", text=[f"{winner} wins on {_reason(results, winner, metric, mode)}.", verdict],
+                table=comparison_rows(results, columns)),
         Section("Calibration and selective prediction", figures={
             "Reliability": plots.reliability_diagram(pairs),
             "Risk-coverage": plots.risk_coverage_plot(pairs),

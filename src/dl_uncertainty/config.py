@@ -82,6 +82,15 @@ class TrainConfig:
 
 
 @dataclass
+class ChampionGate:
+    """The winner becomes champion only if it passes these (null = not checked)."""
+
+    max_ece: float | None = 0.05
+    min_ood_auroc: float | None = 0.8
+    min_coverage: float | None = 0.85
+
+
+@dataclass
 class EvaluateConfig:
     mc_samples: int = 50
     strategy: str = "auto"  # auto | loop | repeat | lrt
@@ -89,6 +98,11 @@ class EvaluateConfig:
     winner_metric: str = "nll"
     winner_mode: str = "min"  # min | max
     registered_model_name: str = "dl-uncertainty"
+    calibration: str = "temperature"  # temperature | none
+    alpha: float = 0.1  # conformal sets miss the true class at most this often
+    conformal_method: str = "lac"  # lac | aps: the sets the served model returns
+    target_risk: float = 0.01  # abstain above the entropy where validation error exceeds this
+    champion_gate: ChampionGate = field(default_factory=lambda: ChampionGate())
 
 
 @dataclass
@@ -313,6 +327,10 @@ def validate(cfg: DictConfig) -> None:
     _one_of(e.strategy, "evaluate.strategy", ("auto", "loop", "repeat", "lrt"))
     _one_of(e.winner_mode, "evaluate.winner_mode", ("min", "max"))
     _check(e.batch_size >= 1, "evaluate.batch_size must be >= 1")
+    _one_of(e.calibration, "evaluate.calibration", ("temperature", "none"))
+    _one_of(e.conformal_method, "evaluate.conformal_method", ("lac", "aps"))
+    _check(0 < e.alpha < 1, f"evaluate.alpha must be in (0, 1), got {e.alpha}")
+    _check(0 <= e.target_risk < 1, f"evaluate.target_risk must be in [0, 1), got {e.target_risk}")
     _check(cfg.num_threads >= 0, f"num_threads must be >= 0, got {cfg.num_threads}")
     _check(len(cfg.pipeline.models) >= 1, "pipeline.models must name at least one model")
     for name in cfg.pipeline.models:

@@ -34,6 +34,7 @@ class Schema:
     source: str
     cleaning: dict = field(default_factory=dict)  # imputer/clip/scaler statistics and counts
     version: int = SCHEMA_VERSION
+    feature_names: list[str] = field(default_factory=list)  # the raw columns, as the user's data names them
 
     @property
     def num_features(self) -> int:
@@ -163,7 +164,7 @@ def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        frame = pd.DataFrame(digits.data)
+        frame = pd.DataFrame(digits.data, columns=[f"pixel_{i}" for i in range(digits.data.shape[1])])
         return frame, digits.target.astype(str), list(cfg.image_shape or [64])
     if cfg.source == "csv":
         frame, labels = _read_csv(cfg.path, cfg)
@@ -180,7 +181,9 @@ def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
     if not np.issubdtype(x.dtype, np.number):
         raise UserError(f"{cfg.path}: x must be numeric, got dtype {x.dtype}")
     shape = list(x.shape[1:]) if x.ndim != 3 else [1, *x.shape[1:]]
-    return pd.DataFrame(x.reshape(len(x), -1).astype("float64")), y.astype(str), list(cfg.image_shape or shape)
+    flat = x.reshape(len(x), -1).astype("float64")
+    columns = [f"feature_{i}" for i in range(flat.shape[1])]
+    return pd.DataFrame(flat, columns=columns), y.astype(str), list(cfg.image_shape or shape)
 
 
 # ---------------------------------------------------------------- cleaning
@@ -304,7 +307,8 @@ def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
                 f"the {name} split has {int((~np.isfinite(x)).sum())} non-finite values after cleaning "
                 f"(data.missing={cfg.missing}); choose another data.missing or data.scaling"
             )
-        schema = Schema(feature_shape, class_names, ood_names, cfg.source, {**stats, **counts})
+        schema = Schema(feature_shape, class_names, ood_names, cfg.source, {**stats, **counts},
+                        feature_names=[str(c) for c in frame.columns])
         splits[name] = Split(x, y, schema)
     return splits
 
@@ -316,13 +320,45 @@ def _natural_key(name: str):
         return (1, 0.0, name)
 
 
+def unscaled(x: np.ndarray, schema: Schema) -> np.ndarray:
+    """Scaled rows back to the raw value range (what the user's data holds, after clipping)."""
+    stats = schema.cleaning
+    return x * np.asarray(stats["scale"]) + np.asarray(stats["center"]) if "center" in stats else x
+
+
 def to_images(x: np.ndarray, schema: Schema) -> np.ndarray | None:
     """Flat rows back to [N, C, H, W] in the raw value range, or None for non-image data."""
     if len(schema.feature_shape) != 3:
         return None
-    stats = schema.cleaning
-    raw = x * np.asarray(stats["scale"]) + np.asarray(stats["center"]) if "center" in stats else x
-    return raw.reshape(len(x), *schema.feature_shape)
+    return unscaled(x, schema).reshape(len(x), *schema.feature_shape)
+
+
+def raw_to_rows(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
+    """New raw inputs (named columns, or rows of values in the training order) through the
+    cleaning and scaling fitted on the training split. Bad input: UserError, one sentence."""
+    names = schema.feature_names or [str(i) for i in range(schema.num_features)]
+    if isinstance(frame.columns, pd.RangeIndex):  # positional values, no column names
+        if frame.shape[1] != len(names):
+            raise UserError(f"expected {len(names)} values per row, got {frame.shape[1]}")
+        frame = frame.set_axis(names, axis=1)
+    else:
+        columns = [str(c) for c in frame.columns]
+        missing = [n for n in names if n not in columns]
+        unknown = [c for c in columns if c not in names]
+        if missing or unknown:
+            problem = f"missing columns {missing[:5]}" if missing else f"unknown columns {unknown[:5]}"
+            raise UserError(f"{problem}: the model takes {len(names)} columns, {names[0]!r} to {names[-1]!r}")
+        frame = frame.set_axis(columns, axis=1)[names]
+    values = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype="float64")
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        given = frame.iloc[row, col]
+        given = given.item() if isinstance(given, np.generic) else given
+        what = "is empty" if given is None else f"is {given!r}"
+        raise UserError(f"row {row} column {names[col]!r} {what}; every feature must be a finite number")
+    x, _ = _apply_cleaning(pd.DataFrame(values, columns=names), schema.cleaning)
+    return x
 
 
 def to_rows(images: np.ndarray, schema: Schema) -> np.ndarray:

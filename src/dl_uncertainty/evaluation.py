@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from torch import nn
 
+from . import calibration as C
 from . import metrics as M
 from . import plots
 from .data import Split, to_images, to_rows
@@ -23,7 +24,8 @@ from .saliency import grad_cam
 from .training import set_threads
 
 TABLE_METRICS = ("acc", "nll", "brier", "ece", "aece", "aurc", "auroc_entropy", "auroc_mutual_info",
-                 "far_auroc_entropy", "avg_test_uncertainty", "mutual_info")
+                 "far_auroc_entropy", "avg_test_uncertainty", "mutual_info", "coverage", "set_size")
+ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)  # the conformal figure's x-axis
 
 
 @dataclass
@@ -32,19 +34,26 @@ class Evaluation:
     metrics: dict[str, float]
     predictions: dict[str, np.ndarray]
     shift: list[dict] = field(default_factory=list)
+    conformal: list[dict] = field(default_factory=list)  # coverage and set size per method and alpha
     figures: dict[str, Figure] = field(default_factory=dict)
 
 
 def evaluate_model(
     model: nn.Module, cfg: DictConfig, test: Split, ood: Split | None = None, val: Split | None = None,
-    *, with_figures: bool = True,
+    *, calibration: C.Calibration | None = None, with_figures: bool = True,
 ) -> Evaluation:
-    """MC-predict every split, compute all metrics, and (optionally) draw the figures."""
+    """MC-predict every split, compute all metrics, and (optionally) draw the figures.
+
+    ``calibration``: the one bundled with the model (what it is served with); without it, one is
+    fitted on ``val``. Every split's MC samples are seeded from ``cfg.seed``: evaluating the same
+    model twice gives the same numbers.
+    """
     e = cfg.evaluate
     set_threads(cfg.num_threads)
 
     def predict(x: np.ndarray) -> np.ndarray:
-        return predict_log_probs(model, x, e.mc_samples, strategy=e.strategy, batch_size=e.batch_size).numpy()
+        return predict_log_probs(model, x, e.mc_samples, strategy=e.strategy, batch_size=e.batch_size,
+                                 seed=cfg.seed).numpy()
 
     lp = {"test": predict(test.x)}
     images = to_images(test.x, test.schema)
@@ -60,10 +69,12 @@ def evaluate_model(
 
     if val is not None and len(val.y):
         lp["val"] = predict(val.x)
-        temperature = M.fit_temperature(lp["val"], val.y)
-        scaled = M.summarize(M.apply_temperature(lp["test"], temperature), test.y)
-        result["temperature"] = temperature
-        result.update({f"{key}_ts": scaled[key] for key in ("acc", "nll", "brier", "ece", "aece")})
+        calibration = calibration or C.fit(lp["val"], val.y, e)
+    served = {name: C.decide(log_probs, calibration) for name, log_probs in lp.items()} if calibration else {}
+    if served:
+        result.update(_calibration_metrics(calibration, served["test"], test.y))
+        result.update({f"{name}_abstain_rate": float(served[name]["abstain"].mean())
+                       for name in ("ood", "far_ood") if name in served})
 
     shift, shifted = [], {}
     if images is not None:
@@ -79,10 +90,47 @@ def evaluate_model(
             result[f"{row['kind']}_s{row['severity']}_ece"] = row["ece"]
 
     predictions = _predictions(lp, shifted, test, ood if has_ood else None, val if "val" in lp else None, far)
+    for name, out in served.items():
+        prefix = "" if name == "test" else f"{name}_"
+        predictions[f"{prefix}calibrated_probs"] = out["probs"].astype(np.float32)
+        predictions[f"{prefix}prediction_sets"] = out["sets"]
+        predictions[f"{prefix}abstain"] = out["abstain"]
     evaluation = Evaluation(cfg.model.name, result, predictions, shift)
+    if calibration is not None and "val" in lp:
+        evaluation.conformal = _conformal_curve(calibration, lp, test.y, val.y)
     if with_figures:
         evaluation.figures = _figures(evaluation, test, images, model)
     return evaluation
+
+
+def _calibration_metrics(cal: C.Calibration, out: dict, y: np.ndarray) -> dict:
+    """Test metrics of the served (calibrated) prediction ``out``, its conformal sets and abstentions."""
+    scaled = M.summarize(np.log(np.maximum(out["probs"], 1e-300))[None], y)
+    result = {f"{key}_ts": scaled[key] for key in ("acc", "nll", "brier", "ece", "aece")}
+    result.update({"temperature": cal.temperature, "temperature_fitted": cal.fitted_temperature,
+                   "temperature_kept": float(cal.temperature != 1.0), "calibration_val_nll": cal.val_nll,
+                   "calibration_val_nll_after": cal.val_nll_calibrated, "alpha": cal.alpha})
+    for method in C.CONFORMAL_METHODS:
+        sets = C.prediction_sets(out["probs"], cal.thresholds[method], method)
+        for key, value in C.set_metrics(sets, y).items():
+            result[f"{key}_{method}"] = value
+    result["coverage"], result["set_size"] = result[f"coverage_{cal.method}"], result[f"set_size_{cal.method}"]
+    kept = ~out["abstain"]
+    result["abstain_rate"] = float(out["abstain"].mean())
+    result["selective_risk"] = float((out["probs"][kept].argmax(1) != y[kept]).mean()) if kept.any() else 0.0
+    return result
+
+
+def _conformal_curve(cal: C.Calibration, lp: dict, y: np.ndarray, val_y: np.ndarray) -> list[dict]:
+    """Test coverage and mean set size of both methods, each threshold fitted on val, per alpha."""
+    val_probs, test_probs = (np.exp(C.calibrated_log_probs(M.mean_log_probs(lp[k]), cal.temperature))
+                             for k in ("val", "test"))
+    rows = []
+    for method in C.CONFORMAL_METHODS:
+        for alpha in ALPHAS:
+            sets = C.prediction_sets(test_probs, C.conformal_threshold(val_probs, val_y, alpha, method), method)
+            rows.append({"method": method, "alpha": alpha, **C.set_metrics(sets, y)})
+    return rows
 
 
 def _predictions(lp: dict, shifted: dict, test: Split, ood: Split | None, val: Split | None,
@@ -114,6 +162,8 @@ def _figures(ev: Evaluation, test: Split, images: np.ndarray | None, model: nn.M
         "uncertainty_histograms": plots.uncertainty_histograms(*sets),
         "confusion_matrix": plots.confusion_matrix_plot(y, p["probs"].argmax(1), test.schema.class_names),
     }
+    if ev.conformal:
+        figures["conformal"] = plots.conformal_plot(ev.conformal, ev.metrics["alpha"])
     if images is not None:
         figures["most_uncertain"] = plots.most_uncertain_inputs(
             images[:, 0], p["probs"], y, p["entropy"], class_names=test.schema.class_names)
@@ -147,6 +197,29 @@ def metrics_table(evaluations: list[Evaluation]) -> list[dict]:
     return rows
 
 
+def _calibration_text(m: dict) -> list[str]:
+    if "temperature_fitted" not in m:
+        return []
+    verdict = (f"kept: validation NLL {m['calibration_val_nll']:.4f} -> {m['calibration_val_nll_after']:.4f}"
+               if m["temperature_kept"] else
+               f"not kept: it would not lower the validation NLL ({m['calibration_val_nll']:.4f})")
+    return [f"Temperature scaling of the MC-averaged prediction, fitted on the validation split: "
+            f"T = {m['temperature_fitted']:.3f}, {verdict}. Test NLL {m['nll']:.4f} -> {m['nll_ts']:.4f}, "
+            f"ECE {m['ece']:.4f} -> {m['ece_ts']:.4f}."]
+
+
+def _conformal_text(m: dict) -> list[str]:
+    if "coverage" not in m:
+        return []
+    return [f"Split-conformal sets at alpha = {m['alpha']:g}, calibrated on the validation split: test coverage "
+            f"LAC {m['coverage_lac']:.3f} (mean size {m['set_size_lac']:.2f}), APS {m['coverage_aps']:.3f} "
+            f"(mean size {m['set_size_aps']:.2f}); the target is {1 - m['alpha']:.2f}.",
+            f"The served model abstains (set size not 1, or predictive entropy above the threshold fitted for "
+            f"the target risk) on {m['abstain_rate']:.1%} of test inputs, whose error rate on the rest is "
+            f"{m['selective_risk']:.4f}"
+            + (f", and on {m['ood_abstain_rate']:.1%} of OOD inputs" if "ood_abstain_rate" in m else "") + "."]
+
+
 def html(ev: Evaluation, title: str | None = None) -> str:
     """The self-contained evaluation report (figures embedded as PNG)."""
     m = ev.metrics
@@ -157,7 +230,9 @@ def html(ev: Evaluation, title: str | None = None) -> str:
             *([f"OOD detection AUROC by entropy {m['auroc_entropy']:.4f}, by mutual information "
                f"{m['auroc_mutual_info']:.4f}."] if "auroc_entropy" in m else []),
         ], table=metrics_table([ev])),
-        Section("Calibration", figures={"Reliability diagram": ev.figures.get("reliability")}),
+        Section("Calibration", text=_calibration_text(m), figures={"Reliability diagram": ev.figures.get("reliability")}),
+        Section("Conformal prediction sets and abstention", text=_conformal_text(m), table=ev.conformal or None,
+                figures={"Coverage and set size": ev.figures.get("conformal")}),
         Section("Selective prediction", figures={"Risk-coverage": ev.figures.get("risk_coverage")}),
         Section("Out-of-distribution detection", figures={"Uncertainty histograms":
                                                           ev.figures.get("uncertainty_histograms")}),

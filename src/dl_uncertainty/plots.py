@@ -355,3 +355,32 @@ def param_importances(importances: Mapping[str, Mapping[str, float]], title: str
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle(title)
     return fig
+
+
+def conformal_plot(rows: Sequence[Mapping[str, Any]], alpha: float | None = None,
+                   title: str = "Conformal prediction sets") -> Figure:
+    """Empirical coverage vs the target 1 − alpha (left) and mean set size (right), per method.
+
+    ``rows``: dicts with ``method``, ``alpha``, ``coverage``, ``set_size`` (one model).
+    ``alpha`` marks the configured level.
+    """
+    fig = Figure(figsize=(9.6, 4.0), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    methods = sorted({r["method"] for r in rows})
+    for method, color in zip(methods, _colors(len(methods)), strict=True):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["alpha"])
+        alphas = np.array([r["alpha"] for r in mine])
+        left.plot(1 - alphas, [r["coverage"] for r in mine], "o-", color=color, label=method.upper())
+        right.plot(alphas, [r["set_size"] for r in mine], "o-", color=color, label=method.upper())
+    lo = min(1 - r["alpha"] for r in rows)
+    left.plot([lo, 1], [lo, 1], ls="--", color="grey", lw=1, label="coverage = 1 − alpha")
+    left.set(xlabel="target coverage 1 − alpha", ylabel="test coverage", title="coverage")
+    right.set(xlabel="alpha", ylabel="mean set size (classes)", title="set size", ylim=(0, None))
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    if alpha is not None:
+        left.axvline(1 - alpha, color="black", lw=0.8, ls=":")
+        right.axvline(alpha, color="black", lw=0.8, ls=":")
+    fig.suptitle(title)
+    return fig

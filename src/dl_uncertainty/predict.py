@@ -17,8 +17,14 @@ def predict_log_probs(
     *,
     strategy: str = "auto",
     batch_size: int = 1024,
+    seed: int | None = None,
 ) -> torch.Tensor:
-    """Per-sample log-softmax outputs [T, N, K] on the CPU; an ensemble's members are its samples."""
+    """Per-sample log-softmax outputs [T, N, K] on the CPU; an ensemble's members are its samples.
+
+    With ``seed``, the MC samples are reproducible: the same inputs give the same answer.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
     device = next(model.parameters()).device
     x = torch.as_tensor(x, dtype=torch.float32)
     chunks = []

@@ -141,38 +141,74 @@ def start_run(cfg: DictConfig):
 
 
 class UncertaintyModel(mlflow.pyfunc.PythonModel):
-    """predict(x) -> per-class mean probability, predicted class, predictive entropy, mutual information."""
+    """predict(raw features) -> calibrated class probabilities, predicted class, predictive entropy,
+    mutual information, the conformal prediction set and whether to abstain.
 
-    _skip_type_hint_validation = True  # predict takes DataFrames and arrays alike; the signature checks
+    Inputs are what the user's data holds (named columns, or rows of values in that order): the
+    cleaning and scaling fitted on the training split are applied here. MC sampling is seeded, so
+    the same inputs always get the same answer.
+    """
+
+    _skip_type_hint_validation = True  # predict takes DataFrames and arrays alike; raw_to_rows checks
 
     def load_context(self, context):
-        self.model, self.cfg, self.schema, _ = load_bundle(context.artifacts["bundle"])
+        from .calibration import Calibration
+
+        self.model, self.cfg, self.schema, meta = load_bundle(context.artifacts["bundle"])
+        self.calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
 
     def predict(self, context, model_input, params=None):
-        from .metrics import mean_probs, uncertainty_scores
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from .data import raw_to_rows
+
+        try:
+            x = raw_to_rows(as_frame(model_input), self.schema)
+        except UserError as err:
+            raise MlflowException(str(err), INVALID_PARAMETER_VALUE) from None
+        return self.predict_rows(x)
+
+    def predict_rows(self, x: np.ndarray) -> pd.DataFrame:
+        """The same answer for rows that are already cleaned and scaled (as the split files hold them)."""
+        from .calibration import Calibration, decide
         from .predict import predict_log_probs
 
-        x = np.asarray(model_input, dtype=np.float32).reshape(len(model_input), -1)
-        if x.shape[1] != self.schema.num_features:
-            raise ValueError(f"expected {self.schema.num_features} features per row, got {x.shape[1]}")
-        log_probs = predict_log_probs(self.model, x, self.cfg.evaluate.mc_samples,
-                                      strategy=self.cfg.evaluate.strategy)
-        probs, scores = mean_probs(log_probs), uncertainty_scores(log_probs)
-        frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in self.schema.class_names])
-        frame["predicted_class"] = [self.schema.class_names[i] for i in probs.argmax(1)]
-        frame["predictive_entropy"] = scores["entropy"]
-        frame["mutual_information"] = scores["mutual_info"]
+        e = self.cfg.evaluate
+        log_probs = predict_log_probs(self.model, x, e.mc_samples, strategy=e.strategy,
+                                      batch_size=e.batch_size, seed=self.cfg.seed).numpy()
+        out = decide(log_probs, self.calibration or Calibration.identity())
+        names = np.asarray(self.schema.class_names)
+        frame = pd.DataFrame(out["probs"], columns=[f"prob_{c}" for c in names])
+        frame["predicted_class"] = names[out["probs"].argmax(1)]
+        frame["predictive_entropy"] = out["entropy"]
+        frame["mutual_information"] = out["mutual_info"]
+        frame["prediction_set"] = [names[row].tolist() for row in out["sets"]]
+        frame["set_size"] = out["sets"].sum(1)
+        frame["abstain"] = out["abstain"]
         return frame
 
 
-def log_model(model: nn.Module, cfg: DictConfig, schema: Schema, example: np.ndarray) -> str:
-    """Log the model as a self-contained pyfunc: weights + config, this package's code, no pickle."""
+def as_frame(model_input) -> pd.DataFrame:
+    """A DataFrame as given, or one row per example from arrays and lists (images are flattened)."""
+    if isinstance(model_input, pd.DataFrame):
+        return model_input
+    values = np.asarray(model_input, dtype=object)
+    if values.ndim == 0 or len(values) == 0:
+        raise UserError("the input holds no rows")
+    return pd.DataFrame(values.reshape(len(values), -1))
+
+
+def log_model(model: nn.Module, cfg: DictConfig, schema: Schema, example: pd.DataFrame,
+              calibration=None) -> str:
+    """Log the model as a self-contained pyfunc: weights, config, calibration and this package's
+    code, no pickle. ``example``: a few raw input rows, which name the signature's columns."""
     package = Path(__file__).parent
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = save_bundle(model, cfg, schema, Path(tmp) / "bundle")
+        extra = {"calibration": calibration.to_dict()} if calibration else {}
+        bundle = save_bundle(model, cfg, schema, Path(tmp) / "bundle", **extra)
         wrapper = UncertaintyModel()
         wrapper.load_context(SimpleNamespace(artifacts={"bundle": str(bundle)}))
-        example = example[:5].astype(np.float32)
+        example = example.iloc[:5]
         signature = mlflow.models.infer_signature(example, wrapper.predict(None, example))
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -17,6 +17,7 @@ from .errors import Interrupted, check_writable
 if TYPE_CHECKING:  # torch and MLflow load only when there is work: --help and bad input stay fast
     from torch import nn
 
+    from .calibration import Calibration
     from .data import Split
     from .training import TrainResult
 
@@ -26,6 +27,7 @@ class TrainedRun:
     run_id: str
     model: nn.Module
     result: TrainResult
+    calibration: Calibration
 
 
 def train_and_log(
@@ -33,9 +35,10 @@ def train_and_log(
 ) -> TrainedRun:
     """Train ``cfg.model`` (on ``cfg.data`` unless splits are given) inside a new MLflow run."""
     import mlflow
+    import pandas as pd
 
-    from . import tracking
-    from .data import prepare
+    from . import calibration, tracking
+    from .data import prepare, unscaled
     from .plots import training_curves
     from .training import Checkpointer, train_model
 
@@ -57,12 +60,15 @@ def train_and_log(
                 "train_samples_per_second": result.samples_per_second,
             })
             mlflow.log_figure(training_curves(result.history), "figures/training_curves.png")
-            tracking.log_model(result.model, cfg, train.schema, train.x)
+            fitted = calibration.fit_on(result.model, val, cfg)
+            mlflow.log_dict(fitted.to_dict(), "calibration.json")
+            example = pd.DataFrame(unscaled(train.x[:5], train.schema).round(6), columns=train.schema.feature_names or None)
+            tracking.log_model(result.model, cfg, train.schema, example, fitted)
     except KeyboardInterrupt:  # the MLflow run ended KILLED; one line instead of a traceback
         last = Checkpointer(checkpoint_dir).path
         where = f"the checkpoint is at {last}; resume with train.resume=true" if last.is_file() else "no epoch finished"
         raise Interrupted(f"interrupted; {where}") from None
-    return TrainedRun(run.info.run_id, result.model, result)
+    return TrainedRun(run.info.run_id, result.model, result, fitted)
 
 
 def _task(cfg: DictConfig) -> None:

@@ -94,14 +94,28 @@ def test_evaluate_outputs_and_predictions_recompute_every_reported_number(chain)
         assert {"labels", "probs", "ood_probs", "entropy", "mutual_info", "ood_entropy", "ood_mutual_info"} <= set(p)
         assert np.allclose(p["probs"].sum(1), 1, atol=1e-5)
         again = M.summarize(p["log_probs"], p["labels"], p["ood_log_probs"], p["far_ood_log_probs"])
-        temperature = M.fit_temperature(p["val_log_probs"], p["val_labels"])
-        scaled = M.summarize(M.apply_temperature(p["log_probs"], temperature), p["labels"])
+        # temperature: fitted on the MC average of the validation split, kept only if it lowers its NLL
+        val_mean = M.mean_log_probs(p["val_log_probs"])
+        temperature = M.fit_temperature(val_mean, p["val_labels"])
+        if M.nll(M.apply_temperature(val_mean, temperature), p["val_labels"]) >= M.nll(val_mean, p["val_labels"]):
+            temperature = 1.0
+        calibrated = M.apply_temperature(M.mean_log_probs(p["log_probs"]), temperature)
+        scaled = M.summarize(calibrated, p["labels"])
+        np.testing.assert_allclose(p["calibrated_probs"], np.exp(calibrated), atol=1e-6)
+        # LAC sets: classes with 1 - p at most the ceil((n+1)(1-alpha))-th smallest validation score
+        val_probs = np.exp(M.apply_temperature(val_mean, temperature))
+        scores = np.sort(1 - val_probs[np.arange(len(p["val_labels"])), p["val_labels"]])
+        rank = int(np.ceil((len(scores) + 1) * (1 - reported["alpha"])))
+        sets = 1 - np.exp(calibrated) <= scores[rank - 1] + 1e-12
+        np.testing.assert_array_equal(p["prediction_sets"], sets)
+        coverage = sets[np.arange(len(p["labels"])), p["labels"]].mean()
         shifted = {k: M.summarize(p[f"shift_{k}_log_probs"], p["labels"])
                    for k in ("gaussian_noise_3", "rotation_5")}
     for key, value in again.items():
         assert reported[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     assert reported["temperature"] == pytest.approx(temperature, rel=1e-4)
     assert reported["nll_ts"] == pytest.approx(scaled["nll"], rel=1e-6)
+    assert reported["coverage_lac"] == pytest.approx(coverage) and reported["set_size_lac"] == sets.sum(1).mean()
     assert reported["gaussian_noise_s3_acc"] == pytest.approx(shifted["gaussian_noise_3"]["acc"])
     assert reported["rotation_s5_ece"] == pytest.approx(shifted["rotation_5"]["ece"])
     page = open(ev["report"].path).read()

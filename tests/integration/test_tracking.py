@@ -6,8 +6,10 @@ import sys
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
+from dl_uncertainty.data import unscaled
 from dl_uncertainty.train import train_and_log
 
 
@@ -32,14 +34,14 @@ def test_training_logs_params_curves_and_a_pyfunc_that_loads_in_a_fresh_process(
     assert len(client.get_metric_history(trained.run_id, "val_nll")) == cfg.train.epochs
     assert ("kl" in run.data.metrics) == (model == "bnn")
 
-    x = digits_splits["ood"].x[:16]
+    ood = digits_splits["ood"]
+    raw = pd.DataFrame(unscaled(ood.x[:16], ood.schema), columns=ood.schema.feature_names)  # as a user has them
     script = (
-        "import json, sys, mlflow, numpy as np\n"
+        "import sys, mlflow, pandas as pd\n"
         f"m = mlflow.pyfunc.load_model('runs:/{trained.run_id}/model')\n"
-        "x = np.array(json.loads(sys.stdin.read()), dtype=np.float32)\n"
-        "print(m.predict(x).to_json(orient='split'))\n"
+        "print(m.predict(pd.read_json(sys.stdin, orient='split')).to_json(orient='split'))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], input=json.dumps(x.tolist()), text=True,
+    out = subprocess.run([sys.executable, "-c", script], input=raw.to_json(orient="split"), text=True,
                          capture_output=True, env={"MLFLOW_TRACKING_URI": served, "PATH": "/usr/bin:/bin"},
                          timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -55,14 +57,23 @@ def test_training_logs_params_curves_and_a_pyfunc_that_loads_in_a_fresh_process(
         assert mi.mean() > 1e-4  # independent weight samples disagree on OOD digits
 
 
-def test_pyfunc_signature_accepts_a_dataframe(served, tiny_cfg, digits_splits):
-    import pandas as pd
+def test_pyfunc_takes_raw_named_columns_and_rejects_bad_input_in_one_sentence(served, tiny_cfg, digits_splits):
+    from mlflow.exceptions import MlflowException
 
+    test = digits_splits["test"]
     trained = train_and_log(tiny_cfg("model=mc_dropout_dnn", "train.epochs=1", "experiment_name=df-test"),
                             digits_splits["train"], digits_splits["val"])
     model = mlflow.pyfunc.load_model(f"runs:/{trained.run_id}/model")
-    x = digits_splits["test"].x[:4]
-    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])])
-    out = model.predict(frame)
-    assert list(out.columns[-3:]) == ["predicted_class", "predictive_entropy", "mutual_information"]
-    assert len(out) == 4
+    raw = pd.DataFrame(unscaled(test.x[:4], test.schema).round(), columns=test.schema.feature_names)
+    assert list(model.metadata.get_input_schema().input_names()) == test.schema.feature_names
+    out = model.predict(raw)
+    assert list(out.columns[-6:]) == ["predicted_class", "predictive_entropy", "mutual_information",
+                                      "prediction_set", "set_size", "abstain"]
+    # the bundled scaling is applied: the same answer as the network on the split's scaled rows
+    direct = model.unwrap_python_model().predict_rows(test.x[:4])
+    np.testing.assert_allclose(out.filter(like="prob_").to_numpy(), direct.filter(like="prob_").to_numpy(), atol=1e-6)
+    bad = raw.copy()
+    bad.iloc[1, 3] = np.nan
+    with pytest.raises(MlflowException, match="row 1 column 'pixel_3' is nan") as err:
+        model.unwrap_python_model().predict(None, bad)
+    assert err.value.get_http_status_code() == 400

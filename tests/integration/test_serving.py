@@ -1,0 +1,120 @@
+"""The registered champion served over HTTP in a fresh process (python -m dl_uncertainty.serve):
+raw inputs in, the offline evaluation's calibrated probabilities and valid conformal sets out."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from dl_uncertainty.compare import register_champion
+from dl_uncertainty.data import unscaled
+from dl_uncertainty.evaluation import evaluate_model
+from dl_uncertainty.train import train_and_log
+from tests.conftest import TINY, free_port
+
+
+def post(url: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, digits_splits):
+    """Train and register a champion, evaluate it offline, serve it from a fresh process."""
+    from dl_uncertainty.config import load_config
+
+    tmp = tmp_path_factory.mktemp("serving")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        cfg = load_config([*TINY, "model=mc_dropout_dnn", "train.epochs=8", "evaluate.mc_samples=20",
+                           f"train.checkpoint_dir={tmp / 'ckpt'}"])
+        trained = train_and_log(cfg, digits_splits["train"], digits_splits["val"])
+        register_champion(trained.run_id, cfg.evaluate.registered_model_name)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    offline = evaluate_model(trained.model, cfg, digits_splits["test"], digits_splits["ood"], digits_splits["val"],
+                             calibration=trained.calibration, with_figures=False)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin"}  # no venv on PATH
+    server = subprocess.Popen([sys.executable, "-m", "dl_uncertainty.serve", "--port", str(port)], cwd=tmp, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2).read()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"the server did not start: {server.stdout.read()[-2000:]}")
+            time.sleep(0.3)
+    yield url, offline, cfg
+    server.terminate()
+    server.wait(timeout=20)
+
+
+def test_raw_inputs_get_the_offline_evaluations_calibrated_probabilities(served, digits_splits):
+    url, offline, _ = served
+    test = digits_splits["test"]
+    raw = np.rint(unscaled(test.x, test.schema)).astype(int)  # the pixel values of the original images
+    status, body = post(f"{url}/invocations", {"dataframe_split": {"columns": test.schema.feature_names,
+                                                                   "data": raw.tolist()}})
+    assert status == 200, body
+    rows = body["predictions"]
+    names = test.schema.class_names
+    probs = np.array([[r[f"prob_{c}"] for c in names] for r in rows])
+    np.testing.assert_allclose(probs, offline.predictions["calibrated_probs"], atol=1e-6)
+    assert [r["abstain"] for r in rows] == offline.predictions["abstain"].tolist()
+    assert all(r["predicted_class"] == names[int(np.argmax(p))] for r, p in zip(rows, probs, strict=True))
+    # split-conformal coverage on the test split: 1 - alpha within sampling error (3 sigma, test + calibration)
+    alpha = offline.metrics["alpha"]
+    covered = np.mean([names[y] in r["prediction_set"] for r, y in zip(rows, test.y, strict=True)])
+    sigma = math.sqrt(alpha * (1 - alpha) * (1 / len(test.y) + 1 / len(digits_splits["val"].y)))
+    assert abs(covered - (1 - alpha)) < 3 * sigma, covered
+    assert covered == pytest.approx(offline.metrics["coverage"])
+    assert all(r["set_size"] == len(r["prediction_set"]) for r in rows)
+
+
+def test_kserve_v1_protocol_and_info(served, digits_splits):
+    url, _, cfg = served
+    test = digits_splits["test"]
+    row = np.rint(unscaled(test.x[:1], test.schema)).tolist()
+    status, body = post(f"{url}/v1/models/dl-uncertainty:predict", {"instances": row})
+    assert status == 200 and len(body["predictions"]) == 1
+    again = post(f"{url}/v1/models/dl-uncertainty:predict", {"instances": row})[1]
+    assert again == body  # seeded MC sampling: the same request, the same answer
+    info = json.loads(urllib.request.urlopen(f"{url}/info", timeout=10).read())
+    assert info["columns"] == test.schema.feature_names and info["calibration"]["alpha"] == cfg.evaluate.alpha
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ({"inputs": [[1, 2, 3]]}, "expected 64 values per row, got 3"),
+    ({"dataframe_split": {"columns": ["pixel_0"], "data": [[1]]}}, "missing columns"),
+    ({"inputs": [[float("nan")] + [0] * 63]}, "row 0 column 'pixel_0' is nan"),
+    ({"inputs": [["seven"] + [0] * 63]}, "row 0 column 'pixel_0' is 'seven'"),
+    ({"inputs": [[0] * 64, [0] * 63]}, "different lengths"),
+    ({"rows": [[0] * 64]}, "needs one of the keys"),
+    (b"not json", "not JSON"),
+])
+def test_bad_input_is_a_400_with_one_sentence(served, body, says):
+    url = served[0]
+    data = body if isinstance(body, bytes) else json.dumps(body, allow_nan=True).encode()
+    status, answer = post(f"{url}/invocations", data)
+    assert status == 400
+    assert says in answer["error"] and "\n" not in answer["error"] and "Traceback" not in answer["error"]

@@ -1,0 +1,89 @@
+"""Temperature on the MC-averaged prediction, split-conformal sets (LAC, APS), the abstain threshold."""
+
+import math
+
+import numpy as np
+import pytest
+
+from dl_uncertainty import calibration as C
+from dl_uncertainty import metrics as M
+from dl_uncertainty.config import load_config
+
+
+def calibrated_data(n: int, k: int = 5, seed: int = 0):
+    """Probabilities and labels drawn from them: the model is calibrated by construction."""
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.full(k, 0.4), size=n)
+    labels = np.array([rng.choice(k, p=p) for p in probs])
+    return probs, labels
+
+
+@pytest.mark.parametrize("method", C.CONFORMAL_METHODS)
+def test_split_conformal_sets_cover_one_minus_alpha(method):
+    alpha, coverages = 0.1, []
+    for seed in range(40):
+        probs, labels = calibrated_data(400, seed=seed)
+        threshold = C.conformal_threshold(probs[:200], labels[:200], alpha, method)
+        sets = C.prediction_sets(probs[200:], threshold, method)
+        coverages.append(C.set_metrics(sets, labels[200:])["coverage"])
+    # on average over calibration sets: >= 1 - alpha, and for LAC at most 1 - alpha + 1/(n+1)
+    assert np.mean(coverages) > 1 - alpha - 0.01
+    if method == "lac":
+        assert np.mean(coverages) < 1 - alpha + 1 / 201 + 0.01
+
+
+def test_conformal_threshold_is_the_finite_sample_quantile():
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]])
+    labels = np.array([0, 0, 1, 1])  # LAC scores 0.1, 0.4, 0.2, 0.7
+    # n = 4, alpha = 0.4: ceil(5 * 0.6) / 4 = 0.75 -> the 3rd smallest score
+    assert C.conformal_threshold(probs, labels, 0.4, "lac") == pytest.approx(0.4)
+    assert C.conformal_threshold(probs, labels, 0.1, "lac") == math.inf  # ceil(5 * 0.9) / 4 > 1
+
+
+def test_aps_scores_are_the_mass_of_every_class_at_least_as_likely():
+    scores = C.class_scores(np.array([[0.5, 0.2, 0.3]]), "aps")
+    np.testing.assert_allclose(scores, [[0.5, 1.0, 0.8]])
+    sets = C.prediction_sets(np.array([[0.5, 0.2, 0.3]]), 0.8, "aps")
+    assert sets.tolist() == [[True, False, True]]
+
+
+def test_temperature_is_fitted_on_the_mc_average_and_kept_only_when_it_helps():
+    rng = np.random.default_rng(1)
+    probs, labels = calibrated_data(300, seed=1)
+    # overconfident MC samples: sharpen the calibrated logits, plus per-sample noise
+    logits = np.log(probs)[None] * 3 + rng.normal(0, 0.3, (10, *probs.shape))
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    cfg = load_config([]).evaluate
+    fitted = C.fit(log_probs, labels, cfg)
+    mean = M.mean_log_probs(log_probs)
+    assert fitted.temperature > 1.5 and fitted.val_nll_calibrated < fitted.val_nll
+    assert fitted.val_nll_calibrated == pytest.approx(M.nll(M.apply_temperature(mean, fitted.temperature), labels))
+    # a model whose MC average is already calibrated: scaling would not lower the NLL, so T stays 1
+    exact = np.log(probs)[None]
+    kept = C.fit(exact, labels, cfg)
+    assert kept.val_nll_calibrated <= kept.val_nll
+    off = C.fit(log_probs, labels, load_config(["evaluate.calibration=none"]).evaluate)
+    assert off.temperature == 1.0 and off.val_nll_calibrated == off.val_nll
+
+
+def test_entropy_threshold_keeps_the_validation_risk_at_the_target():
+    rng = np.random.default_rng(2)
+    entropy = rng.uniform(0, 2, 1000)
+    correct = rng.uniform(0, 1, 1000) > entropy / 4  # errors grow with entropy
+    threshold = C.entropy_threshold(entropy, correct, 0.05)
+    kept = entropy <= threshold
+    assert 0 < kept.mean() < 1
+    assert (~correct[kept]).mean() <= 0.05
+    assert (~correct[entropy <= np.sort(entropy)[kept.sum()]]).mean() > 0.05  # one more would break it
+    assert C.entropy_threshold(entropy, np.ones(1000, bool), 0.05) == math.inf
+    assert C.entropy_threshold(entropy, np.zeros(1000, bool), 0.05) == -1.0
+
+
+def test_decide_abstains_on_non_singleton_sets_and_high_entropy():
+    cal = C.Calibration(1.0, 1.0, 0.1, 0.1, 0.1, "lac", {"lac": 0.6, "aps": 0.9}, 0.5, 0.01, 100)
+    probs = np.array([[0.98, 0.01, 0.01], [0.55, 0.45 - 1e-9, 1e-9], [0.35, 0.33, 0.32]])
+    out = C.decide(np.log(probs)[None], cal)
+    assert out["sets"].sum(1).tolist() == [1, 2, 0]
+    assert out["abstain"].tolist() == [False, True, True]
+    cal.max_entropy = 0.01
+    assert C.decide(np.log(probs)[None], cal)["abstain"].tolist() == [True, True, True]
