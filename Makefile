@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 OVERRIDES ?=
 MLFLOW_PORT ?= 5000
+SERVE_PORT ?= 5001
+MODEL_URI ?= models:/dl-uncertainty@champion
 KFP_HOST ?= http://localhost:8080
 PIPELINE_FLAGS ?=
 RUNNER ?= subprocess
@@ -21,7 +23,7 @@ TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 STACK_ENV := .stack/env
 WITH_STACK = $(if $(wildcard $(STACK_ENV)),source $(STACK_ENV) && echo "using the local stack ($(STACK_ENV)): $$MLFLOW_TRACKING_URI" &&,)
 
-.PHONY: help install test test-e2e lint format run compile train tune evaluate mlflow-ui bench pipeline-upload \
+.PHONY: help install test test-e2e lint format run compile train tune evaluate serve mlflow-ui bench pipeline-upload \
         pipeline-run stack-up stack-down stack-status clean
 
 help: ## list the targets
@@ -61,6 +63,9 @@ tune: $(INSTALLED) ## Optuna sweep of bnn and mc_dropout_dnn; best configs in co
 
 evaluate: $(INSTALLED) ## re-evaluate a logged model: make evaluate RUN_ID=<id>
 	@$(WITH_STACK) $(PY) -m dl_uncertainty.evaluate run_id=$(RUN_ID) $(OVERRIDES)
+
+serve: $(INSTALLED) ## serve the champion on http://127.0.0.1:5001: raw inputs in, calibrated uncertainty and a decision out (MODEL_URI=..., SERVE_PORT=...)
+	@$(WITH_STACK) $(PY) -m dl_uncertainty.serve --model "$(MODEL_URI)" --port $(SERVE_PORT)
 
 mlflow-ui: $(INSTALLED) ## MLflow UI on the local store at http://127.0.0.1:5000 (MLFLOW_PORT=...)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db \

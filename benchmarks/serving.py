@@ -1,11 +1,12 @@
-"""Serving latency of the logged pyfunc: one example, evaluate.mc_samples MC samples (default 50).
+"""Serving: requests/s and p50/p99 latency of the served model at batch 1 and 64, 50 MC samples.
 
-Trains each model briefly, logs it to a temporary MLflow store, then measures
-  model time   ``pyfunc.load_model(...).predict(one row)`` in this process (median of many calls)
-  HTTP time    the same request through ``mlflow models serve --env-manager local`` (/invocations)
-against a baseline in the same process: the same model's naive loop of T forward passes.
+Trains each model briefly, logs it to a temporary MLflow store, serves it with
+``python -m dl_uncertainty.serve`` (what ``make serve`` and the KServe predictor run) and sends raw
+inputs to /invocations from one client, one request at a time. Baseline, in this process: the
+model's naive loop of T forward passes on the same (already scaled) batch, which is the floor a
+server could reach without MC batching, input checks, calibration and JSON.
 
-    python benchmarks/serving.py [--calls 200] [key=value overrides]
+    python benchmarks/serving.py [--requests 300] [--models bnn,mc_dropout_dnn,deep_ensemble] [overrides]
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+BATCHES = (1, 64)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -34,85 +37,93 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _median_ms(fn, calls: int) -> float:
+def _times_ms(fn, n: int) -> list[float]:
     for _ in range(5):
         fn()
     times = []
-    for _ in range(calls):
+    for _ in range(n):
         tic = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - tic)
-    return 1000 * statistics.median(times)
+        times.append(1000 * (time.perf_counter() - tic))
+    return times
 
 
-def _serve(model_uri: str, env: dict, calls: int, row: np.ndarray) -> float:
+def _start_server(model_uri: str, env: dict) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
-           "local", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    body = json.dumps({"inputs": row.tolist()}).encode()
-    url = f"http://127.0.0.1:{port}/invocations"
-
-    def post():
-        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-        return urllib.request.urlopen(req, timeout=30).read()
-
-    try:
-        for _ in range(120):
-            try:
-                post()
-                break
-            except OSError:
-                time.sleep(0.5)
-        return _median_ms(post, calls)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    proc = subprocess.Popen([sys.executable, "-m", "dl_uncertainty.serve", "--model", model_uri, "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2).read()
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"the server for {model_uri} did not start")
 
 
-def measure(cfg, env: dict, calls: int) -> str:
-    """One table row: train briefly, log, then time the naive loop, pyfunc predict and HTTP."""
-    import mlflow
-
-    from dl_uncertainty.data import prepare
+def measure(cfg, env: dict, requests: int) -> list[str]:
+    """Table rows for one model: per batch size, the naive loop vs the served request."""
+    from dl_uncertainty.data import prepare, unscaled
     from dl_uncertainty.inference import mc_mode
+    from dl_uncertainty.models import Ensemble
     from dl_uncertainty.train import train_and_log
 
     trained = train_and_log(cfg)
-    row = prepare(cfg.data, cfg.seed)["test"].x[:1]
-    uri = f"runs:/{trained.run_id}/model"
-    loaded = mlflow.pyfunc.load_model(uri)
-    predict_ms = _median_ms(lambda: loaded.predict(row), calls)
-    net, x, samples = trained.model, torch.as_tensor(row), cfg.evaluate.mc_samples
+    test = prepare(cfg.data, cfg.seed)["test"]
+    net, samples = trained.model, cfg.evaluate.mc_samples
+    proc, url = _start_server(f"runs:/{trained.run_id}/model", env)
+    rows = []
+    try:
+        for batch in BATCHES:
+            x = torch.as_tensor(test.x[:batch])
 
-    def loop():
-        with mc_mode(net), torch.inference_mode():
-            torch.stack([torch.log_softmax(net(x), -1) for _ in range(samples)])
+            def loop():
+                with mc_mode(net), torch.inference_mode():
+                    if isinstance(net, Ensemble):
+                        return torch.log_softmax(net.member_logits(x), -1)
+                    return torch.stack([torch.log_softmax(net(x), -1) for _ in range(samples)])
 
-    loop_ms = _median_ms(loop, calls)
-    http_ms = _serve(uri, env, max(20, calls // 4), row)
-    return (f"| {cfg.model.name} | {samples} | {loop_ms:.2f} | {predict_ms:.2f} | {http_ms:.2f} | "
-            f"{loop_ms / predict_ms:.2f}x |")
+            loop_ms = statistics.median(_times_ms(loop, 100))
+            body = json.dumps({"dataframe_split": {"columns": test.schema.feature_names,
+                                                   "data": np.rint(unscaled(test.x[:batch], test.schema)).tolist()}})
+            request = urllib.request.Request(f"{url}/invocations", data=body.encode(),
+                                              headers={"Content-Type": "application/json"})
+            times = _times_ms(lambda: urllib.request.urlopen(request, timeout=60).read(), requests)
+            p50, p99 = np.percentile(times, 50), np.percentile(times, 99)
+            per_second = 1000 * len(times) / sum(times)
+            draws = cfg.model.ensemble_size if isinstance(net, Ensemble) else samples
+            rows.append(f"| {cfg.model.name} | {batch} | {draws} | {loop_ms:.2f} | {p50:.2f} | {p99:.2f} | "
+                        f"{per_second:.0f} | {per_second * batch:.0f} | {p50 / loop_ms:.1f}x |")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--models", default="bnn,mc_dropout_dnn")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--requests", type=int, default=300, help="requests per batch size (default 300)")
+    parser.add_argument("--models", default="bnn,mc_dropout_dnn,deep_ensemble")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. evaluate.mc_samples=100")
     args = parser.parse_args()
 
     from dl_uncertainty.config import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
-               "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # serve runs uvicorn
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
         os.environ.update(env)
         os.chdir(tmp)
-        print("| model | T | naive loop ms | pyfunc predict ms | HTTP /invocations ms | loop / predict |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        print(f"{os.cpu_count()} CPU cores, torch {torch.__version__}, one client, sequential requests")
+        print("| model | batch | MC samples | naive loop ms | served p50 ms | p99 ms | requests/s | rows/s "
+              "| p50 / loop |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name in args.models.split(","):
-            print(measure(load_config([f"model={name}", "train.epochs=3", *args.overrides]), env, args.calls))
+            cfg = load_config([f"model={name}", "train.epochs=3", *args.overrides])
+            for row in measure(cfg, env, args.requests):
+                print(row, flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -23,13 +23,15 @@ def evaluate(
 
     from dl_uncertainty import tracking
     from dl_uncertainty.bundle import load_bundle
+    from dl_uncertainty.calibration import Calibration
     from dl_uncertainty.data import load_split
     from dl_uncertainty.evaluation import evaluate_model, html, save_predictions
 
     net, cfg, schema, meta = load_bundle(model.path)
     splits = {name: load_split(a.path, expect=schema) for name, a in {"val": val, "test": test}.items()}
     ood_split = load_split(ood.path)
-    result = evaluate_model(net, cfg, splits["test"], ood_split, splits["val"])
+    calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
+    result = evaluate_model(net, cfg, splits["test"], ood_split, splits["val"], calibration=calibration)
     for key, value in result.metrics.items():
         metrics.log_metric(key, value)
     matrix = confusion_matrix(result.predictions["labels"], result.predictions["probs"].argmax(1),

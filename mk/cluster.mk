@@ -52,7 +52,7 @@ KIND_CONFIG := $(K8S_DIR)/kind/$(if $(filter 1 true yes,$(GPU)),cluster-gpu.yaml
 
 .PHONY: images image-cpu image-cuda image-names kind-load minikube-load cluster-load \
         cluster-up cluster-down deploy deploy-kfp deploy-dlu undeploy cluster-status \
-        mlflow-port-forward kfp-ui minio-console
+        mlflow-port-forward kfp-ui minio-console serve-deploy
 
 # ---------------------------------------------------------------- images
 images: $(addprefix image-,$(IMAGE_VARIANTS)) ## build the runtime images dl-uncertainty:<TAG>[-cuda] (IMAGE_VARIANTS="cpu cuda")
@@ -146,6 +146,11 @@ endif
 	$(KUBECTL) -n dlu rollout status deployment/mlflow --timeout=$(DEPLOY_TIMEOUT)
 	$(KUBECTL) -n kubeflow wait --for=condition=Available deployment --all --timeout=$(DEPLOY_TIMEOUT)
 	@echo "deploy: ready. KFP UI: make kfp-ui (http://localhost:8080); MLflow: make mlflow-port-forward (http://localhost:5000)"
+
+serve-deploy: ## the champion as a KServe InferenceService in dlu (needs KServe; image from `make images kind-load`)
+	$(KUBECTL) kustomize $(K8S_DIR)/serving | sed 's|dl-uncertainty:serve-image-tag|$(IMAGE_CPU)|' | $(KUBECTL) apply -f -
+	$(KUBECTL) -n dlu wait --for=condition=Ready --timeout=$(DEPLOY_TIMEOUT) inferenceservice/dl-uncertainty
+	@echo "serve-deploy: ready. Try: kubectl -n dlu port-forward svc/dl-uncertainty-predictor 8080:80 &"
 
 undeploy: ## remove the dlu stack and KFP from the cluster (keeps the cluster; deletes MinIO/PostgreSQL data)
 	-$(KUBECTL) delete -k $(K8S_DIR)/kfp/platform --ignore-not-found

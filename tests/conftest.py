@@ -22,6 +22,11 @@ TINY = [
     "model.hidden_sizes=[64]", "evaluate.mc_samples=8",
 ]
 
+# The champion gate's thresholds, loosened for runs of a few epochs whose winner must become champion;
+# the gate itself is tested with thresholds the winner fails (tests/components).
+LOOSE_GATE = ["evaluate.champion_gate.max_ece=0.5", "evaluate.champion_gate.min_ood_auroc=0.5",
+              "evaluate.champion_gate.min_coverage=0.5"]
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -29,7 +29,8 @@ def evaluate_run(cfg: DictConfig):
     run_cfg = logged.cfg.copy()
     run_cfg.evaluate = cfg.evaluate  # data and model as trained; evaluation options from the command line
     splits = prepare(run_cfg.data, run_cfg.seed)
-    evaluation = evaluate_model(logged.model, run_cfg, splits["test"], splits["ood"], splits["val"])
+    evaluation = evaluate_model(logged.model, run_cfg, splits["test"], splits["ood"], splits["val"],
+                                calibration=logged.calibration)
     with mlflow.start_run(run_id=cfg.run_id):
         tracking.log_evaluation(evaluation)
     return evaluation

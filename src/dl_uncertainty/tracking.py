@@ -10,6 +10,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -209,7 +210,9 @@ def log_model(model: nn.Module, cfg: DictConfig, schema: Schema, example: pd.Dat
         wrapper = UncertaintyModel()
         wrapper.load_context(SimpleNamespace(artifacts={"bundle": str(bundle)}))
         example = example.iloc[:5]
-        signature = mlflow.models.infer_signature(example, wrapper.predict(None, example))
+        with warnings.catch_warnings():  # "integer columns cannot hold missing values": set_size, an output
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+            signature = mlflow.models.infer_signature(example, wrapper.predict(None, example))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(package / "pyfunc_model.py"),

@@ -14,7 +14,7 @@ from components.preprocess import preprocess
 from components.train import train
 from dl_uncertainty import metrics as M
 from dl_uncertainty.errors import UserError
-from tests.conftest import TINY
+from tests.conftest import LOOSE_GATE, TINY
 
 PARAMS = dict(epochs=2, learning_rate=0.001, mc_samples=6, seed=3, data_source="digits",
               experiment_name="component-test", mlflow_tracking_uri="")
@@ -32,7 +32,8 @@ def chain(tmp_path_factory):
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
     mp.chdir(tmp)
     out = {"tmp": tmp, "config": art(dsl.Artifact, tmp, "config")}
-    configure.python_func(models=["bnn", "mc_dropout_dnn"], overrides=TINY, config=out["config"], **PARAMS)
+    configure.python_func(models=["bnn", "mc_dropout_dnn"], overrides=[*TINY, *LOOSE_GATE], config=out["config"],
+                          **PARAMS)
     splits = {n: art(dsl.Dataset, tmp, n) for n in ("train", "val", "test", "ood")}
     out["eda"] = art(dsl.HTML, tmp, "eda")
     preprocess.python_func(config=out["config"], eda_report=out["eda"], **splits)
@@ -131,6 +132,36 @@ def test_compare_picks_the_lowest_nll_and_registers_the_champion(chain):
     client = mlflow.MlflowClient(f"sqlite:///{chain['tmp'] / 'mlflow.db'}")
     version = client.get_model_version_by_alias("dl-uncertainty", "champion")
     assert version.run_id == results[best]["run_id"]
+
+
+def test_a_winner_that_fails_the_champion_gate_leaves_the_previous_champion(chain, tmp_path):
+    client = mlflow.MlflowClient(f"sqlite:///{chain['tmp'] / 'mlflow.db'}")
+    before = client.get_model_version_by_alias("dl-uncertainty", "champion").version
+    strict = art(dsl.Artifact, tmp_path, "strict-config")
+    configure.python_func(models=["bnn", "mc_dropout_dnn"], overrides=[*TINY, "evaluate.champion_gate.max_ece=0"],
+                          config=strict, **PARAMS)
+    comparison = art(dsl.Markdown, tmp_path, "comparison")
+    winner = compare.python_func(
+        config=strict, metrics=[e["metrics"] for e in chain["evaluated"].values()],
+        predictions=[e["predictions"] for e in chain["evaluated"].values()],
+        comparison=comparison, report=art(dsl.HTML, tmp_path, "report"))
+    ece = json.load(open(chain["evaluated"][winner]["metrics"].path))["metrics"]["ece_ts"]
+    assert f"{winner} fails the champion gate (test ECE (calibrated) {ece:.4f} > 0)" in open(comparison.path).read()
+    assert comparison.metadata["champion"] is False
+    versions = client.search_model_versions("name='dl-uncertainty'")
+    assert max(int(v.version) for v in versions) > int(before)  # registered ...
+    assert client.get_model_version_by_alias("dl-uncertainty", "champion").version == before  # ... not promoted
+
+
+def test_gate_thresholds_set_to_null_are_not_checked():
+    from dl_uncertainty.compare import gate_failures
+    from dl_uncertainty.config import load_config
+
+    gate = load_config(["evaluate.champion_gate.max_ece=0.01", "evaluate.champion_gate.min_coverage=null"]).evaluate.champion_gate
+    metrics = {"ece_ts": 0.02, "auroc_entropy": 0.95, "coverage": 0.1}
+    assert gate_failures(metrics, gate) == ["test ECE (calibrated) 0.0200 > 0.01"]
+    assert gate_failures({"ece_ts": 0.005, "coverage": 0.9}, gate) == []  # no OOD split: AUROC not checked
+    assert gate_failures({"ece_ts": float("nan")}, gate) == ["test ECE (calibrated) nan > 0.01"]
 
 
 def test_train_on_a_corrupt_dataset_artifact_fails_clearly(chain, tmp_path):

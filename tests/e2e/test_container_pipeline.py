@@ -7,11 +7,16 @@ import os
 import re
 import subprocess
 import sys
+import time
+import urllib.request
 
 import boto3
 import mlflow
+import numpy as np
 import pytest
 
+from dl_uncertainty.data import load_split, unscaled
+from tests.conftest import free_port
 from tests.e2e.conftest import MODELS, RUN_OVERRIDES, TINY, run_pipeline, sh
 
 pytestmark = pytest.mark.e2e
@@ -83,25 +88,37 @@ def test_champion_alias_points_at_the_winner(container_run, container_env):
     assert champion.run_id == min(runs, key=lambda r: r.data.metrics["nll"]).info.run_id
 
 
-def test_registered_champion_loads_and_predicts_in_a_fresh_process(container_run, container_env):
+def test_registered_champion_is_served_on_raw_inputs_from_a_fresh_process(container_run, container_env):
+    """What a user does next: `make serve` against the stack, then POST the test images' raw pixels."""
     _, root = container_run
-    test_split = next(_run_dir(root).rglob("preprocess/test"))
-    script = (
-        "import sys, mlflow, numpy as np\n"
-        "from dl_uncertainty.data import load_split\n"
-        "split = load_split(sys.argv[1])\n"
-        "model = mlflow.pyfunc.load_model('models:/dl-uncertainty@champion')\n"
-        "frame = model.predict(split.x)\n"
-        "probs = frame.filter(like='prob_').to_numpy()\n"
-        "assert np.allclose(probs.sum(1), 1, atol=1e-4), probs.sum(1)\n"
-        "names = np.array(split.schema.class_names)\n"
-        "print((frame['predicted_class'].to_numpy() == names[split.y]).mean())\n"
-    )
+    split = load_split(next(_run_dir(root).rglob("preprocess/test")))
+    port = free_port()
     env = {key: container_env[key] for key in container_env if key.startswith(("MLFLOW", "AWS"))}
-    out = subprocess.run([sys.executable, "-c", script, str(test_split)], env={"PATH": "/usr/bin:/bin", **env},
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(out.stdout.strip().splitlines()[-1]) > 0.5  # 8 classes: chance is 0.125
+    server = subprocess.Popen([sys.executable, "-m", "dl_uncertainty.serve", "--port", str(port)],
+                              env={"PATH": "/usr/bin:/bin", **env}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:]
+                time.sleep(0.5)
+        raw = np.rint(unscaled(split.x, split.schema)).tolist()
+        request = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": raw}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        rows = json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    names = np.array(split.schema.class_names)
+    probs = np.array([[r[f"prob_{c}"] for c in names] for r in rows])
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert np.mean([r["predicted_class"] for r in rows] == names[split.y]) > 0.5  # 8 classes: chance is 0.125
+    assert all(isinstance(r["prediction_set"], list) and isinstance(r["abstain"], bool) for r in rows)
 
 
 def test_missing_image_is_one_line_naming_the_fix(container_env, tmp_path):

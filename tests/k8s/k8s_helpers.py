@@ -114,12 +114,23 @@ def rel(path: Path) -> str:
     return str(path.resolve().relative_to(REPO_ROOT))
 
 
+# KServe's ComponentExtensionSpec: the predictor's fields that are not PodSpec fields
+# (serving.kserve.io/v1beta1, https://kserve.github.io/website/docs/reference/crd-api).
+KSERVE_EXTENSION_FIELDS = {
+    "minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "scaleMetricType", "containerConcurrency",
+    "timeout", "canaryTrafficPercent", "logger", "batcher", "labels", "annotations", "deploymentStrategy",
+    "autoScaling", "model", "workerSpec", "storageUri", "storage",
+}
+
+
 def pod_spec(obj: dict) -> dict | None:
     """The pod spec of a workload object, or None for non-workloads."""
     kind = obj.get("kind")
     spec = obj.get("spec") or {}
     if kind == "Pod":
         return spec
+    if kind == "InferenceService":  # the predictor is a PodSpec plus KServe's own fields
+        return {k: v for k, v in (spec.get("predictor") or {}).items() if k not in KSERVE_EXTENSION_FIELDS}
     if kind in {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}:
         return (spec.get("template") or {}).get("spec")
     if kind == "CronJob":

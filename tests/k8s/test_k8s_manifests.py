@@ -67,15 +67,47 @@ def test_tree_has_the_expected_kustomizations():
         "k8s/kfp/platform",
         "k8s/kfp/launcher",
         "k8s/nvidia",
+        "k8s/serving",
     }
     assert expected <= found, f"missing kustomizations: {sorted(expected - found)}"
     # Only the two KFP install layers may depend on the network at render time.
     remote = {rel(d) for d in kustomization_dirs() if has_remote_base(d)}
     assert remote == {"k8s/kfp/cluster-scoped", "k8s/kfp/platform"}
-    assert {"k8s/dlu", "k8s/nvidia"} <= set(_ids(RENDERABLE))
+    assert {"k8s/dlu", "k8s/nvidia", "k8s/serving"} <= set(_ids(RENDERABLE))
 
 
 # ------------------------------------------------------------------ render + validate
+
+
+def test_inference_service_serves_the_champion_from_the_in_cluster_mlflow():
+    objs = render(K8S_DIR / "serving")
+    isvc = _objects_by(objs, "InferenceService", "dl-uncertainty")
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["metadata"]["namespace"] == "dlu"
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    (container,) = isvc["spec"]["predictor"]["containers"]
+    assert container["name"] == "kserve-container"
+    assert container["command"] == ["python", "-m", "dl_uncertainty.serve"]
+    args = container["args"]
+    assert args[args.index("--model") + 1] == "models:/dl-uncertainty@champion"
+    port = int(args[args.index("--port") + 1])
+    assert container["ports"] == [{"containerPort": port, "protocol": "TCP"}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v1/models/dl-uncertainty", "port": port}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.dlu.svc.cluster.local:5000"
+    # dlu denies ingress by default: the predictor takes requests, and may reach MLflow
+    policies = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "NetworkPolicy"}
+    predictor = {"serving.kserve.io/inferenceservice": "dl-uncertainty"}
+    assert policies["dl-uncertainty-predictor"]["podSelector"]["matchLabels"] == predictor
+    assert policies["dl-uncertainty-predictor"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": port}]
+    assert policies["mlflow-from-predictor"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": predictor}}]
+
+
+def test_pod_part_of_a_predictor_is_validated_strictly():
+    bad = {"kind": "InferenceService", "spec": {"predictor": {"minReplicas": 1, "containerz": []}}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+                                      "spec": pod_spec(bad)}, K8S_VERSIONS[-1], strict=True)
+
 
 
 @pytest.mark.parametrize("directory", RENDERABLE, ids=_ids(RENDERABLE))
@@ -84,6 +116,8 @@ def test_kustomization_renders_and_validates_strict(directory: Path):
     assert objs, f"{rel(directory)} rendered no objects"
     errors = []
     for obj in objs:
+        if obj["kind"] == "InferenceService":  # a CRD: its pod part is checked as a Pod, strictly
+            obj = {"apiVersion": "v1", "kind": "Pod", "metadata": obj["metadata"], "spec": pod_spec(obj)}
         for version in K8S_VERSIONS:
             label = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')} @ {version}"
             try:

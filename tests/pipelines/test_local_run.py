@@ -5,13 +5,13 @@ import pytest
 
 from dl_uncertainty.errors import UserError
 from pipelines.local import run_local
-from tests.conftest import REPO, TINY, run_module
+from tests.conftest import LOOSE_GATE, REPO, TINY, run_module
 
 
 def test_whole_pipeline_runs_locally_and_lands_in_mlflow(mlflow_server, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    run_dir = run_local([*TINY, "train.epochs=2", "experiment_name=pipeline-test",
+    run_dir = run_local([*TINY, *LOOSE_GATE, "train.epochs=2", "experiment_name=pipeline-test",
                          "pipeline.models=[bnn,mc_dropout_dnn]"], tmp_path / "out")
 
     printed = capsys.readouterr().out
