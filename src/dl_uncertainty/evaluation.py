@@ -200,9 +200,9 @@ def metrics_table(evaluations: list[Evaluation]) -> list[dict]:
 def _calibration_text(m: dict) -> list[str]:
     if "temperature_fitted" not in m:
         return []
-    verdict = (f"kept: validation NLL {m['calibration_val_nll']:.4f} -> {m['calibration_val_nll_after']:.4f}"
-               if m["temperature_kept"] else
-               f"not kept: it would not lower the validation NLL ({m['calibration_val_nll']:.4f})")
+    held_out = (f"validation NLL {m['calibration_val_nll']:.4f} -> {m['calibration_val_nll_after']:.4f} "
+                f"with temperatures fitted on the other half")
+    verdict = f"kept: {held_out}" if m["temperature_kept"] else f"not kept: it would not lower the {held_out}"
     return [f"Temperature scaling of the MC-averaged prediction, fitted on the validation split: "
             f"T = {m['temperature_fitted']:.3f}, {verdict}. Test NLL {m['nll']:.4f} -> {m['nll_ts']:.4f}, "
             f"ECE {m['ece']:.4f} -> {m['ece_ts']:.4f}."]
