@@ -349,7 +349,10 @@ def raw_to_rows(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
             problem = f"missing columns {missing[:5]}" if missing else f"unknown columns {unknown[:5]}"
             raise UserError(f"{problem}: the model takes {len(names)} columns, {names[0]!r} to {names[-1]!r}")
         frame = frame.set_axis(columns, axis=1)[names]
-    values = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype="float64")
+    try:
+        values = frame.to_numpy(dtype="float64")
+    except (TypeError, ValueError):  # some cell is not a number: find which, below
+        values = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype="float64")
     bad = ~np.isfinite(values)
     if bad.any():
         row, col = (int(i) for i in np.argwhere(bad)[0])

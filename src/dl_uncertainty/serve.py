@@ -39,6 +39,7 @@ def load(uri: str):
     from mlflow.exceptions import MlflowException
 
     from . import tracking
+    from .training import set_threads
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     tracking.check_reachable(tracking.tracking_uri())
@@ -49,6 +50,7 @@ def load(uri: str):
         raise UserError(f"cannot load {uri} from {tracking.tracking_uri()}: {message}") from None
     if not hasattr(wrapper, "predict_rows"):
         raise UserError(f"{uri} was not logged by dl_uncertainty (train one with `make train`)")
+    set_threads(wrapper.cfg.num_threads)  # 1 by default: small nets answer fastest, a pod's CPU limit holds
     return wrapper
 
 
