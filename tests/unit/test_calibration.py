@@ -93,3 +93,17 @@ def test_decide_abstains_on_non_singleton_sets_and_high_entropy():
     assert out["abstain"].tolist() == [False, True, True]
     cal.max_entropy = 0.01
     assert C.decide(np.log(probs)[None], cal)["abstain"].tolist() == [True, True, True]
+
+
+def test_evaluating_the_same_model_twice_gives_the_same_numbers(tiny_cfg, digits_splits):
+    from dl_uncertainty.evaluation import evaluate_model
+    from dl_uncertainty.training import train_model
+
+    cfg = tiny_cfg("model=mc_dropout_dnn", "train.epochs=1")
+    s = digits_splits
+    model = train_model(cfg, s["train"], s["val"]).model
+    first, second = (evaluate_model(model, cfg, s["test"], s["ood"], s["val"], with_figures=False).metrics
+                     for _ in range(2))
+    assert first == second
+    other = evaluate_model(model, tiny_cfg("model=mc_dropout_dnn", "seed=7"), s["test"], with_figures=False)
+    assert other.metrics["nll"] != first["nll"]  # the MC samples do come from the seed
