@@ -9,7 +9,9 @@ conformal prediction"): with n calibration scores, the set of classes whose scor
 ceil((n+1)(1-alpha))-th smallest contains the true class with probability >= 1 - alpha on
 exchangeable data (and at most 1 - alpha + 1/(n+1) for continuous scores). LAC scores a class by
 1 - p; APS by the probability mass of every class at least as likely as it (non-randomized, so it
-covers a little more than asked).
+covers a little more than asked). MAPIE computes the same LAC sets (a test checks), but serving it
+would mean pickling a fitted scikit-learn estimator into the model; here the thresholds are numbers
+in the bundle's JSON.
 """
 
 from __future__ import annotations

@@ -32,6 +32,32 @@ def test_split_conformal_sets_cover_one_minus_alpha(method):
         assert np.mean(coverages) < 1 - alpha + 1 / 201 + 0.01
 
 
+def test_lac_sets_are_mapies():
+    """MAPIE's split-conformal classifier, given the same probabilities, picks the same LAC sets."""
+    from mapie.classification import SplitConformalClassifier
+    from sklearn.base import BaseEstimator, ClassifierMixin
+
+    class GivenProbabilities(ClassifierMixin, BaseEstimator):  # predict_proba(X) = X
+        def fit(self, x, y):
+            self.classes_ = np.arange(x.shape[1])
+            return self
+
+        def predict_proba(self, x):
+            return x
+
+        def predict(self, x):
+            return x.argmax(1)
+
+    probs, labels = calibrated_data(600, seed=3)
+    for alpha in (0.05, 0.1, 0.2):
+        mapie = SplitConformalClassifier(GivenProbabilities().fit(probs, labels), confidence_level=1 - alpha,
+                                         conformity_score="lac", prefit=True)
+        mapie.conformalize(probs[:300], labels[:300])
+        expected = mapie.predict_set(probs[300:])[1][:, :, 0]
+        ours = C.prediction_sets(probs[300:], C.conformal_threshold(probs[:300], labels[:300], alpha, "lac"), "lac")
+        np.testing.assert_array_equal(ours, expected)
+
+
 def test_conformal_threshold_is_the_finite_sample_quantile():
     probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]])
     labels = np.array([0, 0, 1, 1])  # LAC scores 0.1, 0.4, 0.2, 0.7
