@@ -1,6 +1,7 @@
 """Load, clean and split data; save/load splits as .npz with a JSON schema.
 
-Sources: scikit-learn's digits, CSV and NPZ files, local or on S3/MinIO (``s3://bucket/key``).
+Sources: scikit-learn's digits, CSV and NPZ files, local or on S3/MinIO (``s3://bucket/key``);
+image folders and the standard image benchmarks come from ``images.py``.
 Imputation, outlier bounds and scaling are fitted on the training split only.
 """
 
@@ -34,6 +35,7 @@ class Schema:
     source: str
     cleaning: dict = field(default_factory=dict)  # imputer/clip/scaler statistics and counts
     version: int = SCHEMA_VERSION
+    far_ood: str = "uniform noise"  # what the far-OOD inputs are: noise, or another dataset's name
 
     @property
     def num_features(self) -> int:
@@ -45,6 +47,7 @@ class Split:
     x: np.ndarray  # float32 [N, num_features]
     y: np.ndarray  # int64 [N]
     schema: Schema
+    far_x: np.ndarray | None = None  # OOD split only: another dataset's inputs, scaled like x
 
 
 # ---------------------------------------------------------------- reading raw data
@@ -251,6 +254,10 @@ def _fit_scaling(x: np.ndarray, method: str) -> dict:
 
 def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
     """Raw data -> cleaned, stratified train/val/test splits plus the held-out OOD classes."""
+    from .images import IMAGE_SOURCES, prepare_images
+
+    if cfg.source in IMAGE_SOURCES:
+        return prepare_images(cfg, seed)
     frame, labels, feature_shape = load_raw(cfg)
     frame, labels = _non_finite(frame, labels, cfg)
     if int(np.prod(feature_shape)) != frame.shape[1]:
@@ -341,8 +348,9 @@ def save_split(split: Split, path: str | Path, shown_as: str | Path | None = Non
     if not np.isfinite(split.x).all():  # checked here so that no caller can write NaN splits
         raise UserError(f"refusing to write {shown_as or path}: its features hold NaN or infinite values")
     schema = json.dumps(asdict(split.schema))
+    far = {} if split.far_x is None else {"far_x": split.far_x}
     with open(path, "wb") as fh:  # np.savez would append ".npz" to a path without it
-        np.savez_compressed(fh, x=split.x, y=split.y, schema=np.array(schema))
+        np.savez_compressed(fh, x=split.x, y=split.y, schema=np.array(schema), **far)
 
 
 def load_split(path: str | Path, expect: Schema | None = None) -> Split:
@@ -350,6 +358,7 @@ def load_split(path: str | Path, expect: Schema | None = None) -> Split:
     try:
         with np.load(path, allow_pickle=False) as npz:
             x, y, schema = npz["x"], npz["y"], Schema(**json.loads(str(npz["schema"])))
+            far_x = npz["far_x"] if "far_x" in npz.files else None
     except FileNotFoundError:
         raise UserError(f"dataset file not found: {path}") from None
     except (KeyError, ValueError, TypeError, OSError, EOFError) as err:
@@ -363,7 +372,7 @@ def load_split(path: str | Path, expect: Schema | None = None) -> Split:
             f"{path} has features {schema.feature_shape} and classes {schema.class_names}, "
             f"expected {expect.feature_shape} and {expect.class_names}"
         )
-    return Split(x, y, schema)
+    return Split(x, y, schema, far_x)
 
 
 def save_splits(splits: dict[str, Split], folder: str | Path) -> dict[str, Path]:
