@@ -52,8 +52,8 @@ class DataConfig:
     crop_padding: int = 0  # training only: random crops of the image zero-padded by this many pixels
     workers: int = 0  # image_folder: DataLoader worker processes decoding images (0 = in process)
     cache_dir: str = "~/.cache/dl-uncertainty"  # benchmarks: where downloaded files are kept
-    url: str | None = None  # benchmarks: download from this base URL (a mirror); null = the official one
-    checksums: dict[str, str] = field(default_factory=dict)  # file -> MD5 for a mirror's files; {} = official
+    urls: dict[str, str] = field(default_factory=dict)  # benchmark -> base URL of a mirror (file:// too); {} = official
+    checksums: dict[str, str] = field(default_factory=dict)  # "<benchmark>/<file>" -> MD5 where a mirror's files differ
     far_ood: str | None = None  # benchmarks: another benchmark as far-OOD inputs; null = uniform noise
 
 
@@ -288,6 +288,8 @@ def _validate_images(d: DictConfig) -> None:
     _check(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
     _check(d.far_ood in (None, "mnist", "fashion_mnist", "cifar10"),
            f"data.far_ood={d.far_ood!r} is not mnist, fashion_mnist, cifar10 or null (uniform noise)")
+    unknown = sorted(set(d.urls) - set(IMAGE_SOURCES[1:]))
+    _check(not unknown, f"data.urls names {unknown}; its keys are benchmarks: mnist, fashion_mnist, cifar10")
     _check(d.far_ood is None or d.source in IMAGE_SOURCES[1:],
            "data.far_ood needs a benchmark as data.source (mnist, fashion_mnist or cifar10)")
 

@@ -1,7 +1,9 @@
 """MNIST, Fashion-MNIST and CIFAR-10 in their original files, downloaded once into a cache folder.
 
-Each file is checked against its published MD5 before it is read (a mirror with other files sets
-``data.checksums``). A failed download says where to put the file by hand.
+Each file is checked against its published MD5 before it is read. ``data.urls`` points a dataset
+at a mirror (``{mnist: https://..., fashion_mnist: file:///...}``); a mirror with other files sets
+``data.checksums`` (``{"mnist/train-images-idx3-ubyte.gz": <md5>, ...}``). A failed download says
+where to put the file by hand.
 """
 
 from __future__ import annotations
@@ -59,11 +61,11 @@ def _md5(path: Path) -> str:
 
 
 def fetch(name: str, file: str, cfg: DictConfig) -> Path:
-    """``<cache_dir>/<name>/<file>``, downloaded from ``data.url`` (or the official one) if absent."""
+    """``<cache_dir>/<name>/<file>``, downloaded from ``data.urls[name]`` (or the official URL) if absent."""
     folder = Path(os.path.expanduser(cfg.cache_dir)) / name
     path = folder / file
-    url = f"{(cfg.url or BENCHMARKS[name]['url']).rstrip('/')}/{file}"
-    expected = (cfg.checksums or BENCHMARKS[name]["md5"]).get(file)
+    url = f"{cfg.urls.get(name, BENCHMARKS[name]['url']).rstrip('/')}/{file}"
+    expected = cfg.checksums.get(f"{name}/{file}", BENCHMARKS[name]["md5"][file])
     by_hand = f"download it by other means and put it at {path}"
     if not path.is_file():
         try:
@@ -77,7 +79,7 @@ def fetch(name: str, file: str, cfg: DictConfig) -> Path:
         except (urllib.error.URLError, OSError, ValueError) as err:
             reason = getattr(err, "reason", None) or err
             raise UserError(f"cannot download {url} ({reason}); {by_hand}") from None
-    if expected and _md5(path) != expected:
+    if _md5(path) != expected:
         path.replace(path.with_name(f"{file}.bad-checksum"))
         raise UserError(f"{path} (from {url}) does not have the published MD5 {expected}; it was moved aside "
                         f"to {file}.bad-checksum; {by_hand}")
@@ -117,7 +119,7 @@ class _ArraysOnly(pickle.Unpickler):
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:

@@ -188,12 +188,12 @@ def _stratified(labels: np.ndarray, fraction: float, seed: int, what: str) -> tu
 
 def make_splits(pixels: np.ndarray, labels: np.ndarray, cfg: DictConfig, seed: int,
                 test: tuple[np.ndarray, np.ndarray] | None = None,
-                far_ood: tuple[np.ndarray, str] | None = None) -> dict[str, Split]:
+                far_ood: tuple[np.ndarray, str] | None = None, order: list[str] | None = None) -> dict[str, Split]:
     """uint8 images + string labels -> normalised train/val/test/ood splits.
 
     ``test``: a fixed test set (a benchmark's own), else a stratified share of the images.
     ``far_ood``: images of another dataset, stored with the OOD split (else the evaluation
-    uses uniform noise).
+    uses uniform noise). ``order``: the class order (a benchmark's label order), else sorted names.
     """
     if test is not None:
         pixels, labels = np.concatenate([pixels, test[0]]), np.concatenate([labels, test[1]])
@@ -205,7 +205,8 @@ def make_splits(pixels: np.ndarray, labels: np.ndarray, cfg: DictConfig, seed: i
     if unknown:
         raise UserError(f"data.ood_classes {unknown} are not classes of the data")
     is_ood = np.isin(labels, ood_names)
-    class_names = list(dict.fromkeys(sorted(labels[~is_ood], key=_natural_key)))
+    present = set(labels[~is_ood])
+    class_names = [c for c in order if c in present] if order else sorted(present, key=_natural_key)
     if len(class_names) < 2:
         found = ", ".join(sorted(set(labels))) or "none"
         raise UserError(f"image data needs at least two classes besides data.ood_classes, found: {found}")
@@ -269,14 +270,14 @@ def prepare_images(cfg: DictConfig, seed: int) -> dict[str, Split]:
         files = list_images(cfg)
         pixels = decode_all([f for f, _ in files], cfg)
         return make_splits(pixels, np.array([label for _, label in files]), cfg, seed)
-    from .downloads import load_benchmark
+    from .downloads import BENCHMARKS, load_benchmark
 
     train, test = load_benchmark(cfg.source, cfg)
     far = None
     if cfg.far_ood:
         _, (far_pixels, _) = load_benchmark(cfg.far_ood, cfg)
         far = (conform_array(far_pixels, train[0].shape[1], list(train[0].shape[2:])), cfg.far_ood)
-    return make_splits(train[0], train[1], cfg, seed, test=test, far_ood=far)
+    return make_splits(train[0], train[1], cfg, seed, test=test, far_ood=far, order=BENCHMARKS[cfg.source]["classes"])
 
 
 # ---------------------------------------------------------------- training-time augmentation
@@ -308,8 +309,8 @@ def augment(x: torch.Tensor, shape: list[int], hflip: bool, crop_padding: int,
 
 
 def make_shapes(folder: str | Path, per_class: int = 100, size: int = 32, seed: int = 0) -> Path:
-    """``folder/{circle,square,triangle}/*.png``: one filled shape per image, random size, place,
-    colours and background, so a model must learn the outline rather than a colour."""
+    """``folder/{circle,square,triangle}/*.png``: one bright filled shape per image on a dark
+    background, random size, place and colours, so a model must learn the outline, not a colour."""
     from PIL import ImageDraw
 
     rng = np.random.default_rng(seed)
@@ -317,12 +318,12 @@ def make_shapes(folder: str | Path, per_class: int = 100, size: int = 32, seed: 
     for shape in ("circle", "square", "triangle"):
         (folder / shape).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            background = tuple(int(v) for v in rng.integers(0, 256, 3))
+            background = tuple(int(v) for v in rng.integers(0, 90, 3))
             image = Image.new("RGB", (size, size), background)
             draw = ImageDraw.Draw(image)
-            radius = rng.uniform(0.22, 0.42) * size
+            radius = rng.uniform(0.25, 0.45) * size
             cx, cy = rng.uniform(radius, size - radius, 2)
-            colour = tuple(int(v) for v in (np.array(background) + rng.integers(80, 176, 3)) % 256)
+            colour = tuple(int(v) for v in rng.integers(140, 256, 3))
             if shape == "circle":
                 draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colour)
             elif shape == "square":
