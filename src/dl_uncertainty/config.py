@@ -190,13 +190,16 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
 
 
 def data_source_overrides(source: str) -> list[str]:
-    """``digits`` | a ``.csv`` / ``.npz`` path or ``s3://`` URI -> the matching data overrides."""
+    """The pipeline's ``data_source`` -> data overrides: ``digits``, a benchmark's name, a ``.csv`` /
+    ``.npz`` path or ``s3://`` URI, else a folder (or ``s3://`` prefix) of class sub-folders of images."""
     if not source or source == "digits":
         return []
+    if source in IMAGE_SOURCES[1:]:
+        return [f"data={source}"]
     for suffix in ("csv", "npz"):
         if source.lower().endswith(f".{suffix}"):
             return [f"data={suffix}", f"data.path={source}"]
-    raise UserError(f"data_source {source!r} must be 'digits' or a path/s3:// URI ending in .csv or .npz")
+    return ["data=image_folder", f"data.path={source}"]
 
 
 def model_configs(models: list[str], overrides: list[str]) -> str:

@@ -161,7 +161,17 @@ def _read_csv(path: str, cfg: DictConfig) -> tuple[pd.DataFrame, pd.Series]:
 
 
 def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
-    """Features (rows x flat features), labels as strings, and the per-example feature shape."""
+    """Features (rows x flat features), labels as strings, and the per-example feature shape.
+
+    Image sources are only checked here (files listed, benchmark files fetched), with no
+    features: ``prepare`` decodes them.
+    """
+    from .config import IMAGE_SOURCES
+    from .images import check_source
+
+    if cfg.source in IMAGE_SOURCES:
+        labels = check_source(cfg)
+        return pd.DataFrame(index=range(len(labels))), labels, []
     if cfg.source == "digits":
         from sklearn.datasets import load_digits
 
@@ -254,7 +264,8 @@ def _fit_scaling(x: np.ndarray, method: str) -> dict:
 
 def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
     """Raw data -> cleaned, stratified train/val/test splits plus the held-out OOD classes."""
-    from .images import IMAGE_SOURCES, prepare_images
+    from .config import IMAGE_SOURCES
+    from .images import prepare_images
 
     if cfg.source in IMAGE_SOURCES:
         return prepare_images(cfg, seed)

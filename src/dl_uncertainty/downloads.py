@@ -86,6 +86,10 @@ def fetch(name: str, file: str, cfg: DictConfig) -> Path:
     return path
 
 
+def fetch_all(name: str, cfg: DictConfig) -> list[Path]:
+    return [fetch(name, file, cfg) for file in BENCHMARKS[name]["md5"]]
+
+
 def read_idx(path: Path, dims: int) -> np.ndarray:
     """An IDX file of unsigned bytes (magic 0x0000080<dims>), gzip-compressed."""
     try:

@@ -22,11 +22,9 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
-from .config import IMAGE_SOURCES
 from .data import Schema, Split, read_bytes, split_s3_uri
 from .errors import UserError
 
-__all__ = ["IMAGE_SOURCES", "augment", "make_shapes", "prepare_images"]
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 # ---------------------------------------------------------------- listing files
@@ -93,6 +91,18 @@ def list_images(cfg: DictConfig) -> list[tuple[str, str]]:
     if str(cfg.path).lower().endswith(".csv"):
         return _list_csv(cfg.path, cfg.label_column)
     return _list_folder(cfg.path)
+
+
+def check_source(cfg: DictConfig) -> np.ndarray:
+    """The labels of an image source without decoding it: files listed, or benchmark files fetched."""
+    if cfg.source == "image_folder":
+        return np.array([label for _, label in list_images(cfg)])
+    from .downloads import fetch_all
+
+    for name in (cfg.source, cfg.far_ood):
+        if name:
+            fetch_all(name, cfg)
+    return np.array([], dtype=str)
 
 
 # ---------------------------------------------------------------- decoding

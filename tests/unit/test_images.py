@@ -211,3 +211,26 @@ def test_wrong_checksum_is_refused(tmp_path):
         prepare(cfg.data, 0)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "cache" / "mnist" / "train-images-idx3-ubyte.gz").exists()
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["data=image_folder"], "data.path is required"),
+    (["data=mnist", "data.image_size=[0,3]"], "data.image_size"),
+    (["data=mnist", "data.channels=2"], "data.channels"),
+    (["data=mnist", "data.far_ood=svhn"], "data.far_ood"),
+    (["data=mnist", "data.mean=[0.5]"], "data.mean and data.std"),
+    (["data=cifar10", "data.crop_padding=-1"], "data.crop_padding"),
+    (["data=mnist", "+data.urls.svhn=file:///x"], "data.urls"),
+    (["data=mnist", "model.arch=vit"], "model.arch"),
+    (["data=mnist", "data.hflips=true"], "hflips"),
+])
+def test_bad_image_config_is_a_user_error_naming_the_key(overrides, needle):
+    with pytest.raises(UserError, match=needle.replace(".", r"\.").replace("[", r"\[")) as err:
+        load_config(overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_image_configs_default_to_the_resnet_and_tables_to_the_mlp():
+    assert load_config(["data=cifar10", "model=deep_ensemble"]).model.arch == "resnet"
+    assert load_config(["data=mnist", "model=bnn", "model.arch=cnn"]).model.arch == "cnn"
+    assert load_config(["model=mc_dropout_dnn"]).model.arch == "mlp"
