@@ -240,18 +240,17 @@ def make_splits(pixels: np.ndarray, labels: np.ndarray, cfg: DictConfig, seed: i
     cleaning = {"scaling": how, "center": center.tolist(), "scale": scale.tolist()}
     source = cfg.source if cfg.source != "image_folder" else f"image_folder {cfg.path}"
     index = {name: i for i, name in enumerate(class_names)}
+    far_name = far_ood[1] if far_ood is not None else Schema.far_ood
     splits = {}
     for name, rows in parts.items():
         lookup = index if name != "ood" else {n: i for i, n in enumerate(ood_names)}
         x = train_pixels if name == "train" else pixels[rows].astype(np.float32) / 255
         y = np.array([lookup[v] for v in labels[rows]], dtype=np.int64)
-        schema = Schema(shape, class_names, ood_names, source, dict(cleaning))
+        schema = Schema(shape, class_names, ood_names, source, dict(cleaning), far_ood=far_name)
         splits[name] = Split(_rows(x, center, scale), y, schema)
     if far_ood is not None:
-        far_pixels, far_name = far_ood
-        far = far_pixels[: max(len(parts["test"]), 1)].astype(np.float32) / 255
+        far = far_ood[0][: max(len(parts["test"]), 1)].astype(np.float32) / 255
         splits["ood"].far_x = _rows(far, center, scale)
-        splits["ood"].schema.far_ood = far_name
     return splits
 
 
