@@ -86,7 +86,7 @@ def main() -> None:
           f"{args.images} images {shape}, train {len(x)}, test {len(test.y)}, epochs={args.epochs}, "
           f"T={args.samples}, repeats={args.repeats}")
     print(f"# image folder decoded and split: {args.images / decode:,.0f} images/s")
-    print("| model | train img/s resnet | train img/s mlp | mlp/resnet | MC eval img/s ours | MC eval img/s loop "
+    print("| model | train img/s resnet | train img/s mlp | resnet time / mlp time | MC eval img/s ours | MC eval img/s loop "
           "| ours/loop |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for model_name in args.models.split(","):
