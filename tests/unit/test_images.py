@@ -234,3 +234,30 @@ def test_image_configs_default_to_the_resnet_and_tables_to_the_mlp():
     assert load_config(["data=cifar10", "model=deep_ensemble"]).model.arch == "resnet"
     assert load_config(["data=mnist", "model=bnn", "model.arch=cnn"]).model.arch == "cnn"
     assert load_config(["model=mc_dropout_dnn"]).model.arch == "mlp"
+
+
+def test_preprocess_cli_says_a_bad_image_folder_in_one_line(shapes, tmp_path):
+    import subprocess
+    import sys
+
+    root = _copy(shapes, tmp_path)
+    (root / "square" / "square_0003.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    proc = subprocess.run([sys.executable, "-m", "dl_uncertainty.preprocess", "data=image_folder",
+                           f"data.path={root}", f"data_dir={tmp_path / 'out'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "square_0003.png is not a readable image" in lines[0]
+    assert not (tmp_path / "out" / "train.npz").exists()
+
+
+def test_unreachable_download_server_names_the_url(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = load_config(["data=cifar10", f"data.cache_dir={tmp_path}", f"+data.urls.cifar10=http://127.0.0.1:{port}/c"])
+    with pytest.raises(UserError, match=rf"cannot download http://127.0.0.1:{port}/c/cifar-10-python.tar.gz "
+                                        r"\(.*refused.*\); download it by other means and put it at "):
+        prepare(cfg.data, 0)
