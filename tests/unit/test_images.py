@@ -160,8 +160,9 @@ def test_resnet_learns_mnist_files_and_reports_grad_cam_and_far_ood(tmp_path):
     from dl_uncertainty.evaluation import evaluate_model
     from dl_uncertainty.training import train_model
 
-    md5s = {"mnist": write_idx_mirror(tmp_path / "mnist", 0)}
-    cfg = load_config([*benchmark_overrides(tmp_path, "mnist", md5s), "data.far_ood=null",
+    md5s = {"mnist": write_idx_mirror(tmp_path / "mnist", 0),
+            "fashion_mnist": write_idx_mirror(tmp_path / "fashion_mnist", 1)}
+    cfg = load_config([*benchmark_overrides(tmp_path, "mnist", md5s),
                        "model=mc_dropout_dnn", "model.conv_channels=[8,8]", "train.epochs=2",
                        "train.lr=0.01", "train.batch_size=8", "evaluate.mc_samples=4", "train.val_mc_samples=2"])
     assert cfg.model.arch == "resnet"
@@ -169,7 +170,8 @@ def test_resnet_learns_mnist_files_and_reports_grad_cam_and_far_ood(tmp_path):
     result = train_model(cfg, splits["train"], splits["val"], quiet=True)
     ev = evaluate_model(result.model, cfg, splits["test"], splits["ood"], splits["val"])
     assert {"saliency", "most_uncertain", "shift"} <= set(ev.figures)
-    assert "far_auroc_entropy" in ev.metrics
+    np.testing.assert_array_equal(ev.predictions["far_ood_x"], splits["ood"].far_x)  # Fashion-MNIST, not noise
+    assert 0 <= ev.metrics["far_auroc_entropy"] <= 1
 
 
 def test_cifar10_tarball_is_read(tmp_path):
