@@ -182,8 +182,9 @@ def train_model(
         tic = time.perf_counter()
         for start in bar:
             idx = order[start : start + batch]
-            xb = augment(x[idx], train.schema.feature_shape, cfg.data.hflip, cfg.data.crop_padding) if augmenting \
-                else x[idx]
+            xb = x[idx]
+            if augmenting:
+                xb = augment(xb, train.schema.feature_shape, cfg.data.hflip, cfg.data.crop_padding)
             mix = mix_batch(xb, y[idx], cfg.train, train.schema.feature_shape)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 terms = loss_terms(model, xb, y[idx], cfg, kl_w, mix)
