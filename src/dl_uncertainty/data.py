@@ -8,6 +8,7 @@ Imputation, outlier bounds and scaling are fitted on the training split only.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -54,10 +55,17 @@ class Split:
 
 
 def _s3_client():
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    return _cached_s3_client(endpoint or None, os.environ.get("AWS_ACCESS_KEY_ID"), os.getpid())
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_s3_client(endpoint: str | None, _key_id: str | None, _pid: int):
+    # one client per endpoint, credentials and process (DataLoader workers get their own):
+    # making a client costs more than reading one small image
     import boto3
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None)
+    return boto3.client("s3", endpoint_url=endpoint)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
