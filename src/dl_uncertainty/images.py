@@ -172,20 +172,30 @@ def decode_all(files: list[str], cfg: DictConfig) -> np.ndarray:
 
 
 def _normalisation(train: np.ndarray, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray, str]:
-    """Per-channel mean and std: from data.mean/std, else fitted on the training images."""
+    """Per-channel mean and std of pixels in [0, 1]: data.mean/std, else fitted on the uint8 training
+    images (exactly, from each channel's histogram: no float copy of the data)."""
     channels = train.shape[1]
     if cfg.mean is not None:
         if len(cfg.mean) != channels or len(cfg.std) != channels:
             raise UserError(f"data.mean and data.std need {channels} values (one per channel), "
                             f"got {len(cfg.mean)} and {len(cfg.std)}")
         return np.asarray(cfg.mean, np.float64), np.asarray(cfg.std, np.float64), "per-channel mean/std (given)"
-    mean = train.mean(axis=(0, 2, 3), dtype=np.float64)
-    std = train.std(axis=(0, 2, 3), dtype=np.float64)
+    values = np.arange(256) / 255
+    mean, std = np.zeros(channels), np.zeros(channels)
+    for c in range(channels):
+        counts = np.bincount(train[:, c].ravel(), minlength=256)
+        mean[c] = counts @ values / counts.sum()
+        std[c] = np.sqrt(counts @ (values - mean[c]) ** 2 / counts.sum())
     return mean, np.where(std > 1e-6, std, 1.0), "per-channel mean/std (fitted on train)"
 
 
 def _rows(pixels: np.ndarray, center: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return ((pixels.reshape(len(pixels), len(center)) - center) / scale).astype(np.float32)
+    """uint8 images -> flat float32 rows, normalised (in place: one float32 copy of the data)."""
+    rows = pixels.reshape(len(pixels), len(center)).astype(np.float32)
+    rows /= 255
+    rows -= center.astype(np.float32)
+    rows /= scale.astype(np.float32)
+    return rows
 
 
 def _stratified(labels: np.ndarray, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -232,8 +242,7 @@ def make_splits(pixels: np.ndarray, labels: np.ndarray, cfg: DictConfig, seed: i
     parts = {"train": inside[train_part], "val": inside[val_part], "test": test_rows,
              "ood": np.flatnonzero(is_ood)}
 
-    train_pixels = pixels[parts["train"]].astype(np.float32) / 255
-    mean, std, how = _normalisation(train_pixels, cfg)
+    mean, std, how = _normalisation(pixels[parts["train"]], cfg)
     per_pixel = int(np.prod(pixels.shape[2:]))
     center, scale = np.repeat(mean, per_pixel), np.repeat(std, per_pixel)
     shape = list(pixels.shape[1:])
@@ -244,13 +253,11 @@ def make_splits(pixels: np.ndarray, labels: np.ndarray, cfg: DictConfig, seed: i
     splits = {}
     for name, rows in parts.items():
         lookup = index if name != "ood" else {n: i for i, n in enumerate(ood_names)}
-        x = train_pixels if name == "train" else pixels[rows].astype(np.float32) / 255
         y = np.array([lookup[v] for v in labels[rows]], dtype=np.int64)
         schema = Schema(shape, class_names, ood_names, source, dict(cleaning), far_ood=far_name)
-        splits[name] = Split(_rows(x, center, scale), y, schema)
+        splits[name] = Split(_rows(pixels[rows], center, scale), y, schema)
     if far_ood is not None:
-        far = far_ood[0][: max(len(parts["test"]), 1)].astype(np.float32) / 255
-        splits["ood"].far_x = _rows(far, center, scale)
+        splits["ood"].far_x = _rows(far_ood[0][: max(len(parts["test"]), 1)], center, scale)
     return splits
 
 
