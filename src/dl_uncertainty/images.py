@@ -1,11 +1,11 @@
 """Image data: a folder of class sub-folders, a CSV of paths and labels, or a standard benchmark.
 
 Images are decoded with Pillow (in DataLoader worker processes when ``data.workers > 0``),
-converted to the configured channels and size, and kept as pixels in [0, 1]. They then become
-ordinary flat-row splits (``data.Split``), normalised per channel, so the pipeline's split files,
-models, MC inference and the MLflow model work on images exactly as on any other data. The
-splits are held in memory: about 4 bytes per pixel value (CIFAR-10: 0.7 GB), which is what one
-training task holds anyway. Data larger than memory is not supported.
+converted to the configured channels and size, and kept as uint8 pixels. They then become
+ordinary flat-row splits (``data.Split``) of pixels in [0, 1] normalised per channel, so the
+pipeline's split files, models, MC inference and the MLflow model work on images exactly as on
+any other data. The splits are held in memory: 4 bytes per pixel value (CIFAR-10: 0.7 GB), what
+one training task holds anyway. Data larger than memory is not supported.
 
     python -m dl_uncertainty.images make-shapes data/shapes   # 3 classes of drawn shapes
 """
