@@ -75,6 +75,7 @@ bench: $(INSTALLED) ## speed benchmarks, a few minutes each (see BENCHMARKS.md)
 	$(PY) benchmarks/mc_inference.py --quick
 	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/image_throughput.py
 	$(PY) benchmarks/pipeline.py
 
 pipeline-upload: $(INSTALLED) ## compile and upload to KFP_HOST (new version if the pipeline exists)

@@ -22,12 +22,13 @@ from omegaconf.errors import OmegaConfBaseException
 from .errors import UserError
 
 MODEL_NAMES = ("bnn", "mc_dropout_dnn", "deep_ensemble")
+IMAGE_SOURCES = ("image_folder", "mnist", "fashion_mnist", "cifar10")
 
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits | csv | npz
-    path: str | None = None  # csv/npz: a local path or s3://bucket/key
+    source: str = "digits"  # digits | csv | npz | image_folder | mnist | fashion_mnist | cifar10
+    path: str | None = None  # csv/npz: a local path or s3://bucket/key; image_folder: a folder, s3:// prefix or CSV
     label_column: str = "label"
     encoding: str = "utf-8"  # csv: the file's text encoding, e.g. latin-1
     separator: str | None = None  # csv: comma | semicolon | tab | one character; null = sniffed from the header
@@ -41,14 +42,28 @@ class DataConfig:
     outliers: str = "iqr"  # none | iqr | zscore
     outlier_threshold: float = 1.5  # IQR multiplier, or z-score limit
     scaling: str = "standard"  # none | standard | minmax | global
+    model_arch: str = "mlp"  # the model.arch the model configs use unless model.arch is given
+    # images (image_folder, mnist, fashion_mnist, cifar10)
+    image_size: list[int] | None = None  # [H, W] to resize every image to; null = keep (all must match)
+    channels: int | None = None  # 1 (grayscale) | 3 (RGB); null = as the first image
+    mean: list[float] | None = None  # per channel, pixels in [0, 1]; null = fitted on train
+    std: list[float] | None = None
+    hflip: bool = False  # training only: random horizontal flips
+    crop_padding: int = 0  # training only: random crops of the image zero-padded by this many pixels
+    workers: int = 0  # image_folder: DataLoader worker processes decoding images (0 = in process)
+    cache_dir: str = "~/.cache/dl-uncertainty"  # benchmarks: where downloaded files are kept
+    urls: dict[str, str] = field(default_factory=dict)  # benchmark -> base URL of a mirror (file:// too); {} = official
+    checksums: dict[str, str] = field(default_factory=dict)  # "<benchmark>/<file>" -> MD5 where a mirror's files differ
+    far_ood: str | None = None  # benchmarks: another benchmark as far-OOD inputs; null = uniform noise
 
 
 @dataclass
 class ModelConfig:
     name: str = "bnn"  # bnn | mc_dropout_dnn | deep_ensemble
-    arch: str = "mlp"  # mlp | cnn
+    arch: str = "mlp"  # mlp | cnn | resnet
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
-    conv_channels: list[int] = field(default_factory=lambda: [16, 32])
+    conv_channels: list[int] = field(default_factory=lambda: [16, 32])  # cnn: per conv; resnet: per stage
+    res_blocks: int = 1  # resnet: residual blocks per stage
     activation: str = "relu"  # relu | gelu | tanh | silu
     dropout: float = 0.0
     prior_mu: float = 0.0
@@ -189,13 +204,16 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
 
 
 def data_source_overrides(source: str) -> list[str]:
-    """``digits`` | a ``.csv`` / ``.npz`` path or ``s3://`` URI -> the matching data overrides."""
+    """The pipeline's ``data_source`` -> data overrides: ``digits``, a benchmark's name, a ``.csv`` /
+    ``.npz`` path or ``s3://`` URI, else a folder (or ``s3://`` prefix) of class sub-folders of images."""
     if not source or source == "digits":
         return []
+    if source in IMAGE_SOURCES[1:]:
+        return [f"data={source}"]
     for suffix in ("csv", "npz"):
         if source.lower().endswith(f".{suffix}"):
             return [f"data={suffix}", f"data.path={source}"]
-    raise UserError(f"data_source {source!r} must be 'digits' or a path/s3:// URI ending in .csv or .npz")
+    return ["data=image_folder", f"data.path={source}"]
 
 
 def model_configs(models: list[str], overrides: list[str]) -> str:
@@ -276,11 +294,30 @@ def _validate_tune(u: DictConfig) -> None:
     _check(bool(u.storage), "tune.storage must be a database URL, e.g. sqlite:///optuna.db")
 
 
+def _validate_images(d: DictConfig) -> None:
+    _one_of(d.model_arch, "data.model_arch", ("mlp", "cnn", "resnet"))
+    _check(d.image_size is None or (len(d.image_size) == 2 and min(d.image_size) >= 1),
+           f"data.image_size must be [height, width], got {d.image_size}")
+    _check(d.channels in (None, 1, 3), f"data.channels must be 1, 3 or null, got {d.channels}")
+    _check((d.mean is None) == (d.std is None), "data.mean and data.std go together: set both or neither")
+    _check(d.std is None or min(d.std) > 0, "data.std values must be > 0")
+    _check(d.crop_padding >= 0, f"data.crop_padding must be >= 0, got {d.crop_padding}")
+    _check(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
+    _check(d.far_ood in (None, "mnist", "fashion_mnist", "cifar10"),
+           f"data.far_ood={d.far_ood!r} is not mnist, fashion_mnist, cifar10 or null (uniform noise)")
+    unknown = sorted(set(d.urls) - set(IMAGE_SOURCES[1:]))
+    _check(not unknown, f"data.urls names {unknown}; its keys are benchmarks: mnist, fashion_mnist, cifar10")
+    _check(d.far_ood is None or d.source in IMAGE_SOURCES[1:],
+           "data.far_ood needs a benchmark as data.source (mnist, fashion_mnist or cifar10)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks the type system cannot express; raise UserError naming the key."""
     d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.evaluate
-    _one_of(d.source, "data.source", ("digits", "csv", "npz"))
-    _check(d.source == "digits" or bool(d.path), f"data.path is required for data.source={d.source}")
+    _one_of(d.source, "data.source", ("digits", "csv", "npz", *IMAGE_SOURCES))
+    _check(d.source not in ("csv", "npz", "image_folder") or bool(d.path),
+           f"data.path is required for data.source={d.source}")
+    _validate_images(d)
     _one_of(d.missing, "data.missing", ("drop", "mean", "median", "ffill"))
     _one_of(d.outliers, "data.outliers", ("none", "iqr", "zscore"))
     _one_of(d.scaling, "data.scaling", ("none", "standard", "minmax", "global"))
@@ -297,7 +334,8 @@ def validate(cfg: DictConfig) -> None:
         _check(0 < d[key] < 1, f"data.{key} must be in (0, 1), got {d[key]}")
     _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction must be < 1")
     _one_of(m.name, "model.name", MODEL_NAMES)
-    _one_of(m.arch, "model.arch", ("mlp", "cnn"))
+    _one_of(m.arch, "model.arch", ("mlp", "cnn", "resnet"))
+    _check(m.res_blocks >= 1, f"model.res_blocks must be >= 1, got {m.res_blocks}")
     _one_of(m.activation, "model.activation", ("relu", "gelu", "tanh", "silu"))
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(all(h >= 1 for h in m.hidden_sizes), "model.hidden_sizes must all be >= 1")
@@ -319,7 +357,7 @@ def validate(cfg: DictConfig) -> None:
     _check(t.mixup_alpha >= 0, f"train.mixup_alpha must be >= 0 (0 = off), got {t.mixup_alpha}")
     _check(t.cutmix_alpha >= 0, f"train.cutmix_alpha must be >= 0 (0 = off), got {t.cutmix_alpha}")
     _check(0 < t.mix_prob <= 1, f"train.mix_prob must be in (0, 1], got {t.mix_prob}")
-    _check(t.cutmix_alpha == 0 or bool(d.image_shape) or m.arch == "cnn",
+    _check(t.cutmix_alpha == 0 or bool(d.image_shape) or d.source in IMAGE_SOURCES or m.arch != "mlp",
            "train.cutmix_alpha > 0 needs image data: set data.image_shape (or model.arch=cnn on images), "
            "or use train.mixup_alpha")
     _check(t.val_mc_samples >= 1, f"train.val_mc_samples must be >= 1, got {t.val_mc_samples}")

@@ -1,12 +1,14 @@
 """Load, clean and split data; save/load splits as .npz with a JSON schema.
 
-Sources: scikit-learn's digits, CSV and NPZ files, local or on S3/MinIO (``s3://bucket/key``).
+Sources: scikit-learn's digits, CSV and NPZ files, local or on S3/MinIO (``s3://bucket/key``);
+image folders and the standard image benchmarks come from ``images.py``.
 Imputation, outlier bounds and scaling are fitted on the training split only.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -35,6 +37,7 @@ class Schema:
     cleaning: dict = field(default_factory=dict)  # imputer/clip/scaler statistics and counts
     version: int = SCHEMA_VERSION
     feature_names: list[str] = field(default_factory=list)  # the raw columns, as the user's data names them
+    far_ood: str = "uniform noise"  # what the far-OOD inputs are: noise, or another dataset's name
 
     @property
     def num_features(self) -> int:
@@ -46,16 +49,24 @@ class Split:
     x: np.ndarray  # float32 [N, num_features]
     y: np.ndarray  # int64 [N]
     schema: Schema
+    far_x: np.ndarray | None = None  # OOD split only: another dataset's inputs, scaled like x
 
 
 # ---------------------------------------------------------------- reading raw data
 
 
 def _s3_client():
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    return _cached_s3_client(endpoint or None, os.environ.get("AWS_ACCESS_KEY_ID"), os.getpid())
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_s3_client(endpoint: str | None, _key_id: str | None, _pid: int):
+    # one client per endpoint, credentials and process (DataLoader workers get their own):
+    # making a client costs more than reading one small image
     import boto3
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None)
+    return boto3.client("s3", endpoint_url=endpoint)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -159,7 +170,17 @@ def _read_csv(path: str, cfg: DictConfig) -> tuple[pd.DataFrame, pd.Series]:
 
 
 def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
-    """Features (rows x flat features), labels as strings, and the per-example feature shape."""
+    """Features (rows x flat features), labels as strings, and the per-example feature shape.
+
+    Image sources are only checked here (files listed, benchmark files fetched), with no
+    features: ``prepare`` decodes them.
+    """
+    from .config import IMAGE_SOURCES
+    from .images import check_source
+
+    if cfg.source in IMAGE_SOURCES:
+        labels = check_source(cfg)
+        return pd.DataFrame(index=range(len(labels))), labels, []
     if cfg.source == "digits":
         from sklearn.datasets import load_digits
 
@@ -254,6 +275,11 @@ def _fit_scaling(x: np.ndarray, method: str) -> dict:
 
 def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
     """Raw data -> cleaned, stratified train/val/test splits plus the held-out OOD classes."""
+    from .config import IMAGE_SOURCES
+    from .images import prepare_images
+
+    if cfg.source in IMAGE_SOURCES:
+        return prepare_images(cfg, seed)
     frame, labels, feature_shape = load_raw(cfg)
     frame, labels = _non_finite(frame, labels, cfg)
     if int(np.prod(feature_shape)) != frame.shape[1]:
@@ -380,8 +406,9 @@ def save_split(split: Split, path: str | Path, shown_as: str | Path | None = Non
     if not np.isfinite(split.x).all():  # checked here so that no caller can write NaN splits
         raise UserError(f"refusing to write {shown_as or path}: its features hold NaN or infinite values")
     schema = json.dumps(asdict(split.schema))
+    far = {} if split.far_x is None else {"far_x": split.far_x}
     with open(path, "wb") as fh:  # np.savez would append ".npz" to a path without it
-        np.savez_compressed(fh, x=split.x, y=split.y, schema=np.array(schema))
+        np.savez_compressed(fh, x=split.x, y=split.y, schema=np.array(schema), **far)
 
 
 def load_split(path: str | Path, expect: Schema | None = None) -> Split:
@@ -389,6 +416,7 @@ def load_split(path: str | Path, expect: Schema | None = None) -> Split:
     try:
         with np.load(path, allow_pickle=False) as npz:
             x, y, schema = npz["x"], npz["y"], Schema(**json.loads(str(npz["schema"])))
+            far_x = npz["far_x"] if "far_x" in npz.files else None
     except FileNotFoundError:
         raise UserError(f"dataset file not found: {path}") from None
     except (KeyError, ValueError, TypeError, OSError, EOFError) as err:
@@ -402,7 +430,7 @@ def load_split(path: str | Path, expect: Schema | None = None) -> Split:
             f"{path} has features {schema.feature_shape} and classes {schema.class_names}, "
             f"expected {expect.feature_shape} and {expect.class_names}"
         )
-    return Split(x, y, schema)
+    return Split(x, y, schema, far_x)
 
 
 def save_splits(splits: dict[str, Split], folder: str | Path) -> dict[str, Path]:

@@ -53,7 +53,7 @@ def mean_images(splits: dict[str, Split]) -> Figure | None:
     images = to_images(train.x, train.schema)
     if images is None:
         return None
-    images = images[:, 0]
+    images = images.mean(1)  # colour images as their channel mean
     names = train.schema.class_names
     fig = Figure(figsize=(1.4 * len(names), 1.9), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(names)))
@@ -83,7 +83,8 @@ def eda_html(splits: dict[str, Split]) -> str:
     sections = [
         Section("Splits", text=[f"Source: {train.schema.source}; feature shape {train.schema.feature_shape}; "
                                 f"classes {', '.join(train.schema.class_names)}; held out as OOD: "
-                                f"{', '.join(train.schema.ood_class_names) or 'none'}."], table=sizes),
+                                f"{', '.join(train.schema.ood_class_names) or 'none'}; far-OOD inputs: "
+                                f"{train.schema.far_ood}."], table=sizes),
         Section("Cleaning", table=cleaning_rows),
         Section("Distributions", figures=figures),
     ]

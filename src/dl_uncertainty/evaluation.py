@@ -57,7 +57,9 @@ def evaluate_model(
 
     lp = {"test": predict(test.x)}
     images = to_images(test.x, test.schema)
-    if images is not None:  # noise images in pixel space, then the same scaling as real inputs
+    if ood is not None and ood.far_x is not None:  # another dataset, prepared like the test inputs
+        far = ood.far_x
+    elif images is not None:  # noise images in pixel space, then the same scaling as real inputs
         far = to_rows(M.uniform_noise_like(images, len(images), seed=cfg.seed), test.schema)
     else:
         far = M.uniform_noise_like(test.x, len(test.x), seed=cfg.seed)
@@ -165,15 +167,16 @@ def _figures(ev: Evaluation, test: Split, images: np.ndarray | None, model: nn.M
     if ev.conformal:
         figures["conformal"] = plots.conformal_plot(ev.conformal, ev.metrics["alpha"])
     if images is not None:
+        gray = images.mean(1)  # colour images shown as their channel mean
         figures["most_uncertain"] = plots.most_uncertain_inputs(
-            images[:, 0], p["probs"], y, p["entropy"], class_names=test.schema.class_names)
+            gray, p["probs"], y, p["entropy"], class_names=test.schema.class_names)
         uncertain = np.argsort(-p["entropy"], kind="stable")[:8]
         predicted = p["probs"][uncertain].argmax(1)
         cams = grad_cam(model, test.x[uncertain], predicted, test.schema.feature_shape)
         if cams is not None:
             names = test.schema.class_names
             titles = [f"true {names[y[i]]}, pred {names[k]}" for i, k in zip(uncertain, predicted, strict=True)]
-            figures["saliency"] = plots.saliency_plot(images[uncertain, 0], cams, titles)
+            figures["saliency"] = plots.saliency_plot(gray[uncertain], cams, titles)
         if ev.shift:
             clean = {"model": name, "kind": "clean", "severity": 0, "acc": ev.metrics["acc"], "ece": ev.metrics["ece"]}
             figures["shift"] = plots.shift_plot([clean, *ev.shift])

@@ -1,4 +1,5 @@
-"""The model families: a torchbnn BNN, an MC-Dropout DNN and a deep ensemble, as MLP or small CNN.
+"""The model families: a torchbnn BNN, an MC-Dropout DNN and a deep ensemble, as MLP, small CNN
+or small ResNet.
 
 Every model takes flat features [N, D] and returns logits [N, K]; the CNNs unflatten to the
 image shape themselves, so data files and the MLflow model always speak flat rows.
@@ -40,21 +41,81 @@ def _linear(bayesian: bool, cfg: DictConfig, n_in: int, n_out: int) -> nn.Module
     return nn.Linear(n_in, n_out)
 
 
-def _conv(bayesian: bool, cfg: DictConfig, c_in: int, c_out: int) -> nn.Module:
+def _conv(bayesian: bool, cfg: DictConfig, c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Module:
     if bayesian:
-        return torchbnn.BayesConv2d(cfg.prior_mu, cfg.prior_sigma, c_in, c_out, 3, padding=1)
-    return nn.Conv2d(c_in, c_out, 3, padding=1)
+        return torchbnn.BayesConv2d(cfg.prior_mu, cfg.prior_sigma, c_in, c_out, kernel, stride=stride,
+                                    padding=kernel // 2)
+    return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2)
 
 
-def _build(cfg: DictConfig, feature_shape: list[int], num_classes: int, bayesian: bool) -> nn.Sequential:
+class ResidualBlock(nn.Module):
+    """Two 3x3 convs with BatchNorm, plus the input (1x1 conv when the shape changes); dropout last.
+
+    Dropout sits after the sum so both branches of the sum see the same rows: the MC engine can
+    then run everything before the first dropout once per example, not once per sample.
+    """
+
+    def __init__(self, bayesian: bool, cfg: DictConfig, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = _conv(bayesian, cfg, c_in, c_out, stride=stride)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = _conv(bayesian, cfg, c_out, c_out)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act = ACTIVATIONS[cfg.activation]()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(_conv(bayesian, cfg, c_in, c_out, kernel=1, stride=stride),
+                                          nn.BatchNorm2d(c_out))
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.dropout(self.act(out + self.shortcut(x)))
+
+
+class ResNet(nn.Module):
+    """Stem conv, ``res_blocks`` residual blocks per stage (``conv_channels`` wide, each stage after
+    the first halving the resolution), global average pooling, one linear layer."""
+
+    def __init__(self, cfg: DictConfig, feature_shape: list[int], num_classes: int, bayesian: bool):
+        super().__init__()
+        channels = cfg.conv_channels[0]
+        self.unflatten = nn.Unflatten(1, tuple(feature_shape))
+        self.stem = nn.Sequential(_conv(bayesian, cfg, feature_shape[0], channels), nn.BatchNorm2d(channels),
+                                  ACTIVATIONS[cfg.activation]())
+        blocks = []
+        for stage, width in enumerate(cfg.conv_channels):
+            for i in range(cfg.res_blocks):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(ResidualBlock(bayesian, cfg, channels, width, stride))
+                channels = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), _linear(bayesian, cfg, channels, num_classes))
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        """Where Grad-CAM looks: the last block's output, the finest map the prediction is pooled from."""
+        return self.blocks[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(self.unflatten(x))))
+
+
+def _build(cfg: DictConfig, feature_shape: list[int], num_classes: int, bayesian: bool) -> nn.Module:
     act = ACTIVATIONS[cfg.activation]
     layers: list[nn.Module] = []
+    if cfg.arch != "mlp" and len(feature_shape) != 3:
+        raise UserError(
+            f"model.arch={cfg.arch} needs image data [C, H, W], got features {feature_shape}; "
+            "set data.image_shape or use model.arch=mlp"
+        )
+    if cfg.arch == "resnet":
+        model = ResNet(cfg, feature_shape, num_classes, bayesian)
+        if bayesian:
+            _init_posterior_scale(model, cfg.posterior_log_sigma_init)
+        return model
     if cfg.arch == "cnn":
-        if len(feature_shape) != 3:
-            raise UserError(
-                f"model.arch=cnn needs image data [C, H, W], got features {feature_shape}; "
-                "set data.image_shape or use model.arch=mlp"
-            )
         channels, height, width = feature_shape
         layers.append(nn.Unflatten(1, tuple(feature_shape)))
         for out_channels in cfg.conv_channels:

@@ -18,13 +18,16 @@ from .models import Ensemble
 CONV_TYPES = (nn.Conv2d, torchbnn.BayesConv2d)
 
 
-def _last_conv(model: nn.Module) -> nn.Module | None:
+def _cam_layer(model: nn.Module) -> nn.Module | None:
+    """The model's own choice (``cam_layer``, e.g. a ResNet's last block), else its last conv."""
+    if hasattr(model, "cam_layer"):
+        return model.cam_layer
     convs = [m for m in model.modules() if isinstance(m, CONV_TYPES)]
     return convs[-1] if convs else None
 
 
 def _cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor, samples: int) -> torch.Tensor | None:
-    conv = _last_conv(model)
+    conv = _cam_layer(model)
     if conv is None:
         return None
     captured: list[torch.Tensor] = []

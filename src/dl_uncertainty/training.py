@@ -1,6 +1,7 @@
 """Training: the ELBO for the BNN, the data loss alone for MC-Dropout and ensemble members.
 
-Small datasets live on the device as tensors and are batched by index (no DataLoader); every
+Small datasets live on the device as tensors and are batched by index (no DataLoader); image
+batches are augmented there too (``data.hflip``, ``data.crop_padding``; training only). Every
 epoch ends with a checkpoint, so ``train.resume=true`` continues exactly where a run stopped.
 """
 
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .data import Split
 from .errors import UserError, check_writable
+from .images import augment
 from .losses import Mix, mix_batch, mixed_loss
 from .models import Ensemble, get_model, is_bayesian, kl_divergence, resolve_device
 from .predict import predict_log_probs
@@ -139,6 +141,7 @@ def train_model(
     x = torch.as_tensor(train.x, dtype=torch.float32, device=device)
     y = torch.as_tensor(train.y, dtype=torch.long, device=device)
     n_train, batch = len(x), cfg.train.batch_size
+    augmenting = len(train.schema.feature_shape) == 3 and (cfg.data.hflip or cfg.data.crop_padding > 0)
 
     history: dict[str, list[float]] = {}
     best = {"nll": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
@@ -179,9 +182,12 @@ def train_model(
         tic = time.perf_counter()
         for start in bar:
             idx = order[start : start + batch]
-            mix = mix_batch(x[idx], y[idx], cfg.train, train.schema.feature_shape)
+            xb = x[idx]
+            if augmenting:
+                xb = augment(xb, train.schema.feature_shape, cfg.data.hflip, cfg.data.crop_padding)
+            mix = mix_batch(xb, y[idx], cfg.train, train.schema.feature_shape)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                terms = loss_terms(model, x[idx], y[idx], cfg, kl_w, mix)
+                terms = loss_terms(model, xb, y[idx], cfg, kl_w, mix)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()
             scaler.step(optimizer)
