@@ -79,7 +79,7 @@ def measure(cfg, env: dict, requests: int) -> list[str]:
         for batch in BATCHES:
             x = torch.as_tensor(test.x[:batch])
 
-            def loop():
+            def loop(x=x):
                 with mc_mode(net), torch.inference_mode():
                     if isinstance(net, Ensemble):
                         return torch.log_softmax(net.member_logits(x), -1)
@@ -90,7 +90,7 @@ def measure(cfg, env: dict, requests: int) -> list[str]:
                                                    "data": np.rint(unscaled(test.x[:batch], test.schema)).tolist()}})
             request = urllib.request.Request(f"{url}/invocations", data=body.encode(),
                                               headers={"Content-Type": "application/json"})
-            times = _times_ms(lambda: urllib.request.urlopen(request, timeout=60).read(), requests)
+            times = _times_ms(lambda r=request: urllib.request.urlopen(r, timeout=60).read(), requests)
             p50, p99 = np.percentile(times, 50), np.percentile(times, 99)
             per_second = 1000 * len(times) / sum(times)
             draws = cfg.model.ensemble_size if isinstance(net, Ensemble) else samples
