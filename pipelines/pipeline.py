@@ -13,8 +13,11 @@ from components.evaluate import evaluate
 from components.images import CPU_IMAGE
 from components.preprocess import preprocess
 from components.train import train
+from dl_uncertainty.config import without_keys
 
 PIPELINE_NAME = "uncertainty-pipeline"
+# What the typed parameters set; in `overrides` too, they must agree (configure checks)
+TYPED_KEYS = ["train.epochs", "train.lr", "evaluate.mc_samples", "seed", "experiment_name"]
 
 
 def _resources(task, cpu_request: str, cpu_limit: str, memory_request: str, memory_limit: str):
@@ -83,7 +86,7 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
         data_source: str = str(cfg.data.path or cfg.data.source),
         mlflow_tracking_uri: str = "",
         experiment_name: str = str(cfg.experiment_name),
-        overrides: list = list(default_overrides or []),
+        overrides: list = without_keys(list(default_overrides or []), TYPED_KEYS),  # in the typed ones above
     ):
         config = configure_task(configure(
             models=models, overrides=overrides, epochs=epochs, learning_rate=learning_rate,

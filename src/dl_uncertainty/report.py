@@ -97,15 +97,24 @@ def html_table(table: Rows, columns: Sequence[str] | None = None) -> str:
     )
 
 
+def figure_png(fig: Figure, dpi: int = 110) -> bytes:
+    """PNG bytes of ``fig``, drawn once: the HTML report and MLflow's copy share them."""
+    cached = getattr(fig, "_png", None)
+    if cached is None or cached[0] != dpi:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi)
+        cached = fig._png = (dpi, buf.getvalue())
+    return cached[1]
+
+
 def figure_to_data_uri(fig: Figure, dpi: int = 110) -> str:
     """PNG of ``fig`` as a ``data:image/png;base64,...`` URI; the figure is closed afterwards."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    png = figure_png(fig, dpi)
     if fig.canvas.manager is not None:  # created through pyplot: release it there
         import matplotlib.pyplot as plt
 
         plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _figure_html(fig: Figure | str, caption: str | None) -> str:
