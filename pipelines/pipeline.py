@@ -71,6 +71,8 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
     gpu = p.gpu if gpu is None else gpu
     tracking_env = mlflow_tracking_uri or p.mlflow_tracking_uri
 
+    other_overrides = without_keys(list(default_overrides or []), TYPED_KEYS)  # the typed parameters carry those
+
     def configure_task(task, kind: str = "step"):
         return task_settings(task, p, kind, cluster=cluster, gpu=gpu, tracking_uri=tracking_env, image=image)
 
@@ -86,7 +88,7 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
         data_source: str = str(cfg.data.path or cfg.data.source),
         mlflow_tracking_uri: str = "",
         experiment_name: str = str(cfg.experiment_name),
-        overrides: list = without_keys(list(default_overrides or []), TYPED_KEYS),  # in the typed ones above
+        overrides: list = other_overrides,
     ):
         config = configure_task(configure(
             models=models, overrides=overrides, epochs=epochs, learning_rate=learning_rate,

@@ -32,6 +32,8 @@ def build_tuning_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: bool | 
     gpu = p.gpu if gpu is None else gpu
     tracking = mlflow_tracking_uri or p.mlflow_tracking_uri
 
+    other_overrides = without_keys(list(default_overrides or []), TYPED_KEYS)  # the typed parameters carry those
+
     def configure_task(task, kind: str = "step"):
         task_settings(task, p, kind, cluster=cluster, gpu=gpu, tracking_uri=tracking)
         if cluster:
@@ -52,7 +54,7 @@ def build_tuning_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: bool | 
         study_name: str = "",
         mlflow_tracking_uri: str = "",
         experiment_name: str = str(cfg.experiment_name),
-        overrides: list = without_keys(list(default_overrides or []), TYPED_KEYS),  # in the typed ones above
+        overrides: list = other_overrides,
     ):
         setup = configure_task(tune_setup(
             model=model, overrides=overrides, n_trials=n_trials, epochs=epochs, seed=seed,
