@@ -221,3 +221,9 @@ def test_reliability_diagram_shows_each_bins_count_and_sets_sparse_bins_apart():
     assert hollow.get_xdata() == pytest.approx([11 / 30]) and hollow.get_ydata() == pytest.approx([1 / 3])
     legend = [t.get_text() for t in top.get_legend().get_texts()]
     assert f"m (ECE {M.ece(np.log(probs)[None], labels):.3f})" in legend and "bin with < 10 examples" in legend
+
+
+def test_a_wide_table_scrolls_in_its_own_box_instead_of_widening_the_page():
+    page = R.html_report("wide", [R.Section("s", table=[{f"metric_{i}": 1e-4 for i in range(30)}])])
+    assert page.count('<div class="table"><table>') == 1
+    assert "div.table { overflow-x: auto;" in page and "white-space: nowrap" in page
