@@ -95,6 +95,8 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
             mc_samples=mc_samples, seed=seed, data_source=data_source, experiment_name=experiment_name,
             mlflow_tracking_uri=mlflow_tracking_uri)).set_display_name("configure")
         data = configure_task(preprocess(config=config.outputs["config"])).set_display_name("preprocess")
+        # One branch per model. Their tasks cannot be named after the model: KFP leaves a loop item in
+        # a display name as its raw placeholder ("train {{channel:...}}"); the branch's inputs name it.
         with dsl.ParallelFor(models, name="models") as model_name:
             trained = configure_task(train(
                 config=config.outputs["config"], model_name=model_name, train=data.outputs["train"],
