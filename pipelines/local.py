@@ -117,8 +117,9 @@ class _Tee(io.TextIOBase):
     def __init__(self, stream, verbose: bool = False, labels: list[str] | None = None):
         self.stream, self.verbose, self.labels = stream, verbose, labels or []
         self.text: collections.deque[str] = collections.deque(maxlen=5000)
-        self.log: collections.deque[str] = collections.deque(maxlen=40)
+        self.log: collections.deque[str] = collections.deque(maxlen=15)
         self.pending, self.closing, self.opening = "", None, False
+        self.traceback: int | None = None  # the indent of a traceback being skipped in self.log
         self.started: dict[str, float] = {}
         self.times: dict[str, float] = {}
         self.last_started = ""
@@ -144,7 +145,12 @@ class _Tee(io.TextIOBase):
         elif plain.endswith("Got executor_input:"):
             self.opening = True
         elif plain.strip():
-            self.log.append(line)
+            indent = len(plain) - len(plain.lstrip())
+            if self.traceback is not None and indent > self.traceback:
+                return  # a frame: the exception's own line (as indented as "Traceback") is kept
+            self.traceback = indent if plain.strip() == "Traceback (most recent call last):" else None
+            if self.traceback is None:
+                self.log.append(line)
 
     def flush(self) -> None:
         if self.pending:

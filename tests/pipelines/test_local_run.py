@@ -80,11 +80,12 @@ def test_quiet_log_keeps_the_task_logs_minus_the_executor_input_json_for_a_failu
     out = io.StringIO()
     tee = _Tee(out)
     for chunk in ["    [KFP] Got executor_input:\n", "    {\n", '        "a": {\n', "        }\n", "    }\n",
-                  "    epoch 1 ", "done\n", "    ValueError: bad thing\n"]:
+                  "    epoch 1 ", "done\n", "    Traceback (most recent call last):\n", '      File "x.py", line 1\n',
+                  "        f()\n", "        ^^^\n", "    ValueError: bad thing\n"]:
         tee.write(chunk)
     tee.flush()
     assert out.getvalue() == ""
-    tee.show_log_end()
+    tee.show_log_end()  # no JSON, no traceback frames: the log lines and the error
     assert out.getvalue().splitlines()[1:] == ["    epoch 1 done", "    ValueError: bad thing"]
     assert tee.cause() == "Cause: bad thing. "
     verbose = io.StringIO()
