@@ -13,6 +13,7 @@ MODEL_URI ?= models:/dl-uncertainty@champion
 KFP_HOST ?= http://localhost:8080
 PIPELINE_FLAGS ?=
 RUNNER ?= subprocess
+VERBOSE ?=
 MODELS ?= bnn,mc_dropout_dnn,deep_ensemble
 # torch comes first and alone: a wheel already on this machine (pip's find-links) wins, else this
 # index. The CPU build is what a laptop wants; PyPI's default torch is a multi-GB CUDA build.
@@ -49,8 +50,8 @@ test-e2e: $(INSTALLED) ## build the image, run the whole pipeline in containers 
 lint: $(INSTALLED) ## ruff on the whole tree
 	$(VENV)/bin/ruff check src components pipelines tests benchmarks
 
-run: $(INSTALLED) ## run the whole pipeline locally (kfp.local); RUNNER=docker: every task in the image
-	@$(WITH_STACK) $(PY) -m pipelines run-local --runner $(RUNNER) $(OVERRIDES)
+run: $(INSTALLED) ## run the whole pipeline locally (kfp.local); RUNNER=docker: every task in the image; VERBOSE=1: every task's log
+	@$(WITH_STACK) $(PY) -m pipelines run-local --runner $(RUNNER) $(if $(VERBOSE),--verbose) $(OVERRIDES)
 
 compile: $(INSTALLED) ## compile the pipeline to build/uncertainty_pipeline.yaml
 	$(PY) -m pipelines compile $(PIPELINE_FLAGS) $(OVERRIDES)

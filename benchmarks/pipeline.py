@@ -48,7 +48,7 @@ def _task_peaks(peaks: dict[str, float], done: threading.Event) -> None:
 def kfp_local(overrides: list[str], workdir: Path) -> tuple[float, float, dict[str, float], dict[str, float]]:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'kfp.db'}"}
     tic = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "run-local", "--pipeline-root",
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "run-local", "--verbose", "--pipeline-root",
                              str(workdir / "out"), *overrides], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peaks: dict[str, float] = {}

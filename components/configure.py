@@ -18,16 +18,17 @@ def configure(
     config: Output[Artifact],
 ):
     """Compose and validate one config per model from configs/ and the run's parameters (JSON file).
+    A key set both by a typed parameter (epochs, ...) and by ``overrides`` must have one value.
 
     An artifact, not a string output: kfp.local (2.17.0) hands a ParallelFor task the loop item in
     place of any upstream *parameter* output, while artifacts arrive intact.
     """
-    from dl_uncertainty.config import data_source_overrides, model_configs
+    from dl_uncertainty.config import data_source_overrides, model_configs, with_typed
 
     typed = [f"train.epochs={epochs}", f"train.lr={learning_rate}", f"evaluate.mc_samples={mc_samples}",
              f"seed={seed}", f"experiment_name={experiment_name}", *data_source_overrides(data_source)]
     if mlflow_tracking_uri:
         typed.append(f"tracking_uri={mlflow_tracking_uri}")
     with open(config.path, "w") as fh:
-        fh.write(model_configs(list(models), [*typed, *overrides]))
+        fh.write(model_configs(list(models), with_typed(typed, list(overrides))))
     config.metadata["models"] = list(models)

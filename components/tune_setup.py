@@ -22,7 +22,7 @@ def tune_setup(
     """Compose the sweep's config, create the Optuna study and the parent MLflow run, once, before the
     workers start (they only open the study). An artifact, not a string output: kfp.local (2.17.0)
     hands a ParallelFor task the loop item in place of any upstream *parameter* output."""
-    from dl_uncertainty.config import data_source_overrides
+    from dl_uncertainty.config import data_source_overrides, with_typed
     from dl_uncertainty.tuning import begin, compose
 
     typed = [f"model={model}", f"tune.n_trials={n_trials}", f"train.epochs={epochs}", f"seed={seed}",
@@ -32,7 +32,7 @@ def tune_setup(
         typed.append(f"tune.study_name={study_name}")
     if mlflow_tracking_uri:
         typed.append(f"tracking_uri={mlflow_tracking_uri}")
-    sweep = begin(compose([*typed, *overrides]))
+    sweep = begin(compose(with_typed(typed, list(overrides))))
     with open(study.path, "w") as fh:
         fh.write(sweep.to_json())
     study.metadata.update({"study_name": sweep.study_name, "parent_run_id": sweep.parent_run_id,

@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="subprocess: tasks run in this environment; docker: in the project image "
                             "(make image-cpu), through Docker or podman's socket (DOCKER_HOST)")
     local.add_argument("--pipeline-root", default="local_outputs", help="where task outputs go")
-    local.add_argument("--verbose", action="store_true", help="also print each task's executor-input JSON")
+    local.add_argument("--verbose", action="store_true", help="print every task's whole log (default: one line per task)")
     local.add_argument("--pipeline", choices=PIPELINES, default="uncertainty", help="which pipeline")
     return parser
 

@@ -42,15 +42,18 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs",
     run_dir, uri, seconds, log = execute(
         cfg, PIPELINE_NAME, pipeline_root, verbose, runner,
         lambda task_uri, image: build_pipeline(cfg, cluster=False, mlflow_tracking_uri=task_uri,
-                                               default_overrides=overrides, image=image))
-    _summary(run_dir, uri, seconds, log.task_times(list(cfg.pipeline.models)))
+                                               default_overrides=overrides, image=image),
+        labels=list(cfg.pipeline.models))
+    _summary(run_dir, uri, seconds, log.task_times())
     return run_dir
 
 
 def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: str,
-            build: Callable[[str, str | None], Callable]) -> tuple[Path, str, float, _Tee]:
+            build: Callable[[str, str | None], Callable], labels: list[str] | None = None,
+            ) -> tuple[Path, str, float, _Tee]:
     """Run the pipeline ``build(tracking_uri, image)`` returns under kfp.local, after checking
-    MLflow (and, for ``runner="docker"``, the engine and the image) before any work.
+    MLflow (and, for ``runner="docker"``, the engine and the image) before any work. ``labels``
+    name the ParallelFor iterations in the progress lines.
     Returns the run's folder, the tracking URI, the seconds it took and its log."""
     from kfp import local
 
@@ -83,16 +86,20 @@ def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: st
         local.init(runner=task_runner, pipeline_root=str(root), raise_on_error=True)
         pipeline = build(task_uri, image)
         tic = time.perf_counter()
-        log = _Tee(sys.stdout, verbose)
+        log = _Tee(sys.stdout, verbose, labels)
+        if not verbose:
+            print(f"running {name} ({runner} runner); --verbose shows every task's log")
         try:
             with contextlib.redirect_stdout(log):
                 pipeline()
             log.flush()
         except RuntimeError as err:  # kfp.local names the failed task; the task's log names the cause
+            log.show_log_end()
             raise UserError(f"{_plain(str(err))} {log.cause()}See the task's log above.") from None
         except Exception as err:  # the container engine failed us (a task killed, an image gone)
             if runner != "docker" or type(err).__module__.split(".")[0] != "docker":
                 raise
+            log.show_log_end()
             raise UserError(f"task {log.current()!r}: the container engine failed: {_plain(str(err))[:300]} "
                             f"{log.cause()}Rerun with --verbose to see every task's log.") from None
     new = sorted(set(root.glob(f"{name}-*")) - before)
@@ -102,14 +109,17 @@ def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: st
 
 
 class _Tee(io.TextIOBase):
-    """Pass task logs through (minus the executor-input JSON unless verbose) and remember them:
-    a failed task's error line becomes the run's one-line cause, and each task's own start and
-    finish lines give its wall time."""
+    """Watch the task logs. Verbose: pass everything through. Otherwise print one line per finished
+    task and keep the logs (minus the executor-input JSON) to show the end of them if a task fails.
+    Either way a failed task's error line becomes the run's one-line cause, and each task's own
+    start and finish lines give its wall time. ``labels`` name the ParallelFor iterations."""
 
-    def __init__(self, stream, verbose: bool = False):
-        self.stream, self.verbose = stream, verbose
+    def __init__(self, stream, verbose: bool = False, labels: list[str] | None = None):
+        self.stream, self.verbose, self.labels = stream, verbose, labels or []
         self.text: collections.deque[str] = collections.deque(maxlen=5000)
+        self.log: collections.deque[str] = collections.deque(maxlen=15)
         self.pending, self.closing, self.opening = "", None, False
+        self.traceback: int | None = None  # the indent of a traceback being skipped in self.log
         self.started: dict[str, float] = {}
         self.times: dict[str, float] = {}
         self.last_started = ""
@@ -125,17 +135,22 @@ class _Tee(io.TextIOBase):
         self.text.append(line)
         plain = _strip_colours(line).rstrip()
         self._time(plain)
-        if not self.verbose:
-            if self.opening:  # the "{" that opens the JSON: skip to its matching "}"
-                self.opening, self.closing = False, plain[:-1] + "}"
-                return
-            if self.closing is not None:
-                self.closing = None if plain == self.closing else self.closing
-                return
-            if plain.endswith("Got executor_input:"):
-                self.opening = True
-                return
-        self.stream.write(line)
+        if self.verbose:
+            self.stream.write(line)
+            return
+        if self.opening:  # the "{" that opens the JSON: skip to its matching "}"
+            self.opening, self.closing = False, plain[:-1] + "}"
+        elif self.closing is not None:
+            self.closing = None if plain == self.closing else self.closing
+        elif plain.endswith("Got executor_input:"):
+            self.opening = True
+        elif plain.strip():
+            indent = len(plain) - len(plain.lstrip())
+            if self.traceback is not None and indent > self.traceback:
+                return  # a frame: the exception's own line (as indented as "Traceback") is kept
+            self.traceback = indent if plain.strip() == "Traceback (most recent call last):" else None
+            if self.traceback is None:
+                self.log.append(line)
 
     def flush(self) -> None:
         if self.pending:
@@ -153,20 +168,36 @@ class _Tee(io.TextIOBase):
         elif (done := re.search(r"Wrote executor output file to (.+)/executor_output\.json", plain)) \
                 and done[1] in self.started:
             self.times[done[1]] = time.perf_counter() - self.started.pop(done[1])
+            if not self.verbose:
+                task, label = self._name(done[1])
+                self.stream.write(f"  done  {f'{task} {label}'.strip():28s} {self.times[done[1]]:5.1f} s\n")
+
+    def _name(self, path: str) -> tuple[str, str]:
+        """A task's name and, in a ParallelFor branch, its iteration's label."""
+        branch, task = Path(path).parent.name, Path(path).name
+        index = re.fullmatch(r"for-loop-\d+-iteration-(\d+)", branch)
+        if not index:
+            return task, ""
+        i = int(index[1])
+        return task, self.labels[i] if i < len(self.labels) else str(i)
 
     def current(self) -> str:
         return self.last_started
 
-    def task_times(self, models: list[str]) -> dict[str, list[tuple[str, float]]]:
+    def task_times(self) -> dict[str, list[tuple[str, float]]]:
         """Seconds per task, from its executor's start to its outputs written; parallel branches
-        are labelled with their model."""
+        are labelled."""
         found: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
         for path, seconds in sorted(self.times.items()):
-            branch, task = Path(path).parent.name, Path(path).name
-            index = re.fullmatch(r"for-loop-\d+-iteration-(\d+)", branch)
-            label = models[int(index[1])] if index and int(index[1]) < len(models) else ""
+            task, label = self._name(path)
             found[task].append((label, seconds))
         return dict(found)
+
+    def show_log_end(self) -> None:
+        """After a failure (not verbose): the last lines the tasks wrote, where the cause is."""
+        if not self.verbose and self.log:
+            self.stream.write("the tasks' last log lines (--verbose shows every line):\n" + "".join(self.log))
+            self.stream.flush()
 
     def cause(self) -> str:
         errors = re.findall(r"^\s*[\w.]*(?:Error|Exception): (.+)$", _strip_colours("".join(self.text)), re.M)

@@ -13,8 +13,11 @@ from components.evaluate import evaluate
 from components.images import CPU_IMAGE
 from components.preprocess import preprocess
 from components.train import train
+from dl_uncertainty.config import without_keys
 
 PIPELINE_NAME = "uncertainty-pipeline"
+# What the typed parameters set; in `overrides` too, they must agree (configure checks)
+TYPED_KEYS = ["train.epochs", "train.lr", "evaluate.mc_samples", "seed", "experiment_name"]
 
 
 def _resources(task, cpu_request: str, cpu_limit: str, memory_request: str, memory_limit: str):
@@ -68,6 +71,8 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
     gpu = p.gpu if gpu is None else gpu
     tracking_env = mlflow_tracking_uri or p.mlflow_tracking_uri
 
+    other_overrides = without_keys(list(default_overrides or []), TYPED_KEYS)  # the typed parameters carry those
+
     def configure_task(task, kind: str = "step"):
         return task_settings(task, p, kind, cluster=cluster, gpu=gpu, tracking_uri=tracking_env, image=image)
 
@@ -83,13 +88,15 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
         data_source: str = str(cfg.data.path or cfg.data.source),
         mlflow_tracking_uri: str = "",
         experiment_name: str = str(cfg.experiment_name),
-        overrides: list = list(default_overrides or []),
+        overrides: list = other_overrides,
     ):
         config = configure_task(configure(
             models=models, overrides=overrides, epochs=epochs, learning_rate=learning_rate,
             mc_samples=mc_samples, seed=seed, data_source=data_source, experiment_name=experiment_name,
             mlflow_tracking_uri=mlflow_tracking_uri)).set_display_name("configure")
         data = configure_task(preprocess(config=config.outputs["config"])).set_display_name("preprocess")
+        # One branch per model. Their tasks cannot be named after the model: KFP leaves a loop item in
+        # a display name as its raw placeholder ("train {{channel:...}}"); the branch's inputs name it.
         with dsl.ParallelFor(models, name="models") as model_name:
             trained = configure_task(train(
                 config=config.outputs["config"], model_name=model_name, train=data.outputs["train"],

@@ -13,9 +13,11 @@ from omegaconf import DictConfig
 from components.tune_report import tune_report
 from components.tune_setup import tune_setup
 from components.tune_trials import tune_trials
+from dl_uncertainty.config import without_keys
 from pipelines.pipeline import task_settings
 
 TUNING_PIPELINE_NAME = "tuning-pipeline"
+TYPED_KEYS = ["model", "tune.n_trials", "train.epochs", "seed", "tune.storage", "tune.workers", "experiment_name"]
 
 
 def build_tuning_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: bool | None = None,
@@ -29,6 +31,8 @@ def build_tuning_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: bool | 
     p, workers = cfg.pipeline, int(cfg.tune.workers)
     gpu = p.gpu if gpu is None else gpu
     tracking = mlflow_tracking_uri or p.mlflow_tracking_uri
+
+    other_overrides = without_keys(list(default_overrides or []), TYPED_KEYS)  # the typed parameters carry those
 
     def configure_task(task, kind: str = "step"):
         task_settings(task, p, kind, cluster=cluster, gpu=gpu, tracking_uri=tracking)
@@ -50,7 +54,7 @@ def build_tuning_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: bool | 
         study_name: str = "",
         mlflow_tracking_uri: str = "",
         experiment_name: str = str(cfg.experiment_name),
-        overrides: list = list(default_overrides or []),
+        overrides: list = other_overrides,
     ):
         setup = configure_task(tune_setup(
             model=model, overrides=overrides, n_trials=n_trials, epochs=epochs, seed=seed,
@@ -76,7 +80,8 @@ def run_tuning_local(overrides: list[str], pipeline_root: str | Path = "local_ou
     run_dir, _, seconds, _ = execute(
         cfg, TUNING_PIPELINE_NAME, pipeline_root, verbose, "subprocess",
         lambda uri, _image: build_tuning_pipeline(cfg, cluster=False, mlflow_tracking_uri=uri,
-                                                  study_storage=storage, default_overrides=rest))
+                                                  study_storage=storage, default_overrides=rest),
+        labels=[f"worker {i}" for i in range(int(cfg.tune.workers))])
     sys.stdout.write(f"\n{TUNING_PIPELINE_NAME} finished in {seconds:.0f} s; outputs in {run_dir}\n"
                      f"  best config {run_dir / 'tune-report' / 'tuned'} (save as configs/tuned/{cfg.model.name}.yaml"
                      f" to re-train it with +tuned={cfg.model.name})\n  report {run_dir / 'tune-report' / 'report'}\n")

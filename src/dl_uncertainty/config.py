@@ -216,6 +216,36 @@ def data_source_overrides(source: str) -> list[str]:
     return ["data=image_folder", f"data.path={source}"]
 
 
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def without_keys(overrides: list[str], keys: list[str]) -> list[str]:
+    """``overrides`` minus those that set one of ``keys``: a pipeline's default overrides, minus the
+    keys whose values its typed parameters already carry."""
+    return [o for o in overrides if _override_key(o) not in keys]
+
+
+def with_typed(typed: list[str], overrides: list[str]) -> list[str]:
+    """A pipeline's typed parameters (as overrides) followed by its free-form ``overrides``; a key set
+    by both to different values is an error, so neither silently beats the other."""
+    values = {_override_key(t): t.split("=", 1)[1] for t in typed}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = _override_key(key)
+        if key in values and not _same_value(value, values[key]):
+            raise UserError(f"the overrides parameter sets {key}={value} but its typed pipeline parameter sets "
+                            f"{key}={values[key]}; set it once, with the typed parameter")
+    return [*typed, *overrides]
+
+
+def _same_value(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a.strip() == b.strip()
+
+
 def model_configs(models: list[str], overrides: list[str]) -> str:
     """JSON ``{model name: config}``, each validated: what each pipeline branch trains and evaluates."""
     configs = {name: load_config([*overrides, f"model={name}"]) for name in models}

@@ -201,6 +201,8 @@ def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
         raise UserError(f"{cfg.path}: x has {len(x)} rows but y has {len(y)}")
     if not np.issubdtype(x.dtype, np.number):
         raise UserError(f"{cfg.path}: x must be numeric, got dtype {x.dtype}")
+    if np.issubdtype(y.dtype, np.floating) and np.all(y % 1 == 0):  # label 2.0 is class '2', not '2.0'
+        y = y.astype(np.int64)
     shape = list(x.shape[1:]) if x.ndim != 3 else [1, *x.shape[1:]]
     flat = x.reshape(len(x), -1).astype("float64")
     columns = [f"feature_{i}" for i in range(flat.shape[1])]

@@ -48,33 +48,41 @@ def reliability_diagram(
     models: Mapping[str, tuple[Any, Any]],
     n_bins: int = M.N_BINS,
     title: str = "Reliability diagram",
+    min_count: int = 10,
 ) -> Figure:
-    """Accuracy vs confidence per equal-width bin, models overlaid, confidence histogram below.
+    """Accuracy vs confidence per equal-width bin (the ECE's bins), models overlaid; below, how many
+    examples each bin holds (log scale, numbers on the bars).
 
-    ``models``: name -> (probs [N, K], labels [N]). The legend shows each model's ECE.
+    ``models``: name -> (probs [N, K], labels [N]). The legend shows each model's ECE. A bin with
+    fewer than ``min_count`` examples is a hollow marker off the line: its accuracy is mostly noise.
     """
-    fig = Figure(figsize=(6.4, 6.0), layout="constrained")
-    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig = Figure(figsize=(6.4, 6.4), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
     top.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
     width = 1.0 / n_bins
-    for (name, (probs, labels)), color in zip(models.items(), _colors(len(models)), strict=True):
+    bar = width / (len(models) + 1)
+    for m, ((name, (probs, labels)), color) in enumerate(zip(models.items(), _colors(len(models)), strict=True)):
         b = M.reliability_bins(probs, labels, n_bins)
         centers = b["edges"][:-1] + width / 2
-        ok = b["count"] > 0
+        full, sparse = b["count"] >= min_count, (b["count"] > 0) & (b["count"] < min_count)
         err = float(
-            np.sum(np.abs(b["accuracy"][ok] - b["confidence"][ok]) * b["count"][ok])
-            / b["count"].sum()
+            np.nansum(np.abs(b["accuracy"] - b["confidence"]) * b["count"]) / b["count"].sum()
         )
-        conf = M.to_numpy(probs, np.float64).max(axis=1)
-        top.plot(
-            centers[ok], b["accuracy"][ok], marker="o", color=color, label=f"{name} (ECE {err:.3f})"
-        )
-        bottom.hist(conf, bins=b["edges"], histtype="step", lw=1.8, color=color, label=name)
+        top.plot(centers[full], b["accuracy"][full], marker="o", color=color, label=f"{name} (ECE {err:.3f})")
+        top.plot(centers[sparse], b["accuracy"][sparse], ls="", marker="o", mfc="none", color=color)
+        x = b["edges"][:-1] + bar * (m + 1)
+        shown = b["count"] > 0
+        bars = bottom.bar(x[shown], b["count"][shown], width=bar, color=color, alpha=0.7, label=name)
+        bottom.bar_label(bars, fontsize=6, padding=1, rotation=90 if len(models) > 1 else 0)
+    top.plot([], [], ls="", marker="o", mfc="none", color="grey", label=f"bin with < {min_count} examples")
     top.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="accuracy", title=title)
     top.grid(alpha=0.3)
     top.legend(loc="upper left", fontsize="small")
-    bottom.set(xlabel="confidence (max p̄)", ylabel="count")
-    bottom.grid(alpha=0.3)
+    bottom.set_yscale("log")
+    bottom.set_ylim(0.8, None)
+    bottom.margins(y=0.5)
+    bottom.set(xlabel="confidence (max p̄)", ylabel="examples per bin")
+    bottom.grid(alpha=0.3, axis="y")
     return fig
 
 

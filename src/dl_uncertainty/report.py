@@ -25,8 +25,9 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2e
        max-width: 1100px; padding: 0 1em; color: #222; }
 h1 { border-bottom: 2px solid #ddd; padding-bottom: .3em; }
 h2 { margin-top: 2em; border-bottom: 1px solid #eee; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 14px; }
-th, td { border: 1px solid #ccc; padding: 4px 10px; }
+div.table { overflow-x: auto; margin: 1em 0; }
+table { border-collapse: collapse; font-size: 14px; }
+th, td { border: 1px solid #ccc; padding: 4px 10px; white-space: nowrap; }
 th { background: #f3f3f3; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1em 0; }
@@ -90,22 +91,31 @@ def html_table(table: Rows, columns: Sequence[str] | None = None) -> str:
             )
             cells.append(f"<td{cls}>{html.escape(format_value(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (
-        f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n"
+    return (  # a wide table scrolls sideways in its box instead of running off the page
+        f'<div class="table"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n'
         + "\n".join(body)
-        + "\n</tbody>\n</table>"
+        + "\n</tbody>\n</table></div>"
     )
+
+
+def figure_png(fig: Figure, dpi: int = 110) -> bytes:
+    """PNG bytes of ``fig``, drawn once: the HTML report and MLflow's copy share them."""
+    cached = getattr(fig, "_png", None)
+    if cached is None or cached[0] != dpi:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi)
+        cached = fig._png = (dpi, buf.getvalue())
+    return cached[1]
 
 
 def figure_to_data_uri(fig: Figure, dpi: int = 110) -> str:
     """PNG of ``fig`` as a ``data:image/png;base64,...`` URI; the figure is closed afterwards."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    png = figure_png(fig, dpi)
     if fig.canvas.manager is not None:  # created through pyplot: release it there
         import matplotlib.pyplot as plt
 
         plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _figure_html(fig: Figure | str, caption: str | None) -> str:

@@ -228,10 +228,13 @@ def log_model(model: nn.Module, cfg: DictConfig, schema: Schema, example: pd.Dat
 def log_evaluation(evaluation) -> None:
     """Metrics, figures, the HTML report and predictions.npz into the active run."""
     from .evaluation import html, save_predictions
+    from .report import figure_png
 
     mlflow.log_metrics(evaluation.metrics)
-    for name, figure in evaluation.figures.items():
-        mlflow.log_figure(figure, f"figures/{name}.png")
+    with tempfile.TemporaryDirectory() as tmp:  # figures drawn once, for the report and for MLflow
+        for name, figure in evaluation.figures.items():
+            (Path(tmp) / f"{name}.png").write_bytes(figure_png(figure))
+        mlflow.log_artifacts(tmp, "figures")
     mlflow.log_text(html(evaluation), "reports/evaluation.html")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "predictions.npz"

@@ -13,10 +13,11 @@ from components.evaluate import evaluate
 from components.preprocess import preprocess
 from components.train import train
 from dl_uncertainty import metrics as M
+from dl_uncertainty.config import without_keys
 from dl_uncertainty.errors import UserError
 from tests.conftest import LOOSE_GATE, TINY
 
-PARAMS = dict(epochs=2, learning_rate=0.001, mc_samples=6, seed=3, data_source="digits",
+PARAMS = dict(epochs=3, learning_rate=0.001, mc_samples=8, seed=3, data_source="digits",
               experiment_name="component-test", mlflow_tracking_uri="")
 
 
@@ -61,7 +62,7 @@ def test_configure_writes_one_validated_config_per_model(chain):
     configs = json.loads(open(chain["config"].path).read())
     assert set(configs) == {"bnn", "mc_dropout_dnn"}
     assert configs["bnn"]["seed"] == 3  # typed parameter
-    assert configs["bnn"]["train"]["epochs"] == 3  # the overrides list is applied last and wins
+    assert configs["bnn"]["train"]["epochs"] == 3  # typed parameter, and the same value in the overrides
     assert configs["mc_dropout_dnn"]["model"]["dropout"] > 0
 
 
@@ -69,6 +70,17 @@ def test_configure_rejects_a_bad_override(tmp_path):
     with pytest.raises(UserError, match="model.dropout"):
         configure.python_func(models=["bnn"], overrides=["model.dropout=2"], config=art(dsl.Artifact, tmp_path, "c"),
                               **PARAMS)
+
+
+def test_a_typed_parameter_and_an_override_of_its_key_must_agree(tmp_path):
+    config = art(dsl.Artifact, tmp_path, "c")
+    with pytest.raises(UserError) as info:
+        configure.python_func(models=["bnn"], overrides=["train.epochs=20"], config=config, **PARAMS)
+    assert str(info.value) == ("the overrides parameter sets train.epochs=20 but its typed pipeline parameter sets "
+                               "train.epochs=3; set it once, with the typed parameter")
+    configure.python_func(models=["bnn"], overrides=["train.lr=1e-3", "train.epochs=3", "model.dropout=0.2"],
+                          config=config, **PARAMS)  # the same values (1e-3 is 0.001): no conflict
+    assert json.loads(open(config.path).read())["bnn"]["model"]["dropout"] == 0.2
 
 
 def test_preprocess_writes_splits_and_a_self_contained_eda_report(chain):
@@ -186,7 +198,8 @@ def test_the_components_run_as_kfp_local_tasks(tmp_path, monkeypatch):
 
     @dsl.pipeline
     def one_model() -> dsl.Metrics:
-        config = configure(models=["mc_dropout_dnn"], overrides=[*TINY, "train.epochs=1"], **PARAMS)
+        config = configure(models=["mc_dropout_dnn"], overrides=without_keys(TINY, ["train.epochs"]),
+                           **{**PARAMS, "epochs": 1})
         data = preprocess(config=config.outputs["config"])
         model = train(config=config.outputs["config"], model_name="mc_dropout_dnn", train=data.outputs["train"],
                       val=data.outputs["val"])

@@ -137,7 +137,7 @@ def stack(tmp_path_factory):
 
 
 def run_pipeline(*overrides: str, env: dict, root: Path, timeout: float = 1200):
-    return sh([sys.executable, "-m", "pipelines", "run-local", "--runner", "docker", "--pipeline-root", str(root),
+    return sh([sys.executable, "-m", "pipelines", "run-local", "--runner", "docker", "--verbose", "--pipeline-root", str(root),
                *overrides], env=env, check=False, timeout=timeout)
 
 

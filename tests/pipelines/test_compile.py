@@ -100,7 +100,8 @@ def test_parameter_defaults_equal_the_composed_config(compiled):
     assert params == {
         "models": list(cfg.pipeline.models), "epochs": 11, "learning_rate": cfg.train.lr,
         "mc_samples": cfg.evaluate.mc_samples, "seed": cfg.seed, "data_source": "digits",
-        "mlflow_tracking_uri": "", "experiment_name": cfg.experiment_name, "overrides": OVERRIDES,
+        "mlflow_tracking_uri": "", "experiment_name": cfg.experiment_name,
+        "overrides": ["model.dropout=0.3"],  # train.epochs=11 is the typed epochs: in one place only
     }
 
 
@@ -117,3 +118,10 @@ def test_compile_cli_with_a_bad_override_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "train.epochs" in proc.stderr
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_every_task_has_a_plain_display_name(compiled):
+    text, spec, _ = compiled
+    names = re.findall(r"^\s*taskInfo:\s*\n\s*name: (.+)$", text, re.M)
+    assert {"configure", "preprocess", "train", "evaluate", "compare"} <= set(names)
+    assert not [n for n in names if "{{" in n]  # a loop item in a display name stays a raw placeholder

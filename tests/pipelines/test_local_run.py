@@ -1,5 +1,7 @@
 """The whole pipeline under kfp.local against a real MLflow server; and a failing task."""
 
+import re
+
 import mlflow
 import pytest
 
@@ -14,9 +16,13 @@ def test_whole_pipeline_runs_locally_and_lands_in_mlflow(mlflow_server, tmp_path
     run_dir = run_local([*TINY, *LOOSE_GATE, "train.epochs=2", "experiment_name=pipeline-test",
                          "pipeline.models=[bnn,mc_dropout_dnn]"], tmp_path / "out")
 
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "# Model comparison" in printed and "Winner:" in printed
-    assert "epoch   2/2" in printed and "Got executor_input" not in printed  # task logs, minus kfp's JSON
+    assert len((captured.out + captured.err).splitlines()) < 60  # one line per task, not every task's log
+    for task in ("configure", "preprocess", "train bnn", "train mc_dropout_dnn", "evaluate bnn", "compare"):
+        assert re.search(rf"^  done  {task} +\d+\.\d s$", printed, re.M), task
+    assert "epoch   1/2" not in printed and "Got executor_input" not in printed
     for name in ("compare", "preprocess", "evaluate-bnn", "evaluate-mc_dropout_dnn"):
         page = (run_dir / "reports" / f"{name}.html").read_text()
         assert "<img" in page and name in printed
@@ -57,7 +63,16 @@ def test_unreadable_data_fails_before_any_task_starts(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-def test_log_filter_drops_only_the_executor_input_json():
+def test_verbose_prints_every_tasks_whole_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_local([*TINY, "train.epochs=2", "pipeline.models=[mc_dropout_dnn]"], tmp_path / "out", verbose=True)
+    printed = capsys.readouterr().out
+    assert "epoch   2/2" in printed and "Got executor_input" in printed and "Winner:" in printed
+    assert "  done  " not in printed and len(printed.splitlines()) > 60
+
+
+def test_quiet_log_keeps_the_task_logs_minus_the_executor_input_json_for_a_failure():
     import io
 
     from pipelines.local import _Tee
@@ -65,10 +80,13 @@ def test_log_filter_drops_only_the_executor_input_json():
     out = io.StringIO()
     tee = _Tee(out)
     for chunk in ["    [KFP] Got executor_input:\n", "    {\n", '        "a": {\n', "        }\n", "    }\n",
-                  "    epoch 1 ", "done\n", "    ValueError: bad thing\n"]:
+                  "    epoch 1 ", "done\n", "    Traceback (most recent call last):\n", '      File "x.py", line 1\n',
+                  "        f()\n", "        ^^^\n", "    ValueError: bad thing\n"]:
         tee.write(chunk)
     tee.flush()
-    assert out.getvalue() == "    epoch 1 done\n    ValueError: bad thing\n"
+    assert out.getvalue() == ""
+    tee.show_log_end()  # no JSON, no traceback frames: the log lines and the error
+    assert out.getvalue().splitlines()[1:] == ["    epoch 1 done", "    ValueError: bad thing"]
     assert tee.cause() == "Cause: bad thing. "
     verbose = io.StringIO()
     loud = _Tee(verbose, verbose=True)
@@ -81,15 +99,18 @@ def test_task_times_come_from_each_tasks_own_start_and_finish_lines():
 
     from pipelines.local import _Tee
 
-    tee = _Tee(io.StringIO())
+    out = io.StringIO()
+    tee = _Tee(out, labels=["bnn", "mc_dropout_dnn"])
     for path in ("/r/run/configure", "/r/run/for-loop-1-iteration-1/train", "/r/run/for-loop-1-iteration-0/train"):
         tee.write(f'    "outputFile": "{path}/executor_output.json"\n')
     tee.write("Wrote executor output file to /r/run/for-loop-1-iteration-0/train/executor_output.json.\n")
     tee.write("Wrote executor output file to /r/run/configure/executor_output.json.\n")
-    times = tee.task_times(["bnn", "mc_dropout_dnn"])
+    times = tee.task_times()
     assert list(times) == ["configure", "train"]  # iteration 1 never finished: no time for it
     assert [label for label, _ in times["train"]] == ["bnn"] and times["configure"][0][0] == ""
     assert all(seconds >= 0 for entries in times.values() for _, seconds in entries)
+    assert [line.split()[:3] for line in out.getvalue().splitlines()] == [["done", "train", "bnn"],
+                                                                          ["done", "configure", "0.0"]]
 
 
 def test_docker_runner_without_an_engine_is_one_line(tmp_path):

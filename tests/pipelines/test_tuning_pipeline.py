@@ -56,7 +56,7 @@ def test_parameter_defaults_come_from_the_config(compiled):
     params = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
     assert params["model"] == "mc_dropout_dnn" and params["n_trials"] == 12
     assert params["study_storage"] == cfg.pipeline.tune_storage  # no password: it comes as PGPASSWORD
-    assert params["overrides"] == OVERRIDES[1:]  # the search range travels to the setup step
+    assert params["overrides"] == OVERRIDES[2:]  # the search range travels; n_trials is a typed parameter
 
 
 def test_compile_cli_writes_the_tuning_yaml_and_rejects_a_bad_range(tmp_path):

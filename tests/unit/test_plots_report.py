@@ -205,3 +205,25 @@ def test_markdown_table_round_trip():
     assert parse_markdown(R.markdown_table(rows))[0] == ["model", "acc", "n", "note"]
     header, body = parse_markdown(R.markdown_table({"acc": 1.0, "ece": 0.01}))
     assert header == ["metric", "value"] and body == [["acc", "1.0000"], ["ece", "0.0100"]]
+
+
+def test_reliability_diagram_shows_each_bins_count_and_sets_sparse_bins_apart():
+    # 40 examples in the 0.93-1.0 bin, 3 in the 0.33-0.40 bin
+    probs = np.array([[0.95, 0.03, 0.02]] * 40 + [[0.35, 0.33, 0.32]] * 3)
+    labels = np.array([0] * 38 + [1] * 2 + [0, 1, 1])
+    fig = P.reliability_diagram({"m": (probs, labels)}, min_count=10)
+    top, bottom = fig.axes[:2]
+    assert sorted(r.get_height() for r in bottom.patches) == [3, 40]
+    assert sorted(t.get_text() for t in bottom.texts) == ["3", "40"]  # the counts, written on the bars
+    line, hollow = top.get_lines()[1:3]
+    assert line.get_xdata() == pytest.approx([29 / 30]) and line.get_ydata() == pytest.approx([38 / 40])
+    assert hollow.get_mfc() == "none" and hollow.get_linestyle() == "None"
+    assert hollow.get_xdata() == pytest.approx([11 / 30]) and hollow.get_ydata() == pytest.approx([1 / 3])
+    legend = [t.get_text() for t in top.get_legend().get_texts()]
+    assert f"m (ECE {M.ece(np.log(probs)[None], labels):.3f})" in legend and "bin with < 10 examples" in legend
+
+
+def test_a_wide_table_scrolls_in_its_own_box_instead_of_widening_the_page():
+    page = R.html_report("wide", [R.Section("s", table=[{f"metric_{i}": 1e-4 for i in range(30)}])])
+    assert page.count('<div class="table"><table>') == 1
+    assert "div.table { overflow-x: auto;" in page and "white-space: nowrap" in page
