@@ -2,6 +2,7 @@
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -9,7 +10,7 @@ from torch import nn
 from dl_uncertainty import metrics as M
 from dl_uncertainty import plots
 from dl_uncertainty.config import load_config
-from dl_uncertainty.data import prepare, to_images, to_rows
+from dl_uncertainty.data import prepare, to_images, to_rows, unscaled
 from dl_uncertainty.evaluation import evaluate_model
 from dl_uncertainty.models import Ensemble
 from dl_uncertainty.predict import predict_log_probs
@@ -46,7 +47,8 @@ def test_the_served_models_predicted_class_is_the_name_of_its_most_probable_clas
     splits = prepare(cfg.data, cfg.seed)
     run_id = train_and_log(cfg, splits["train"], splits["val"]).run_id
     test = splits["test"]
-    frame = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(test.x[:60])
+    raw = pd.DataFrame(unscaled(test.x[:60], test.schema), columns=test.schema.feature_names)
+    frame = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(raw)
     columns = [c for c in frame.columns if c.startswith("prob_")]
     assert [c.removeprefix("prob_") for c in columns] == test.schema.class_names
     expected = [columns[i].removeprefix("prob_") for i in frame[columns].to_numpy().argmax(1)]
