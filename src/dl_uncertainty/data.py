@@ -247,7 +247,7 @@ def _fit_cleaning(train: pd.DataFrame, cfg: DictConfig) -> dict:
 
 def _apply_cleaning(frame: pd.DataFrame, stats: dict) -> tuple[np.ndarray, dict]:
     counts = {"missing_filled": int(frame.isna().sum().sum()), "outliers_clipped": 0}
-    if "fill" in stats:
+    if "fill" in stats and counts["missing_filled"]:
         frame = frame.fillna(pd.Series(stats["fill"], index=frame.columns))
     x = frame.to_numpy(dtype="float64")
     if "clip_low" in stats:

@@ -23,9 +23,11 @@ def predict_log_probs(
 
     With ``seed``, the MC samples are reproducible: the same inputs give the same answer.
     """
-    if seed is not None:
-        torch.manual_seed(seed)
     device = next(model.parameters()).device
+    if seed is not None:  # only the generator that samples (torch.manual_seed also queues CUDA's: slow)
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(seed)
     x = torch.as_tensor(x, dtype=torch.float32)
     chunks = []
     for start in range(0, len(x), batch_size):

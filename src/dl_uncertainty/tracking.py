@@ -179,14 +179,15 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
                                       batch_size=e.batch_size, seed=self.cfg.seed).numpy()
         out = decide(log_probs, self.calibration or Calibration.identity())
         names = np.asarray(self.schema.class_names)
-        frame = pd.DataFrame(out["probs"], columns=[f"prob_{c}" for c in names])
-        frame["predicted_class"] = names[out["probs"].argmax(1)]
-        frame["predictive_entropy"] = out["entropy"]
-        frame["mutual_information"] = out["mutual_info"]
-        frame["prediction_set"] = [names[row].tolist() for row in out["sets"]]
-        frame["set_size"] = out["sets"].sum(1)
-        frame["abstain"] = out["abstain"]
-        return frame
+        return pd.DataFrame({
+            **{f"prob_{c}": out["probs"][:, k] for k, c in enumerate(names)},
+            "predicted_class": names[out["probs"].argmax(1)],
+            "predictive_entropy": out["entropy"],
+            "mutual_information": out["mutual_info"],
+            "prediction_set": [names[row].tolist() for row in out["sets"]],
+            "set_size": out["sets"].sum(1),
+            "abstain": out["abstain"],
+        })
 
 
 def as_frame(model_input) -> pd.DataFrame:
