@@ -6,6 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -83,6 +86,30 @@ def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+@contextmanager
+def model_server(env: dict, cwd: Path | None = None, timeout: float = 180):
+    """``python -m dl_uncertainty.serve`` (the champion, by default) in a fresh process; yields its URL."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "dl_uncertainty.serve", "--port", str(port)], cwd=cwd, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    server.kill()
+                    pytest.fail(f"the model server did not start: {server.stdout.read()[-2000:]}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def run_module(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 300):

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
-from .data import Schema, Split, read_bytes, split_s3_uri
+from .data import Schema, Split, _natural_key, read_bytes, split_s3_uri
 from .errors import UserError
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -261,12 +261,6 @@ def make_splits(pixels: np.ndarray, labels: np.ndarray, cfg: DictConfig, seed: i
         splits["ood"].far_x = _rows(far_ood[0][: max(len(parts["test"]), 1)], center, scale)
     return splits
 
-
-def _natural_key(name: str):
-    try:
-        return (0, float(name), name)
-    except ValueError:
-        return (1, 0.0, name)
 
 
 def conform_array(pixels: np.ndarray, channels: int, size: list[int]) -> np.ndarray:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
-import time
 import urllib.request
 
 import boto3
@@ -16,7 +13,7 @@ import numpy as np
 import pytest
 
 from dl_uncertainty.data import load_split, unscaled
-from tests.conftest import free_port
+from tests.conftest import model_server
 from tests.e2e.conftest import MODELS, RUN_OVERRIDES, TINY, run_pipeline, sh
 
 pytestmark = pytest.mark.e2e
@@ -92,28 +89,12 @@ def test_registered_champion_is_served_on_raw_inputs_from_a_fresh_process(contai
     """What a user does next: `make serve` against the stack, then POST the test images' raw pixels."""
     _, root = container_run
     split = load_split(next(_run_dir(root).rglob("preprocess/test")))
-    port = free_port()
     env = {key: container_env[key] for key in container_env if key.startswith(("MLFLOW", "AWS"))}
-    server = subprocess.Popen([sys.executable, "-m", "dl_uncertainty.serve", "--port", str(port)],
-                              env={"PATH": "/usr/bin:/bin", **env}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:]
-                time.sleep(0.5)
+    with model_server({"PATH": "/usr/bin:/bin", **env}) as url:
         raw = np.rint(unscaled(split.x, split.schema)).tolist()
         request = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": raw}).encode(),
                                          headers={"Content-Type": "application/json"})
         rows = json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     names = np.array(split.schema.class_names)
     probs = np.array([[r[f"prob_{c}"] for c in names] for r in rows])
     assert np.allclose(probs.sum(1), 1, atol=1e-4)

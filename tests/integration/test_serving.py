@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -19,7 +16,7 @@ from dl_uncertainty.compare import register_champion
 from dl_uncertainty.data import unscaled
 from dl_uncertainty.evaluation import evaluate_model
 from dl_uncertainty.train import train_and_log
-from tests.conftest import TINY, free_port
+from tests.conftest import TINY, model_server
 
 
 def post(url: str, body) -> tuple[int, dict]:
@@ -49,24 +46,9 @@ def served(tmp_path_factory, digits_splits):
         del os.environ["MLFLOW_TRACKING_URI"]
     offline = evaluate_model(trained.model, cfg, digits_splits["test"], digits_splits["ood"], digits_splits["val"],
                              calibration=trained.calibration, with_figures=False)
-    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin"}  # no venv on PATH
-    server = subprocess.Popen([sys.executable, "-m", "dl_uncertainty.serve", "--port", str(port)], cwd=tmp, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2).read()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"the server did not start: {server.stdout.read()[-2000:]}")
-            time.sleep(0.3)
-    yield url, offline, cfg
-    server.terminate()
-    server.wait(timeout=20)
+    with model_server(env, cwd=tmp) as url:
+        yield url, offline, cfg
 
 
 def test_raw_inputs_get_the_offline_evaluations_calibrated_probabilities(served, digits_splits):
