@@ -99,7 +99,7 @@ def evaluate_model(
         predictions[f"{prefix}abstain"] = out["abstain"]
     evaluation = Evaluation(cfg.model.name, result, predictions, shift)
     if calibration is not None and "val" in lp:
-        evaluation.conformal = _conformal_curve(calibration, lp, test.y, val.y)
+        evaluation.conformal = _conformal_curve(served["val"]["probs"], val.y, served["test"]["probs"], test.y)
     if with_figures:
         evaluation.figures = _figures(evaluation, test, images, model)
     return evaluation
@@ -123,10 +123,8 @@ def _calibration_metrics(cal: C.Calibration, out: dict, y: np.ndarray) -> dict:
     return result
 
 
-def _conformal_curve(cal: C.Calibration, lp: dict, y: np.ndarray, val_y: np.ndarray) -> list[dict]:
+def _conformal_curve(val_probs: np.ndarray, val_y: np.ndarray, test_probs: np.ndarray, y: np.ndarray) -> list[dict]:
     """Test coverage and mean set size of both methods, each threshold fitted on val, per alpha."""
-    val_probs, test_probs = (np.exp(C.calibrated_log_probs(M.mean_log_probs(lp[k]), cal.temperature))
-                             for k in ("val", "test"))
     rows = []
     for method in C.CONFORMAL_METHODS:
         for alpha in ALPHAS:
