@@ -47,7 +47,8 @@ def load(uri: str):
         wrapper = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     except (MlflowException, OSError) as err:
         message = getattr(err, "message", str(err)).splitlines()[0]
-        raise UserError(f"cannot load {uri} from {tracking.tracking_uri()}: {message}") from None
+        hint = "; `make run` trains and registers a champion, or pass --model runs:/<run id>/model"
+        raise UserError(f"cannot load {uri} from {tracking.tracking_uri()}: {message}{hint}") from None
     if not hasattr(wrapper, "predict_rows"):
         raise UserError(f"{uri} was not logged by dl_uncertainty (train one with `make train`)")
     set_threads(wrapper.cfg.num_threads)  # 1 by default: small nets answer fastest, a pod's CPU limit holds

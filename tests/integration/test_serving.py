@@ -100,3 +100,13 @@ def test_bad_input_is_a_400_with_one_sentence(served, body, says):
     status, answer = post(f"{url}/invocations", data)
     assert status == 400
     assert says in answer["error"] and "\n" not in answer["error"] and "Traceback" not in answer["error"]
+
+
+def test_serving_a_model_that_is_not_there_is_one_line_naming_the_fix(tmp_path):
+    from tests.conftest import run_module
+
+    out = run_module("dl_uncertainty.serve", "--port", "1", cwd=tmp_path,
+                     env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"}, timeout=120)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr
+    assert "cannot load models:/dl-uncertainty@champion" in errors[0] and "`make run`" in errors[0]
