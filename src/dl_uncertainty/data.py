@@ -371,8 +371,9 @@ def raw_to_rows(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
         frame = frame.set_axis(names, axis=1)
     else:
         columns = [str(c) for c in frame.columns]
-        missing = [n for n in names if n not in columns]
-        unknown = [c for c in columns if c not in names]
+        given, known = set(columns), set(names)  # sets: an image has thousands of columns
+        missing = [n for n in names if n not in given]
+        unknown = [c for c in columns if c not in known]
         if missing or unknown:
             problem = f"missing columns {missing[:5]}" if missing else f"unknown columns {unknown[:5]}"
             raise UserError(f"{problem}: the model takes {len(names)} columns, {names[0]!r} to {names[-1]!r}")

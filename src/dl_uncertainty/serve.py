@@ -77,7 +77,9 @@ def parse(body: bytes) -> pd.DataFrame:
         lengths = {len(np.ravel(row)) for row in value}
         if len(lengths) > 1:
             raise UserError(f"the rows of {key!r} have different lengths ({min(lengths)} to {max(lengths)} values)")
-        return pd.DataFrame(np.asarray(value, dtype=object).reshape(len(value), -1))
+        from .tracking import as_frame  # here: mlflow is loaded by then, and --help stays fast
+
+        return as_frame(value)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise UserError(f"{key!r} is not a table of rows: {str(err).splitlines()[0]}") from None
 
