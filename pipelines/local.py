@@ -19,15 +19,14 @@ from components.images import CPU_IMAGE
 from dl_uncertainty.config import load_config
 from dl_uncertainty.data import load_raw
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.tracking import DEFAULT_URI, check_reachable, serve_local_store, setup
+from dl_uncertainty.tracking import (
+    DEFAULT_URI,
+    check_reachable,
+    serve_local_store,
+    setup,
+    tracking_uri,
+)
 from pipelines.pipeline import PIPELINE_NAME, build_pipeline
-
-
-def _absolute_tracking_uri(uri: str) -> str:
-    """Task processes may start elsewhere: pin the local sqlite store to this folder."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
-    return uri
 
 
 def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs", verbose: bool = False,
@@ -60,7 +59,7 @@ def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: st
     # Our tasks name the project image; under the subprocess runner they run in this venv instead.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")  # display names
-    uri = _absolute_tracking_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+    uri = tracking_uri(cfg)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     check_reachable(uri)
     image = None

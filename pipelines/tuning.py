@@ -71,12 +71,13 @@ def build_tuning_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: bool | 
 
 def run_tuning_local(overrides: list[str], pipeline_root: str | Path = "local_outputs", verbose: bool = False) -> Path:
     """Run ``tuning-pipeline`` with kfp.local (SQLite study, local MLflow); return the run's folder."""
+    from dl_uncertainty.tracking import absolute_sqlite
     from dl_uncertainty.tuning import compose
-    from pipelines.local import _absolute_tracking_uri, execute
+    from pipelines.local import execute
 
     cfg = compose(overrides)  # a bad override or search range fails before any task starts
     rest = [o for o in overrides if not o.startswith("model=")]  # the model is a pipeline parameter
-    storage = _absolute_tracking_uri(cfg.tune.storage)
+    storage = absolute_sqlite(cfg.tune.storage)
     run_dir, _, seconds, _ = execute(
         cfg, TUNING_PIPELINE_NAME, pipeline_root, verbose, "subprocess",
         lambda uri, _image: build_tuning_pipeline(cfg, cluster=False, mlflow_tracking_uri=uri,

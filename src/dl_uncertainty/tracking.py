@@ -33,8 +33,16 @@ PYFUNC_REQUIREMENTS = ["torch>=2.3", "torchbnn>=1.2,<1.3", "numpy", "pandas", "o
                        "hydra-core>=1.3.2,<1.4", "scikit-learn", "boto3"]
 
 
+def absolute_sqlite(uri: str) -> str:
+    """A relative ``sqlite:///file.db`` pinned to this folder: other processes may start elsewhere, and
+    MLflow keeps one store per URI string, so a relative one would follow no later change of folder."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
 def tracking_uri(cfg: DictConfig | None = None) -> str:
-    return (cfg and cfg.tracking_uri) or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    return absolute_sqlite((cfg and cfg.tracking_uri) or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -61,7 +61,7 @@ def test_a_sweep_logs_nested_runs_and_its_best_config_retrains_to_the_same_nll(i
     assert study.trials[0].user_attrs["baseline"] and study.trials[0].params["train.lr"] == cfg.train.lr
     assert summary.best["val_nll"] == study.best_value <= summary.baseline["val_nll"]
 
-    client = mlflow.MlflowClient("sqlite:///mlflow.db")
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tune-test")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.sweep = 'parent'")
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -95,7 +95,7 @@ def test_a_lagging_trial_is_pruned_and_its_run_marked_killed(in_tmp):
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
     pruned = study.trials[1]
     assert pruned.user_attrs["pruned_at_epoch"] == 2 and list(pruned.intermediate_values) == [1, 2]
-    run = mlflow.MlflowClient("sqlite:///mlflow.db").get_run(pruned.user_attrs["mlflow_run_id"])
+    run = mlflow.MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}").get_run(pruned.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["optuna_state"] == "PRUNED"
     assert finish(sweep).counts == {"complete": 1, "pruned": 1}
 
