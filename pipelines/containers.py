@@ -1,7 +1,7 @@
 """Run the pipeline's tasks in the project image: kfp.local's DockerRunner on Docker or podman.
 
 Containers share the host's network, so MLflow at 127.0.0.1 (`make stack-up`, or
-``dl_uncertainty.tracking.serve_local_store``) is reachable from them as it is from here.
+``dl_uncertainty.store.serve_local_store``) is reachable from them as it is from here.
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ from components.images import CPU_IMAGE
 from dl_uncertainty.config import load_config
 from dl_uncertainty.data import load_raw
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.tracking import (
+from dl_uncertainty.store import (
     DEFAULT_URI,
     check_reachable,
+    new_local_store,
     serve_local_store,
-    setup,
     tracking_uri,
 )
 from pipelines.pipeline import PIPELINE_NAME, build_pipeline
@@ -68,7 +68,10 @@ def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: st
 
         client = containers.connect()
         image = containers.local_image(client, CPU_IMAGE)
-    setup(cfg)  # create the store and experiment once: parallel tasks would race to do it
+    if new_local_store(uri):  # create its tables once here: parallel tasks would race to
+        from dl_uncertainty.tracking import setup
+
+        setup(cfg)
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     before = set(root.glob(f"{name}-*"))
@@ -83,6 +86,7 @@ def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: st
             containers.use_task_containers()
             print(f"running every task in {image} ({os.environ['DOCKER_HOST']}), MLflow at {task_uri}")
         local.init(runner=task_runner, pipeline_root=str(root), raise_on_error=True)
+        stack.enter_context(_branches_at_once(len(labels or [])))
         pipeline = build(task_uri, image)
         tic = time.perf_counter()
         log = _Tee(sys.stdout, verbose, labels)
@@ -105,6 +109,32 @@ def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: st
     if not new:
         raise UserError(f"the local run left no outputs under {root}")
     return new[-1], uri, time.perf_counter() - tic, log
+
+
+@contextlib.contextmanager
+def _branches_at_once(branches: int):
+    """Let every ParallelFor iteration run at once. kfp.local (2.17) runs at most two, a guard
+    against nested loops multiplying threads; our loops are flat and small (one branch per model or
+    tuning worker), and a third branch left waiting runs alone on a half-idle machine. Where kfp has
+    no such class (another version), its own limit holds."""
+    try:
+        from kfp.local.orchestrator import enhanced_dag_orchestrator as orchestrator
+
+        original = orchestrator.ParallelExecutor
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    class AllBranches(original):
+        def __init__(self, max_workers: int | None = None):
+            super().__init__(max_workers)
+            self.conservative_max = self.max_workers = max(branches, self.max_workers)
+
+    orchestrator.ParallelExecutor = AllBranches
+    try:
+        yield
+    finally:
+        orchestrator.ParallelExecutor = original
 
 
 class _Tee(io.TextIOBase):

@@ -71,7 +71,7 @@ def build_tuning_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: bool | 
 
 def run_tuning_local(overrides: list[str], pipeline_root: str | Path = "local_outputs", verbose: bool = False) -> Path:
     """Run ``tuning-pipeline`` with kfp.local (SQLite study, local MLflow); return the run's folder."""
-    from dl_uncertainty.tracking import absolute_sqlite
+    from dl_uncertainty.store import absolute_sqlite
     from dl_uncertainty.tuning import compose
     from pipelines.local import execute
 

@@ -51,7 +51,7 @@ def digits_splits():
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` process (lean flags) on an ephemeral port; yields its URI."""
-    from dl_uncertainty.tracking import serve_local_store
+    from dl_uncertainty.store import serve_local_store
 
     with serve_local_store(f"sqlite:///{tmp_path_factory.mktemp('mlflow-server') / 'mlflow.db'}") as (uri, _):
         yield uri

@@ -176,9 +176,10 @@ def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
     features: ``prepare`` decodes them.
     """
     from .config import IMAGE_SOURCES
-    from .images import check_source
 
     if cfg.source in IMAGE_SOURCES:
+        from .images import check_source  # torch: not for tables
+
         labels = check_source(cfg)
         return pd.DataFrame(index=range(len(labels))), labels, []
     if cfg.source == "digits":
@@ -278,9 +279,10 @@ def _fit_scaling(x: np.ndarray, method: str) -> dict:
 def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
     """Raw data -> cleaned, stratified train/val/test splits plus the held-out OOD classes."""
     from .config import IMAGE_SOURCES
-    from .images import prepare_images
 
     if cfg.source in IMAGE_SOURCES:
+        from .images import prepare_images  # torch: not for tables
+
         return prepare_images(cfg, seed)
     frame, labels, feature_shape = load_raw(cfg)
     frame, labels = _non_finite(frame, labels, cfg)

@@ -14,7 +14,7 @@ def evaluate_run(cfg: DictConfig):
     """Evaluate run ``cfg.run_id``'s model on the data it was trained on, log to that run."""
     import mlflow
 
-    from . import tracking
+    from . import store, tracking
     from .data import prepare
     from .evaluation import evaluate_model
 
@@ -24,7 +24,7 @@ def evaluate_run(cfg: DictConfig):
     try:
         mlflow.get_run(cfg.run_id)
     except mlflow.exceptions.MlflowException:
-        raise UserError(f"no MLflow run {cfg.run_id} at {tracking.tracking_uri(cfg)}") from None
+        raise UserError(f"no MLflow run {cfg.run_id} at {store.tracking_uri(cfg)}") from None
     logged = tracking.load_logged_model(cfg.run_id)
     run_cfg = logged.cfg.copy()
     run_cfg.evaluate = cfg.evaluate  # data and model as trained; evaluation options from the command line

@@ -38,17 +38,17 @@ def load(uri: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from . import tracking
+    from . import store
     from .training import set_threads
 
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    tracking.check_reachable(tracking.tracking_uri())
+    mlflow.set_tracking_uri(store.tracking_uri())
+    store.check_reachable(store.tracking_uri())
     try:
         wrapper = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     except (MlflowException, OSError) as err:
         message = getattr(err, "message", str(err)).splitlines()[0]
         hint = "; `make run` trains and registers a champion, or pass --model runs:/<run id>/model"
-        raise UserError(f"cannot load {uri} from {tracking.tracking_uri()}: {message}{hint}") from None
+        raise UserError(f"cannot load {uri} from {store.tracking_uri()}: {message}{hint}") from None
     if not hasattr(wrapper, "predict_rows"):
         raise UserError(f"{uri} was not logged by dl_uncertainty (train one with `make train`)")
     set_threads(wrapper.cfg.num_threads)  # 1 by default: small nets answer fastest, a pod's CPU limit holds

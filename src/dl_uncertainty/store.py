@@ -1,0 +1,100 @@
+"""Where MLflow runs go: the tracking URI, whether its server answers, and a server for a local store.
+
+No MLflow import here: a command that only needs to know where runs go starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from .errors import UserError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+
+
+def absolute_sqlite(uri: str) -> str:
+    """A relative ``sqlite:///file.db`` pinned to this folder: other processes may start elsewhere, and
+    MLflow keeps one store per URI string, so a relative one would follow no later change of folder."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def tracking_uri(cfg: DictConfig | None = None) -> str:
+    return absolute_sqlite((cfg and cfg.tracking_uri) or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+
+
+def new_local_store(uri: str) -> bool:
+    """A sqlite store whose file does not exist yet: MLflow creates its tables on first use."""
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after MLflow's minutes of retries, when a server is not there."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).read()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(
+            f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, "
+            "or unset MLFLOW_TRACKING_URI to use the local sqlite:///mlflow.db"
+        ) from None
+
+
+@contextmanager
+def serve_local_store(uri: str, timeout: float = 90.0):
+    """An ``mlflow server`` on a local sqlite store, for clients that cannot open the file (containers).
+
+    Yields ``(http_uri, artifact_dir)``: the server proxies artifacts into the folder beside the
+    database, where local experiments keep theirs.
+    """
+    database = Path(uri.removeprefix("sqlite:///"))
+    artifacts = database.parent / ARTIFACT_DIR
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", uri, "--artifacts-destination", str(artifacts)]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        http = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(http, server, log, timeout)
+            yield http, artifacts
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def _wait_healthy(http: str, server: subprocess.Popen, log, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            log.seek(0)
+            last = (log.read().decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"the MLflow server on {http} exited at start-up: {last}")
+        try:
+            urllib.request.urlopen(f"{http}/health", timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise UserError(f"the MLflow server did not answer at {http} within {timeout:.0f} s")
