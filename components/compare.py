@@ -19,7 +19,7 @@ def compare(
 
     import numpy as np
 
-    from dl_uncertainty import tracking
+    from dl_uncertainty import store
     from dl_uncertainty.compare import (
         comparison_html,
         comparison_markdown,
@@ -29,7 +29,7 @@ def compare(
         register_champion,
     )
     from dl_uncertainty.config import pick_config
-    from dl_uncertainty.evaluation import TABLE_METRICS
+    from dl_uncertainty.metrics import TABLE_METRICS
 
     cfg = pick_config(open(config.path).read())
     entries = [json.load(open(m.path)) for m in metrics]
@@ -47,7 +47,7 @@ def compare(
         fh.write(comparison_markdown(results, columns, winner, metric, mode, verdict))
     with open(report.path, "w") as fh:
         fh.write(comparison_html(results, columns, winner, metric, mode, preds, verdict))
-    tracking.setup(cfg)
+    store.setup(cfg)
     run_id = next(e["run_id"] for e in entries if e["model"] == winner)
     version = register_champion(run_id, cfg.evaluate.registered_model_name, promote=not failures)
     print(verdict)

@@ -21,7 +21,7 @@ def evaluate(
     import mlflow
     from sklearn.metrics import confusion_matrix
 
-    from dl_uncertainty import tracking
+    from dl_uncertainty import store, tracking
     from dl_uncertainty.bundle import load_bundle
     from dl_uncertainty.calibration import Calibration
     from dl_uncertainty.data import load_split
@@ -42,6 +42,6 @@ def evaluate(
     save_predictions(result, predictions.path)
     with open(metrics.path, "w") as fh:  # the file travels with the artifact to the compare step
         json.dump({"model": cfg.model.name, "run_id": meta["run_id"], "metrics": result.metrics}, fh)
-    tracking.setup(cfg)
+    store.setup(cfg)
     with mlflow.start_run(run_id=meta["run_id"]):
         tracking.log_evaluation(result)

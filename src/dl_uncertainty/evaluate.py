@@ -20,7 +20,7 @@ def evaluate_run(cfg: DictConfig):
 
     if not cfg.run_id:
         raise UserError("set run_id=<MLflow run id> (printed by dl_uncertainty.train, or see `make mlflow-ui`)")
-    tracking.setup(cfg)
+    store.setup(cfg)
     try:
         mlflow.get_run(cfg.run_id)
     except mlflow.exceptions.MlflowException:

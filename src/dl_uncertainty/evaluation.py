@@ -18,13 +18,12 @@ from . import calibration as C
 from . import metrics as M
 from . import plots
 from .data import Split, to_images, to_rows
+from .metrics import TABLE_METRICS
 from .predict import predict_log_probs
 from .report import Section, html_report
 from .saliency import grad_cam
 from .training import set_threads
 
-TABLE_METRICS = ("acc", "nll", "brier", "ece", "aece", "aurc", "auroc_entropy", "auroc_mutual_info",
-                 "far_auroc_entropy", "avg_test_uncertainty", "mutual_info", "coverage", "set_size")
 ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)  # the conformal figure's x-axis
 
 

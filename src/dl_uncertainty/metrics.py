@@ -22,8 +22,6 @@ import math
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
@@ -32,6 +30,9 @@ from dl_uncertainty.errors import UserError
 MIN_LOG_PROB = float(np.log(np.finfo(np.float64).tiny))  # ~ -708.4
 N_BINS = 15
 SCORES = ("max_prob", "entropy", "mutual_info")
+#: what the comparison tables show, in this order
+TABLE_METRICS = ("acc", "nll", "brier", "ece", "aece", "aurc", "auroc_entropy", "auroc_mutual_info",
+                 "far_auroc_entropy", "avg_test_uncertainty", "mutual_info", "coverage", "set_size")
 
 
 # --------------------------------------------------------------------------- input handling
@@ -39,7 +40,7 @@ SCORES = ("max_prob", "entropy", "mutual_info")
 
 def to_numpy(x: Any, dtype: Any = None) -> np.ndarray:
     """numpy view of an array-like or (detached, CPU) torch tensor."""
-    if isinstance(x, torch.Tensor):
+    if hasattr(x, "detach"):  # a tensor; torch itself is not imported here: the comparison never needs it
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=dtype)
 
@@ -305,8 +306,8 @@ def apply_temperature(log_probs: Any, temperature: float) -> np.ndarray:
     """Divide every per-sample log-prob by ``temperature`` and re-normalize (log-softmax)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
-    lp = to_numpy(log_probs, np.float64)
-    return F.log_softmax(torch.from_numpy(lp / temperature), dim=-1).numpy()
+    scaled = to_numpy(log_probs, np.float64) / temperature
+    return scaled - np.expand_dims(_logsumexp(scaled, axis=-1), -1)
 
 
 def fit_temperature(
@@ -373,6 +374,9 @@ def corrupt(x: Any, kind: str, severity: int, seed: int = 0) -> np.ndarray:
     if kind == "gaussian_noise":
         out = np.clip(xf + rng.normal(0.0, noise_frac * (hi - lo), size=xf.shape), lo, hi)
     else:
+        import torch
+        import torch.nn.functional as F
+
         imgs = torch.from_numpy(xf if xf.ndim == 4 else xf[:, None]) - lo
         theta = np.deg2rad(angle) * rng.choice([-1.0, 1.0], size=len(imgs))
         cos, sin = torch.from_numpy(np.cos(theta)), torch.from_numpy(np.sin(theta))

@@ -1,6 +1,8 @@
-"""Where MLflow runs go: the tracking URI, whether its server answers, and a server for a local store.
+"""Where MLflow runs go: the tracking URI, whether its server answers, the experiment, and a server
+for a local store.
 
-No MLflow import here: a command that only needs to know where runs go starts in a fraction of a second.
+MLflow is imported only where it is used: a command that only needs to know where runs go starts in a
+fraction of a second, and one that only logs never loads torch through the pyfunc model.
 """
 
 from __future__ import annotations
@@ -39,6 +41,34 @@ def tracking_uri(cfg: DictConfig | None = None) -> str:
 def new_local_store(uri: str) -> bool:
     """A sqlite store whose file does not exist yet: MLflow creates its tables on first use."""
     return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+
+
+def setup(cfg: DictConfig) -> str:
+    """Point MLflow at the configured store and select (or create) the experiment."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    # Asynchronous metrics (per-epoch curves) go out in batches every second; unbuffered, the
+    # logger polls its queue with a 1 s timeout, and the end of a run waits that out
+    os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
+    try:
+        if mlflow.get_experiment_by_name(cfg.experiment_name) is None:
+            location = None
+            if uri.startswith("sqlite:///"):  # keep local artifacts beside the local database
+                database = Path(uri.removeprefix("sqlite:///")).resolve()
+                location = (database.parent / ARTIFACT_DIR).as_uri()
+            try:
+                mlflow.create_experiment(cfg.experiment_name, artifact_location=location)
+            except MlflowException as err:  # parallel tasks: another one created it first
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        mlflow.set_experiment(cfg.experiment_name)
+    except MlflowException as err:
+        raise UserError(f"MLflow at {uri}: {err.message.splitlines()[0]}") from None
+    return uri
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -125,7 +125,7 @@ def finish(sweep: Sweep) -> Summary:
     """Summarise the study and its best config; log both, the figures and the report to the parent run."""
     import mlflow
 
-    from . import tracking
+    from . import store
 
     cfg, objectives = sweep.cfg, list(sweep.cfg.tune.objectives)
     study = load_study(cfg, sweep.study_name)
@@ -149,7 +149,7 @@ def finish(sweep: Sweep) -> Summary:
         figures["param_importances"] = plots.param_importances(summary.importances)
     summary.html = html(summary, rows, figures, shown_url(cfg.tune.storage))
 
-    tracking.setup(cfg)
+    store.setup(cfg)
     with mlflow.start_run(run_id=sweep.parent_run_id):
         mlflow.log_metrics({f"best_{k}": v for k, v in summary.best.items()}
                            | {f"baseline_{k}": v for k, v in (summary.baseline or {}).items()}

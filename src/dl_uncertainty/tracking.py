@@ -21,32 +21,10 @@ from .bundle import load_bundle, save_bundle
 from .config import flatten
 from .data import Schema
 from .errors import UserError
-from .store import ARTIFACT_DIR, check_reachable, tracking_uri
+from .store import setup
 
 PYFUNC_REQUIREMENTS = ["torch>=2.3", "torchbnn>=1.2,<1.3", "numpy", "pandas", "omegaconf>=2.3,<2.4",
                        "hydra-core>=1.3.2,<1.4", "scikit-learn", "boto3"]
-
-
-def setup(cfg: DictConfig) -> str:
-    """Point MLflow at the configured store and select (or create) the experiment."""
-    uri = tracking_uri(cfg)
-    check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    try:
-        if mlflow.get_experiment_by_name(cfg.experiment_name) is None:
-            location = None
-            if uri.startswith("sqlite:///"):  # keep local artifacts beside the local database
-                database = Path(uri.removeprefix("sqlite:///")).resolve()
-                location = (database.parent / ARTIFACT_DIR).as_uri()
-            try:
-                mlflow.create_experiment(cfg.experiment_name, artifact_location=location)
-            except MlflowException as err:  # parallel tasks: another one created it first
-                if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-        mlflow.set_experiment(cfg.experiment_name)
-    except MlflowException as err:
-        raise UserError(f"MLflow at {uri}: {err.message.splitlines()[0]}") from None
-    return uri
 
 
 def git_sha() -> str | None:

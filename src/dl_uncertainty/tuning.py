@@ -239,9 +239,9 @@ def begin(cfg: DictConfig) -> Sweep:
             study.enqueue_trial(baseline, user_attrs={"baseline": True})
     import mlflow
 
-    from . import tracking
+    from . import store
 
-    tracking.setup(cfg)
+    store.setup(cfg)
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent is None:
         with mlflow.start_run(run_name=f"tune-{cfg.model.name}") as run:
@@ -351,12 +351,12 @@ def _short(value: Any) -> str:
 
 def work(sweep: Sweep, worker: int = 0, workers: int = 1) -> int:
     """Run this worker's share of the budget in the shared study; return how many trials it ran."""
-    from . import tracking
+    from . import store
     from .training import set_threads
 
     cfg = sweep.cfg
     set_threads(cfg.num_threads)
-    tracking.setup(cfg)
+    store.setup(cfg)
     space = search_space(cfg)
     study = load_study(cfg, sweep.study_name, worker)
     n = sweep.share(worker, workers)

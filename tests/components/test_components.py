@@ -190,7 +190,7 @@ def test_the_components_run_as_kfp_local_tasks(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     from dl_uncertainty.config import load_config
-    from dl_uncertainty.tracking import setup
+    from dl_uncertainty.store import setup
 
     setup(load_config([*TINY, "experiment_name=component-test"]))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
