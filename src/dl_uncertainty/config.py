@@ -93,6 +93,7 @@ class TrainConfig:
     val_mc_samples: int = 10
     checkpoint_dir: str | None = None  # default: checkpoints/<model name>
     resume: bool = False
+    checkpoint_every_s: float = 10.0  # at most one checkpoint per this many seconds, and the last epoch's
     amp: bool = True  # mixed precision, used on CUDA only
 
 
@@ -380,6 +381,7 @@ def validate(cfg: DictConfig) -> None:
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _check(t.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0")
+    _check(t.checkpoint_every_s >= 0, f"train.checkpoint_every_s must be >= 0 (0 = every epoch), got {t.checkpoint_every_s}")
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
     _one_of(t.loss, "train.loss", ("ce", "focal"))
     _check(t.focal_gamma >= 0, f"train.focal_gamma must be >= 0, got {t.focal_gamma}")

@@ -95,16 +95,22 @@ def evaluate_split(model: nn.Module, split: Split, samples: int) -> dict[str, fl
 
 
 class Checkpointer:
-    """``last.pt`` after every epoch: weights, optimizer, RNG states, history, best-so-far."""
+    """``last.pt``: weights, optimizer, RNG states, history, best-so-far, at most once per
+    ``every_s`` seconds (writing one costs a tenth of a small epoch) and always for the last epoch."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, every_s: float = 0.0):
         self.path = check_writable(folder, "train.checkpoint_dir") / "last.pt"
+        self.every_s, self.saved_at = every_s, time.monotonic()
+
+    def due(self, last_epoch: bool) -> bool:
+        return last_epoch or time.monotonic() - self.saved_at >= self.every_s
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.path)  # never leave a half-written checkpoint behind
+        self.saved_at = time.monotonic()
 
     def load(self) -> dict | None:
         if not self.path.is_file():
@@ -146,7 +152,7 @@ def train_model(
     history: dict[str, list[float]] = {}
     best = {"nll": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
     bad_epochs, start_epoch = 0, 1
-    checkpoints = Checkpointer(checkpoint_dir) if checkpoint_dir else None
+    checkpoints = Checkpointer(checkpoint_dir, cfg.train.checkpoint_every_s) if checkpoint_dir else None
     state = checkpoints.load() if checkpoints and cfg.train.resume else None
     if state is not None:
         if state["model_config"] != OmegaConf.to_container(cfg.model, resolve=True):
@@ -220,7 +226,8 @@ def train_model(
             (tqdm.write if interactive else print)(line)
         if on_epoch:
             on_epoch(epoch, metrics)
-        if checkpoints:
+        stopping = bool(cfg.train.early_stopping_patience) and bad_epochs >= cfg.train.early_stopping_patience
+        if checkpoints and checkpoints.due(last_epoch=epoch == cfg.train.epochs or stopping):
             checkpoints.save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "model_config": OmegaConf.to_container(cfg.model, resolve=True),

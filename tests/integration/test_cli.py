@@ -104,7 +104,7 @@ def test_unwritable_output_and_checkpoint_folders_fail_before_any_work(tmp_path)
 
 def test_ctrl_c_ends_the_run_killed_and_resuming_on_other_data_is_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    args = [*TINY, "train.epochs=500", "train.checkpoint_dir=ck"]
+    args = [*TINY, "train.epochs=500", "train.checkpoint_dir=ck", "train.checkpoint_every_s=0"]
     # a shell's background job ignores SIGINT, and Python then installs no Ctrl-C handler: restore it
     proc = subprocess.Popen([sys.executable, "-m", "dl_uncertainty.train", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

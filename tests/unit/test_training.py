@@ -67,6 +67,28 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_cfg, digits_
     assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
 
 
+@pytest.mark.parametrize(("every_s", "saved_by_epoch_2"), [(0, True), (1e9, False)])
+def test_checkpoints_wait_for_their_interval_but_always_keep_the_last_epoch(
+        tiny_cfg, digits_splits, tmp_path, every_s, saved_by_epoch_2):
+    seen = {}
+    cfg = tiny_cfg("train.epochs=3", f"train.checkpoint_every_s={every_s}")
+    train_model(cfg, digits_splits["train"], digits_splits["val"], checkpoint_dir=tmp_path,
+                on_epoch=lambda epoch, _: seen.setdefault(epoch, (tmp_path / "last.pt").exists()))
+    assert seen == {1: False, 2: saved_by_epoch_2, 3: saved_by_epoch_2}
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_an_early_stop_keeps_the_epoch_it_stopped_at(tiny_cfg, digits_splits, tmp_path):
+    # steps too small to move a float32 weight: the ensemble (no sampling) never beats its first val
+    # NLL, and patience 2 stops it after epoch 3
+    cfg = tiny_cfg("model=deep_ensemble", "train.optimizer=sgd", "train.momentum=0", "train.lr=1e-30",
+                   "train.epochs=10", "train.early_stopping_patience=2",
+                   "train.checkpoint_every_s=1e9")
+    result = train_model(cfg, digits_splits["train"], digits_splits["val"], checkpoint_dir=tmp_path)
+    assert result.epochs_run == 3
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 3
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(tiny_cfg, digits_splits, tmp_path):
     from dl_uncertainty.errors import UserError
 
