@@ -77,3 +77,18 @@ def test_pyfunc_takes_raw_named_columns_and_rejects_bad_input_in_one_sentence(se
     with pytest.raises(MlflowException, match="row 1 column 'pixel_3' is nan") as err:
         model.unwrap_python_model().predict(None, bad)
     assert err.value.get_http_status_code() == 400
+
+
+def test_parallel_tasks_share_an_experiment_that_another_one_created_first(served, tiny_cfg, monkeypatch):
+    from dl_uncertainty.store import setup
+
+    # the race: this task looked for the experiment (not there yet) just before another task created it
+    mlflow.MlflowClient(served).create_experiment("raced")
+    looked_up = []
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", lambda name: looked_up.append(name))
+    setup(tiny_cfg("experiment_name=raced"))
+
+    assert looked_up == ["raced"]
+    with mlflow.start_run() as run:
+        pass
+    assert mlflow.get_experiment(run.info.experiment_id).name == "raced"

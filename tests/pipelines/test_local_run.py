@@ -4,6 +4,7 @@ import re
 
 import mlflow
 import pytest
+from kfp import dsl
 
 from dl_uncertainty.errors import UserError
 from pipelines.local import run_local
@@ -143,3 +144,32 @@ def test_container_logs_are_printed_in_whole_lines():
         seen.append(text)
     assert seen == ["", "epoch 1 done\n", "ValueError: bad thing\n"]
     assert whole_lines(log, printed, final=True) == ("no newline", len(log))
+
+
+@dsl.component(base_image="python:3.11", install_kfp_package=False)
+def _stamp(item: int, span: dsl.Output[dsl.Artifact]):
+    import time
+
+    start = time.time()
+    time.sleep(4)
+    with open(span.path, "w") as fh:
+        fh.write(f"{start} {time.time()}")
+
+
+def test_every_branch_of_a_parallel_for_runs_at_once(tmp_path):
+    """kfp.local alone runs two iterations at a time; a third model's branch would wait for a slot."""
+    from kfp import local
+
+    from pipelines.local import _branches_at_once
+
+    @dsl.pipeline(name="fan-out")
+    def fan_out():
+        with dsl.ParallelFor([0, 1, 2]) as item:
+            _stamp(item=item).set_caching_options(False)
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path))
+    with _branches_at_once(3):
+        fan_out()
+    spans = [tuple(map(float, path.read_text().split())) for path in tmp_path.rglob("span")]
+    assert len(spans) == 3
+    assert max(start for start, _ in spans) < min(end for _, end in spans)  # all three ran at the same time
