@@ -97,7 +97,9 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
         data = configure_task(preprocess(config=config.outputs["config"])).set_display_name("preprocess")
         # One branch per model. Their tasks cannot be named after the model: KFP leaves a loop item in
         # a display name as its raw placeholder ("train {{channel:...}}"); the branch's inputs name it.
-        with dsl.ParallelFor(models, name="models") as model_name:
+        # Nor can the loop be named: its display name would no longer match the key dsl.Collected
+        # reads its outputs under, and the KFP backend fails to find them (kubeflow/pipelines#13239).
+        with dsl.ParallelFor(models) as model_name:
             trained = configure_task(train(
                 config=config.outputs["config"], model_name=model_name, train=data.outputs["train"],
                 val=data.outputs["val"]), kind="train").set_display_name("train")

@@ -60,7 +60,8 @@ def build_tuning_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: bool | 
             model=model, overrides=overrides, n_trials=n_trials, epochs=epochs, seed=seed,
             data_source=data_source, study_storage=study_storage, study_name=study_name, workers=workers,
             experiment_name=experiment_name, mlflow_tracking_uri=mlflow_tracking_uri)).set_display_name("setup")
-        with dsl.ParallelFor(list(range(workers)), parallelism=workers, name="workers") as worker:
+        # unnamed, like the training pipeline's loop: a name breaks dsl.Collected on the backend (#13239)
+        with dsl.ParallelFor(list(range(workers)), parallelism=workers) as worker:
             trials = configure_task(tune_trials(study=setup.outputs["study"], worker=worker),
                                     kind="train").set_display_name("trials")
         configure_task(tune_report(study=setup.outputs["study"], trials=dsl.Collected(trials.outputs["trials"]))

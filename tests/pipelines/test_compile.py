@@ -120,6 +120,23 @@ def test_compile_cli_with_a_bad_override_is_one_line(tmp_path):
     assert not (tmp_path / "p.yaml").exists()
 
 
+def loop_names(spec) -> dict[str, str]:
+    """Each ParallelFor task's key and its display name (``taskInfo``), in every DAG of the spec."""
+    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
+    return {key: task["taskInfo"]["name"] for dag in dags for key, task in dag["tasks"].items()
+            if "parameterIterator" in task or "artifactIterator" in task}
+
+
+def test_the_model_loop_keeps_the_name_its_collected_outputs_are_read_under(compiled):
+    # a named ParallelFor compiles to taskInfo "<name>" while dsl.Collected reads producerTask
+    # "for-loop-N", and the KFP backend then cannot find the loop's outputs (kubeflow/pipelines#13239)
+    _, spec, _ = compiled
+    loops = loop_names(spec)
+    assert len(loops) == 1 and all(key == name for key, name in loops.items())
+    collected = re.findall(r"producerTask: (for-loop-\d+)", yaml.safe_dump(spec["root"]))
+    assert set(collected) == set(loops)
+
+
 def test_every_task_has_a_plain_display_name(compiled):
     text, spec, _ = compiled
     names = re.findall(r"^\s*taskInfo:\s*\n\s*name: (.+)$", text, re.M)

@@ -11,6 +11,7 @@ from dl_uncertainty.config import load_config
 from pipelines.compile import compile_pipeline
 from pipelines.tuning import run_tuning_local
 from tests.conftest import REPO, run_module
+from tests.pipelines.test_compile import loop_names
 
 OVERRIDES = ["model=mc_dropout_dnn", "tune.n_trials=12", "train.lr=tag(log, interval(1e-4, 3e-3))"]
 
@@ -37,6 +38,12 @@ def test_workers_run_in_parallel_in_the_training_image_with_a_gpu(compiled):
     trials = _task(spec, "exec-tune-trials")["container"]
     assert trials["image"] == CUDA_IMAGE and trials["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert {_task(spec, f"exec-tune-{s}")["container"]["image"] for s in ("setup", "report")} == {CPU_IMAGE}
+
+
+def test_the_worker_loop_keeps_the_name_its_collected_outputs_are_read_under(compiled):
+    _, spec, _ = compiled
+    loops = loop_names(spec)
+    assert len(loops) == 1 and all(key == name for key, name in loops.items())  # kubeflow/pipelines#13239
 
 
 def test_every_task_gets_the_study_password_from_a_secret_and_none_is_written(compiled):
