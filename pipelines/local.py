@@ -276,8 +276,10 @@ def _summary(run_dir: Path, uri: str, seconds: float, task_times: dict[str, list
     if comparison:
         say(comparison.read_text())
     say("reports (self-contained HTML, open in a browser):")
-    for name, path in _collect_reports(run_dir).items():
-        say(f"  {name:22s} {path}")
+    reports = _collect_reports(run_dir)
+    width = max(map(len, reports), default=0)
+    for name, path in reports.items():
+        say(f"  {name:{width}s}  {path}")
     default = uri == f"sqlite:///{Path(DEFAULT_URI.removeprefix('sqlite:///')).resolve()}"
     how = "`make mlflow-ui`" if default else (
         f"`mlflow ui --backend-store-uri {uri}`" if uri.startswith("sqlite:") else f"{uri} in a browser")
