@@ -171,11 +171,14 @@ def train_model(
         shuffle.set_state(state["shuffle_rng"])
         print(f"resuming {cfg.model.name} from {checkpoints.path} after epoch {state['epoch']}")
 
+    def patience_spent() -> bool:  # early stopping: this many epochs without a better val NLL
+        return bool(cfg.train.early_stopping_patience) and bad_epochs >= cfg.train.early_stopping_patience
+
     interactive = sys.stderr.isatty() and not quiet
     seen, busy = 0, 0.0
     epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.train.epochs + 1):
-        if cfg.train.early_stopping_patience and bad_epochs >= cfg.train.early_stopping_patience:
+        if patience_spent():
             epoch -= 1
             break
         model.train()
@@ -226,8 +229,7 @@ def train_model(
             (tqdm.write if interactive else print)(line)
         if on_epoch:
             on_epoch(epoch, metrics)
-        stopping = bool(cfg.train.early_stopping_patience) and bad_epochs >= cfg.train.early_stopping_patience
-        if checkpoints and checkpoints.due(last_epoch=epoch == cfg.train.epochs or stopping):
+        if checkpoints and checkpoints.due(last_epoch=epoch == cfg.train.epochs or patience_spent()):
             checkpoints.save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "model_config": OmegaConf.to_container(cfg.model, resolve=True),
