@@ -16,6 +16,14 @@ KUBECTL ?= kubectl
 KIND ?= kind
 MINIKUBE ?= minikube
 CONTAINER_ENGINE ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
+# podman's default open-files ulimit cannot be set on some machines ("error setting rlimit type 7");
+# the project's settings avoid it. A CONTAINERS_CONF of your own wins.
+PODMAN_CONF := $(DLU_ROOT)/images/podman-containers.conf
+ifneq ($(findstring podman,$(CONTAINER_ENGINE)),)
+ifeq ($(origin CONTAINERS_CONF),undefined)
+export CONTAINERS_CONF := $(PODMAN_CONF)
+endif
+endif
 
 CLUSTER ?= kind
 GPU ?= 0

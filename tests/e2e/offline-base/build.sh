@@ -8,7 +8,7 @@
 # same inputs a second call builds nothing. Needs root, podman, debootstrap and Debian's mirror.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-export CONTAINERS_CONF=${CONTAINERS_CONF:-$here/../containers.conf}
+export CONTAINERS_CONF=${CONTAINERS_CONF:-$here/../../../images/podman-containers.conf}
 engine=${CONTAINER_ENGINE:-podman}
 python=${PYTHON:-python3}
 ca_bundle=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
