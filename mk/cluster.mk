@@ -16,6 +16,14 @@ KUBECTL ?= kubectl
 KIND ?= kind
 MINIKUBE ?= minikube
 CONTAINER_ENGINE ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
+# podman's default open-files ulimit cannot be set on some machines ("error setting rlimit type 7");
+# the project's settings avoid it. A CONTAINERS_CONF of your own wins.
+PODMAN_CONF := $(DLU_ROOT)/images/podman-containers.conf
+ifneq ($(findstring podman,$(CONTAINER_ENGINE)),)
+ifeq ($(origin CONTAINERS_CONF),undefined)
+export CONTAINERS_CONF := $(PODMAN_CONF)
+endif
+endif
 
 CLUSTER ?= kind
 GPU ?= 0
@@ -66,10 +74,17 @@ image-cuda: ## build the CUDA image dl-uncertainty:<TAG>-cuda
 image-names: ## print the image references the pipeline will use
 	@for image in $(DLU_IMAGES); do echo "$$image"; done
 
-# podman keeps a local build as localhost/<name>; a pod asking for dl-uncertainty:<tag> means
-# docker.io/library/dl-uncertainty:<tag>. So the archive is saved under that full name.
+# podman keeps a local build as localhost/<name>; a pod asks for the name as the node's containerd
+# spells it out: dl-uncertainty:<tag> is docker.io/library/dl-uncertainty:<tag>, me/x:<tag> is
+# docker.io/me/x:<tag>, and a name starting with a registry (a dot or a port: ghcr.io/me/x) is itself.
+# So the archive is saved under that full name.
+_pod_image_name = name="$${image\#localhost/}"; \
+	  case "$$name" in \
+	    */*) case "$${name%%/*}" in *.*|*:*|localhost) full="$$name";; *) full="docker.io/$$name";; esac;; \
+	    *) full="docker.io/library/$$name";; \
+	  esac
 _archive_image = archive="$$(mktemp -t dlu-image-XXXXXX.tar)"; trap 'rm -f "$$archive"' EXIT; \
-	  full="docker.io/library/$${image\#\#*/}"; \
+	  $(_pod_image_name); \
 	  $(CONTAINER_ENGINE) tag "$$image" "$$full"; $(CONTAINER_ENGINE) save -o "$$archive" "$$full"
 
 kind-load: ## load the built images into the kind cluster (KIND_CLUSTER_NAME=dlu)

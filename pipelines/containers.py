@@ -7,6 +7,7 @@ Containers share the host's network, so MLflow at 127.0.0.1 (`make stack-up`, or
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from dl_uncertainty.errors import UserError
@@ -14,8 +15,15 @@ from dl_uncertainty.errors import UserError
 # What a task may need from this shell besides MLFLOW_TRACKING_URI (set per task): S3 data.
 PASSED_ENV = ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")
-PODMAN_HINT = ("for podman, start its Docker-compatible socket: `podman system service --time=0 "
-               "unix:///tmp/podman.sock &` and `export DOCKER_HOST=unix:///tmp/podman.sock`")
+# podman settings that let containers start where its default open-files ulimit cannot be set
+PODMAN_CONF = Path(__file__).resolve().parents[1] / "images" / "podman-containers.conf"
+PODMAN_HINT = (f"for podman, start its Docker-compatible socket: `CONTAINERS_CONF={PODMAN_CONF} podman system "
+               "service --time=0 unix:///tmp/podman.sock &` and `export DOCKER_HOST=unix:///tmp/podman.sock`")
+# How a task's container can end without a word from the task itself.
+EXIT_CAUSES = {
+    137: "killed (exit 137: out of memory? give the container engine more memory or lower train.batch_size)",
+    139: "crashed with a segmentation fault (exit 139) inside the container",
+}
 
 
 def _engine_addresses() -> list[str]:
@@ -75,10 +83,21 @@ def run_task_container(client, image: str, command: list[str], volumes: dict, **
     auto-remove and then asks for their exit code: by then a short task is gone, so Docker answers
     404 (which kfp takes as success), podman answers 500, and the end of the log is lost.
     """
+    import docker
+
     run_args.pop("auto_remove", None)
     print(f"Found image {image!r}\n")
-    container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True,
-                                      volumes=volumes, **run_args)
+    try:
+        container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True,
+                                          volumes=volumes, **run_args)
+    except docker.errors.APIError as err:
+        if not re.search(r"rlimit|ulimit", str(err), re.I):
+            raise
+        # the line the run's error quotes as the cause (pipelines.local)
+        print(f"ContainerEngineError: the container engine cannot set the container's ulimits "
+              f"({_engine_message(err)}); with podman, restart its socket with the project's settings: "
+              f"`CONTAINERS_CONF={PODMAN_CONF} podman system service ...`")
+        return 125
     try:
         streamed, printed = b"", 0
         for chunk in container.logs(stream=True, follow=True):
@@ -90,10 +109,19 @@ def run_task_container(client, image: str, command: list[str], volumes: dict, **
         code = container.wait()["StatusCode"]
         whole = container.logs()  # the stream can end before the last lines of a short task
         if text := whole_lines(whole if len(whole) > len(streamed) else streamed, printed, final=True)[0]:
-            print(text, end="")
+            print(text if text.endswith("\n") else text + "\n", end="")
+        if code in EXIT_CAUSES:  # the line the run's error quotes as the cause (pipelines.local)
+            print(f"TaskContainerError: {EXIT_CAUSES[code]}")
         return code
     finally:
         container.remove(force=True)
+
+
+def _engine_message(err) -> str:
+    """The engine's own words, without docker-py's "500 Server Error for http+docker://..." prefix."""
+    text = str(getattr(err, "explanation", None) or err)
+    found = re.findall(r"[^:(\"]*[ru]limit[^:)\"]*(?::\s*operation not permitted)?", text, re.I)
+    return (found[-1] if found else text).strip()[:200]
 
 
 def whole_lines(log: bytes, start: int, final: bool = False) -> tuple[str, int]:

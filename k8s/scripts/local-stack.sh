@@ -149,6 +149,7 @@ export AWS_ACCESS_KEY_ID=dlu
 export AWS_SECRET_ACCESS_KEY=$S3_SECRET
 export AWS_DEFAULT_REGION=us-east-1
 export DLU_TUNE_STORAGE=postgresql+psycopg2://optuna:$OPTUNA_PASSWORD@127.0.0.1:$pg_port/optuna
+export DLU_STACK_MLFLOW=$mlflow
 ENV
   )
   say "up: MLflow $mlflow (PostgreSQL 127.0.0.1:$pg_port, artifacts in s3://mlflow), S3 $s3, Optuna studies in PostgreSQL"

@@ -79,6 +79,12 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).read()
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
+        if uri == os.environ.get("DLU_STACK_MLFLOW"):  # set by `make stack-up`'s .stack/env
+            raise UserError(
+                f"the local stack's MLflow at {uri} is not running ({reason}): start the stack with "
+                "`make stack-up`, or run `make stack-down` to go back to the local sqlite:///mlflow.db "
+                "(and unset MLFLOW_TRACKING_URI where you sourced .stack/env)"
+            ) from None
         raise UserError(
             f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, "
             "or unset MLFLOW_TRACKING_URI to use the local sqlite:///mlflow.db"

@@ -49,7 +49,7 @@ def sh(cmd: list[str], env: dict | None = None, timeout: float = 1200, check: bo
 @pytest.fixture(scope="session")
 def engine() -> str:
     """The first of podman and Docker that can run containers here (E2E_ENGINE picks one)."""
-    os.environ.setdefault("CONTAINERS_CONF", str(HERE / "containers.conf"))
+    os.environ.setdefault("CONTAINERS_CONF", str(REPO / "images" / "podman-containers.conf"))
     candidates = [os.environ["E2E_ENGINE"]] if os.environ.get("E2E_ENGINE") else ["podman", "docker"]
     problems = []
     for name in candidates:
@@ -118,7 +118,28 @@ def image(engine) -> dict[str, str]:
         sh(["make", "--no-print-directory", "image-cpu", f"CONTAINER_ENGINE={engine}", f"IMAGE_TAG={tag}",
             f"IMAGE_BUILD_ARGS=--build-arg CPU_BASE_IMAGE={base}"])
         TIMINGS["image build"] = f"dl-uncertainty:{tag} ({time.perf_counter() - tic:.0f} s)"
+        _remove_older_e2e_images(engine, keep=tag)
     return {"DLU_IMAGE_REPO": "dl-uncertainty", "DLU_IMAGE_TAG": tag}
+
+
+def stale_e2e_images(listing: str, keep: str) -> list[str]:
+    """The images earlier e2e builds left (other content hashes), from `<engine> images` lines of
+    repository:tag: only dl-uncertainty (also as podman's localhost/ and kind-load's docker.io/library/
+    names), only e2e-<hash> tags, never ``keep``."""
+    found = []
+    for name in listing.split():
+        repo, _, tag = name.rpartition(":")
+        ours = repo in ("dl-uncertainty", "localhost/dl-uncertainty", "docker.io/library/dl-uncertainty")
+        if ours and re.fullmatch(r"e2e-[0-9a-f]{16}", tag) and tag != keep:
+            found.append(name)
+    return found
+
+
+def _remove_older_e2e_images(engine: str, keep: str) -> None:
+    """Each change to the image's inputs builds a new e2e-<hash> image of a few GB: keep only the newest."""
+    listing = sh([engine, "images", "--format", "{{.Repository}}:{{.Tag}}"], check=False).stdout
+    for name in stale_e2e_images(listing, keep):
+        sh([engine, "rmi", name], check=False)  # untags; the layers go once no tag holds them
 
 
 @pytest.fixture(scope="session")

@@ -127,8 +127,16 @@ def test_down_stops_everything_and_deletes_the_state(tmp_path):
            "STACK_MLFLOW_PORT": str(free_port()), "STACK_S3_PORT": str(free_port()), "STACK_PG_PORT": str(free_port())}
     assert _stack("up", env).returncode == 0
     uri = f"http://127.0.0.1:{env['STACK_MLFLOW_PORT']}"
+    stale = (tmp_path / "state" / "env").read_text()
     assert _stack("down", env).returncode == 0
     assert not (tmp_path / "state").exists()
+    # a .stack/env left behind (the stack down after a reboot): `make run` sources it and says what to do
+    (tmp_path / "stale-env").write_text(stale)
+    run = subprocess.run(["bash", "-c", f"source {tmp_path / 'stale-env'} && exec {sys.executable} -m pipelines "
+                          "run-local --runner docker"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (REPO, REPO / "src")))})
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert f"the local stack's MLflow at {uri} is not running" in run.stderr and "`make stack-up`" in run.stderr
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(env["STACK_MLFLOW_PORT"])), timeout=2)
     status = _stack("status", env)

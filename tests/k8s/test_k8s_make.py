@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tomllib
 
 import pytest
 import yaml
@@ -145,3 +146,57 @@ def test_docs_and_workflow_use_existing_targets():
     assert "make pipeline-upload PIPELINE_FLAGS=--no-gpu" in script
     assert "make pipeline-run" in script
     assert re.fullmatch(r"v\d+\.\d+\.\d+", workflow["env"]["KIND_VERSION"])
+
+
+def _fake_engine_and_cluster(tmp_path):
+    """podman, kind and minikube stand-ins on PATH: podman logs its calls and CONTAINERS_CONF and
+    saves an "archive" holding the name it was asked to save; kind/minikube log the archive's name."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    scripts = {
+        "podman": f'echo "podman $* conf=${{CONTAINERS_CONF:-}}" >>{log}\n'
+                  'if [ "$1" = save ]; then echo "$4" >"$3"; fi\n',
+        "kind": f'for a; do last=$a; done\necho "kind loads $(cat "$last")" >>{log}\n',
+        "minikube": f'for a; do last=$a; done\necho "minikube loads $(cat "$last")" >>{log}\n',
+    }
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("CONTAINERS_CONF", "MAKEFLAGS") and not k.startswith("DLU_")}
+    return {**env, "PATH": f"{bin_dir}:{env['PATH']}"}, log
+
+
+@pytest.mark.parametrize(("repo", "pod_asks_for"), [
+    ("dl-uncertainty", "docker.io/library/dl-uncertainty:t1"),
+    ("localhost/dl-uncertainty", "docker.io/library/dl-uncertainty:t1"),
+    ("me/dl-uncertainty", "docker.io/me/dl-uncertainty:t1"),
+    ("ghcr.io/me/dl-uncertainty", "ghcr.io/me/dl-uncertainty:t1"),
+    ("registry.local:5000/dl-uncertainty", "registry.local:5000/dl-uncertainty:t1"),
+])
+@pytest.mark.parametrize("target", ["kind-load", "minikube-load"])
+def test_load_from_podman_saves_the_name_a_pod_asks_for(tmp_path, repo, pod_asks_for, target):
+    env, log = _fake_engine_and_cluster(tmp_path)
+    result = run([_make(), "--no-print-directory", "-f", str(CLUSTER_MK), target, "CONTAINER_ENGINE=podman",
+                  f"IMAGE_REPO={repo}", "IMAGE_TAG=t1", "IMAGE_VARIANTS=cpu"], env=env)
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    conf = f"conf={REPO_ROOT / 'images' / 'podman-containers.conf'}"
+    assert calls == [f"podman tag {repo}:t1 {pod_asks_for} {conf}",
+                     f"podman save -o {calls[1].split()[3]} {pod_asks_for} {conf}",
+                     f"{target.split('-')[0]} loads {pod_asks_for}"]
+
+
+def test_podman_targets_use_the_projects_settings_unless_containers_conf_is_set(tmp_path):
+    env, log = _fake_engine_and_cluster(tmp_path)
+    build = [_make(), "--no-print-directory", "-f", str(CLUSTER_MK), "image-cpu", "CONTAINER_ENGINE=podman",
+             "IMAGE_TAG=t1"]
+    assert run(build, env=env).returncode == 0
+    assert run(build, env={**env, "CONTAINERS_CONF": "/etc/mine.conf"}).returncode == 0
+    first, second = log.read_text().splitlines()
+    assert first.startswith("podman build") and first.endswith(f"conf={REPO_ROOT / 'images' / 'podman-containers.conf'}")
+    assert second.endswith("conf=/etc/mine.conf")
+    settings = tomllib.loads((REPO_ROOT / "images" / "podman-containers.conf").read_text())
+    assert "nofile=20000:20000" in settings["containers"]["default_ulimits"]
+    docker = run([_make(), "--no-print-directory", "-f", str(CLUSTER_MK), "--eval", "conf: ; @echo [$$CONTAINERS_CONF]",
+                  "conf", "CONTAINER_ENGINE=docker"], env=env)
+    assert docker.stdout.strip() == "[]"  # Docker has nothing to do with podman's settings

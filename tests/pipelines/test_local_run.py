@@ -124,14 +124,21 @@ def test_docker_runner_without_an_engine_is_one_line(tmp_path):
     assert "podman system service" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_docker_runner_with_the_stack_down_is_one_line(tmp_path):
+@pytest.mark.parametrize("from_stack", [False, True])
+def test_docker_runner_with_the_stack_down_is_one_line(tmp_path, from_stack):
     from tests.conftest import REPO, free_port, run_module
 
     uri = f"http://127.0.0.1:{free_port()}"
+    stack = {"DLU_STACK_MLFLOW": uri} if from_stack else {}  # what `make stack-up`'s .stack/env adds
     out = run_module("pipelines", "run-local", "--runner", "docker", *TINY, cwd=tmp_path,
-                     env={"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)})
-    assert out.returncode == 2 and out.stderr.count("\n") == 1
-    assert f"cannot reach the MLflow tracking server at {uri}" in out.stderr
+                     env={"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": f"{REPO}:{REPO / 'src'}", **stack})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    if from_stack:  # unsetting MLFLOW_TRACKING_URI would not help: make sources .stack/env again
+        assert f"the local stack's MLflow at {uri} is not running" in out.stderr
+        assert "`make stack-up`" in out.stderr and "`make stack-down`" in out.stderr
+    else:
+        assert f"cannot reach the MLflow tracking server at {uri}" in out.stderr
+        assert "make stack-up" not in out.stderr
 
 
 def test_container_logs_are_printed_in_whole_lines():

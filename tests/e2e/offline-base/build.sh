@@ -8,7 +8,7 @@
 # same inputs a second call builds nothing. Needs root, podman, debootstrap and Debian's mirror.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-export CONTAINERS_CONF=${CONTAINERS_CONF:-$here/../containers.conf}
+export CONTAINERS_CONF=${CONTAINERS_CONF:-$here/../../../images/podman-containers.conf}
 engine=${CONTAINER_ENGINE:-podman}
 python=${PYTHON:-python3}
 ca_bundle=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
@@ -20,7 +20,11 @@ say() { echo "offline-base: $*" >&2; }
 die() { say "$*"; exit 1; }
 
 command -v "$engine" >/dev/null || die "$engine not found; install it (apt-get install podman runc)"
-prefix=$("$python" -c 'import sys; print(sys.prefix)')
+# the interpreter's own installation, not a virtual environment's (a venv holds no stdlib)
+prefix=$("$python" -c 'import sys; print(sys.base_prefix)' 2>/dev/null) || die "cannot run $python; set PYTHON"
+case "$prefix" in
+  /usr|/usr/|/) die "$python is installed under $prefix (a distribution's Python): copying it would copy the whole of $prefix; set PYTHON to a self-contained CPython (e.g. one from uv or pyenv, installed under /opt or your home)" ;;
+esac
 [ -r "$ca_bundle" ] || die "no CA bundle at $ca_bundle; set CA_BUNDLE"
 
 work=$(mktemp -d -t dlu-offline-base-XXXXXX)
