@@ -49,7 +49,7 @@ def sh(cmd: list[str], env: dict | None = None, timeout: float = 1200, check: bo
 @pytest.fixture(scope="session")
 def engine() -> str:
     """The first of podman and Docker that can run containers here (E2E_ENGINE picks one)."""
-    os.environ.setdefault("CONTAINERS_CONF", str(REPO / "images" / "podman-containers.conf"))
+    os.environ.setdefault("CONTAINERS_CONF", str(HERE / "containers.conf"))
     candidates = [os.environ["E2E_ENGINE"]] if os.environ.get("E2E_ENGINE") else ["podman", "docker"]
     problems = []
     for name in candidates:
