@@ -4,8 +4,10 @@ Images are decoded with Pillow (in DataLoader worker processes when ``data.worke
 converted to the configured channels and size, and kept as uint8 pixels. They then become
 ordinary flat-row splits (``data.Split``) of pixels in [0, 1] normalised per channel, so the
 pipeline's split files, models, MC inference and the MLflow model work on images exactly as on
-any other data. The splits are held in memory: 4 bytes per pixel value (CIFAR-10: 0.7 GB), what
-one training task holds anyway. Data larger than memory is not supported.
+any other data. Preprocessing holds the images in memory (1 byte per pixel value, then 4 per
+split row: CIFAR-10's float32 splits are 0.7 GB); training and evaluation map the split files from
+disk, and a training split above ``data.in_memory_max_mb`` streams through a DataLoader
+(``training.py``, ``data.stream``).
 
     python -m dl_uncertainty.images make-shapes data/shapes   # 3 classes of drawn shapes
 """
