@@ -7,7 +7,7 @@ import mlflow
 
 from dl_uncertainty.images import make_shapes
 from pipelines.local import run_local
-from tests.conftest import LOOSE_GATE, TINY
+from tests.conftest import LOOSE_GATE, REPO, TINY, run_module
 
 
 def test_shape_images_train_every_model_well_above_chance_with_grad_cam_reports(tmp_path, monkeypatch):
@@ -30,3 +30,14 @@ def test_shape_images_train_every_model_well_above_chance_with_grad_cam_reports(
         section = page[page.index("<h2>Most uncertain test inputs</h2>"):]
         section = section[: section.index("</section>")]
         assert re.search(r'<img src="data:image/png;base64,[^"]+" alt="Grad-CAM">', section), model
+
+
+def test_a_corrupt_image_stops_run_local_in_one_line_before_any_task(tmp_path):
+    shapes = make_shapes(tmp_path / "shapes", per_class=3, size=8)
+    (shapes / "circle" / "notes.png").write_text("hello")
+    proc = run_module("pipelines", "run-local", *TINY, "data=image_folder", f"data.path={shapes}",
+                      "--pipeline-root", "out", cwd=tmp_path, env={"PYTHONPATH": f"{REPO / 'src'}:{REPO}"}, timeout=120)
+    assert proc.returncode != 0
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [
+        f"error: {shapes / 'circle' / 'notes.png'} is not a readable image (PNG/JPEG)"]
+    assert not (tmp_path / "out").exists()

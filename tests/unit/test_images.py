@@ -18,7 +18,7 @@ from PIL import Image
 from dl_uncertainty.config import load_config
 from dl_uncertainty.data import load_split, prepare, save_split, to_images
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.images import augment, make_shapes
+from dl_uncertainty.images import augment, check_source, make_shapes
 
 SHAPES = ["circle", "square", "triangle"]
 
@@ -75,12 +75,14 @@ def _copy(shapes, tmp_path):
     (lambda root: Image.new("RGB", (20, 16)).save(root / "triangle" / "wide.png"),
      r"images differ in size: .*circle_0000.png is 16x16, .*wide.png is 20x16; set data.image_size"),
 ])
-def test_bad_image_folders_are_one_line_errors(shapes, tmp_path, damage, message):
+def test_bad_image_folders_are_one_line_errors_in_the_pre_check_and_in_preprocess(shapes, tmp_path, damage, message):
     root = _copy(shapes, tmp_path)
     damage(root)
-    with pytest.raises(UserError, match=message) as err:
-        prepare(image_cfg(root, "data.image_size=null"), seed=0)
-    assert "\n" not in str(err.value)
+    cfg = image_cfg(root, "data.image_size=null")
+    for step in (check_source, lambda c: prepare(c, seed=0)):  # before any task, and in the task itself
+        with pytest.raises(UserError, match=message) as err:
+            step(cfg)
+        assert "\n" not in str(err.value) and "BytesIO" not in str(err.value)
 
 
 def test_mixed_sizes_are_resized_when_asked(shapes, tmp_path):
