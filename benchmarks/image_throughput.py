@@ -4,6 +4,8 @@ On a generated image folder (circles/squares/triangles, decoded by the image_fol
 for each model family: training images/s of the ResNet (with flips and crops) beside the MLP on
 the same images, and MC evaluation images/s with our engine (``strategy=auto``) beside the naive
 loop of T forward passes. Everything runs in this process, alternating; medians are printed.
+On CUDA, training uses the AMP path of ``dl_uncertainty.training`` (float16 autocast and a
+GradScaler) when ``train.amp`` is on (the default); the header says whether it was.
 
     python benchmarks/image_throughput.py [--images 600] [--size 32] [--samples 50] [key=value overrides]
 """
@@ -32,8 +34,11 @@ from dl_uncertainty.training import kl_scale, loss_terms, make_optimizer, set_th
 
 
 def train_seconds(model, cfg, x, y, shape, epochs: int) -> float:
-    """The training loop of dl_uncertainty.training: tensors on the device, augmented by index batch."""
+    """The training loop of dl_uncertainty.training: tensors on the device, augmented by index batch,
+    float16 autocast with a GradScaler on CUDA when ``train.amp`` is on."""
     opt = make_optimizer(cfg.train, model.parameters())
+    use_amp = amp_on(cfg, x.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     gen = torch.Generator().manual_seed(0)
     model.train()
     tic = time.perf_counter()
@@ -42,13 +47,19 @@ def train_seconds(model, cfg, x, y, shape, epochs: int) -> float:
         for start in range(0, len(x), cfg.train.batch_size):
             idx = order[start : start + cfg.train.batch_size]
             xb = augment(x[idx], shape, cfg.data.hflip, cfg.data.crop_padding)
-            loss = loss_terms(model, xb, y[idx], cfg, kl_scale(cfg.model, epoch, len(x)))["loss"]
+            with torch.autocast(x.device.type, dtype=torch.float16, enabled=use_amp):
+                loss = loss_terms(model, xb, y[idx], cfg, kl_scale(cfg.model, epoch, len(x)))["loss"]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
     if x.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - tic
+
+
+def amp_on(cfg, device: torch.device) -> bool:
+    return bool(cfg.train.amp) and device.type == "cuda"  # as dl_uncertainty.training decides
 
 
 def mc_seconds(model, x, samples: int, strategy: str) -> float:
@@ -84,7 +95,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"# {platform.machine()}, {name}, torch {torch.__version__} on {torch.get_num_threads()} thread(s); "
           f"{args.images} images {shape}, train {len(x)}, test {len(test.y)}, epochs={args.epochs}, "
-          f"T={args.samples}, repeats={args.repeats}")
+          f"T={args.samples}, repeats={args.repeats}, AMP {'on' if amp_on(cfg, device) else 'off'}")
     print(f"# image folder decoded and split: {args.images / decode:,.0f} images/s")
     print("| model | train img/s resnet | train img/s mlp | resnet time / mlp time | MC eval img/s ours | MC eval img/s loop "
           "| ours/loop |")

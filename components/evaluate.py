@@ -28,8 +28,8 @@ def evaluate(
     from dl_uncertainty.evaluation import evaluate_model, html, save_predictions
 
     net, cfg, schema, meta = load_bundle(model.path)
-    splits = {name: load_split(a.path, expect=schema) for name, a in {"val": val, "test": test}.items()}
-    ood_split = load_split(ood.path)
+    splits = {name: load_split(a.path, expect=schema, mmap=True) for name, a in {"val": val, "test": test}.items()}
+    ood_split = load_split(ood.path, mmap=True)
     calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
     result = evaluate_model(net, cfg, splits["test"], ood_split, splits["val"], calibration=calibration)
     for key, value in result.metrics.items():

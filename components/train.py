@@ -13,7 +13,7 @@ def train(config: Input[Artifact], model_name: str, train: Input[Dataset], val: 
     from dl_uncertainty.train import train_and_log
 
     cfg = pick_config(open(config.path).read(), model_name)
-    train_split = load_split(train.path)
+    train_split = load_split(train.path, mmap=True)  # trained in memory or streamed: data.stream
     val_split = load_split(val.path, expect=train_split.schema)
     trained = train_and_log(cfg, train_split, val_split, checkpoint_dir=f"{model.path}.checkpoints")
     save_bundle(trained.model, cfg, train_split.schema, model.path, run_id=trained.run_id,

@@ -50,7 +50,9 @@ class DataConfig:
     std: list[float] | None = None
     hflip: bool = False  # training only: random horizontal flips
     crop_padding: int = 0  # training only: random crops of the image zero-padded by this many pixels
-    workers: int = 0  # image_folder: DataLoader worker processes decoding images (0 = in process)
+    workers: int = 0  # DataLoader worker processes decoding images / reading a streamed split (0 = in process)
+    stream: str = "auto"  # training reads the split from disk in batches: true | false | auto (above in_memory_max_mb)
+    in_memory_max_mb: int = 2048  # stream: auto keeps a training split up to this size in (device) memory
     cache_dir: str = "~/.cache/dl-uncertainty"  # benchmarks: where downloaded files are kept
     urls: dict[str, str] = field(default_factory=dict)  # benchmark -> base URL of a mirror (file:// too); {} = official
     checksums: dict[str, str] = field(default_factory=dict)  # "<benchmark>/<file>" -> MD5 where a mirror's files differ
@@ -354,6 +356,8 @@ def validate(cfg: DictConfig) -> None:
     _one_of(d.scaling, "data.scaling", ("none", "standard", "minmax", "global"))
     _one_of(d.blank_labels, "data.blank_labels", ("error", "drop"))
     _one_of(d.non_finite, "data.non_finite", ("error", "drop", "as_missing"))
+    _one_of(str(d.stream).lower(), "data.stream", ("auto", "true", "false"))
+    _check(d.in_memory_max_mb >= 0, f"data.in_memory_max_mb must be >= 0, got {d.in_memory_max_mb}")
     _check(d.separator in (None, "comma", "semicolon", "tab") or len(d.separator) == 1,
            f"data.separator must be comma, semicolon, tab or one character, got {d.separator!r}")
     try:

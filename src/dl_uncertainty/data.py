@@ -1,5 +1,8 @@
 """Load, clean and split data; save/load splits as .npz with a JSON schema.
 
+A split's features are stored uncompressed, so ``load_split(..., mmap=True)`` can map them from
+disk instead of reading them into memory (training streams a large split; see ``data.stream``).
+
 Sources: scikit-learn's digits, CSV and NPZ files, local or on S3/MinIO (``s3://bucket/key``);
 image folders and the standard image benchmarks come from ``images.py``.
 Imputation, outlier bounds and scaling are fitted on the training split only.
@@ -12,6 +15,8 @@ import functools
 import io
 import json
 import os
+import struct
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -414,18 +419,36 @@ def save_split(split: Split, path: str | Path, shown_as: str | Path | None = Non
     schema = json.dumps(asdict(split.schema))
     far = {} if split.far_x is None else {"far_x": split.far_x}
     with open(path, "wb") as fh:  # np.savez would append ".npz" to a path without it
-        np.savez_compressed(fh, x=split.x, y=split.y, schema=np.array(schema), **far)
+        np.savez(fh, x=split.x, y=split.y, schema=np.array(schema), **far)  # uncompressed: mappable
 
 
-def load_split(path: str | Path, expect: Schema | None = None) -> Split:
-    """Load a split; with ``expect``, check it has the same features and classes."""
+def _mapped(path: str | Path, npz, name: str) -> np.ndarray:
+    """Member ``name`` of an .npz, memory-mapped read-only if it is stored uncompressed (else read)."""
+    info = npz.zip.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:  # a split written compressed by an older version
+        return npz[name]
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset + 26)  # the local file header: name and extra-field lengths
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+        fh.seek(name_len + extra_len, os.SEEK_CUR)
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(fh)
+        offset = fh.tell()
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def load_split(path: str | Path, expect: Schema | None = None, mmap: bool = False) -> Split:
+    """Load a split; with ``expect``, check it has the same features and classes. ``mmap``: the
+    features stay on disk, memory-mapped (pages are read as rows are used)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            x, y, schema = npz["x"], npz["y"], Schema(**json.loads(str(npz["schema"])))
+            x = _mapped(path, npz, "x") if mmap else npz["x"]
+            y, schema = npz["y"], Schema(**json.loads(str(npz["schema"])))
             far_x = npz["far_x"] if "far_x" in npz.files else None
     except FileNotFoundError:
         raise UserError(f"dataset file not found: {path}") from None
-    except (KeyError, ValueError, TypeError, OSError, EOFError) as err:
+    except (KeyError, ValueError, TypeError, OSError, EOFError, struct.error) as err:
         raise UserError(f"{path} is not a dataset written by dl_uncertainty ({err})") from None
     if schema.version != SCHEMA_VERSION or x.ndim != 2 or x.shape[1] != schema.num_features:
         raise UserError(f"{path}: features {x.shape} do not match its schema {schema.feature_shape}")

@@ -4,8 +4,10 @@ Images are decoded with Pillow (in DataLoader worker processes when ``data.worke
 converted to the configured channels and size, and kept as uint8 pixels. They then become
 ordinary flat-row splits (``data.Split``) of pixels in [0, 1] normalised per channel, so the
 pipeline's split files, models, MC inference and the MLflow model work on images exactly as on
-any other data. The splits are held in memory: 4 bytes per pixel value (CIFAR-10: 0.7 GB), what
-one training task holds anyway. Data larger than memory is not supported.
+any other data. Preprocessing holds the images in memory (1 byte per pixel value, then 4 per
+split row: CIFAR-10's float32 splits are 0.7 GB); training and evaluation map the split files from
+disk, and a training split above ``data.in_memory_max_mb`` streams through a DataLoader
+(``training.py``, ``data.stream``).
 
     python -m dl_uncertainty.images make-shapes data/shapes   # 3 classes of drawn shapes
 """
@@ -93,9 +95,15 @@ def list_images(cfg: DictConfig) -> list[tuple[str, str]]:
 
 
 def check_source(cfg: DictConfig) -> np.ndarray:
-    """The labels of an image source without decoding it: files listed, or benchmark files fetched."""
+    """The labels of an image source without decoding it: files listed (at least two classes; every
+    local file's header read and checked by Pillow's verify, sizes compared unless resizing), or
+    benchmark files fetched. What a run checks before any task starts."""
     if cfg.source == "image_folder":
-        return np.array([label for _, label in list_images(cfg)])
+        files = list_images(cfg)
+        labels = np.array([label for _, label in files])
+        _class_names(labels, [str(c) for c in cfg.ood_classes])
+        _check_headers([f for f, _ in files if not f.startswith("s3://")], resizing=bool(cfg.image_size))
+        return labels
     from .downloads import fetch_all
 
     for name in (cfg.source, cfg.far_ood):
@@ -107,13 +115,35 @@ def check_source(cfg: DictConfig) -> np.ndarray:
 # ---------------------------------------------------------------- decoding
 
 
+def _unreadable(path: str, err: Exception) -> UserError:
+    why = "" if isinstance(err, UnidentifiedImageError) else f": {err}"  # that one names a BytesIO object
+    return UserError(f"{path} is not a readable image (PNG/JPEG){why}")
+
+
 def _open(raw: bytes, path: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(raw))
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise UserError(f"{path} is not a readable image (PNG/JPEG): {err}") from None
+        raise _unreadable(path, err) from None
     return image
+
+
+def _check_headers(files: list[str], resizing: bool) -> None:
+    """Each file opens as an image and passes ``verify()`` (PNG: every chunk's checksum), without
+    decoding pixels; unless ``resizing``, all have the first one's size."""
+    first = None
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                size = image.size
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise _unreadable(path, err) from None
+        first = first or (path, size)
+        if not resizing and size != first[1]:
+            raise UserError(f"images differ in size: {first[0]} is {first[1][0]}x{first[1][1]}, {path} is "
+                            f"{size[0]}x{size[1]}; set data.image_size=[H,W] to resize all")
 
 
 def conform(image: Image.Image, channels: int, size: list[int] | None) -> np.ndarray:
@@ -207,6 +237,19 @@ def _stratified(labels: np.ndarray, fraction: float, seed: int, what: str) -> tu
         raise UserError(f"cannot make a stratified {what} split: {err}") from None
 
 
+def _class_names(labels: np.ndarray, ood_names: list[str], order: list[str] | None = None) -> list[str]:
+    """The in-distribution classes (``order``, else natural sort): at least two besides the OOD ones."""
+    unknown = sorted(set(ood_names) - set(labels))
+    if unknown:
+        raise UserError(f"data.ood_classes {unknown} are not classes of the data")
+    present = set(labels[~np.isin(labels, ood_names)])
+    class_names = [c for c in order if c in present] if order else sorted(present, key=_natural_key)
+    if len(class_names) < 2:
+        found = ", ".join(sorted(set(labels))) or "none"
+        raise UserError(f"image data needs at least two classes besides data.ood_classes, found: {found}")
+    return class_names
+
+
 def make_splits(pixels: np.ndarray, labels: np.ndarray, cfg: DictConfig, seed: int,
                 test: tuple[np.ndarray, np.ndarray] | None = None,
                 far_ood: tuple[np.ndarray, str] | None = None, order: list[str] | None = None) -> dict[str, Split]:
@@ -222,16 +265,8 @@ def make_splits(pixels: np.ndarray, labels: np.ndarray, cfg: DictConfig, seed: i
     if test is not None:
         is_test[len(labels) - len(test[1]):] = True
     ood_names = [str(c) for c in cfg.ood_classes]
-    unknown = sorted(set(ood_names) - set(labels))
-    if unknown:
-        raise UserError(f"data.ood_classes {unknown} are not classes of the data")
+    class_names = _class_names(labels, ood_names, order)
     is_ood = np.isin(labels, ood_names)
-    present = set(labels[~is_ood])
-    class_names = [c for c in order if c in present] if order else sorted(present, key=_natural_key)
-    if len(class_names) < 2:
-        found = ", ".join(sorted(set(labels))) or "none"
-        raise UserError(f"image data needs at least two classes besides data.ood_classes, found: {found}")
-
     inside = np.flatnonzero(~is_ood & ~is_test)
     if test is None:
         rest, test_part = _stratified(labels[inside], cfg.test_fraction, seed, "test")

@@ -28,10 +28,11 @@ def predict_log_probs(
         torch.random.default_generator.manual_seed(seed)
         if device.type == "cuda":
             torch.cuda.manual_seed(seed)
-    x = torch.as_tensor(x, dtype=torch.float32)
     chunks = []
-    for start in range(0, len(x), batch_size):
-        batch = x[start : start + batch_size].to(device)
+    for start in range(0, len(x), batch_size):  # a memory-mapped x is read one batch at a time
+        rows = x[start : start + batch_size]
+        rows = np.array(rows, np.float32) if isinstance(rows, np.ndarray) else rows  # a copy of one batch
+        batch = torch.as_tensor(rows, dtype=torch.float32).to(device)
         if isinstance(model, Ensemble):
             was_training = model.training
             model.eval()

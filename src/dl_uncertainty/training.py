@@ -1,7 +1,9 @@
 """Training: the ELBO for the BNN, the data loss alone for MC-Dropout and ensemble members.
 
-Small datasets live on the device as tensors and are batched by index (no DataLoader); image
-batches are augmented there too (``data.hflip``, ``data.crop_padding``; training only). Every
+A training split up to ``data.in_memory_max_mb`` lives on the device as one tensor and is batched
+by index; a larger one (or any, with ``data.stream=true``) stays on disk, memory-mapped, and a
+DataLoader reads the same batches (``data.workers`` processes; pinned memory on CUDA). Image
+batches are augmented on the device (``data.hflip``, ``data.crop_padding``; training only). Every
 epoch ends with a checkpoint, so ``train.resume=true`` continues exactly where a run stopped.
 """
 
@@ -67,6 +69,37 @@ def kl_scale(model_cfg: DictConfig, epoch: int, n_train: int) -> float:
     """Weight on the summed KL: kl_weight / N_train, linearly warmed up over kl_anneal_epochs."""
     warmup = min(1.0, epoch / model_cfg.kl_anneal_epochs) if model_cfg.kl_anneal_epochs else 1.0
     return model_cfg.kl_weight * warmup / n_train
+
+
+def streams(data_cfg: DictConfig, x: np.ndarray) -> bool:
+    """Whether training reads ``x`` from disk in batches rather than holding it on the device."""
+    mode = str(data_cfg.stream).lower()
+    return mode == "true" or (mode == "auto" and x.nbytes > data_cfg.in_memory_max_mb * 2**20)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item i is batch i of an epoch's order: rows gathered from a (memory-mapped) array."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batches: list[torch.Tensor]):
+        self.x, self.y, self.batches = x, y, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getstate__(self) -> dict:  # a worker started by spawn maps the file again, not a copy of it
+        state = dict(self.__dict__)
+        if isinstance(self.x, np.memmap) and self.x.filename:
+            state["x"] = (self.x.filename, self.x.dtype, self.x.offset, self.x.shape)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["x"], tuple):
+            state["x"] = np.memmap(state["x"][0], state["x"][1], "r", state["x"][2], state["x"][3])
+        self.__dict__.update(state)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.batches[i].numpy()
+        return torch.from_numpy(np.asarray(self.x[idx], np.float32)), torch.from_numpy(self.y[idx])
 
 
 def loss_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, kl_w: float,
@@ -144,9 +177,14 @@ def train_model(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     shuffle = torch.Generator().manual_seed(cfg.seed)
 
-    x = torch.as_tensor(train.x, dtype=torch.float32, device=device)
-    y = torch.as_tensor(train.y, dtype=torch.long, device=device)
-    n_train, batch = len(x), cfg.train.batch_size
+    streaming = streams(cfg.data, train.x)
+    if streaming:  # stays on disk; each epoch's batches come from a DataLoader
+        y = torch.as_tensor(train.y, dtype=torch.long)
+    else:
+        rows = np.asarray(train.x, np.float32) if train.x.flags.writeable else np.array(train.x, np.float32)
+        x = torch.as_tensor(rows, device=device)
+        y = torch.as_tensor(train.y, dtype=torch.long, device=device)
+    n_train, batch = len(y), cfg.train.batch_size
     augmenting = len(train.schema.feature_shape) == 3 and (cfg.data.hflip or cfg.data.crop_padding > 0)
 
     history: dict[str, list[float]] = {}
@@ -184,25 +222,30 @@ def train_model(
         model.train()
         kl_w = kl_scale(cfg.model, epoch, n_train)
         sums: dict[str, float] = {}
-        order = torch.randperm(n_train, generator=shuffle).to(device)
-        starts = range(0, n_train, batch)
-        bar = tqdm(starts, desc=f"{cfg.model.name} epoch {epoch}/{cfg.train.epochs}",
+        order = torch.randperm(n_train, generator=shuffle)
+        if streaming:
+            batches = torch.utils.data.DataLoader(
+                _Batches(train.x, train.y, list(order.split(batch))), batch_size=None,
+                num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
+                generator=torch.Generator())  # not the global one: the same RNG draws as in memory
+        else:
+            batches = ((x[idx], y[idx]) for idx in order.to(device).split(batch))
+        bar = tqdm(batches, desc=f"{cfg.model.name} epoch {epoch}/{cfg.train.epochs}", total=-(-n_train // batch),
                    leave=False, disable=not interactive, unit="batch")
         tic = time.perf_counter()
-        for start in bar:
-            idx = order[start : start + batch]
-            xb = x[idx]
+        for xb, yb in bar:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             if augmenting:
                 xb = augment(xb, train.schema.feature_shape, cfg.data.hflip, cfg.data.crop_padding)
-            mix = mix_batch(xb, y[idx], cfg.train, train.schema.feature_shape)
+            mix = mix_batch(xb, yb, cfg.train, train.schema.feature_shape)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                terms = loss_terms(model, xb, y[idx], cfg, kl_w, mix)
+                terms = loss_terms(model, xb, yb, cfg, kl_w, mix)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()
             scaler.step(optimizer)
             scaler.update()
             for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) * len(idx)
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) * len(yb)
         busy += time.perf_counter() - tic
         seen += n_train
 

@@ -18,7 +18,7 @@ from PIL import Image
 from dl_uncertainty.config import load_config
 from dl_uncertainty.data import load_split, prepare, save_split, to_images
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.images import augment, make_shapes
+from dl_uncertainty.images import augment, check_source, make_shapes
 
 SHAPES = ["circle", "square", "triangle"]
 
@@ -75,12 +75,14 @@ def _copy(shapes, tmp_path):
     (lambda root: Image.new("RGB", (20, 16)).save(root / "triangle" / "wide.png"),
      r"images differ in size: .*circle_0000.png is 16x16, .*wide.png is 20x16; set data.image_size"),
 ])
-def test_bad_image_folders_are_one_line_errors(shapes, tmp_path, damage, message):
+def test_bad_image_folders_are_one_line_errors_in_the_pre_check_and_in_preprocess(shapes, tmp_path, damage, message):
     root = _copy(shapes, tmp_path)
     damage(root)
-    with pytest.raises(UserError, match=message) as err:
-        prepare(image_cfg(root, "data.image_size=null"), seed=0)
-    assert "\n" not in str(err.value)
+    cfg = image_cfg(root, "data.image_size=null")
+    for step in (check_source, lambda c: prepare(c, seed=0)):  # before any task, and in the task itself
+        with pytest.raises(UserError, match=message) as err:
+            step(cfg)
+        assert "\n" not in str(err.value) and "BytesIO" not in str(err.value)
 
 
 def test_mixed_sizes_are_resized_when_asked(shapes, tmp_path):
@@ -174,13 +176,40 @@ def test_resnet_learns_mnist_files_and_reports_grad_cam_and_far_ood(tmp_path):
     assert 0 <= ev.metrics["far_auroc_entropy"] <= 1
 
 
+def test_idx_files_decode_to_the_written_pixels_and_labels_in_order(tmp_path):
+    from dl_uncertainty.downloads import BENCHMARKS, load_benchmark
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "mnist").mkdir()
+    written, md5 = {}, {}
+    for prefix, n in (("train", 7), ("t10k", 5)):
+        written[prefix] = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+        for name, array in zip((f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"), written[prefix],
+                               strict=True):
+            (tmp_path / "mnist" / name).write_bytes(idx_gz(array))
+            md5[name] = hashlib.md5((tmp_path / "mnist" / name).read_bytes()).hexdigest()
+    cfg = load_config(benchmark_overrides(tmp_path, "mnist", {"mnist": md5}))
+    train, test = load_benchmark("mnist", cfg.data)
+    classes = np.array(BENCHMARKS["mnist"]["classes"])
+    for (pixels, labels), prefix in ((train, "train"), (test, "t10k")):
+        assert pixels.dtype == np.uint8 and pixels.shape == (len(written[prefix][0]), 1, 28, 28)
+        np.testing.assert_array_equal(pixels[:, 0], written[prefix][0])
+        np.testing.assert_array_equal(labels, classes[written[prefix][1]])
+
+
 def test_cifar10_tarball_is_read(tmp_path):
     rng = np.random.default_rng(0)
     buffer = io.BytesIO()
+    written = {}
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
         for member in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            batch = {b"batch_label": member.encode(), b"labels": [int(v) for v in rng.integers(0, 10, 4)],
-                     b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"filenames": [b"x.png"] * 4}
+            images, labels = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 4)
+            written[member] = images, labels
+            # the published layout: each row is 1024 red, then 1024 green, then 1024 blue values, row-major
+            rows = np.stack([np.concatenate([image[0].ravel(), image[1].ravel(), image[2].ravel()])
+                             for image in images])
+            batch = {b"batch_label": member.encode(), b"labels": [int(v) for v in labels],
+                     b"data": rows, b"filenames": [b"x.png"] * 4}
             body = pickle.dumps(batch, protocol=2)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{member}")
             info.size = len(body)
@@ -194,7 +223,12 @@ def test_cifar10_tarball_is_read(tmp_path):
 
     (train_x, train_y), (test_x, test_y) = load_benchmark("cifar10", cfg.data)
     assert train_x.shape == (20, 3, 32, 32) and test_x.shape == (4, 3, 32, 32)
-    assert set(train_y) <= {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
+    classes = np.array(["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
+    batches = [written[f"data_batch_{i}"] for i in range(1, 6)]
+    np.testing.assert_array_equal(train_x, np.concatenate([b[0] for b in batches]))
+    np.testing.assert_array_equal(train_y, classes[np.concatenate([b[1] for b in batches])])
+    np.testing.assert_array_equal(test_x, written["test_batch"][0])
+    np.testing.assert_array_equal(test_y, classes[written["test_batch"][1]])
 
 
 def test_failed_download_names_the_url_and_where_to_put_the_file(tmp_path):
