@@ -40,13 +40,14 @@ def train_and_log(
     from . import calibration, tracking
     from .data import prepare, unscaled
     from .plots import training_curves
-    from .training import Checkpointer, train_model
+    from .training import train_model
 
     checkpoint_dir = checkpoint_dir or cfg.train.checkpoint_dir or Path("checkpoints") / cfg.model.name
     check_writable(checkpoint_dir, "train.checkpoint_dir")
     if train is None or val is None:
         splits = prepare(cfg.data, cfg.seed)
         train, val = splits["train"], splits["val"]
+    result = None
     try:
         with tracking.start_run(cfg) as run:
             result = train_model(
@@ -65,11 +66,25 @@ def train_and_log(
             mlflow.log_dict(fitted.to_dict(), "calibration.json")
             example = pd.DataFrame(unscaled(train.x[:5], train.schema).round(6), columns=train.schema.feature_names or None)
             tracking.log_model(result.model, cfg, train.schema, example, fitted)
-    except KeyboardInterrupt:  # the MLflow run ended KILLED; one line instead of a traceback
-        last = Checkpointer(checkpoint_dir).path
-        where = f"the checkpoint is at {last}; resume with train.resume=true" if last.is_file() else "no epoch finished"
-        raise Interrupted(f"interrupted; {where}") from None
+    except KeyboardInterrupt as err:  # the MLflow run ended KILLED; one line instead of a traceback
+        raise Interrupted(_interrupted(err, result, Path(checkpoint_dir) / "last.pt")) from None
     return TrainedRun(run.info.run_id, result.model, result, fitted)
+
+
+def _interrupted(err: KeyboardInterrupt, result: TrainResult | None, last: Path) -> str:
+    """Which checkpoint a Ctrl-C left, naming its epoch: only one this run wrote or resumed from."""
+    from .training import TrainingInterrupted
+
+    resume = "resume with train.resume=true"
+    if result is not None:  # after training: its last epoch is always saved
+        return f"interrupted after training; epoch {result.epochs_run}'s checkpoint is at {last}; {resume}"
+    if not isinstance(err, TrainingInterrupted):
+        return "interrupted before training started"
+    if err.path is None or not err.epoch:
+        return "interrupted before the first epoch finished; no checkpoint was written"
+    if err.written:
+        return f"interrupted; epoch {err.epoch}'s checkpoint is at {err.path}; {resume}"
+    return f"interrupted before an epoch finished; {err.path} still holds epoch {err.epoch}, as resumed; {resume}"
 
 
 def _task(cfg: DictConfig) -> None:
