@@ -17,9 +17,10 @@ from pathlib import Path
 
 from components.images import CPU_IMAGE
 from dl_uncertainty.config import load_config
-from dl_uncertainty.errors import UserError
+from dl_uncertainty.errors import UserError, check_writable
 from dl_uncertainty.store import (
     DEFAULT_URI,
+    check_local_store,
     check_reachable,
     new_local_store,
     serve_local_store,
@@ -67,6 +68,8 @@ def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: st
     uri = tracking_uri(cfg)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     check_reachable(uri)
+    check_local_store(uri)  # before any task: MLflow would fail only once a model is trained
+    root = check_writable(Path(pipeline_root).resolve(), "--pipeline-root")
     image = None
     if runner == "docker":  # the engine and the image before any work
         from pipelines import containers
@@ -75,8 +78,6 @@ def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: st
         image = containers.local_image(client, CPU_IMAGE)
     if new_local_store(uri):  # create its tables once here: parallel tasks would race to
         setup(cfg)
-    root = Path(pipeline_root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     before = set(root.glob(f"{name}-*"))
     with contextlib.ExitStack() as stack:
         task_uri, task_runner = uri, local.SubprocessRunner(use_venv=False)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .errors import UserError
+from .errors import UserError, check_writable
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -43,6 +43,28 @@ def new_local_store(uri: str) -> bool:
     return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
 
 
+def check_local_store(uri: str) -> None:
+    """A sqlite store's folder, its file and the artifact folder beside it must be writable: MLflow
+    would otherwise fail only when it first writes there, after the work (a whole training)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    fix = "set MLFLOW_TRACKING_URI (or tracking_uri) to sqlite:///<a writable folder>/mlflow.db"
+    check_writable(database.parent, "", fix)
+    if database.exists() and not os.access(database, os.W_OK):
+        raise UserError(f"cannot write to {database} (read-only); {fix}")
+    check_writable(database.parent / ARTIFACT_DIR, "", f"make it writable, or {fix}")
+
+
+def check_artifact_folder(location: str | None) -> None:
+    """An experiment's artifacts in a local folder: it must be writable before any work."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(location or "")
+    if parsed.scheme in ("file", "") and parsed.path:
+        check_writable(unquote(parsed.path), "", "make it writable, or set experiment_name to a new experiment")
+
+
 def setup(cfg: DictConfig) -> str:
     """Point MLflow at the configured store and select (or create) the experiment."""
     import mlflow
@@ -50,6 +72,7 @@ def setup(cfg: DictConfig) -> str:
 
     uri = tracking_uri(cfg)
     check_reachable(uri)
+    check_local_store(uri)
     mlflow.set_tracking_uri(uri)
     # Asynchronous metrics (per-epoch curves) go out in batches every second; unbuffered, the
     # logger polls its queue with a 1 s timeout, and the end of a run waits that out
@@ -65,9 +88,10 @@ def setup(cfg: DictConfig) -> str:
             except MlflowException as err:  # parallel tasks: another one created it first
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-        mlflow.set_experiment(cfg.experiment_name)
+        experiment = mlflow.set_experiment(cfg.experiment_name)
     except MlflowException as err:
         raise UserError(f"MLflow at {uri}: {err.message.splitlines()[0]}") from None
+    check_artifact_folder(experiment.artifact_location)
     return uri
 
 

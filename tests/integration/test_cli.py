@@ -101,6 +101,13 @@ def test_unwritable_output_and_checkpoint_folders_fail_before_any_work(tmp_path)
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_unwritable_mlflow_artifact_folder_fails_before_training(tmp_path):
+    (tmp_path / "mlartifacts").write_text("")  # a file where the runs' artifacts would go
+    proc = run_module("dl_uncertainty.train", *TINY, cwd=tmp_path, timeout=120)
+    assert "cannot write to" in _one_line_error(proc) and "mlartifacts" in proc.stderr
+    assert "epoch" not in proc.stdout
+
+
 def test_ctrl_c_ends_the_run_killed_and_resuming_on_other_data_is_one_line(tmp_path):
     import torch
 

@@ -64,6 +64,18 @@ def test_unreadable_data_fails_before_any_task_starts(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_unwritable_pipeline_root_fails_before_any_task_starts(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = run_module("pipelines", "run-local", *TINY, "--pipeline-root", "file/out", cwd=tmp_path,
+                      env={"PYTHONPATH": f"{REPO / 'src'}:{REPO}",
+                           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                      timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [
+        f"error: cannot write to {tmp_path / 'file' / 'out'} (Not a directory); set --pipeline-root to a writable folder"]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_verbose_prints_every_tasks_whole_log(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
