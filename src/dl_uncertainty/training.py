@@ -113,6 +113,7 @@ class Checkpointer:
         self.path = check_writable(folder, "train.checkpoint_dir") / "last.pt"
         self.every_s, self.saved_at = every_s, time.monotonic()
         self.first_epoch, self.saved_epoch, self.unsaved = 1, 0, None
+        self.meta: dict = {}  # saved in every checkpoint
 
     def due(self, last_epoch: bool) -> bool:
         return last_epoch or time.monotonic() - self.saved_at >= self.every_s
@@ -137,7 +138,7 @@ class Checkpointer:
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        torch.save({**state, **self.meta}, tmp)
         os.replace(tmp, self.path)  # never leave a half-written checkpoint behind
         self.saved_at = time.monotonic()
 
@@ -158,14 +159,18 @@ def train_model(
     on_epoch: EpochCallback | None = None,
     checkpoint_dir: str | Path | None = None,
     quiet: bool = False,
+    checkpoint_meta: dict | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``train`` with early stopping on the val NLL; return the best weights.
 
     ``on_epoch(epoch, metrics)`` sees every epoch's metrics (MLflow logging, pruning: an exception
-    it raises ends the training); ``quiet`` drops the per-epoch line. Ctrl-C raises
+    it raises ends the training); ``quiet`` drops the per-epoch line; ``checkpoint_meta`` is saved
+    in every checkpoint (e.g. the MLflow run id, to continue that run on resume). Ctrl-C raises
     ``TrainingInterrupted`` once the last finished epoch is checkpointed.
     """
     checkpoints = Checkpointer(checkpoint_dir, cfg.train.checkpoint_every_s) if checkpoint_dir else None
+    if checkpoints:
+        checkpoints.meta = dict(checkpoint_meta or {})
     try:
         return _train_model(cfg, train, val, on_epoch, checkpoints, quiet)
     except KeyboardInterrupt:
