@@ -24,6 +24,8 @@ from .errors import UserError, check_writable
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
+# MLflow 3's UI opens an experiment on its GenAI (traces) view unless the experiment says it is classic ML
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def absolute_sqlite(uri: str) -> str:
@@ -84,15 +86,36 @@ def setup(cfg: DictConfig) -> str:
                 database = Path(uri.removeprefix("sqlite:///")).resolve()
                 location = (database.parent / ARTIFACT_DIR).as_uri()
             try:
-                mlflow.create_experiment(cfg.experiment_name, artifact_location=location)
+                mlflow.create_experiment(cfg.experiment_name, artifact_location=location, tags={KIND_TAG: KIND})
             except MlflowException as err:  # parallel tasks: another one created it first
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
         experiment = mlflow.set_experiment(cfg.experiment_name)
+        if KIND_TAG not in experiment.tags:  # created before this tag was set, or by someone else
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
     except MlflowException as err:
         raise UserError(f"MLflow at {uri}: {err.message.splitlines()[0]}") from None
     check_artifact_folder(experiment.artifact_location)
     return uri
+
+
+def runs_url(base: str, uri: str = DEFAULT_URI, experiment_name: str = "dl-uncertainty") -> str:
+    """The UI's runs view of a local store's experiment (its id read from the sqlite file, no MLflow
+    import); ``workflowType=machine_learning`` keeps the UI off its GenAI view."""
+    import sqlite3
+
+    query = "?workflowType=machine_learning"
+    database = Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("sqlite:///") and database.is_file():
+        try:
+            with sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True) as con:
+                row = con.execute("SELECT experiment_id FROM experiments WHERE name = ? AND lifecycle_stage = 'active'",
+                                  (experiment_name,)).fetchone()
+        except sqlite3.Error:
+            row = None
+        if row:
+            return f"{base}/#/experiments/{row[0]}/runs{query}"
+    return f"{base}/#/experiments{query}"
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -31,3 +31,27 @@ def test_an_existing_experiment_with_an_unwritable_artifact_folder_fails_at_setu
     cfg = tiny_cfg(f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name=moved")
     with pytest.raises(UserError, match=r"cannot write to .*elsewhere/art \(.*\).*experiment_name"):
         setup(cfg)
+
+
+def test_a_fresh_store_tags_the_experiment_as_classic_ml_and_the_printed_url_opens_its_runs(tiny_cfg, tmp_path):
+    import mlflow
+
+    from dl_uncertainty.store import runs_url
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert runs_url("http://ui", uri) == "http://ui/#/experiments?workflowType=machine_learning"  # no store yet
+    setup(tiny_cfg(f"tracking_uri={uri}", "experiment_name=fresh"))
+    experiment = mlflow.MlflowClient(uri).get_experiment_by_name("fresh")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert runs_url("http://ui", uri, "fresh") == (
+        f"http://ui/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
+
+
+def test_an_older_experiment_without_the_kind_tag_gets_it(tiny_cfg, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment("older")
+    setup(tiny_cfg(f"tracking_uri={uri}", "experiment_name=older"))
+    assert mlflow.MlflowClient(uri).get_experiment_by_name("older").tags["mlflow.experimentKind"] == \
+        "custom_model_development"
