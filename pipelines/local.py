@@ -38,12 +38,13 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs",
     in the project image (``make image-cpu``) through Docker or podman's Docker-compatible socket.
     """
     cfg = load_config(overrides)  # fail on a bad override before any task starts
-    # and on the user's data if it cannot be read (a missing file, S3 credentials, a bad CSV);
-    # scikit-learn's digits need no check (nor the second its import takes)
+    # and on the user's data if it cannot be read (a missing file, S3 credentials, a bad CSV), holds
+    # unhandled infinite values or lacks an ood_classes label; scikit-learn's digits need no check
+    # (nor the second its import takes)
     if cfg.data.source != "digits":
-        from dl_uncertainty.data import load_raw
+        from dl_uncertainty.data import check_raw
 
-        load_raw(cfg.data)
+        check_raw(cfg.data)
     run_dir, uri, seconds, log = execute(
         cfg, PIPELINE_NAME, pipeline_root, verbose, runner,
         lambda task_uri, image: build_pipeline(cfg, cluster=False, mlflow_tracking_uri=task_uri,

@@ -249,6 +249,25 @@ def _non_finite(frame: pd.DataFrame, labels: np.ndarray, cfg: DictConfig) -> tup
     return frame.mask(inf), labels
 
 
+def _check_ood_classes(labels: np.ndarray, cfg: DictConfig) -> list[str]:
+    ood_names = [str(c) for c in cfg.ood_classes]
+    unknown = sorted(set(ood_names) - set(labels))
+    if unknown:
+        raise UserError(f"data.ood_classes {unknown} are not labels in the data")
+    return ood_names
+
+
+def check_raw(cfg: DictConfig) -> None:
+    """The checks worth making before a pipeline starts tasks, in a second or less: the data can be
+    read, infinite values are handled as data.non_finite says, data.ood_classes are labels in it."""
+    from .config import IMAGE_SOURCES
+
+    frame, labels, _ = load_raw(cfg)
+    if cfg.source not in IMAGE_SOURCES:
+        frame, labels = _non_finite(frame, labels, cfg)
+        _check_ood_classes(labels, cfg)
+
+
 def _fit_cleaning(train: pd.DataFrame, cfg: DictConfig) -> dict:
     stats: dict = {"missing": cfg.missing, "outliers": cfg.outliers, "scaling": cfg.scaling}
     if cfg.missing in ("mean", "median"):
@@ -319,10 +338,7 @@ def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
     if len(frame) == 0:
         raise UserError("no rows left after dropping rows with missing values")
 
-    ood_names = [str(c) for c in cfg.ood_classes]
-    unknown = sorted(set(ood_names) - set(labels))
-    if unknown:
-        raise UserError(f"data.ood_classes {unknown} are not labels in the data")
+    ood_names = _check_ood_classes(labels, cfg)
     is_ood = np.isin(labels, ood_names)
     class_names = sorted(set(labels[~is_ood]), key=_natural_key)
     if len(class_names) < 2:

@@ -45,22 +45,32 @@ def test_whole_pipeline_runs_locally_and_lands_in_mlflow(mlflow_server, tmp_path
 def test_a_failing_task_fails_the_run_naming_the_task_and_nothing_after_it_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    table = tmp_path / "t.csv"  # readable, but its labels have no class 7: preprocess fails
+    table = tmp_path / "t.csv"  # readable, but holding out class 1 leaves one class: preprocess fails
     table.write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
     with pytest.raises(UserError, match="preprocess") as info:
-        run_local([*TINY, "data=csv", f"data.path={table}", "data.ood_classes=[7]"], tmp_path / "out")
+        run_local([*TINY, "data=csv", f"data.path={table}", "data.ood_classes=[1]"], tmp_path / "out")
     assert "\n" not in str(info.value)
-    assert "Cause: data.ood_classes ['7'] are not labels in the data" in str(info.value)
-    assert "are not labels in the data" in capsys.readouterr().out  # and the task's own log is shown
+    assert "Cause: need at least two in-distribution classes" in str(info.value)
+    assert "need at least two in-distribution classes" in capsys.readouterr().out  # and the task's own log
     run_dir = next((tmp_path / "out").glob("uncertainty-pipeline-*"))
     assert not list(run_dir.rglob("model.pt")) and not list(run_dir.rglob("predictions"))
 
 
-def test_unreadable_data_fails_before_any_task_starts(tmp_path):
-    proc = run_module("pipelines", "run-local", *TINY, "data=csv", "data.path=missing.csv", "--pipeline-root", "out",
-                      cwd=tmp_path, env={"PYTHONPATH": str(REPO)}, timeout=120)
+@pytest.mark.parametrize(("table", "overrides", "cause"), [
+    (None, [], "data file not found: t.csv"),
+    ("a,label\n" + "1,0\ninf,1\n" * 20, [], "t.csv has 20 infinite values (column 'a' has 20); fix the data or "
+                                               "set data.non_finite=drop or data.non_finite=as_missing"),
+    ("a,label\n" + "1,0\n2,1\n" * 20, ["data.ood_classes=[7]"], "data.ood_classes ['7'] are not labels in the data"),
+])
+def test_bad_data_fails_before_any_task_starts(tmp_path, table, overrides, cause):
+    if table:
+        (tmp_path / "t.csv").write_text(table)
+    proc = run_module("pipelines", "run-local", *TINY, "data=csv", "data.path=t.csv", *overrides,
+                      "--pipeline-root", "out", cwd=tmp_path, env={"PYTHONPATH": f"{REPO / 'src'}:{REPO}"},
+                      timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == ["error: data file not found: missing.csv"]
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [f"error: {cause}"]
+    assert proc.stdout == ""  # no task started
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
 
 
