@@ -195,3 +195,33 @@ def test_every_branch_of_a_parallel_for_runs_at_once(tmp_path):
     spans = [tuple(map(float, path.read_text().split())) for path in tmp_path.rglob("span")]
     assert len(spans) == 3
     assert max(start for start, _ in spans) < min(end for _, end in spans)  # all three ran at the same time
+
+
+def test_ctrl_c_during_run_local_is_one_line_exit_130_and_stops_the_tasks(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pipelines.__main__ import _descendants
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= {"PYTHONPATH": f"{REPO / 'src'}:{REPO}", "PYTHONUNBUFFERED": "1"}
+    # a shell's background job ignores SIGINT, and Python then installs no Ctrl-C handler: restore it
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "run-local", *TINY, "train.epochs=100000",
+                             "--pipeline-root", "out"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    printed = []
+    while not any("done  preprocess" in ln for ln in printed) and proc.poll() is None:
+        printed.append(proc.stdout.readline())
+    tasks = []
+    while not tasks and proc.poll() is None:  # the training tasks have started
+        tasks = _descendants(proc.pid)
+    proc.send_signal(signal.SIGINT)  # to the launcher only, not to its tasks
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and " INFO mlflow." not in ln]  # a new mlflow.db
+    assert lines == ["error: interrupted"], stderr
+    assert tasks and not [pid for pid in tasks if os.path.exists(f"/proc/{pid}")
+                          and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
