@@ -69,6 +69,7 @@ serve: $(INSTALLED) ## serve the champion on http://127.0.0.1:5001: raw inputs i
 	@$(WITH_STACK) $(PY) -m dl_uncertainty.serve --model "$(MODEL_URI)" --port $(SERVE_PORT)
 
 mlflow-ui: $(INSTALLED) ## MLflow UI on the local store at http://127.0.0.1:5000 (MLFLOW_PORT=...)
+	@$(PY) -c "from dl_uncertainty.store import runs_url; print('runs:', runs_url('http://127.0.0.1:$(MLFLOW_PORT)'))"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db \
 		--default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 

@@ -15,12 +15,14 @@ def preprocess(
 ):
     """Load, clean and split the data; write the four splits and the EDA report."""
     from dl_uncertainty.config import pick_config
+    from dl_uncertainty.data import dropped_rows_line, save_split
     from dl_uncertainty.data import prepare as prepare_splits
-    from dl_uncertainty.data import save_split
     from dl_uncertainty.eda import eda_html
 
     cfg = pick_config(open(config.path).read())
     splits = prepare_splits(cfg.data, cfg.seed)
+    if dropped := dropped_rows_line(splits["train"].schema):
+        print(dropped)
     report = eda_html(splits)  # before any split is written: a failure leaves no split behind
     for name, artifact in {"train": train, "val": val, "test": test, "ood": ood}.items():
         save_split(splits[name], artifact.path)

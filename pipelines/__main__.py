@@ -11,7 +11,11 @@ compile, upload and run-local take --pipeline tuning for the Optuna sweep (tunin
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
+import time
 
 from dl_uncertainty.errors import UserError
 
@@ -90,7 +94,49 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the tasks' processes stop too, and no traceback
+        _stop_children()
+        print("error: interrupted", file=sys.stderr)
+        if threading.active_count() > 1:  # kfp.local's branch threads would wait for tasks no longer there
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        return 130
     return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    """This process's children, theirs, and so on (Linux's /proc; elsewhere none are found)."""
+    children: dict[int, list[int]] = {}
+    for entry in (e for e in (os.listdir("/proc") if os.path.isdir("/proc") else []) if e.isdigit()):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            continue
+        if fields[0] != "Z":  # a zombie has exited already
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _stop_children(grace_s: float = 5.0) -> None:
+    """SIGTERM every process this one started (task subprocesses, an MLflow server), SIGKILL after ``grace_s``."""
+    deadline = time.monotonic() + grace_s
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _descendants(os.getpid()):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        while _descendants(os.getpid()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _descendants(os.getpid()):
+            return
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from components.images import CPU_IMAGE
 from dl_uncertainty.config import load_config
-from dl_uncertainty.errors import UserError
+from dl_uncertainty.errors import UserError, check_writable
 from dl_uncertainty.store import (
     DEFAULT_URI,
+    check_local_store,
     check_reachable,
     new_local_store,
     serve_local_store,
@@ -37,12 +38,13 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs",
     in the project image (``make image-cpu``) through Docker or podman's Docker-compatible socket.
     """
     cfg = load_config(overrides)  # fail on a bad override before any task starts
-    # and on the user's data if it cannot be read (a missing file, S3 credentials, a bad CSV);
-    # scikit-learn's digits need no check (nor the second its import takes)
+    # and on the user's data if it cannot be read (a missing file, S3 credentials, a bad CSV), holds
+    # unhandled infinite values or lacks an ood_classes label; scikit-learn's digits need no check
+    # (nor the second its import takes)
     if cfg.data.source != "digits":
-        from dl_uncertainty.data import load_raw
+        from dl_uncertainty.data import check_raw
 
-        load_raw(cfg.data)
+        check_raw(cfg.data)
     run_dir, uri, seconds, log = execute(
         cfg, PIPELINE_NAME, pipeline_root, verbose, runner,
         lambda task_uri, image: build_pipeline(cfg, cluster=False, mlflow_tracking_uri=task_uri,
@@ -67,6 +69,8 @@ def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: st
     uri = tracking_uri(cfg)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     check_reachable(uri)
+    check_local_store(uri)  # before any task: MLflow would fail only once a model is trained
+    root = check_writable(Path(pipeline_root).resolve(), "--pipeline-root")
     image = None
     if runner == "docker":  # the engine and the image before any work
         from pipelines import containers
@@ -75,8 +79,6 @@ def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: st
         image = containers.local_image(client, CPU_IMAGE)
     if new_local_store(uri):  # create its tables once here: parallel tasks would race to
         setup(cfg)
-    root = Path(pipeline_root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     before = set(root.glob(f"{name}-*"))
     with contextlib.ExitStack() as stack:
         task_uri, task_runner = uri, local.SubprocessRunner(use_venv=False)

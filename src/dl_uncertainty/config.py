@@ -32,7 +32,7 @@ class DataConfig:
     label_column: str = "label"
     encoding: str = "utf-8"  # csv: the file's text encoding, e.g. latin-1
     separator: str | None = None  # csv: comma | semicolon | tab | one character; null = sniffed from the header
-    blank_labels: str = "error"  # csv: error | drop (rows without a label)
+    blank_labels: str = "error"  # csv/npz: error | drop (rows without a label: blank, NaN)
     non_finite: str = "error"  # error | drop (rows) | as_missing (handled by data.missing)
     ood_classes: list[str] = field(default_factory=lambda: ["8", "9"])
     image_shape: list[int] | None = None  # e.g. [1, 8, 8]; digits sets it, CSV may

@@ -165,6 +165,7 @@ def _read_csv(path: str, cfg: DictConfig) -> tuple[pd.DataFrame, pd.Series]:
                 f"{int(np.flatnonzero(blank)[0]) + 2}); fill them or set data.blank_labels=drop"
             )
         frame, labels = frame[~blank].reset_index(drop=True), labels[~blank].reset_index(drop=True)
+    frame.attrs["dropped"] = {"blank_labels": int(blank.sum())}
     bad = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if bad:
         raise UserError(f"feature column {bad[0]!r} in {path} is not numeric")
@@ -206,12 +207,31 @@ def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
         raise UserError(f"{cfg.path}: x has {len(x)} rows but y has {len(y)}")
     if not np.issubdtype(x.dtype, np.number):
         raise UserError(f"{cfg.path}: x must be numeric, got dtype {x.dtype}")
+    if y.ndim != 1:
+        raise UserError(f"{cfg.path}: y must hold one label per row, got shape {y.shape}")
+    if np.issubdtype(y.dtype, np.floating):
+        blank = np.isnan(y)
+    elif y.dtype.kind in "US":
+        blank = np.char.strip(y.astype(str)) == ""
+    else:
+        blank = np.zeros(len(y), dtype=bool)
+    if blank.any():  # the same rule as a CSV's blank labels, before NaN can become a class 'nan'
+        if cfg.blank_labels == "error":
+            raise UserError(
+                f"{int(blank.sum())} labels in {cfg.path}'s y are blank (NaN or empty; first at row "
+                f"{int(np.flatnonzero(blank)[0])}); fill them or set data.blank_labels=drop"
+            )
+        x, y = x[~blank], y[~blank]
+        if len(y) == 0:
+            raise UserError(f"{cfg.path}: every label in y is blank")
     if np.issubdtype(y.dtype, np.floating) and np.all(y % 1 == 0):  # label 2.0 is class '2', not '2.0'
         y = y.astype(np.int64)
     shape = list(x.shape[1:]) if x.ndim != 3 else [1, *x.shape[1:]]
     flat = x.reshape(len(x), -1).astype("float64")
     columns = [f"feature_{i}" for i in range(flat.shape[1])]
-    return pd.DataFrame(flat, columns=columns), y.astype(str), list(cfg.image_shape or shape)
+    frame = pd.DataFrame(flat, columns=columns)
+    frame.attrs["dropped"] = {"blank_labels": int(blank.sum())}
+    return frame, y.astype(str), list(cfg.image_shape or shape)
 
 
 # ---------------------------------------------------------------- cleaning
@@ -232,6 +252,25 @@ def _non_finite(frame: pd.DataFrame, labels: np.ndarray, cfg: DictConfig) -> tup
         keep = ~inf.any(axis=1)
         return frame[keep].reset_index(drop=True), labels[keep]
     return frame.mask(inf), labels
+
+
+def _check_ood_classes(labels: np.ndarray, cfg: DictConfig) -> list[str]:
+    ood_names = [str(c) for c in cfg.ood_classes]
+    unknown = sorted(set(ood_names) - set(labels))
+    if unknown:
+        raise UserError(f"data.ood_classes {unknown} are not labels in the data")
+    return ood_names
+
+
+def check_raw(cfg: DictConfig) -> None:
+    """The checks worth making before a pipeline starts tasks, in a second or less: the data can be
+    read, infinite values are handled as data.non_finite says, data.ood_classes are labels in it."""
+    from .config import IMAGE_SOURCES
+
+    frame, labels, _ = load_raw(cfg)
+    if cfg.source not in IMAGE_SOURCES:
+        frame, labels = _non_finite(frame, labels, cfg)
+        _check_ood_classes(labels, cfg)
 
 
 def _fit_cleaning(train: pd.DataFrame, cfg: DictConfig) -> dict:
@@ -289,21 +328,22 @@ def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
 
         return prepare_images(cfg, seed)
     frame, labels, feature_shape = load_raw(cfg)
+    dropped = {"blank_labels": 0, "non_finite": 0, "missing": 0, **frame.attrs.get("dropped", {})}
+    before = len(frame)
     frame, labels = _non_finite(frame, labels, cfg)
+    dropped["non_finite"] = before - len(frame)
     if int(np.prod(feature_shape)) != frame.shape[1]:
         raise UserError(f"data.image_shape={feature_shape} does not match {frame.shape[1]} features")
     if cfg.missing == "drop":
         keep = ~frame.isna().any(axis=1).to_numpy()
         frame, labels = frame[keep].reset_index(drop=True), labels[keep]
+        dropped["missing"] = int((~keep).sum())
     elif cfg.missing == "ffill":
         frame = frame.ffill().bfill()
     if len(frame) == 0:
         raise UserError("no rows left after dropping rows with missing values")
 
-    ood_names = [str(c) for c in cfg.ood_classes]
-    unknown = sorted(set(ood_names) - set(labels))
-    if unknown:
-        raise UserError(f"data.ood_classes {unknown} are not labels in the data")
+    ood_names = _check_ood_classes(labels, cfg)
     is_ood = np.isin(labels, ood_names)
     class_names = sorted(set(labels[~is_ood]), key=_natural_key)
     if len(class_names) < 2:
@@ -326,6 +366,8 @@ def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
         raise UserError(f"cannot make a stratified split: {err}") from None
 
     stats = _fit_cleaning(frame.iloc[train], cfg)
+    stats.update(blank_labels=cfg.blank_labels, non_finite=cfg.non_finite,
+                 rows_dropped=dropped)  # before splitting: {"blank_labels": n, "non_finite": n, "missing": n}
     x_train, _ = _apply_cleaning(frame.iloc[train], stats)
     stats.update(_fit_scaling(x_train, cfg.scaling))
 
@@ -347,6 +389,14 @@ def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
                         feature_names=[str(c) for c in frame.columns])
         splits[name] = Split(x, y, schema)
     return splits
+
+
+def dropped_rows_line(schema: Schema) -> str | None:
+    """One line saying how many rows the cleaning dropped and why, or None if it dropped none."""
+    dropped = schema.cleaning.get("rows_dropped", {})
+    why = {"blank_labels": "a blank label", "non_finite": "an infinite value", "missing": "a missing value"}
+    parts = [f"{n} with {why[k]} (data.{k}=drop)" for k, n in dropped.items() if n]
+    return f"dropped {sum(dropped.values())} rows: {', '.join(parts)}" if parts else None
 
 
 def _natural_key(name: str):

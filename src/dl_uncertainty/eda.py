@@ -68,9 +68,17 @@ def mean_images(splits: dict[str, Split]) -> Figure | None:
 def eda_html(splits: dict[str, Split]) -> str:
     train = splits["train"]
     c = train.schema.cleaning
+    dropped = c.get("rows_dropped", {})
     cleaning_rows = [
+        {"step": "blank labels", "method": c["blank_labels"],
+         "values changed": f"{dropped['blank_labels']} rows dropped"},
+        {"step": "infinite values", "method": c["non_finite"],
+         "values changed": f"{dropped['non_finite']} rows dropped"},
+    ] if dropped else []  # tables only: images have no such step
+    cleaning_rows += [
         {"step": "missing values", "method": c.get("missing", "-"),
-         "values changed": sum(s.schema.cleaning.get("missing_filled", 0) for s in splits.values())},
+         "values changed": f"{dropped.get('missing', 0)} rows dropped" if c.get("missing") == "drop"
+         else sum(s.schema.cleaning.get("missing_filled", 0) for s in splits.values())},
         {"step": "outliers", "method": c.get("outliers", "-"),
          "values changed": sum(s.schema.cleaning.get("outliers_clipped", 0) for s in splits.values())},
         {"step": "scaling", "method": c.get("scaling", "-"), "values changed": "all (fitted on train)"},

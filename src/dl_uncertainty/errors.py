@@ -24,15 +24,17 @@ class Interrupted(UserError):
     exit_code = 130
 
 
-def check_writable(folder: str | Path, key: str) -> Path:
-    """Create ``folder`` if needed and check a file can be written there, before any work."""
+def check_writable(folder: str | Path, key: str, fix: str | None = None) -> Path:
+    """Create ``folder`` if needed and check a file can be written there, before any work.
+    The error says to set ``key`` to a writable folder, or says ``fix``."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise UserError(f"cannot write to {folder} ({err.strerror or err}); set {key} to a writable folder") from None
+        raise UserError(f"cannot write to {folder} ({err.strerror or err}); "
+                        f"{fix or f'set {key} to a writable folder'}") from None
     return folder
 
 

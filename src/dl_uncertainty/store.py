@@ -20,10 +20,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .errors import UserError
+from .errors import UserError, check_writable
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
+# MLflow 3's UI opens an experiment on its GenAI (traces) view unless the experiment says it is classic ML
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def absolute_sqlite(uri: str) -> str:
@@ -43,6 +45,28 @@ def new_local_store(uri: str) -> bool:
     return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
 
 
+def check_local_store(uri: str) -> None:
+    """A sqlite store's folder, its file and the artifact folder beside it must be writable: MLflow
+    would otherwise fail only when it first writes there, after the work (a whole training)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    fix = "set MLFLOW_TRACKING_URI (or tracking_uri) to sqlite:///<a writable folder>/mlflow.db"
+    check_writable(database.parent, "", fix)
+    if database.exists() and not os.access(database, os.W_OK):
+        raise UserError(f"cannot write to {database} (read-only); {fix}")
+    check_writable(database.parent / ARTIFACT_DIR, "", f"make it writable, or {fix}")
+
+
+def check_artifact_folder(location: str | None) -> None:
+    """An experiment's artifacts in a local folder: it must be writable before any work."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(location or "")
+    if parsed.scheme in ("file", "") and parsed.path:
+        check_writable(unquote(parsed.path), "", "make it writable, or set experiment_name to a new experiment")
+
+
 def setup(cfg: DictConfig) -> str:
     """Point MLflow at the configured store and select (or create) the experiment."""
     import mlflow
@@ -50,6 +74,7 @@ def setup(cfg: DictConfig) -> str:
 
     uri = tracking_uri(cfg)
     check_reachable(uri)
+    check_local_store(uri)
     mlflow.set_tracking_uri(uri)
     # Asynchronous metrics (per-epoch curves) go out in batches every second; unbuffered, the
     # logger polls its queue with a 1 s timeout, and the end of a run waits that out
@@ -61,14 +86,36 @@ def setup(cfg: DictConfig) -> str:
                 database = Path(uri.removeprefix("sqlite:///")).resolve()
                 location = (database.parent / ARTIFACT_DIR).as_uri()
             try:
-                mlflow.create_experiment(cfg.experiment_name, artifact_location=location)
+                mlflow.create_experiment(cfg.experiment_name, artifact_location=location, tags={KIND_TAG: KIND})
             except MlflowException as err:  # parallel tasks: another one created it first
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-        mlflow.set_experiment(cfg.experiment_name)
+        experiment = mlflow.set_experiment(cfg.experiment_name)
+        if KIND_TAG not in experiment.tags:  # created before this tag was set, or by someone else
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
     except MlflowException as err:
         raise UserError(f"MLflow at {uri}: {err.message.splitlines()[0]}") from None
+    check_artifact_folder(experiment.artifact_location)
     return uri
+
+
+def runs_url(base: str, uri: str = DEFAULT_URI, experiment_name: str = "dl-uncertainty") -> str:
+    """The UI's runs view of a local store's experiment (its id read from the sqlite file, no MLflow
+    import); ``workflowType=machine_learning`` keeps the UI off its GenAI view."""
+    import sqlite3
+
+    query = "?workflowType=machine_learning"
+    database = Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("sqlite:///") and database.is_file():
+        try:
+            with sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True) as con:
+                row = con.execute("SELECT experiment_id FROM experiments WHERE name = ? AND lifecycle_stage = 'active'",
+                                  (experiment_name,)).fetchone()
+        except sqlite3.Error:
+            row = None
+        if row:
+            return f"{base}/#/experiments/{row[0]}/runs{query}"
+    return f"{base}/#/experiments{query}"
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

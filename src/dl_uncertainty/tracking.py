@@ -39,14 +39,27 @@ def git_sha() -> str | None:
     return os.environ.get("DLU_GIT_SHA")
 
 
+def live_run(run_id: str | None) -> bool:
+    """Whether ``run_id`` is a run in the configured store (not deleted) that can be continued."""
+    if not run_id:
+        return False
+    try:
+        return mlflow.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
 @contextmanager
-def start_run(cfg: DictConfig):
-    """A new run tagged with the model type, with the flattened config as params."""
+def start_run(cfg: DictConfig, continue_run_id: str | None = None):
+    """A new run tagged with the model type, with the flattened config as params; or, given the
+    id of a run still in the store (a resumed training's), that run continued with its params kept."""
     setup(cfg)
-    with mlflow.start_run(run_name=cfg.model.name) as run:
+    continue_run_id = continue_run_id if live_run(continue_run_id) else None
+    with mlflow.start_run(**({"run_id": continue_run_id} if continue_run_id else {"run_name": cfg.model.name})) as run:
         sha = git_sha()
         mlflow.set_tags({"model_type": cfg.model.name, **({"git_sha": sha} if sha else {})})
-        mlflow.log_params(flatten(cfg))
+        if not continue_run_id:  # a continued run keeps the params it started with
+            mlflow.log_params(flatten(cfg))
         try:
             yield run
         except KeyboardInterrupt:

@@ -47,13 +47,19 @@ def train_and_log(
     if train is None or val is None:
         splits = prepare(cfg.data, cfg.seed)
         train, val = splits["train"], splits["val"]
+    # a resumed training continues its MLflow run if the store still has it, so that one run holds every epoch
+    resumed = Checkpointer(checkpoint_dir).load() if cfg.train.resume else None
+    result = None
     try:
-        with tracking.start_run(cfg) as run:
+        with tracking.start_run(cfg, continue_run_id=resumed and resumed.get("mlflow_run_id")) as run:
+            if resumed:
+                _log_resumed(resumed, run.info.run_id, Path(checkpoint_dir) / "last.pt")
             result = train_model(
                 cfg, train, val,
                 # queued and sent in batches (flushed when the run ends): one round trip per epoch cost ~1 s
                 on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch, synchronous=False),
                 checkpoint_dir=checkpoint_dir,
+                checkpoint_meta={"mlflow_run_id": run.info.run_id},
             )
             mlflow.log_metrics({
                 "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
@@ -65,11 +71,44 @@ def train_and_log(
             mlflow.log_dict(fitted.to_dict(), "calibration.json")
             example = pd.DataFrame(unscaled(train.x[:5], train.schema).round(6), columns=train.schema.feature_names or None)
             tracking.log_model(result.model, cfg, train.schema, example, fitted)
-    except KeyboardInterrupt:  # the MLflow run ended KILLED; one line instead of a traceback
-        last = Checkpointer(checkpoint_dir).path
-        where = f"the checkpoint is at {last}; resume with train.resume=true" if last.is_file() else "no epoch finished"
-        raise Interrupted(f"interrupted; {where}") from None
+    except KeyboardInterrupt as err:  # the MLflow run ended KILLED; one line instead of a traceback
+        raise Interrupted(_interrupted(err, result, Path(checkpoint_dir) / "last.pt")) from None
     return TrainedRun(run.info.run_id, result.model, result, fitted)
+
+
+def _log_resumed(resumed: dict, run_id: str, path: Path) -> None:
+    """Tag the run with the checkpoint it resumed from; a new run (the interrupted one is not in this
+    store) gets the restored epochs' metrics too, at their own steps, so its curves start at epoch 1."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    previous = resumed.get("mlflow_run_id")
+    mlflow.set_tag("resumed_from", f"{path} epoch {resumed['epoch']}" + (f" run {previous}" if previous else ""))
+    if previous == run_id:
+        return
+    now = int(time.time() * 1000)
+    restored = [Metric(key, float(value), now, step) for key, values in resumed["history"].items()
+                for step, value in enumerate(values[: resumed["epoch"]], start=1)]
+    for start in range(0, len(restored), 1000):  # MLflow's limit per batch
+        mlflow.MlflowClient().log_batch(run_id, metrics=restored[start : start + 1000])
+
+
+def _interrupted(err: KeyboardInterrupt, result: TrainResult | None, last: Path) -> str:
+    """Which checkpoint a Ctrl-C left, naming its epoch: only one this run wrote or resumed from."""
+    from .training import TrainingInterrupted
+
+    resume = "resume with train.resume=true"
+    if result is not None:  # after training: its last epoch is always saved
+        return f"interrupted after training; epoch {result.epochs_run}'s checkpoint is at {last}; {resume}"
+    if not isinstance(err, TrainingInterrupted):
+        return "interrupted before training started"
+    if err.path is None or not err.epoch:
+        return "interrupted before the first epoch finished; no checkpoint was written"
+    if err.written:
+        return f"interrupted; epoch {err.epoch}'s checkpoint is at {err.path}; {resume}"
+    return f"interrupted before an epoch finished; {err.path} still holds epoch {err.epoch}, as resumed; {resume}"
 
 
 def _task(cfg: DictConfig) -> None:

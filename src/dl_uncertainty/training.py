@@ -3,8 +3,9 @@
 A training split up to ``data.in_memory_max_mb`` lives on the device as one tensor and is batched
 by index; a larger one (or any, with ``data.stream=true``) stays on disk, memory-mapped, and a
 DataLoader reads the same batches (``data.workers`` processes; pinned memory on CUDA). Image
-batches are augmented on the device (``data.hflip``, ``data.crop_padding``; training only). Every
-epoch ends with a checkpoint, so ``train.resume=true`` continues exactly where a run stopped.
+batches are augmented on the device (``data.hflip``, ``data.crop_padding``; training only). A
+checkpoint is written at most every ``train.checkpoint_every_s``, for the last epoch, and on Ctrl-C
+for the last finished epoch, so ``train.resume=true`` continues exactly where a run stopped.
 """
 
 from __future__ import annotations
@@ -127,21 +128,50 @@ def evaluate_split(model: nn.Module, split: Split, samples: int) -> dict[str, fl
     return {"nll": metrics.nll(log_probs, split.y), "acc": metrics.accuracy(log_probs, split.y)}
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training. ``epoch``: the last finished epoch, whose checkpoint is at ``path``
+    (0: none); ``written``: whether this run wrote it (False: the checkpoint it resumed from)."""
+
+    def __init__(self, path: Path | None, epoch: int, written: bool):
+        super().__init__()
+        self.path, self.epoch, self.written = path, epoch, written
+
+
 class Checkpointer:
     """``last.pt``: weights, optimizer, RNG states, history, best-so-far, at most once per
-    ``every_s`` seconds (writing one costs a tenth of a small epoch) and always for the last epoch."""
+    ``every_s`` seconds (writing one costs a tenth of a small epoch), always for the last epoch,
+    and on Ctrl-C for the last finished epoch (kept in memory until then)."""
 
     def __init__(self, folder: str | Path, every_s: float = 0.0):
         self.path = check_writable(folder, "train.checkpoint_dir") / "last.pt"
         self.every_s, self.saved_at = every_s, time.monotonic()
+        self.first_epoch, self.saved_epoch, self.unsaved = 1, 0, None
+        self.meta: dict = {}  # saved in every checkpoint
 
     def due(self, last_epoch: bool) -> bool:
         return last_epoch or time.monotonic() - self.saved_at >= self.every_s
 
+    def epoch_done(self, state: dict, last_epoch: bool) -> None:
+        """Save ``state`` if due, else keep a copy of what changes in place for a Ctrl-C."""
+        if self.due(last_epoch):
+            self.save(state)
+            self.saved_epoch, self.unsaved = state["epoch"], None
+        else:
+            self.unsaved = {**state, "model": copy.deepcopy(state["model"]),
+                            "optimizer": copy.deepcopy(state["optimizer"]),
+                            "history": {k: list(v) for k, v in state["history"].items()}}
+
+    def interrupted(self) -> TrainingInterrupted:
+        """Save the last finished epoch if it is not on disk yet; say which checkpoint is whose."""
+        if self.unsaved is not None:
+            self.save(self.unsaved)
+            self.saved_epoch, self.unsaved = self.unsaved["epoch"], None
+        return TrainingInterrupted(self.path, self.saved_epoch, written=self.saved_epoch >= self.first_epoch)
+
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        torch.save({**state, **self.meta}, tmp)
         os.replace(tmp, self.path)  # never leave a half-written checkpoint behind
         self.saved_at = time.monotonic()
 
@@ -162,12 +192,28 @@ def train_model(
     on_epoch: EpochCallback | None = None,
     checkpoint_dir: str | Path | None = None,
     quiet: bool = False,
+    checkpoint_meta: dict | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``train`` with early stopping on the val NLL; return the best weights.
 
     ``on_epoch(epoch, metrics)`` sees every epoch's metrics (MLflow logging, pruning: an exception
-    it raises ends the training); ``quiet`` drops the per-epoch line.
+    it raises ends the training); ``quiet`` drops the per-epoch line; ``checkpoint_meta`` is saved
+    in every checkpoint (e.g. the MLflow run id, to continue that run on resume). Ctrl-C raises
+    ``TrainingInterrupted`` once the last finished epoch is checkpointed.
     """
+    checkpoints = Checkpointer(checkpoint_dir, cfg.train.checkpoint_every_s) if checkpoint_dir else None
+    if checkpoints:
+        checkpoints.meta = dict(checkpoint_meta or {})
+    try:
+        return _train_model(cfg, train, val, on_epoch, checkpoints, quiet)
+    except KeyboardInterrupt:
+        if checkpoints is None:
+            raise TrainingInterrupted(None, 0, written=False) from None
+        raise checkpoints.interrupted() from None
+
+
+def _train_model(cfg: DictConfig, train: Split, val: Split, on_epoch: EpochCallback | None,
+                 checkpoints: Checkpointer | None, quiet: bool) -> TrainResult:
     seed_everything(cfg.seed)
     set_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
@@ -190,7 +236,6 @@ def train_model(
     history: dict[str, list[float]] = {}
     best = {"nll": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
     bad_epochs, start_epoch = 0, 1
-    checkpoints = Checkpointer(checkpoint_dir, cfg.train.checkpoint_every_s) if checkpoint_dir else None
     state = checkpoints.load() if checkpoints and cfg.train.resume else None
     if state is not None:
         if state["model_config"] != OmegaConf.to_container(cfg.model, resolve=True):
@@ -205,6 +250,7 @@ def train_model(
             ) from None
         history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
         start_epoch = state["epoch"] + 1
+        checkpoints.first_epoch, checkpoints.saved_epoch = start_epoch, state["epoch"]
         torch.set_rng_state(state["rng"])
         shuffle.set_state(state["shuffle_rng"])
         print(f"resuming {cfg.model.name} from {checkpoints.path} after epoch {state['epoch']}")
@@ -272,13 +318,13 @@ def train_model(
             (tqdm.write if interactive else print)(line)
         if on_epoch:
             on_epoch(epoch, metrics)
-        if checkpoints and checkpoints.due(last_epoch=epoch == cfg.train.epochs or patience_spent()):
-            checkpoints.save({
+        if checkpoints:
+            checkpoints.epoch_done({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "model_config": OmegaConf.to_container(cfg.model, resolve=True),
                 "history": history, "best": best, "bad_epochs": bad_epochs,
                 "rng": torch.get_rng_state(), "shuffle_rng": shuffle.get_state(),
-            })
+            }, last_epoch=epoch == cfg.train.epochs or patience_spent())
 
     model.load_state_dict(best["state"])
     rate = seen / busy if busy else 0.0

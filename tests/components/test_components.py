@@ -104,6 +104,12 @@ def test_evaluate_outputs_and_predictions_recompute_every_reported_number(chain)
     matrix = np.array([r["row"] for r in ev["confusion"].metadata["confusionMatrix"]["rows"]])
     assert matrix.sum() == len(np.load(chain["splits"]["test"].path)["y"])
     with np.load(ev["predictions"].path) as p:
+        # rows are true classes, columns predicted ones: counted by hand, and not symmetric, so that
+        # swapped arguments fail
+        expected = np.zeros_like(matrix)
+        np.add.at(expected, (p["labels"], p["probs"].argmax(1)), 1)
+        assert not np.array_equal(expected, expected.T)
+        np.testing.assert_array_equal(matrix, expected)
         assert {"labels", "probs", "ood_probs", "entropy", "mutual_info", "ood_entropy", "ood_mutual_info"} <= set(p)
         assert np.allclose(p["probs"].sum(1), 1, atol=1e-5)
         again = M.summarize(p["log_probs"], p["labels"], p["ood_log_probs"], p["far_ood_log_probs"])

@@ -5,7 +5,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import mlflow
 import pytest
@@ -102,22 +101,36 @@ def test_unwritable_output_and_checkpoint_folders_fail_before_any_work(tmp_path)
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_unwritable_mlflow_artifact_folder_fails_before_training(tmp_path):
+    (tmp_path / "mlartifacts").write_text("")  # a file where the runs' artifacts would go
+    proc = run_module("dl_uncertainty.train", *TINY, cwd=tmp_path, timeout=120)
+    assert "cannot write to" in _one_line_error(proc) and "mlartifacts" in proc.stderr
+    assert "epoch" not in proc.stdout
+
+
 def test_ctrl_c_ends_the_run_killed_and_resuming_on_other_data_is_one_line(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    args = [*TINY, "train.epochs=500", "train.checkpoint_dir=ck", "train.checkpoint_every_s=0"]
+    import torch
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONUNBUFFERED": "1"}
+    args = [*TINY, "train.epochs=500", "train.checkpoint_dir=ck"]  # the default checkpoint_every_s (10 s)
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "last.pt").write_bytes(b"an earlier run's checkpoint")  # never this run's
     # a shell's background job ignores SIGINT, and Python then installs no Ctrl-C handler: restore it
     proc = subprocess.Popen([sys.executable, "-m", "dl_uncertainty.train", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "ck" / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    printed = []
+    while not any("epoch   3/500" in ln for ln in printed) and proc.poll() is None:  # epochs 1-2 done, < 10 s
+        printed.append(proc.stdout.readline())
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     stderr = "\n".join(ln for ln in stderr.splitlines() if " INFO mlflow." not in ln)  # a new mlflow.db says so
     line = _one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     assert proc.returncode == 130
-    assert f"interrupted; the checkpoint is at {os.path.join('ck', 'last.pt')}; resume with train.resume=true" in line
+    epoch = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)["epoch"]
+    assert epoch >= 2
+    assert (f"interrupted; epoch {epoch}'s checkpoint is at {os.path.join('ck', 'last.pt')}; "
+            "resume with train.resume=true") in line
     runs = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["0", "1"])
     assert [r.info.status for r in runs] == ["KILLED"]
 

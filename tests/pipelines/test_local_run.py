@@ -45,23 +45,45 @@ def test_whole_pipeline_runs_locally_and_lands_in_mlflow(mlflow_server, tmp_path
 def test_a_failing_task_fails_the_run_naming_the_task_and_nothing_after_it_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    table = tmp_path / "t.csv"  # readable, but its labels have no class 7: preprocess fails
+    table = tmp_path / "t.csv"  # readable, but holding out class 1 leaves one class: preprocess fails
     table.write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
     with pytest.raises(UserError, match="preprocess") as info:
-        run_local([*TINY, "data=csv", f"data.path={table}", "data.ood_classes=[7]"], tmp_path / "out")
+        run_local([*TINY, "data=csv", f"data.path={table}", "data.ood_classes=[1]"], tmp_path / "out")
     assert "\n" not in str(info.value)
-    assert "Cause: data.ood_classes ['7'] are not labels in the data" in str(info.value)
-    assert "are not labels in the data" in capsys.readouterr().out  # and the task's own log is shown
+    assert "Cause: need at least two in-distribution classes" in str(info.value)
+    assert "need at least two in-distribution classes" in capsys.readouterr().out  # and the task's own log
     run_dir = next((tmp_path / "out").glob("uncertainty-pipeline-*"))
     assert not list(run_dir.rglob("model.pt")) and not list(run_dir.rglob("predictions"))
 
 
-def test_unreadable_data_fails_before_any_task_starts(tmp_path):
-    proc = run_module("pipelines", "run-local", *TINY, "data=csv", "data.path=missing.csv", "--pipeline-root", "out",
-                      cwd=tmp_path, env={"PYTHONPATH": str(REPO)}, timeout=120)
+@pytest.mark.parametrize(("table", "overrides", "cause"), [
+    (None, [], "data file not found: t.csv"),
+    ("a,label\n" + "1,0\ninf,1\n" * 20, [], "t.csv has 20 infinite values (column 'a' has 20); fix the data or "
+                                               "set data.non_finite=drop or data.non_finite=as_missing"),
+    ("a,label\n" + "1,0\n2,1\n" * 20, ["data.ood_classes=[7]"], "data.ood_classes ['7'] are not labels in the data"),
+])
+def test_bad_data_fails_before_any_task_starts(tmp_path, table, overrides, cause):
+    if table:
+        (tmp_path / "t.csv").write_text(table)
+    proc = run_module("pipelines", "run-local", *TINY, "data=csv", "data.path=t.csv", *overrides,
+                      "--pipeline-root", "out", cwd=tmp_path, env={"PYTHONPATH": f"{REPO / 'src'}:{REPO}"},
+                      timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == ["error: data file not found: missing.csv"]
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [f"error: {cause}"]
+    assert proc.stdout == ""  # no task started
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_unwritable_pipeline_root_fails_before_any_task_starts(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = run_module("pipelines", "run-local", *TINY, "--pipeline-root", "file/out", cwd=tmp_path,
+                      env={"PYTHONPATH": f"{REPO / 'src'}:{REPO}",
+                           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                      timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [
+        f"error: cannot write to {tmp_path / 'file' / 'out'} (Not a directory); set --pipeline-root to a writable folder"]
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_verbose_prints_every_tasks_whole_log(tmp_path, monkeypatch, capsys):
@@ -180,3 +202,33 @@ def test_every_branch_of_a_parallel_for_runs_at_once(tmp_path):
     spans = [tuple(map(float, path.read_text().split())) for path in tmp_path.rglob("span")]
     assert len(spans) == 3
     assert max(start for start, _ in spans) < min(end for _, end in spans)  # all three ran at the same time
+
+
+def test_ctrl_c_during_run_local_is_one_line_exit_130_and_stops_the_tasks(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pipelines.__main__ import _descendants
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= {"PYTHONPATH": f"{REPO / 'src'}:{REPO}", "PYTHONUNBUFFERED": "1"}
+    # a shell's background job ignores SIGINT, and Python then installs no Ctrl-C handler: restore it
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "run-local", *TINY, "train.epochs=100000",
+                             "--pipeline-root", "out"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    printed = []
+    while not any("done  preprocess" in ln for ln in printed) and proc.poll() is None:
+        printed.append(proc.stdout.readline())
+    tasks = []
+    while not tasks and proc.poll() is None:  # the training tasks have started
+        tasks = _descendants(proc.pid)
+    proc.send_signal(signal.SIGINT)  # to the launcher only, not to its tasks
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and " INFO mlflow." not in ln]  # a new mlflow.db
+    assert lines == ["error: interrupted"], stderr
+    assert tasks and not [pid for pid in tasks if os.path.exists(f"/proc/{pid}")
+                          and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]

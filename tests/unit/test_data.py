@@ -252,3 +252,51 @@ def test_missing_label_column_lists_the_columns_found(tmp_path):
     path = _write(tmp_path, _rows(sep=";"))
     with pytest.raises(UserError, match=r"columns found with separator ',': a;b;label\).*data\.separator"):
         prepare(_csv_cfg(path, "data.separator=comma"), 0)
+
+
+def _npz_with_blank_labels(tmp_path, y):
+    x = np.random.default_rng(0).normal(size=(len(y), 3))
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    return load_config(["data=npz", f"data.path={tmp_path / 'd.npz'}", "data.ood_classes=[2]",
+                        "data.test_fraction=0.25", "data.val_fraction=0.25"]).data
+
+
+@pytest.mark.parametrize("blank", [np.nan, ""])
+def test_npz_blank_labels_follow_the_blank_labels_rule_not_a_class_nan(tmp_path, blank):
+    y = np.repeat(["0", "1", "2"], 16) if blank == "" else np.repeat([0.0, 1.0, 2.0], 16)
+    y[[3, 20]] = blank
+    cfg = _npz_with_blank_labels(tmp_path, y)
+    with pytest.raises(UserError, match=r"2 labels in .*d\.npz's y are blank .*first at row 3.*blank_labels=drop"):
+        prepare(cfg, 0)
+    cfg.blank_labels = "drop"
+    splits = prepare(cfg, 0)
+    assert splits["train"].schema.class_names == ["0", "1"]  # integer names, no 'nan', no '0.0'
+    assert splits["ood"].schema.ood_class_names == ["2"] and len(splits["ood"].y) == 16
+    assert sum(len(s.y) for s in splits.values()) == 46
+    assert splits["train"].schema.cleaning["rows_dropped"]["blank_labels"] == 2
+
+
+def test_dropped_rows_are_counted_printed_and_reported(tmp_path, capsys):
+    from dl_uncertainty.eda import eda_html
+    from dl_uncertainty.preprocess import _task
+
+    lines = _rows().splitlines()
+    lines[1] = lines[1].rsplit(",", 1)[0] + ","  # blank label
+    lines[2] = "inf,1.5,0"
+    lines[3] = "-inf,2.5,1"
+    lines[4] = ",2.5,1"  # missing value
+    path = _write(tmp_path, "\n".join(lines) + "\n")
+    overrides = ["data.blank_labels=drop", "data.non_finite=drop", "data.missing=drop"]
+    splits = prepare(_csv_cfg(path, *overrides), 0)
+    assert splits["train"].schema.cleaning["rows_dropped"] == {"blank_labels": 1, "non_finite": 2, "missing": 1}
+    assert sum(len(s.y) for s in splits.values()) == 36
+    report = eda_html(splits)
+    for step, method, count in [("blank labels", "drop", 1), ("infinite values", "drop", 2),
+                                ("missing values", "drop", 1)]:
+        assert f"<td>{step}</td><td>{method}</td><td>{count} rows dropped</td>" in report
+
+    cfg = load_config(["data=csv", f"data.path={path}", f"data_dir={tmp_path / 'out'}", *overrides])
+    _task(cfg)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("dropped 4 rows: 1 with a blank label (data.blank_labels=drop), 2 with an infinite value "
+                      "(data.non_finite=drop), 1 with a missing value (data.missing=drop)")

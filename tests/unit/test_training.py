@@ -78,6 +78,47 @@ def test_checkpoints_wait_for_their_interval_but_always_keep_the_last_epoch(
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 3
 
 
+def _ctrl_c_at(stop_epoch):
+    def on_epoch(epoch, _):
+        if epoch == stop_epoch:
+            raise KeyboardInterrupt
+    return on_epoch
+
+
+def test_ctrl_c_checkpoints_the_last_finished_epoch_and_never_claims_a_stale_one(tiny_cfg, digits_splits, tmp_path):
+    from dl_uncertainty.train import _interrupted
+    from dl_uncertainty.training import TrainingInterrupted
+
+    train, val = digits_splits["train"], digits_splits["val"]
+    train_model(tiny_cfg("train.epochs=1"), train, val, checkpoint_dir=tmp_path)  # an earlier run's last.pt
+    stale = (tmp_path / "last.pt").read_bytes()
+    cfg = tiny_cfg("train.epochs=10")  # the default checkpoint_every_s: nothing is due after a few epochs
+    assert cfg.train.checkpoint_every_s == 10 and not cfg.train.resume
+
+    with pytest.raises(TrainingInterrupted) as stopped:  # during epoch 1: nothing finished
+        train_model(cfg, train, val, checkpoint_dir=tmp_path, on_epoch=_ctrl_c_at(1))
+    assert (stopped.value.epoch, stopped.value.written) == (0, False)
+    assert (tmp_path / "last.pt").read_bytes() == stale
+    message = _interrupted(stopped.value, None, tmp_path / "last.pt")
+    assert message == "interrupted before the first epoch finished; no checkpoint was written"
+
+    with pytest.raises(TrainingInterrupted) as stopped:  # during epoch 3: epoch 2 is saved
+        train_model(cfg, train, val, checkpoint_dir=tmp_path, on_epoch=_ctrl_c_at(3))
+    assert (stopped.value.epoch, stopped.value.written) == (2, True)
+    assert _interrupted(stopped.value, None, tmp_path / "last.pt") == (
+        f"interrupted; epoch 2's checkpoint is at {tmp_path / 'last.pt'}; resume with train.resume=true")
+    # the saved state is epoch 2's as it ended: resuming it gives the uninterrupted run
+    resumed = train_model(tiny_cfg("train.epochs=4", "train.resume=true"), train, val, checkpoint_dir=tmp_path)
+    straight = train_model(tiny_cfg("train.epochs=4"), train, val)
+    assert resumed.history == straight.history
+
+    with pytest.raises(TrainingInterrupted) as stopped:  # resumed after epoch 4, stopped in epoch 5
+        train_model(tiny_cfg("train.epochs=10", "train.resume=true"), train, val, checkpoint_dir=tmp_path,
+                    on_epoch=_ctrl_c_at(5))
+    assert (stopped.value.epoch, stopped.value.written) == (4, False)
+    assert "still holds epoch 4, as resumed" in _interrupted(stopped.value, None, tmp_path / "last.pt")
+
+
 def test_an_early_stop_keeps_the_epoch_it_stopped_at(tiny_cfg, digits_splits, tmp_path):
     # steps too small to move a float32 weight: the ensemble (no sampling) never beats its first val
     # NLL, and patience 2 stops it after epoch 3

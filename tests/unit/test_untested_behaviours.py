@@ -63,6 +63,10 @@ def test_accuracy_at_a_coverage_that_is_not_a_whole_number_of_examples_rounds_up
     # 0.55 of 10 examples is 5.5: the 6 most confident are kept (5 right); 5 would give 1.0, 7 would give 6/7
     assert M.accuracy_at_coverage(confidence, correct, 0.55) == pytest.approx(5 / 6)
     assert M.accuracy_at_coverage(confidence, correct, 0.5) == pytest.approx(1.0)
+    # 4.5 and 6.5 examples: round() (to even) and floor keep 4 and 6, the rule (ceil) keeps 5 and 7
+    assert M.accuracy_at_coverage(confidence, correct, 0.65) == pytest.approx(6 / 7)
+    fifth_wrong = np.array([1, 1, 1, 1, 0, 0, 1, 0, 0, 0])
+    assert M.accuracy_at_coverage(confidence, fifth_wrong, 0.45) == pytest.approx(4 / 5)
 
 
 def test_images_and_rows_round_trip_through_the_training_scaler(digits_splits):
