@@ -133,6 +133,7 @@ class TuneConfig:
     storage: str = "sqlite:///optuna.db"
     study_name: str | None = None  # null: a new study <model>-<date>; a name: create or continue it
     workers: int = 2  # tuning-pipeline: parallel trial workers
+    tuned_study: str | None = None  # set by configs/tuned/<model>.yaml: the study it is the best trial of
     # model family -> {config key: Hydra sweep: interval(a, b), int(interval(a, b)), range(a, b, step=s),
     # choice(x, y, ...), tag(log, interval(a, b))}
     space: dict[str, dict[str, str]] = field(default_factory=dict)
