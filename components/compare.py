@@ -27,6 +27,7 @@ def compare(
         gate_verdict,
         pick_winner,
         register_champion,
+        tuning_section,
     )
     from dl_uncertainty.config import pick_config
     from dl_uncertainty.metrics import TABLE_METRICS
@@ -45,9 +46,10 @@ def compare(
     columns = [c for c in TABLE_METRICS if any(c in m for m in results.values())]
     with open(comparison.path, "w") as fh:
         fh.write(comparison_markdown(results, columns, winner, metric, mode, verdict))
-    with open(report.path, "w") as fh:
-        fh.write(comparison_html(results, columns, winner, metric, mode, preds, verdict))
     store.setup(cfg)
+    tuning = tuning_section({e["model"]: e["run_id"] for e in entries})
+    with open(report.path, "w") as fh:
+        fh.write(comparison_html(results, columns, winner, metric, mode, preds, verdict, tuning))
     run_id = next(e["run_id"] for e in entries if e["model"] == winner)
     version = register_champion(run_id, cfg.evaluate.registered_model_name, promote=not failures)
     print(verdict)

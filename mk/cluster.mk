@@ -158,6 +158,8 @@ endif
 	$(KUBECTL) -n dlu rollout status deployment/minio --timeout=$(DEPLOY_TIMEOUT)
 	$(KUBECTL) -n dlu wait --for=condition=complete job/minio-buckets --timeout=$(DEPLOY_TIMEOUT)
 	$(KUBECTL) -n dlu rollout status statefulset/mlflow-postgres --timeout=$(DEPLOY_TIMEOUT)
+# idempotent: also gives a volume initialised before the script existed Optuna's role and database
+	$(KUBECTL) -n dlu exec mlflow-postgres-0 -c postgres -- sh /docker-entrypoint-initdb.d/10-optuna.sh
 	$(KUBECTL) -n dlu rollout status deployment/mlflow --timeout=$(DEPLOY_TIMEOUT)
 	$(KUBECTL) -n kubeflow wait --for=condition=Available deployment --all --timeout=$(DEPLOY_TIMEOUT)
 	@echo "deploy: ready. KFP UI: make kfp-ui (http://localhost:8080); MLflow: make mlflow-port-forward (http://localhost:5000)"

@@ -2,7 +2,7 @@
 # Optuna's own role and database in MLflow's PostgreSQL, for the tuning-pipeline's shared study.
 # Run by the postgres image on an empty data directory (k8s/dlu/postgres.yaml mounts this file from
 # a ConfigMap into /docker-entrypoint-initdb.d) and by `make stack-up`: one script for both.
-# Idempotent, so on a volume initialised before it existed:
+# Idempotent: `make deploy` runs it after every apply, so a volume initialised before it existed gets it:
 #   kubectl -n dlu exec mlflow-postgres-0 -- sh /docker-entrypoint-initdb.d/10-optuna.sh
 # Environment: POSTGRES_USER, POSTGRES_DB (a superuser and a database to connect to),
 # OPTUNA_DB_PASSWORD; PGHOST/PGPORT where the server is not the local default.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import math
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -81,9 +83,47 @@ def comparison_markdown(results: dict[str, dict[str, float]], columns: list[str]
             f"**Winner: {winner}** ({_reason(results, winner, metric, mode)}). {verdict}\n")
 
 
+SWEEP_FIGURES = {"optimization_history": "Optimisation history", "param_importances": "Parameter importance"}
+
+
+def tuning_section(run_ids: dict[str, str]) -> Section | None:
+    """For each compared model trained from ``configs/tuned/<model>.yaml`` (its run tagged with the
+    study), the sweep's figures from the study's parent run in MLflow, or where to find its report.
+    None when no model was tuned. Needs the tracking URI set (``store.setup``)."""
+    from .tracking import TUNED_STUDY_TAG
+
+    client = mlflow.MlflowClient()
+    text, figures = [], {}
+    for model, run_id in run_ids.items():
+        study = client.get_run(run_id).data.tags.get(TUNED_STUDY_TAG)
+        if not study:
+            continue
+        parents = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
+                                     filter_string=f"tags.optuna_study = '{study}' AND tags.sweep = 'parent'")
+        uris = {}
+        for name, caption in SWEEP_FIGURES.items() if parents else ():
+            try:
+                path = mlflow.artifacts.download_artifacts(run_id=parents[0].info.run_id,
+                                                           artifact_path=f"figures/{name}.png")
+            except (MlflowException, OSError):
+                continue  # no importance figure where a single parameter was searched
+            uris[f"{model}: {caption}"] = "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+        if uris:
+            text.append(f"{model} was trained from the best trial of Optuna study {study} "
+                        f"(its sweep: MLflow run {parents[0].info.run_id}, artifact reports/sweep.html).")
+            figures.update(uris)
+        else:
+            text.append(f"{model} was trained from the best trial of Optuna study {study}, whose sweep is not in "
+                        f"this MLflow: see outputs/sweeps/{study}.html where it was tuned, or the "
+                        "tuning-pipeline run's report step.")
+    return Section("Tuning", text=text, figures=figures) if text else None
+
+
 def comparison_html(results: dict[str, dict[str, float]], columns: list[str], winner: str, metric: str,
-                    mode: str, predictions: dict[str, dict[str, np.ndarray]], verdict: str = "") -> str:
-    """Side-by-side report: every metric, overlaid reliability diagrams and risk-coverage curves."""
+                    mode: str, predictions: dict[str, dict[str, np.ndarray]], verdict: str = "",
+                    tuning: Section | None = None) -> str:
+    """Side-by-side report: every metric, overlaid reliability diagrams and risk-coverage curves, and
+    ``tuning`` (see ``tuning_section``) when a model came from a sweep."""
     pairs = {name: (p["probs"], p["labels"]) for name, p in predictions.items()}
     all_metrics = sorted({k for m in results.values() for k in m})
     full = [{"metric": k, **{name: m.get(k, float("nan")) for name, m in results.items()}} for k in all_metrics]
@@ -95,5 +135,6 @@ def comparison_html(results: dict[str, dict[str, float]], columns: list[str], wi
             "Risk-coverage": plots.risk_coverage_plot(pairs),
         }),
         Section("Every metric", table=full),
+        *([tuning] if tuning else []),
     ]
     return html_report("Model comparison", sections)

@@ -89,9 +89,10 @@ class TrainConfig:
     loss: str = "ce"  # ce | focal
     focal_gamma: float = 2.0  # focal: down-weights examples the model already gets right
     focal_alpha: float = 1.0  # focal: weight of the whole loss
-    mixup_alpha: float = 0.0  # Beta(a, a) mixing weight of two examples; 0 = off
-    cutmix_alpha: float = 0.0  # Beta(a, a) share of an image kept when pasting a box of another; 0 = off
-    mix_prob: float = 1.0  # share of batches mixed when mixup or cutmix is on
+    mixup_prob: float = 0.0  # share of batches mixed up; 0 = off
+    mixup_alpha: float = 0.2  # mixup: Beta(a, a) mixing weight of two examples
+    cutmix_prob: float = 0.0  # share of batches cutmixed (images only), never the same as mixup's; 0 = off
+    cutmix_alpha: float = 1.0  # cutmix: Beta(a, a) share of an image kept when pasting a box of another
     val_mc_samples: int = 10
     checkpoint_dir: str | None = None  # default: checkpoints/<model name>
     resume: bool = False
@@ -134,6 +135,7 @@ class TuneConfig:
     storage: str = "sqlite:///optuna.db"
     study_name: str | None = None  # null: a new study <model>-<date>; a name: create or continue it
     workers: int = 2  # tuning-pipeline: parallel trial workers
+    tuned_study: str | None = None  # set by configs/tuned/<model>.yaml: the study it is the best trial of
     # model family -> {config key: Hydra sweep: interval(a, b), int(interval(a, b)), range(a, b, step=s),
     # choice(x, y, ...), tag(log, interval(a, b))}
     space: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -390,12 +392,15 @@ def validate(cfg: DictConfig) -> None:
     _one_of(t.loss, "train.loss", ("ce", "focal"))
     _check(t.focal_gamma >= 0, f"train.focal_gamma must be >= 0, got {t.focal_gamma}")
     _check(t.focal_alpha > 0, f"train.focal_alpha must be > 0, got {t.focal_alpha}")
-    _check(t.mixup_alpha >= 0, f"train.mixup_alpha must be >= 0 (0 = off), got {t.mixup_alpha}")
-    _check(t.cutmix_alpha >= 0, f"train.cutmix_alpha must be >= 0 (0 = off), got {t.cutmix_alpha}")
-    _check(0 < t.mix_prob <= 1, f"train.mix_prob must be in (0, 1], got {t.mix_prob}")
-    _check(t.cutmix_alpha == 0 or bool(d.image_shape) or d.source in IMAGE_SOURCES or m.arch != "mlp",
-           "train.cutmix_alpha > 0 needs image data: set data.image_shape (or model.arch=cnn on images), "
-           "or use train.mixup_alpha")
+    _check(t.mixup_alpha > 0, f"train.mixup_alpha must be > 0 (train.mixup_prob=0 turns mixup off), got {t.mixup_alpha}")
+    _check(t.cutmix_alpha > 0, f"train.cutmix_alpha must be > 0 (train.cutmix_prob=0 turns cutmix off), got {t.cutmix_alpha}")
+    _check(0 <= t.mixup_prob <= 1, f"train.mixup_prob must be in [0, 1], got {t.mixup_prob}")
+    _check(0 <= t.cutmix_prob <= 1, f"train.cutmix_prob must be in [0, 1], got {t.cutmix_prob}")
+    _check(t.mixup_prob + t.cutmix_prob <= 1, "train.mixup_prob + train.cutmix_prob must be <= 1 (a batch gets one "
+           f"or the other, never both), got {t.mixup_prob} + {t.cutmix_prob}")
+    _check(t.cutmix_prob == 0 or bool(d.image_shape) or d.source in IMAGE_SOURCES or m.arch != "mlp",
+           "train.cutmix_prob > 0 needs image data: set data.image_shape (or model.arch=cnn on images), "
+           "or use train.mixup_prob")
     _check(t.val_mc_samples >= 1, f"train.val_mc_samples must be >= 1, got {t.val_mc_samples}")
     _check(e.mc_samples >= 1, f"evaluate.mc_samples must be >= 1, got {e.mc_samples}")
     _one_of(e.strategy, "evaluate.strategy", ("auto", "loop", "repeat", "lrt"))

@@ -76,19 +76,24 @@ def cutmix(x: torch.Tensor, partner: torch.Tensor, image_shape: list[int], lam: 
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, feature_shape: list[int]) -> Mix | None:
-    """Mixup or cutmix of a batch with a shuffled copy of itself, as ``cfg`` (``train``) asks; None if not."""
-    if cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
+    """Mixup or cutmix of a batch with a shuffled copy of itself, as ``cfg`` (``train``) asks; None if not.
+
+    One uniform draw per batch picks cutmix with probability ``cutmix_prob``, mixup with ``mixup_prob``,
+    else nothing: the two never stack on one batch.
+    """
+    if cfg.mixup_prob <= 0 and cfg.cutmix_prob <= 0:
         return None
-    if float(torch.rand(())) >= cfg.mix_prob:
+    if cfg.cutmix_prob > 0 and len(feature_shape) != 3:
+        raise UserError(f"train.cutmix_prob needs image data [C, H, W], got features {feature_shape}; "
+                        "set data.image_shape or use train.mixup_prob")
+    draw = float(torch.rand(()))
+    if draw >= cfg.cutmix_prob + cfg.mixup_prob:
         return None
-    use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha <= 0 or float(torch.rand(())) < 0.5)
+    use_cutmix = draw < cfg.cutmix_prob
     alpha = cfg.cutmix_alpha if use_cutmix else cfg.mixup_alpha
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     order = torch.randperm(len(x)).to(x.device)
     if not use_cutmix:
         return Mix(lam * x + (1 - lam) * x[order], y[order], lam)
-    if len(feature_shape) != 3:
-        raise UserError(f"train.cutmix_alpha needs image data [C, H, W], got features {feature_shape}; "
-                        "set data.image_shape or use train.mixup_alpha")
     mixed, lam = cutmix(x, x[order], feature_shape, lam)
     return Mix(mixed, y[order], lam)

@@ -56,8 +56,9 @@ def trial_config(cfg: DictConfig, trial: optuna.trial.FrozenTrial) -> DictConfig
     return apply(cfg, values)
 
 
-def tuned_yaml(cfg: DictConfig, trial: optuna.trial.FrozenTrial, headline: str) -> str:
-    """What ``trial`` trained, as a Hydra config: the model group plus every value unlike the defaults."""
+def tuned_yaml(cfg: DictConfig, trial: optuna.trial.FrozenTrial, headline: str, study_name: str) -> str:
+    """What ``trial`` trained, as a Hydra config: the model group plus every value unlike the defaults,
+    and the study's name (``tune.tuned_study``), which training tags its MLflow run with."""
     best = OmegaConf.to_container(trial_config(cfg, trial), resolve=True)
     default = OmegaConf.to_container(load_config([f"model={cfg.model.name}"]), resolve=True)
     body: dict[str, Any] = {"defaults": [{"override /model": cfg.model.name}]}
@@ -68,6 +69,7 @@ def tuned_yaml(cfg: DictConfig, trial: optuna.trial.FrozenTrial, headline: str) 
                 body[key] = changed
         elif best[key] != default[key]:
             body[key] = best[key]
+    body["tune"] = {"tuned_study": study_name}
     return f"# @package _global_\n{headline}" + OmegaConf.to_yaml(OmegaConf.create(body))
 
 
@@ -141,7 +143,8 @@ def finish(sweep: Sweep) -> Summary:
         counts={s.name.lower(): n for s in optuna.trial.TrialState
                 if (n := sum(t.state == s for t in study.trials))},
         params=dict(best.params), importances=importances(study, objectives, cfg.seed))
-    summary.tuned_yaml = tuned_yaml(cfg, best, _headline(summary, len(study.trials), baseline))
+    summary.tuned_yaml = tuned_yaml(cfg, best, _headline(summary, len(study.trials), baseline),
+                                     sweep.study_name)
     rows = _rows(study, objectives)
     figures = {"optimization_history": plots.optimization_history(
         rows, {o: OBJECTIVES[o] for o in objectives}, title=f"{sweep.study_name}: optimisation history")}

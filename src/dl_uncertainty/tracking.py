@@ -23,6 +23,7 @@ from .data import Schema
 from .errors import UserError
 from .store import setup
 
+TUNED_STUDY_TAG = "dlu.tuned_study"  # on a training run: the Optuna study its config is the best trial of
 PYFUNC_REQUIREMENTS = ["torch>=2.3", "torchbnn>=1.2,<1.3", "numpy", "pandas", "omegaconf>=2.3,<2.4",
                        "hydra-core>=1.3.2,<1.4", "scikit-learn", "boto3"]
 
@@ -58,6 +59,8 @@ def start_run(cfg: DictConfig, continue_run_id: str | None = None):
     with mlflow.start_run(**({"run_id": continue_run_id} if continue_run_id else {"run_name": cfg.model.name})) as run:
         sha = git_sha()
         mlflow.set_tags({"model_type": cfg.model.name, **({"git_sha": sha} if sha else {})})
+        if cfg.tune.tuned_study:  # trained from configs/tuned/<model>.yaml: the sweep it came from
+            mlflow.set_tag(TUNED_STUDY_TAG, cfg.tune.tuned_study)
         if not continue_run_id:  # a continued run keeps the params it started with
             mlflow.log_params(flatten(cfg))
         try:

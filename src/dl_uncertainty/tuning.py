@@ -22,7 +22,7 @@ import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import OBJECTIVES, config_from_json, load_config, to_json, validate
@@ -139,7 +139,8 @@ def compose(overrides: list[str]) -> DictConfig:
         if not o.is_sweep_override():
             space.pop(o.key_or_group.lstrip("+~"), None)
     space.update(sweeps)
-    cfg.tune.space[family] = space
+    with open_dict(cfg.tune.space):  # ~tune.space.<model> removed the key: put back what is left
+        cfg.tune.space[family] = space
     search_space(cfg)  # fail on a bad space before any work
     return cfg
 

@@ -31,6 +31,9 @@ def _one_line_error(proc) -> str:
     (["train.lr=interval(0.1, 0.001)"], "train.lr=interval(0.1, 0.001): inverted range"),
     (["train.lrr=interval(0.001, 0.1)"], "'train.lrr' is not a data.*, model.* or train.* config key"),
     (["tune.n_trials=0"], "tune.n_trials must be >= 1, got 0"),
+    (["model=mc_dropout_dnn", "~tune.space.mc_dropout_dnn"],
+     "tune.space.mc_dropout_dnn is empty: nothing to tune for model mc_dropout_dnn"),
+    (["model=mc_dropout_dnn", "~tune.space.mc_dropout_dnn", "train.lr=0.001"], "tune.space.mc_dropout_dnn is empty"),
     (["tune.storage=sqlite:////no/such/folder/optuna.db"], "cannot open the Optuna storage sqlite:////no/such"),
     ([f"tune.storage=postgresql+psycopg2://optuna:secret@127.0.0.1:{free_port()}/optuna"],
      "cannot open the Optuna storage postgresql+psycopg2://optuna:***@127.0.0.1"),
@@ -126,3 +129,42 @@ def test_a_named_study_continues_up_to_its_budget_and_keeps_to_its_model(in_tmp)
     assert len(optuna.load_study(study_name="shared", storage="sqlite:///optuna.db").trials) == 3
     with pytest.raises(UserError, match="study 'shared' exists for other model"):
         begin(compose(["model=bnn", *FAST, "tune.study_name=shared"]))
+
+
+def test_the_comparison_report_shows_the_sweep_a_tuned_model_came_from(in_tmp, own_configs):
+    import torch
+
+    from dl_uncertainty import store
+    from dl_uncertainty.compare import comparison_html, tuning_section
+    from dl_uncertainty.config import load_config
+    from dl_uncertainty.data import prepare
+    from dl_uncertainty.predict import predict_log_probs
+    from dl_uncertainty.train import train_and_log
+
+    summary = tune(compose(["model=mc_dropout_dnn", *FAST, "train.epochs=2", "tune.n_trials=3",
+                            "tune.sampler=random"]))
+    tuned_file = (own_configs / "tuned" / "mc_dropout_dnn.yaml").read_text()
+    assert f"tuned_study: {summary.study_name}" in tuned_file
+    tuned = train_and_log(load_config(["+tuned=mc_dropout_dnn", *FAST, "train.epochs=2"]))
+    elsewhere = train_and_log(load_config(["model=bnn", *FAST, "train.epochs=1", "tune.tuned_study=on-the-cluster"]))
+    plain = train_and_log(load_config(["model=bnn", *FAST, "train.epochs=1"]))
+
+    store.setup(load_config([]))
+    tags = {r.run_id: mlflow.get_run(r.run_id).data.tags for r in (tuned, elsewhere, plain)}
+    assert tags[tuned.run_id]["dlu.tuned_study"] == summary.study_name
+    assert "dlu.tuned_study" not in tags[plain.run_id]
+    section = tuning_section({"tuned": tuned.run_id, "elsewhere": elsewhere.run_id, "plain": plain.run_id})
+    assert tuning_section({"plain": plain.run_id}) is None  # no tuned model: no section
+
+    split = prepare(load_config([]).data, 42)["val"]
+    preds = {name: {"probs": predict_log_probs(r.model, torch.as_tensor(split.x), 3).exp().mean(0).numpy(),
+                    "labels": split.y} for name, r in (("tuned", tuned), ("plain", plain))}
+    results = {"tuned": {"nll": 0.1}, "plain": {"nll": 0.2}}
+    page = comparison_html(results, ["nll"], "tuned", "nll", "min", preds, tuning=section)
+    tuning_part = page.split("<h2>Tuning</h2>", 1)[1]
+    assert f"Optuna study {summary.study_name}" in tuning_part
+    assert "tuned: Optimisation history" in tuning_part and "tuned: Parameter importance" in tuning_part
+    assert tuning_part.count("data:image/png;base64,") == 2
+    assert ("study on-the-cluster, whose sweep is not in this MLflow: see outputs/sweeps/on-the-cluster.html"
+            in tuning_part)
+    assert "plain" not in tuning_part

@@ -99,6 +99,8 @@ def test_deploy_order():
         "ensure-secrets.sh",
         "apply -k .*/k8s/dlu$",
         "apply -k .*/k8s/kfp/platform",
+        "rollout status statefulset/mlflow-postgres",
+        "exec mlflow-postgres-0 -c postgres -- sh /docker-entrypoint-initdb.d/10-optuna.sh$",
         "rollout status deployment/mlflow",
         "-n kubeflow wait --for=condition=Available",
     ]

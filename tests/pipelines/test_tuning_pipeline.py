@@ -90,6 +90,11 @@ def test_two_local_workers_share_one_sqlite_study(tmp_path, monkeypatch, capsys)
     assert {t.user_attrs["worker"] for t in study.trials} == {0, 1}
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert study.trials[0].user_attrs["baseline"] and study.trials[0].user_attrs["worker"] == 0
+    by_worker = {w: [t for t in study.trials if t.user_attrs["worker"] == w] for w in (0, 1)}
+    overlapping = [(a.number, b.number) for a in by_worker[0] for b in by_worker[1]
+                   if a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete]
+    assert overlapping, "the two workers ran one after the other: " + str(
+        [(t.number, t.user_attrs["worker"], t.datetime_start.time(), t.datetime_complete.time()) for t in study.trials])
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = study.user_attrs["mlflow_parent_run_id"]

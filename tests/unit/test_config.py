@@ -48,14 +48,21 @@ def test_defaults_are_the_documented_ones():
         ("train.loss=hinge", "train.loss"),
         ("train.focal_gamma=-1", "train.focal_gamma"),
         ("train.focal_alpha=0", "train.focal_alpha"),
-        ("train.mixup_alpha=-0.2", "train.mixup_alpha"),
-        ("train.mix_prob=0", "train.mix_prob"),
+        ("train.mixup_alpha=0", "train.mixup_alpha must be > 0"),
+        ("train.mixup_prob=1.5", "train.mixup_prob must be in [0, 1]"),
+        ("train.cutmix_prob=-0.1", "train.cutmix_prob must be in [0, 1]"),
     ],
 )
 def test_bad_config_is_a_user_error_naming_the_key(override, needle):
     with pytest.raises(UserError, match=needle.replace(".", r"\.").replace("[", r"\[")) as info:
         load_config([override])
     assert "\n" not in str(info.value)
+
+
+def test_mixup_and_cutmix_shares_add_up_to_at_most_one():
+    with pytest.raises(UserError, match=r"train\.mixup_prob \+ train\.cutmix_prob must be <= 1"):
+        load_config(["train.mixup_prob=0.6", "train.cutmix_prob=0.5"])
+    assert load_config(["train.mixup_prob=0.5", "train.cutmix_prob=0.5"]).train.cutmix_prob == 0.5
 
 
 def test_json_round_trip_keeps_every_value():

@@ -49,7 +49,7 @@ def test_mixup_mixes_inputs_with_the_partners_of_the_labels():
     torch.manual_seed(1)
     y = torch.arange(16) % 4
     x = y[:, None].float().repeat(1, 6)  # each row says its label
-    mix = mix_batch(x, y, load_config(["train.mixup_alpha=0.4"]).train, [6])
+    mix = mix_batch(x, y, load_config(["train.mixup_prob=1", "train.mixup_alpha=0.4"]).train, [6])
     assert 0 < mix.lam < 1
     expected = mix.lam * y.float() + (1 - mix.lam) * mix.y_partner.float()
     assert torch.allclose(mix.x, expected[:, None].expand(-1, 6), atol=1e-6)
@@ -75,18 +75,38 @@ def test_cutmix_through_mix_batch_labels_match_the_pasted_area():
     torch.manual_seed(3)
     y = torch.arange(8)
     x = (y[:, None].float() + 1).repeat(1, 64)
-    mix = mix_batch(x, y, load_config(["train.cutmix_alpha=1.0"]).train, [1, 8, 8])
+    mix = mix_batch(x, y, load_config(["train.cutmix_prob=1.0"]).train, [1, 8, 8])
     for row, label, partner in zip(mix.x, y, mix.y_partner, strict=True):
         if label != partner:
             assert float((row == partner + 1).float().mean()) == pytest.approx(1 - mix.lam)
 
 
 def test_cutmix_needs_images():
-    with pytest.raises(UserError, match="train.cutmix_alpha"):
-        load_config(["data=csv", "data.path=t.csv", "train.cutmix_alpha=1.0"])
+    with pytest.raises(UserError, match="train.cutmix_prob > 0 needs image data"):
+        load_config(["data=csv", "data.path=t.csv", "train.cutmix_prob=0.5"])
     with pytest.raises(UserError, match="image data"):
         mix_batch(torch.zeros(4, 6), torch.zeros(4, dtype=torch.long),
-                  load_config(["train.cutmix_alpha=1.0"]).train, [6])
+                  load_config(["train.cutmix_prob=0.5"]).train, [6])
+
+
+def _kind(mix: Mix | None) -> str:
+    """What a batch of constant rows (row i holds i + 1) went through, read from the pixels."""
+    if mix is None:
+        return "none"
+    whole = torch.equal(mix.x, mix.x.round())  # cutmix pastes pixels; mixup blends them
+    return "cutmix" if whole else "mixup"
+
+
+@pytest.mark.parametrize(("mixup", "cutmix"), [(0.3, 0.0), (0.0, 0.4), (0.3, 0.2), (0.5, 0.5)])
+def test_each_option_mixes_its_share_of_batches_and_never_both(mixup, cutmix):
+    torch.manual_seed(7)
+    cfg = load_config([f"train.mixup_prob={mixup}", f"train.cutmix_prob={cutmix}"]).train
+    x, y = (torch.arange(16)[:, None].float() + 1).repeat(1, 64), torch.arange(16)
+    kinds = [_kind(mix_batch(x, y, cfg, [1, 8, 8])) for _ in range(3000)]
+    shares = {k: kinds.count(k) / len(kinds) for k in ("mixup", "cutmix", "none")}
+    assert shares["mixup"] == pytest.approx(mixup, abs=0.03)
+    assert shares["cutmix"] == pytest.approx(cutmix, abs=0.03)
+    assert shares["none"] == pytest.approx(1 - mixup - cutmix, abs=0.03)
 
 
 def test_defaults_are_plain_cross_entropy_and_draw_no_random_numbers(tiny_cfg, batch):
@@ -115,8 +135,8 @@ def test_the_bnn_elbo_uses_the_configured_data_loss(tiny_cfg, digits_splits):
 
 @pytest.mark.parametrize("option", [
     ["model=bnn", "train.loss=focal"],
-    ["model=mc_dropout_dnn", "train.mixup_alpha=0.2"],
-    ["model=deep_ensemble", "model.ensemble_size=2", "train.cutmix_alpha=1.0", "train.mix_prob=0.5"],
+    ["model=mc_dropout_dnn", "train.mixup_prob=0.5"],
+    ["model=deep_ensemble", "model.ensemble_size=2", "train.cutmix_prob=0.3", "train.mixup_prob=0.3"],
 ])
 def test_every_option_trains(tiny_cfg, digits_splits, option):
     result = train_model(tiny_cfg(*option, "train.epochs=6"), digits_splits["train"], digits_splits["val"],
