@@ -380,6 +380,9 @@ def raw_to_rows(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
     else:
         columns = [str(c) for c in frame.columns]
         given, known = set(columns), set(names)  # sets: an image has thousands of columns
+        if len(given) < len(columns):
+            twice = pd.Index(columns)[pd.Index(columns).duplicated()].unique().tolist()
+            raise UserError(f"columns {twice[:5]} are given more than once; name each column once")
         missing = [n for n in names if n not in given]
         unknown = [c for c in columns if c not in known]
         if missing or unknown:
@@ -397,7 +400,13 @@ def raw_to_rows(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
         given = given.item() if isinstance(given, np.generic) else given
         what = "is empty" if given is None else f"is {given!r}"
         raise UserError(f"row {row} column {names[col]!r} {what}; every feature must be a finite number")
-    x, _ = _apply_cleaning(pd.DataFrame(values, columns=names), schema.cleaning)
+    with np.errstate(over="ignore", invalid="ignore"):
+        x, _ = _apply_cleaning(pd.DataFrame(values, columns=names), schema.cleaning)
+    bad = ~np.isfinite(x)
+    if bad.any():  # finite as given, too large once scaled to float32 (e.g. 1e300)
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise UserError(f"row {row} column {names[col]!r} is {float(values[row, col])!r}, too large to scale; "
+                        f"every feature must be a number of the size the training data held")
     return x
 
 

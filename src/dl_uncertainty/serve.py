@@ -10,7 +10,8 @@ POST /v1/models/<name>:predict     KServe's v1 protocol: {"instances": [[...]]}
                          "mutual_information": ..., "prediction_set": [...], "set_size": ..., "abstain": ...}]}
 GET  /health, /v1/models/<name>    ready?        GET /info   the columns it takes, its classes, its calibration
 
-Bad input gets a 400 whose body is one sentence: {"error": "..."}. The model is any MLflow model URI
+Bad input gets a 400 whose body is one sentence: {"error": "..."}; a failure of the server itself a 500
+of the same shape (its traceback goes to the server's log). The model is any MLflow model URI
 this package logged (``models:/<name>@<alias>``, ``runs:/<id>/model``, a local folder), on the store
 MLFLOW_TRACKING_URI points at (default ``sqlite:///mlflow.db``).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import threading
 from typing import Any
@@ -31,6 +33,7 @@ from .errors import UserError
 
 DEFAULT_MODEL = "models:/dl-uncertainty@champion"
 INPUT_KEYS = ("dataframe_split", "dataframe_records", "inputs", "instances")
+log = logging.getLogger("dl_uncertainty.serve")
 
 
 def load(uri: str):
@@ -112,6 +115,10 @@ def create_app(wrapper, name: str = "dl-uncertainty"):
             content = await run_in_threadpool(predict, await request.body())
         except UserError as err:
             return JSONResponse({"error": str(err)}, status_code=400)
+        except Exception as err:  # a bug, not the client's input: one sentence out, the traceback in the log
+            log.exception("prediction failed")
+            return JSONResponse({"error": f"the model failed on this request ({type(err).__name__}); "
+                                          "the server log has the details"}, status_code=500)
         return Response(content, media_type="application/json")
 
     app.post("/invocations")(answer)

@@ -93,6 +93,10 @@ def test_kserve_v1_protocol_and_info(served, digits_splits):
     ({"inputs": [[0] * 64, [0] * 63]}, "different lengths"),
     ({"rows": [[0] * 64]}, "needs one of the keys"),
     (b"not json", "not JSON"),
+    ({"dataframe_split": {"columns": ["pixel_0", *(f"pixel_{i}" for i in range(64))], "data": [[0] * 65]}},
+     "columns ['pixel_0'] are given more than once"),
+    ({"inputs": [[1e300] + [0] * 63]}, "row 0 column 'pixel_0' is 1e+300, too large to scale"),
+    ({"inputs": [[0] * 63 + [-1e300]]}, "row 0 column 'pixel_63' is -1e+300, too large to scale"),
 ])
 def test_bad_input_is_a_400_with_one_sentence(served, body, says):
     url = served[0]
@@ -110,3 +114,47 @@ def test_serving_a_model_that_is_not_there_is_one_line_naming_the_fix(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr
     assert "cannot load models:/dl-uncertainty@champion" in errors[0] and "`make run`" in errors[0]
+
+
+BROKEN_SERVER = """
+import sys, uvicorn
+from dl_uncertainty.data import Schema
+from dl_uncertainty.serve import create_app
+
+class Broken:  # a model whose prediction fails on every request: a bug, not bad input
+    schema = Schema([2], ["a", "b"], [], "test", feature_names=["x0", "x1"])
+    def predict_rows(self, x):
+        raise RuntimeError("weights on the wrong device")
+
+uvicorn.run(create_app(Broken()), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def test_a_failure_of_the_server_is_a_500_with_one_json_sentence_and_the_traceback_in_the_log(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    server = subprocess.Popen([sys.executable, "-c", BROKEN_SERVER, str(port)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.2)
+        status, answer = post(f"{url}/invocations", {"inputs": [[0.5, 0.5]]})
+        assert status == 500
+        assert answer == {"error": "the model failed on this request (RuntimeError); the server log has the details"}
+        assert post(f"{url}/invocations", {"inputs": [[0.5]]})[0] == 400  # bad input is still the client's
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=30)[0]
+    assert "Traceback" in log and "weights on the wrong device" in log
