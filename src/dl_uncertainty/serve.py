@@ -8,7 +8,8 @@ POST /invocations                  MLflow's JSON formats: {"dataframe_split": {"
 POST /v1/models/<name>:predict     KServe's v1 protocol: {"instances": [[...]]}
     -> {"predictions": [{"prob_<class>": ..., "predicted_class": ..., "predictive_entropy": ...,
                          "mutual_information": ..., "prediction_set": [...], "set_size": ..., "abstain": ...}]}
-GET  /health, /v1/models/<name>    ready?        GET /info   the columns it takes, its classes, its calibration
+GET  /health, /v1/models/<name>    ready?        GET /info   the columns it takes (and their range: [0, 1]
+                                   for an image model's pixels), its classes, its calibration
 
 Bad input gets a 400 whose body is one sentence: {"error": "..."}; a failure of the server itself a 500
 of the same shape (its traceback goes to the server's log). The model is any MLflow model URI
@@ -89,7 +90,10 @@ def parse(body: bytes) -> pd.DataFrame:
 
 def info(wrapper) -> dict[str, Any]:
     schema, cal = wrapper.schema, wrapper.calibration
+    from .data import input_range
+
     return {"model": wrapper.cfg.model.name, "columns": schema.feature_names, "feature_shape": schema.feature_shape,
+            "input_range": input_range(schema),  # [0, 1] for images: pixels / 255; null: any finite number
             "classes": schema.class_names, "mc_samples": wrapper.cfg.evaluate.mc_samples,
             "calibration": cal.to_dict() if cal else None}
 

@@ -158,3 +158,32 @@ def test_a_failure_of_the_server_is_a_500_with_one_json_sentence_and_the_traceba
         server.terminate()
         log = server.communicate(timeout=30)[0]
     assert "Traceback" in log and "weights on the wrong device" in log
+
+
+def test_an_image_model_refuses_pixels_outside_0_1_and_says_so(tmp_path):
+    import types
+
+    from dl_uncertainty.config import load_config
+    from dl_uncertainty.data import prepare, raw_to_rows
+    from dl_uncertainty.errors import UserError
+    from dl_uncertainty.images import make_shapes
+    from dl_uncertainty.serve import info, parse
+
+    folder = make_shapes(tmp_path, per_class=12, size=8)
+    schema = prepare(load_config(["data=image_folder", f"data.path={folder}"]).data, seed=0)["train"].schema
+    n = schema.num_features
+    pixels = np.linspace(0, 1, n)[None]
+    assert raw_to_rows(parse(json.dumps({"inputs": pixels.tolist()}).encode()), schema).shape == (1, n)
+    assert raw_to_rows(parse(json.dumps({"inputs": (pixels * 1.005).tolist()}).encode()), schema).shape == (1, n)
+    with pytest.raises(UserError, match=r"^row 0 column 'pixel_5' is 255, but this image model takes pixels "
+                                        r"scaled to \[0, 1\]; divide 0-255 pixel values by 255$"):
+        raw_to_rows(parse(json.dumps({"inputs": [[0.5] * 5 + [255] + [0.5] * (n - 6)]}).encode()), schema)
+    with pytest.raises(UserError, match="is -0.5, but this image model"):
+        raw_to_rows(parse(json.dumps({"inputs": [[-0.5] + [0.5] * (n - 1)]}).encode()), schema)
+    wrapper = types.SimpleNamespace(schema=schema, calibration=None,
+                                    cfg=load_config(["data=image_folder", f"data.path={folder}"]))
+    assert info(wrapper)["input_range"] == [0.0, 1.0]
+
+
+def test_info_of_a_table_model_has_no_input_range(served):
+    assert json.loads(urllib.request.urlopen(f"{served[0]}/info", timeout=10).read())["input_range"] is None
