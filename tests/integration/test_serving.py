@@ -29,6 +29,9 @@ def post(url: str, body) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
+TRAINED: dict = {}  # the served model's run id and store
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, digits_splits):
     """Train and register a champion, evaluate it offline, serve it from a fresh process."""
@@ -46,6 +49,7 @@ def served(tmp_path_factory, digits_splits):
         del os.environ["MLFLOW_TRACKING_URI"]
     offline = evaluate_model(trained.model, cfg, digits_splits["test"], digits_splits["ood"], digits_splits["val"],
                              calibration=trained.calibration, with_figures=False)
+    TRAINED.update(run_id=trained.run_id, uri=uri, tmp=tmp)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin"}  # no venv on PATH
     with model_server(env, cwd=tmp) as url:
         yield url, offline, cfg
@@ -187,3 +191,21 @@ def test_an_image_model_refuses_pixels_outside_0_1_and_says_so(tmp_path):
 
 def test_info_of_a_table_model_has_no_input_range(served):
     assert json.loads(urllib.request.urlopen(f"{served[0]}/info", timeout=10).read())["input_range"] is None
+
+
+def test_evaluate_refuses_calibration_options_that_the_trained_model_cannot_honour(served):
+    from tests.conftest import run_module
+
+    env = {"MLFLOW_TRACKING_URI": TRAINED["uri"]}
+    out = run_module("dl_uncertainty.evaluate", f"run_id={TRAINED['run_id']}", "evaluate.alpha=0.2",
+                     "evaluate.conformal_method=aps", cwd=TRAINED["tmp"], env=env, timeout=120)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode != 0 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert errors[0] == (
+        f"error: evaluate.alpha=0.2 evaluate.conformal_method=aps cannot change a trained model: run {TRAINED['run_id']} "
+        "is evaluated with the calibration bundled at training (calibration=temperature, alpha=0.1, "
+        "conformal_method=lac, target_risk=0.01); to change it, retrain with "
+        "`python -m dl_uncertainty.train evaluate.alpha=0.2 evaluate.conformal_method=aps` (or `make run OVERRIDES=...`)")
+    same = run_module("dl_uncertainty.evaluate", f"run_id={TRAINED['run_id']}", "evaluate.alpha=0.1",
+                      "evaluate.mc_samples=5", cwd=TRAINED["tmp"], env=env, timeout=300)
+    assert same.returncode == 0, same.stderr  # the bundled value itself is fine
