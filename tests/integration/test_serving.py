@@ -209,3 +209,18 @@ def test_evaluate_refuses_calibration_options_that_the_trained_model_cannot_hono
     same = run_module("dl_uncertainty.evaluate", f"run_id={TRAINED['run_id']}", "evaluate.alpha=0.1",
                       "evaluate.mc_samples=5", cwd=TRAINED["tmp"], env=env, timeout=300)
     assert same.returncode == 0, same.stderr  # the bundled value itself is fine
+
+
+def test_a_row_gets_the_same_answer_alone_or_anywhere_in_a_batch(served, digits_splits):
+    url, _, _ = served
+    test = digits_splits["test"]
+    rows = np.rint(unscaled(test.x[:32], test.schema)).astype(int).tolist()
+    batch = post(f"{url}/invocations", {"inputs": rows})[1]["predictions"]
+    reversed_ = post(f"{url}/invocations", {"inputs": rows[::-1]})[1]["predictions"][::-1]
+    alone = post(f"{url}/invocations", {"inputs": rows[7:8]})[1]["predictions"][0]
+    for got in (reversed_, [*batch[:7], alone, *batch[8:]]):
+        for a, b in zip(got, batch, strict=True):
+            assert a["prediction_set"] == b["prediction_set"] and a["abstain"] == b["abstain"]
+            assert a["predicted_class"] == b["predicted_class"]
+            for key in (k for k in a if k.startswith("prob_") or k in ("predictive_entropy", "mutual_information")):
+                assert a[key] == pytest.approx(b[key], abs=1e-6)
