@@ -23,7 +23,9 @@ def compare(
     from dl_uncertainty.compare import (
         comparison_html,
         comparison_markdown,
+        current_champion,
         gate_failures,
+        gate_skipped,
         gate_verdict,
         pick_winner,
         register_champion,
@@ -41,12 +43,14 @@ def compare(
             preds[entry["model"]] = {"probs": npz["probs"], "labels": npz["labels"]}
     metric, mode = cfg.evaluate.winner_metric, cfg.evaluate.winner_mode
     winner = pick_winner(results, metric, mode)
-    failures = gate_failures(results[winner], cfg.evaluate.champion_gate)
-    verdict = gate_verdict(winner, failures)
+    gate, alpha = cfg.evaluate.champion_gate, results[winner].get("alpha", cfg.evaluate.alpha)
+    failures = gate_failures(results[winner], gate, alpha)
+    store.setup(cfg)
+    verdict = gate_verdict(winner, failures, gate_skipped(results[winner], gate),
+                           current_champion(cfg.evaluate.registered_model_name))
     columns = [c for c in TABLE_METRICS if any(c in m for m in results.values())]
     with open(comparison.path, "w") as fh:
         fh.write(comparison_markdown(results, columns, winner, metric, mode, verdict))
-    store.setup(cfg)
     tuning = tuning_section({e["model"]: e["run_id"] for e in entries})
     with open(report.path, "w") as fh:
         fh.write(comparison_html(results, columns, winner, metric, mode, preds, verdict, tuning))

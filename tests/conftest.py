@@ -28,7 +28,7 @@ TINY = [
 # The champion gate's thresholds, loosened for runs of a few epochs whose winner must become champion;
 # the gate itself is tested with thresholds the winner fails (tests/components).
 LOOSE_GATE = ["evaluate.champion_gate.max_ece=0.5", "evaluate.champion_gate.min_ood_auroc=0.5",
-              "evaluate.champion_gate.min_coverage=0.5"]
+              "evaluate.champion_gate.coverage_slack=0.4"]
 
 
 def free_port() -> int:

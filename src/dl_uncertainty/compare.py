@@ -26,28 +26,53 @@ def pick_winner(results: dict[str, dict[str, float]], metric: str, mode: str) ->
     return pick(scored, key=scored.get)
 
 
-# gate key -> (metric, direction, what it means)
+# gate key -> (metric, direction, what it means); coverage is checked against 1 - alpha - coverage_slack
 GATE = {
     "max_ece": ("ece_ts", "max", "test ECE (calibrated)"),
     "min_ood_auroc": ("auroc_entropy", "min", "OOD AUROC (entropy)"),
-    "min_coverage": ("coverage", "min", "conformal coverage"),
+    "coverage_slack": ("coverage", "min", "conformal coverage"),
 }
+OPTIONAL = {"auroc_entropy": "no OOD split"}  # the only metric a model may lack: then it is not checked
 
 
-def gate_failures(metrics: dict[str, float], gate) -> list[str]:
+def _limit(key: str, gate, alpha: float) -> float | None:
+    limit = gate[key]
+    if key == "coverage_slack" and limit is not None:
+        return 1 - alpha - limit  # the sets promise >= 1 - alpha; sampling error allowed for by the slack
+    return limit
+
+
+def gate_failures(metrics: dict[str, float], gate, alpha: float) -> list[str]:
     """Why a model may not become champion: one phrase per failed threshold (empty: it passes).
 
-    A threshold set to null is not checked; a metric the model lacks (no OOD split) is skipped.
+    A threshold set to null is not checked. A missing metric fails, except the OOD AUROC of a model
+    evaluated without an OOD split (``gate_skipped`` names it). Coverage must reach 1 - alpha - slack.
     """
     failures = []
-    for key, (metric, direction, label) in GATE.items():
-        limit = gate[key]
-        value = metrics.get(metric)
-        if limit is None or value is None:
+    for key in GATE:
+        metric, direction, label = GATE[key]
+        limit, value = _limit(key, gate, alpha), metrics.get(metric)
+        if limit is None or (value is None and metric in OPTIONAL):
             continue
-        if not math.isfinite(value) or (value > limit if direction == "max" else value < limit):
+        if value is None:
+            failures.append(f"{label} was not measured ({metric} missing)")
+        elif not math.isfinite(value) or (value > limit if direction == "max" else value < limit):
             failures.append(f"{label} {value:.4f} {'>' if direction == 'max' else '<'} {limit:g}")
     return failures
+
+
+def gate_skipped(metrics: dict[str, float], gate) -> list[str]:
+    """The thresholds not checked because the model lacks an optional metric, with why."""
+    return [f"{GATE[key][2]} not checked ({OPTIONAL[GATE[key][0]]})" for key in GATE
+            if gate[key] is not None and GATE[key][0] in OPTIONAL and GATE[key][0] not in metrics]
+
+
+def current_champion(name: str) -> str | None:
+    """The version the champion alias points at, or None when there is none (or no such model)."""
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        return None
 
 
 def register_champion(run_id: str, name: str, promote: bool = True) -> str:
@@ -62,11 +87,18 @@ def register_champion(run_id: str, name: str, promote: bool = True) -> str:
     return str(version.version)
 
 
-def gate_verdict(winner: str, failures: list[str]) -> str:
+def gate_verdict(winner: str, failures: list[str], skipped: list[str] = (), champion: str | None = "") -> str:
+    """``champion``: the version the alias is on now (None: there is none; "": not looked up)."""
+    note = f" ({'; '.join(skipped)})" if skipped else ""
     if not failures:
-        return f"{winner} passes the champion gate and becomes {CHAMPION}."
-    return (f"{winner} fails the champion gate ({'; '.join(failures)}): registered, but the {CHAMPION} "
-            f"alias stays on the previous champion (thresholds: evaluate.champion_gate).")
+        return f"{winner} passes the champion gate{note} and becomes {CHAMPION}."
+    if champion is None:
+        stays = (f"no {CHAMPION} is set, so `make serve` has nothing to serve until a model passes "
+                 f"(thresholds: evaluate.champion_gate).")
+    else:
+        where = f"version {champion}" if champion else "the previous champion"
+        stays = f"the {CHAMPION} alias stays on {where} (thresholds: evaluate.champion_gate)."
+    return f"{winner} fails the champion gate ({'; '.join(failures)}){note}: registered, but {stays}"
 
 
 def comparison_rows(results: dict[str, dict[str, float]], columns: list[str]) -> list[dict]:

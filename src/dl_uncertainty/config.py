@@ -106,7 +106,7 @@ class ChampionGate:
 
     max_ece: float | None = 0.05
     min_ood_auroc: float | None = 0.8
-    min_coverage: float | None = 0.85
+    coverage_slack: float | None = 0.05  # test coverage of the conformal sets must be >= 1 - alpha - this
 
 
 @dataclass
@@ -409,6 +409,9 @@ def validate(cfg: DictConfig) -> None:
     _one_of(e.calibration, "evaluate.calibration", ("temperature", "none"))
     _one_of(e.conformal_method, "evaluate.conformal_method", ("lac", "aps"))
     _check(0 < e.alpha < 1, f"evaluate.alpha must be in (0, 1), got {e.alpha}")
+    slack = e.champion_gate.coverage_slack
+    _check(slack is None or 0 <= slack < 1 - e.alpha, "evaluate.champion_gate.coverage_slack must be in "
+           f"[0, 1 - alpha = {1 - e.alpha:g}) (the gate needs coverage >= 1 - alpha - slack), or null, got {slack}")
     _check(0 <= e.target_risk < 1, f"evaluate.target_risk must be in [0, 1), got {e.target_risk}")
     _check(cfg.num_threads >= 0, f"num_threads must be >= 0, got {cfg.num_threads}")
     _check(len(cfg.pipeline.models) >= 1, "pipeline.models must name at least one model")

@@ -419,6 +419,14 @@ def to_images(x: np.ndarray, schema: Schema) -> np.ndarray | None:
     return unscaled(x, schema).reshape(len(x), *schema.feature_shape)
 
 
+PIXEL_TOLERANCE = 0.01  # how far outside [0, 1] an image model's input may be (rounding, resampling)
+
+
+def input_range(schema: Schema) -> list[float] | None:
+    """[0, 1] for an image model (its columns are pixels scaled from 0-255 to [0, 1]), else None."""
+    return [0.0, 1.0] if str(schema.cleaning.get("scaling", "")).startswith("per-channel mean/std") else None
+
+
 def raw_to_rows(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
     """New raw inputs (named columns, or rows of values in the training order) through the
     cleaning and scaling fitted on the training split. Bad input: UserError, one sentence."""
@@ -430,6 +438,9 @@ def raw_to_rows(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
     else:
         columns = [str(c) for c in frame.columns]
         given, known = set(columns), set(names)  # sets: an image has thousands of columns
+        if len(given) < len(columns):
+            twice = pd.Index(columns)[pd.Index(columns).duplicated()].unique().tolist()
+            raise UserError(f"columns {twice[:5]} are given more than once; name each column once")
         missing = [n for n in names if n not in given]
         unknown = [c for c in columns if c not in known]
         if missing or unknown:
@@ -447,7 +458,19 @@ def raw_to_rows(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
         given = given.item() if isinstance(given, np.generic) else given
         what = "is empty" if given is None else f"is {given!r}"
         raise UserError(f"row {row} column {names[col]!r} {what}; every feature must be a finite number")
-    x, _ = _apply_cleaning(pd.DataFrame(values, columns=names), schema.cleaning)
+    if input_range(schema) is not None:
+        outside = (values < -PIXEL_TOLERANCE) | (values > 1 + PIXEL_TOLERANCE)
+        if outside.any():
+            row, col = (int(i) for i in np.argwhere(outside)[0])
+            raise UserError(f"row {row} column {names[col]!r} is {float(values[row, col]):g}, but this image model "
+                            "takes pixels scaled to [0, 1]; divide 0-255 pixel values by 255")
+    with np.errstate(over="ignore", invalid="ignore"):
+        x, _ = _apply_cleaning(pd.DataFrame(values, columns=names), schema.cleaning)
+    bad = ~np.isfinite(x)
+    if bad.any():  # finite as given, too large once scaled to float32 (e.g. 1e300)
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise UserError(f"row {row} column {names[col]!r} is {float(values[row, col])!r}, too large to scale; "
+                        f"every feature must be a number of the size the training data held")
     return x
 
 

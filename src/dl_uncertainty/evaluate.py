@@ -1,6 +1,9 @@
 """Re-evaluate a logged model and add the uncertainty metrics, figures and report to its MLflow run.
 
     python -m dl_uncertainty.evaluate run_id=<MLflow run id> [evaluate.mc_samples=100]
+
+The calibration (evaluate.calibration, alpha, conformal_method, target_risk) is the one fitted after
+training and bundled with the model; setting one of them to another value here is refused.
 """
 
 from __future__ import annotations
@@ -8,6 +11,23 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from .errors import UserError
+
+# fitted after training on the validation split and bundled with the model: fixed once trained
+BUNDLED = ("calibration", "alpha", "conformal_method", "target_risk")
+
+
+def _check_bundled(given: DictConfig, trained: DictConfig, run_id: str) -> None:
+    """A calibration option set on the command line (not the default) that differs from the one the
+    model was calibrated with is refused: evaluation uses the bundled calibration, as serving does."""
+    from .config import EvaluateConfig
+
+    default = EvaluateConfig()
+    changed = [f"evaluate.{k}={given[k]}" for k in BUNDLED if given[k] != getattr(default, k) and given[k] != trained[k]]
+    if changed:
+        bundled = ", ".join(f"{k}={trained[k]}" for k in BUNDLED)
+        raise UserError(f"{' '.join(changed)} cannot change a trained model: run {run_id} is evaluated with the "
+                        f"calibration bundled at training ({bundled}); to change it, retrain with "
+                        f"`python -m dl_uncertainty.train {' '.join(changed)}` (or `make run OVERRIDES=...`)")
 
 
 def evaluate_run(cfg: DictConfig):
@@ -26,8 +46,12 @@ def evaluate_run(cfg: DictConfig):
     except mlflow.exceptions.MlflowException:
         raise UserError(f"no MLflow run {cfg.run_id} at {store.tracking_uri(cfg)}") from None
     logged = tracking.load_logged_model(cfg.run_id)
+    _check_bundled(cfg.evaluate, logged.cfg.evaluate, cfg.run_id)
     run_cfg = logged.cfg.copy()
-    run_cfg.evaluate = cfg.evaluate  # data and model as trained; evaluation options from the command line
+    evaluate = cfg.evaluate.copy()  # data and model as trained; evaluation options from the command line ...
+    for key in BUNDLED:  # ... except what was fitted after training and is bundled with the model
+        evaluate[key] = logged.cfg.evaluate[key]
+    run_cfg.evaluate = evaluate
     splits = prepare(run_cfg.data, run_cfg.seed)
     evaluation = evaluate_model(logged.model, run_cfg, splits["test"], splits["ood"], splits["val"],
                                 calibration=logged.calibration)

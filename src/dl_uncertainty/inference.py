@@ -378,6 +378,14 @@ class _Layout:
         self.costs = costs
         self.tc = 1
         self.nc = 1
+        self.gens: list[torch.Generator] | None = None  # per-row seeding: one generator per MC sample
+
+    def draw(self, fn, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """``fn`` (torch.rand / torch.randn) of shape ``[tc, *shape]``; with per-row seeding, MC sample
+        t's slice comes from its own generator, so it does not depend on the batch or the chunking."""
+        if self.gens is None:
+            return fn((self.tc, *shape), dtype=like.dtype, device=like.device)
+        return torch.stack([fn(shape, generator=g, dtype=like.dtype, device=like.device) for g in self.gens])
 
     def shared(self, t: torch.Tensor) -> bool:
         if self.tc == 1:
@@ -409,6 +417,10 @@ def _dropout_forward(m: nn.Dropout, lay: _Layout):
         if m.p >= 1:
             return torch.zeros_like(lay.widen(inp))
         scale = 1.0 / (1.0 - m.p)
+        if lay.gens is not None:  # per-row seeding: sample t's mask is shared by every row of the batch
+            mask = lay.draw(torch.rand, (1, *inp.shape[1:]), inp).ge_(m.p).mul_(scale)
+            rows = inp.unsqueeze(0) if lay.shared(inp) else inp.view(lay.tc, lay.nc, *inp.shape[1:])
+            return (mask * rows).view(lay.tc * lay.nc, *inp.shape[1:])
         if lay.shared(inp):
             mask = torch.rand((lay.tc, *inp.shape), dtype=inp.dtype, device=inp.device)
             out = mask.ge_(m.p).mul_(scale).mul_(inp)
@@ -437,12 +449,19 @@ def _bayes_linear_forward(m: nn.Module, lay: _Layout):
     n_w = mu.numel()
 
     def use_lrt(rows_per_sample: int, shared: bool) -> bool:
+        if lay.gens is not None:  # LRT draws noise per row: per-row seeding needs whole weight sets
+            return False
         if lay.mode != "auto":
             return lay.mode == "lrt"
         return _lrt_cheaper(lay.costs, n_w, m.out_features, rows_per_sample,
                             lay.tc if shared else 1)
 
-    def sample_weight() -> tuple[torch.Tensor, torch.Tensor | None]:
+    def sample_weight(t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if lay.gens is not None:
+            g, kw = lay.gens[t], {"dtype": mu.dtype, "device": mu.device}
+            w = torch.randn(mu.shape, generator=g, **kw).mul_(sigma).add_(mu)
+            b = None if b_mu is None else torch.randn(b_mu.shape, generator=g, **kw).mul_(b_sigma).add_(b_mu)
+            return w, b
         w = torch.randn_like(mu).mul_(sigma).add_(mu)
         b = None if b_mu is None else torch.randn_like(b_mu).mul_(b_sigma).add_(b_mu)
         return w, b
@@ -462,7 +481,7 @@ def _bayes_linear_forward(m: nn.Module, lay: _Layout):
         out = inp.new_empty((tc, nc, *inp.shape[1:-1], m.out_features))
         xs = inp if shared else inp.reshape(tc, nc, *inp.shape[1:])
         for t in range(tc):
-            w, b = sample_weight()
+            w, b = sample_weight(t)
             x_t = xs if shared else xs[t]
             if x_t.dim() == 2 and b is not None:
                 torch.addmm(b, x_t, w.t(), out=out[t])
@@ -491,10 +510,10 @@ def _bayes_conv_forward(m: nn.Module, lay: _Layout):
         shared = lay.shared(inp)
         tc, nc = lay.tc, lay.nc
         # one kernel set per MC sample (kernels are shared across positions: LRT is not exact)
-        w = torch.randn((tc, *mu.shape), dtype=mu.dtype, device=mu.device).mul_(sigma).add_(mu)
+        w = lay.draw(torch.randn, tuple(mu.shape), mu).mul_(sigma).add_(mu)
         b = None
         if b_mu is not None:
-            b = torch.randn((tc, *b_mu.shape), dtype=mu.dtype, device=mu.device)
+            b = lay.draw(torch.randn, tuple(b_mu.shape), mu)
             b = b.mul_(b_sigma).add_(b_mu)
         if shared and m.groups == 1:
             # all tc kernel sets in one convolution of the shared input
@@ -520,9 +539,9 @@ def _bayes_bn_forward(m: nn.Module, lay: _Layout):
         y = F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
         tc = lay.tc
         shape = (tc, 1, m.num_features) + (1,) * (y.dim() - 2)
-        w = torch.randn(tc, m.num_features, dtype=y.dtype, device=y.device)
+        w = lay.draw(torch.randn, (m.num_features,), y)
         w = w.mul_(w_sigma).add_(m.weight_mu).view(shape)
-        b = torch.randn(tc, m.num_features, dtype=y.dtype, device=y.device)
+        b = lay.draw(torch.randn, (m.num_features,), y)
         b = b.mul_(b_sigma).add_(m.bias_mu).view(shape)
         yv = y.view(tc, -1, *y.shape[1:])
         return yv.mul_(w).add_(b).view_as(y)
@@ -560,7 +579,7 @@ def _patched(model: nn.Module, lay: _Layout) -> Iterator[None]:
 
 
 def _run_batched(model: nn.Module, x: torch.Tensor, samples: int, plan: Plan,
-                 eager: bool) -> torch.Tensor:
+                 eager: bool, row_seed: int | None = None) -> torch.Tensor:
     n = x.shape[0]
     out: torch.Tensor | None = None
     lay = _Layout(plan.strategy, _machine_costs() if plan.strategy == "auto" else None)
@@ -571,6 +590,9 @@ def _run_batched(model: nn.Module, x: torch.Tensor, samples: int, plan: Plan,
             for t0 in range(0, samples, plan.samples_per_chunk):
                 tc = min(plan.samples_per_chunk, samples - t0)
                 lay.tc, lay.nc = tc, nc
+                if row_seed is not None:  # MC sample t draws from (row_seed, t) in every chunk of rows
+                    lay.gens = [torch.Generator(x.device).manual_seed(row_seed * 1_000_003 + t)
+                                for t in range(t0, t0 + tc)]
                 logits = model(lay.widen(xc) if eager else xc)
                 if logits.shape[0] == nc and tc > 1:  # nothing stochastic was reached
                     logits = logits.unsqueeze(0).expand(tc, *logits.shape)
@@ -612,7 +634,7 @@ def _seeded(generator: torch.Generator | None):
 
 def mc_log_probs(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: str = "auto",
                  chunk_size: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, row_seed: int | None = None) -> torch.Tensor:
     """Log-softmax of ``samples`` Monte-Carlo forward passes: a ``[T, N, K]`` tensor.
 
     ``model(x)`` must return logits ``[N, K]`` and treat examples independently (in eval mode).
@@ -620,7 +642,11 @@ def mc_log_probs(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: s
     its modes are restored afterwards. ``strategy`` is one of :data:`STRATEGIES` (see the module
     docstring); every strategy draws from the same per-example predictive distribution.
     ``chunk_size`` bounds the rows (MC samples x examples) of one forward call; by default it
-    comes from a memory model. ``generator`` makes the draws reproducible. The result lives on
+    comes from a memory model. ``generator`` makes the draws reproducible. ``row_seed`` makes each
+    row's answer its own: MC sample t uses the same dropout masks and weights for every row, drawn
+    from a generator seeded by (row_seed, t), so a row gets the same answer alone or in any batch, at
+    any position (LRT is not used; the loop strategy and dropout types other than ``nn.Dropout``
+    still draw per row). The result lives on
     the model's device; for a deterministic model it is one pass expanded T times (a view).
     """
     x = x.to(_model_device(model, x))
@@ -646,9 +672,9 @@ def mc_log_probs(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: s
             return out
         eager = model in _NEEDS_EAGER
         try:
-            return _run_batched(model, x, samples, plan, eager)
+            return _run_batched(model, x, samples, plan, eager, row_seed)
         except (_LayoutError, RuntimeError):
             if eager:
                 raise
             _NEEDS_EAGER.add(model)  # forward mixes shared and widened rows: widen up front
-            return _run_batched(model, x, samples, plan, True)
+            return _run_batched(model, x, samples, plan, True, row_seed)

@@ -21,7 +21,8 @@ def predict_log_probs(
 ) -> torch.Tensor:
     """Per-sample log-softmax outputs [T, N, K] on the CPU; an ensemble's members are its samples.
 
-    With ``seed``, the MC samples are reproducible: the same inputs give the same answer.
+    With ``seed``, the MC samples are reproducible, row by row: MC sample t uses the same dropout
+    masks and weights for every row, so a row gets the same answer alone or anywhere in any batch.
     """
     device = next(model.parameters()).device
     if seed is not None:  # only the generator that samples (torch.manual_seed also queues CUDA's: slow)
@@ -40,6 +41,6 @@ def predict_log_probs(
                 chunks.append(torch.log_softmax(model.member_logits(batch).float(), dim=-1).cpu())
             model.train(was_training)
         else:
-            chunks.append(mc_log_probs(model, batch, samples, strategy=strategy).float().cpu())
+            chunks.append(mc_log_probs(model, batch, samples, strategy=strategy, row_seed=seed).float().cpu())
     return torch.cat(chunks, dim=1)
 

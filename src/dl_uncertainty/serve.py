@@ -8,9 +8,11 @@ POST /invocations                  MLflow's JSON formats: {"dataframe_split": {"
 POST /v1/models/<name>:predict     KServe's v1 protocol: {"instances": [[...]]}
     -> {"predictions": [{"prob_<class>": ..., "predicted_class": ..., "predictive_entropy": ...,
                          "mutual_information": ..., "prediction_set": [...], "set_size": ..., "abstain": ...}]}
-GET  /health, /v1/models/<name>    ready?        GET /info   the columns it takes, its classes, its calibration
+GET  /health, /v1/models/<name>    ready?        GET /info   the columns it takes (and their range: [0, 1]
+                                   for an image model's pixels), its classes, its calibration
 
-Bad input gets a 400 whose body is one sentence: {"error": "..."}. The model is any MLflow model URI
+Bad input gets a 400 whose body is one sentence: {"error": "..."}; a failure of the server itself a 500
+of the same shape (its traceback goes to the server's log). The model is any MLflow model URI
 this package logged (``models:/<name>@<alias>``, ``runs:/<id>/model``, a local folder), on the store
 MLFLOW_TRACKING_URI points at (default ``sqlite:///mlflow.db``).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import threading
 from typing import Any
@@ -31,6 +34,7 @@ from .errors import UserError
 
 DEFAULT_MODEL = "models:/dl-uncertainty@champion"
 INPUT_KEYS = ("dataframe_split", "dataframe_records", "inputs", "instances")
+log = logging.getLogger("dl_uncertainty.serve")
 
 
 def load(uri: str):
@@ -86,7 +90,10 @@ def parse(body: bytes) -> pd.DataFrame:
 
 def info(wrapper) -> dict[str, Any]:
     schema, cal = wrapper.schema, wrapper.calibration
+    from .data import input_range
+
     return {"model": wrapper.cfg.model.name, "columns": schema.feature_names, "feature_shape": schema.feature_shape,
+            "input_range": input_range(schema),  # [0, 1] for images: pixels / 255; null: any finite number
             "classes": schema.class_names, "mc_samples": wrapper.cfg.evaluate.mc_samples,
             "calibration": cal.to_dict() if cal else None}
 
@@ -112,6 +119,10 @@ def create_app(wrapper, name: str = "dl-uncertainty"):
             content = await run_in_threadpool(predict, await request.body())
         except UserError as err:
             return JSONResponse({"error": str(err)}, status_code=400)
+        except Exception as err:  # a bug, not the client's input: one sentence out, the traceback in the log
+            log.exception("prediction failed")
+            return JSONResponse({"error": f"the model failed on this request ({type(err).__name__}); "
+                                          "the server log has the details"}, status_code=500)
         return Response(content, media_type="application/json")
 
     app.post("/invocations")(answer)

@@ -75,8 +75,8 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
     mutual information, the conformal prediction set and whether to abstain.
 
     Inputs are what the user's data holds (named columns, or rows of values in that order): the
-    cleaning and scaling fitted on the training split are applied here. MC sampling is seeded, so
-    the same inputs always get the same answer.
+    cleaning and scaling fitted on the training split are applied here. MC sampling is seeded per
+    row, so a row gets the same answer alone or anywhere in any batch.
     """
 
     _skip_type_hint_validation = True  # predict takes DataFrames and arrays alike; raw_to_rows checks

@@ -166,6 +166,7 @@ def test_a_winner_that_fails_the_champion_gate_leaves_the_previous_champion(chai
     ece = json.load(open(chain["evaluated"][winner]["metrics"].path))["metrics"]["ece_ts"]
     assert f"{winner} fails the champion gate (test ECE (calibrated) {ece:.4f} > 0)" in open(comparison.path).read()
     assert comparison.metadata["champion"] is False
+    assert f"the champion alias stays on version {before}" in comparison.metadata["gate"]
     versions = client.search_model_versions("name='dl-uncertainty'")
     assert max(int(v.version) for v in versions) > int(before)  # registered ...
     assert client.get_model_version_by_alias("dl-uncertainty", "champion").version == before  # ... not promoted
@@ -175,11 +176,53 @@ def test_gate_thresholds_set_to_null_are_not_checked():
     from dl_uncertainty.compare import gate_failures
     from dl_uncertainty.config import load_config
 
-    gate = load_config(["evaluate.champion_gate.max_ece=0.01", "evaluate.champion_gate.min_coverage=null"]).evaluate.champion_gate
+    gate = load_config(["evaluate.champion_gate.max_ece=0.01", "evaluate.champion_gate.coverage_slack=null"]).evaluate.champion_gate
     metrics = {"ece_ts": 0.02, "auroc_entropy": 0.95, "coverage": 0.1}
-    assert gate_failures(metrics, gate) == ["test ECE (calibrated) 0.0200 > 0.01"]
-    assert gate_failures({"ece_ts": 0.005, "coverage": 0.9}, gate) == []  # no OOD split: AUROC not checked
-    assert gate_failures({"ece_ts": float("nan")}, gate) == ["test ECE (calibrated) nan > 0.01"]
+    assert gate_failures(metrics, gate, 0.1) == ["test ECE (calibrated) 0.0200 > 0.01"]
+    assert gate_failures({"ece_ts": 0.005, "coverage": 0.9}, gate, 0.1) == []  # no OOD split: AUROC not checked
+    assert gate_failures({"ece_ts": float("nan")}, gate, 0.1) == ["test ECE (calibrated) nan > 0.01"]
+
+
+def test_gate_fails_a_missing_metric_and_names_the_one_it_may_skip():
+    from dl_uncertainty.compare import gate_failures, gate_skipped, gate_verdict
+    from dl_uncertainty.config import load_config
+
+    gate = load_config([]).evaluate.champion_gate
+    assert gate_failures({"auroc_entropy": 0.9}, gate, 0.1) == [
+        "test ECE (calibrated) was not measured (ece_ts missing)",
+        "conformal coverage was not measured (coverage missing)"]
+    no_ood = {"ece_ts": 0.01, "coverage": 0.9}
+    assert gate_failures(no_ood, gate, 0.1) == []
+    assert gate_skipped(no_ood, gate) == ["OOD AUROC (entropy) not checked (no OOD split)"]
+    assert gate_skipped({**no_ood, "auroc_entropy": 0.9}, gate) == []
+    assert gate_verdict("bnn", [], gate_skipped(no_ood, gate)) == (
+        "bnn passes the champion gate (OOD AUROC (entropy) not checked (no OOD split)) and becomes champion.")
+
+
+def test_gate_coverage_follows_alpha():
+    from dl_uncertainty.compare import gate_failures
+    from dl_uncertainty.config import load_config
+
+    gate = load_config(["evaluate.alpha=0.2"]).evaluate.champion_gate
+    good = {"ece_ts": 0.01, "auroc_entropy": 0.9}
+    assert gate_failures({**good, "coverage": 0.79}, gate, 0.2) == []  # 1 - 0.2 - 0.05 = 0.75
+    assert gate_failures({**good, "coverage": 0.74}, gate, 0.2) == ["conformal coverage 0.7400 < 0.75"]
+    assert gate_failures({**good, "coverage": 0.84}, gate, 0.1) == ["conformal coverage 0.8400 < 0.85"]
+    with pytest.raises(UserError, match=r"coverage_slack must be in \[0, 1 - alpha = 0.2\)"):
+        load_config(["evaluate.alpha=0.8", "evaluate.champion_gate.coverage_slack=0.3"])
+
+
+def test_gate_verdict_says_when_there_is_no_champion_to_fall_back_on(tmp_path):
+    from dl_uncertainty.compare import current_champion, gate_verdict
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'empty.db'}")
+    assert current_champion("dl-uncertainty") is None
+
+    failed = ["test ECE (calibrated) 0.2000 > 0.05"]
+    none = gate_verdict("bnn", failed, champion=None)
+    assert "no champion is set, so `make serve` has nothing to serve until a model passes" in none
+    assert "stays" not in none
+    assert "the champion alias stays on version 3" in gate_verdict("bnn", failed, champion="3")
 
 
 def test_train_on_a_corrupt_dataset_artifact_fails_clearly(chain, tmp_path):

@@ -29,6 +29,9 @@ def post(url: str, body) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
+TRAINED: dict = {}  # the served model's run id and store
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, digits_splits):
     """Train and register a champion, evaluate it offline, serve it from a fresh process."""
@@ -46,6 +49,7 @@ def served(tmp_path_factory, digits_splits):
         del os.environ["MLFLOW_TRACKING_URI"]
     offline = evaluate_model(trained.model, cfg, digits_splits["test"], digits_splits["ood"], digits_splits["val"],
                              calibration=trained.calibration, with_figures=False)
+    TRAINED.update(run_id=trained.run_id, uri=uri, tmp=tmp)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin"}  # no venv on PATH
     with model_server(env, cwd=tmp) as url:
         yield url, offline, cfg
@@ -93,6 +97,10 @@ def test_kserve_v1_protocol_and_info(served, digits_splits):
     ({"inputs": [[0] * 64, [0] * 63]}, "different lengths"),
     ({"rows": [[0] * 64]}, "needs one of the keys"),
     (b"not json", "not JSON"),
+    ({"dataframe_split": {"columns": ["pixel_0", *(f"pixel_{i}" for i in range(64))], "data": [[0] * 65]}},
+     "columns ['pixel_0'] are given more than once"),
+    ({"inputs": [[1e300] + [0] * 63]}, "row 0 column 'pixel_0' is 1e+300, too large to scale"),
+    ({"inputs": [[0] * 63 + [-1e300]]}, "row 0 column 'pixel_63' is -1e+300, too large to scale"),
 ])
 def test_bad_input_is_a_400_with_one_sentence(served, body, says):
     url = served[0]
@@ -110,3 +118,109 @@ def test_serving_a_model_that_is_not_there_is_one_line_naming_the_fix(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr
     assert "cannot load models:/dl-uncertainty@champion" in errors[0] and "`make run`" in errors[0]
+
+
+BROKEN_SERVER = """
+import sys, uvicorn
+from dl_uncertainty.data import Schema
+from dl_uncertainty.serve import create_app
+
+class Broken:  # a model whose prediction fails on every request: a bug, not bad input
+    schema = Schema([2], ["a", "b"], [], "test", feature_names=["x0", "x1"])
+    def predict_rows(self, x):
+        raise RuntimeError("weights on the wrong device")
+
+uvicorn.run(create_app(Broken()), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def test_a_failure_of_the_server_is_a_500_with_one_json_sentence_and_the_traceback_in_the_log(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    server = subprocess.Popen([sys.executable, "-c", BROKEN_SERVER, str(port)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.2)
+        status, answer = post(f"{url}/invocations", {"inputs": [[0.5, 0.5]]})
+        assert status == 500
+        assert answer == {"error": "the model failed on this request (RuntimeError); the server log has the details"}
+        assert post(f"{url}/invocations", {"inputs": [[0.5]]})[0] == 400  # bad input is still the client's
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=30)[0]
+    assert "Traceback" in log and "weights on the wrong device" in log
+
+
+def test_an_image_model_refuses_pixels_outside_0_1_and_says_so(tmp_path):
+    import types
+
+    from dl_uncertainty.config import load_config
+    from dl_uncertainty.data import prepare, raw_to_rows
+    from dl_uncertainty.errors import UserError
+    from dl_uncertainty.images import make_shapes
+    from dl_uncertainty.serve import info, parse
+
+    folder = make_shapes(tmp_path, per_class=12, size=8)
+    schema = prepare(load_config(["data=image_folder", f"data.path={folder}"]).data, seed=0)["train"].schema
+    n = schema.num_features
+    pixels = np.linspace(0, 1, n)[None]
+    assert raw_to_rows(parse(json.dumps({"inputs": pixels.tolist()}).encode()), schema).shape == (1, n)
+    assert raw_to_rows(parse(json.dumps({"inputs": (pixels * 1.005).tolist()}).encode()), schema).shape == (1, n)
+    with pytest.raises(UserError, match=r"^row 0 column 'pixel_5' is 255, but this image model takes pixels "
+                                        r"scaled to \[0, 1\]; divide 0-255 pixel values by 255$"):
+        raw_to_rows(parse(json.dumps({"inputs": [[0.5] * 5 + [255] + [0.5] * (n - 6)]}).encode()), schema)
+    with pytest.raises(UserError, match="is -0.5, but this image model"):
+        raw_to_rows(parse(json.dumps({"inputs": [[-0.5] + [0.5] * (n - 1)]}).encode()), schema)
+    wrapper = types.SimpleNamespace(schema=schema, calibration=None,
+                                    cfg=load_config(["data=image_folder", f"data.path={folder}"]))
+    assert info(wrapper)["input_range"] == [0.0, 1.0]
+
+
+def test_info_of_a_table_model_has_no_input_range(served):
+    assert json.loads(urllib.request.urlopen(f"{served[0]}/info", timeout=10).read())["input_range"] is None
+
+
+def test_evaluate_refuses_calibration_options_that_the_trained_model_cannot_honour(served):
+    from tests.conftest import run_module
+
+    env = {"MLFLOW_TRACKING_URI": TRAINED["uri"]}
+    out = run_module("dl_uncertainty.evaluate", f"run_id={TRAINED['run_id']}", "evaluate.alpha=0.2",
+                     "evaluate.conformal_method=aps", cwd=TRAINED["tmp"], env=env, timeout=120)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode != 0 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert errors[0] == (
+        f"error: evaluate.alpha=0.2 evaluate.conformal_method=aps cannot change a trained model: run {TRAINED['run_id']} "
+        "is evaluated with the calibration bundled at training (calibration=temperature, alpha=0.1, "
+        "conformal_method=lac, target_risk=0.01); to change it, retrain with "
+        "`python -m dl_uncertainty.train evaluate.alpha=0.2 evaluate.conformal_method=aps` (or `make run OVERRIDES=...`)")
+    same = run_module("dl_uncertainty.evaluate", f"run_id={TRAINED['run_id']}", "evaluate.alpha=0.1",
+                      "evaluate.mc_samples=5", cwd=TRAINED["tmp"], env=env, timeout=300)
+    assert same.returncode == 0, same.stderr  # the bundled value itself is fine
+
+
+def test_a_row_gets_the_same_answer_alone_or_anywhere_in_a_batch(served, digits_splits):
+    url, _, _ = served
+    test = digits_splits["test"]
+    rows = np.rint(unscaled(test.x[:32], test.schema)).astype(int).tolist()
+    batch = post(f"{url}/invocations", {"inputs": rows})[1]["predictions"]
+    reversed_ = post(f"{url}/invocations", {"inputs": rows[::-1]})[1]["predictions"][::-1]
+    alone = post(f"{url}/invocations", {"inputs": rows[7:8]})[1]["predictions"][0]
+    for got in (reversed_, [*batch[:7], alone, *batch[8:]]):
+        for a, b in zip(got, batch, strict=True):
+            assert a["prediction_set"] == b["prediction_set"] and a["abstain"] == b["abstain"]
+            assert a["predicted_class"] == b["predicted_class"]
+            for key in (k for k in a if k.startswith("prob_") or k in ("predictive_entropy", "mutual_information")):
+                assert a[key] == pytest.approx(b[key], abs=1e-6)

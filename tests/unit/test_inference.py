@@ -259,3 +259,27 @@ def test_forward_mixing_shared_and_sampled_rows_falls_back_to_repeating_up_front
     model = _Skip()
     x = torch.randn(6, 6)
     _assert_matches_loop(model, x, 3000, "auto", seed=7)
+
+
+@pytest.mark.parametrize("model", [_bnn, _conv_bnn, _dropout_dnn])
+def test_row_seed_gives_each_row_its_answer_alone_or_anywhere_in_any_batch(model) -> None:
+    net = model()
+    x = torch.randn(9, 72 if model is _conv_bnn else 6)
+    for strategy in EXACT:
+        batch = mc_log_probs(net, x, 30, strategy=strategy, row_seed=11)
+        reversed_ = mc_log_probs(net, x.flip(0), 30, strategy=strategy, row_seed=11).flip(1)
+        alone = mc_log_probs(net, x[4:5], 30, strategy=strategy, row_seed=11)
+        chunked = mc_log_probs(net, x, 30, strategy=strategy, row_seed=11, chunk_size=20)
+        torch.testing.assert_close(reversed_, batch, atol=1e-5, rtol=0)
+        torch.testing.assert_close(alone[:, 0], batch[:, 4], atol=1e-5, rtol=0)
+        torch.testing.assert_close(chunked, batch, atol=1e-5, rtol=0)
+        assert not torch.equal(batch, mc_log_probs(net, x, 30, strategy=strategy, row_seed=12))
+        assert ((batch[1:] - batch[:-1]).abs().amax(-1) > 0).all()  # the T samples still differ
+
+
+@pytest.mark.parametrize("model", [_bnn, _conv_bnn, _dropout_dnn])
+def test_row_seed_samples_the_same_distribution_per_example(model) -> None:
+    net = model()
+    x = torch.randn(4, 72 if model is _conv_bnn else 6) * 2
+    ref = mc_log_probs(net, x, 3000, strategy="loop", generator=torch.Generator().manual_seed(8))
+    _assert_same_distribution(ref, mc_log_probs(net, x, 3000, row_seed=8))
