@@ -39,6 +39,7 @@ class Calibration:
     max_entropy: float  # abstain above this predictive entropy (of the MC samples, before scaling)
     target_risk: float
     examples: int  # validation examples everything was fitted on
+    errors: int = -1  # of those, how many the MC-averaged prediction gets wrong (-1: not recorded)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,14 +136,17 @@ def _held_out_nll(mean_log_probs: np.ndarray, labels: np.ndarray) -> float:
 def fit(val_log_probs: np.ndarray, val_labels: np.ndarray, cfg: DictConfig) -> Calibration:
     """Fit everything on the validation split's MC samples ``[T, N, K]``; ``cfg`` is ``cfg.evaluate``.
 
-    The temperature is kept only if it lowers the held-out validation NLL (2-fold cross-fitting).
+    The temperature is kept only if it lowers the held-out validation NLL (2-fold cross-fitting) and
+    the model errs on some validation example: with no error, the NLL only falls as T -> 0, and the
+    sharpened model pays a huge NLL for its first error on new data.
     """
     mean = M.mean_log_probs(val_log_probs)
     before = M.nll(mean, val_labels)
     scaling = cfg.calibration == "temperature" and len(val_labels) >= 4
     fitted = M.fit_temperature(mean, val_labels) if scaling else 1.0
     after = _held_out_nll(mean, val_labels) if scaling else before
-    temperature = fitted if after < before else 1.0
+    errors = int((mean.argmax(1) != val_labels).sum())
+    temperature = fitted if after < before and errors > 0 else 1.0
     probs = np.exp(calibrated_log_probs(mean, temperature))
     correct = probs.argmax(1) == val_labels
     return Calibration(
@@ -150,7 +154,7 @@ def fit(val_log_probs: np.ndarray, val_labels: np.ndarray, cfg: DictConfig) -> C
         alpha=cfg.alpha, method=cfg.conformal_method,
         thresholds={m: conformal_threshold(probs, val_labels, cfg.alpha, m) for m in CONFORMAL_METHODS},
         max_entropy=entropy_threshold(M.predictive_entropy(val_log_probs), correct, cfg.target_risk),
-        target_risk=cfg.target_risk, examples=len(val_labels),
+        target_risk=cfg.target_risk, examples=len(val_labels), errors=errors,
     )
 
 

@@ -110,7 +110,8 @@ def _calibration_metrics(cal: C.Calibration, out: dict, y: np.ndarray) -> dict:
     result = {f"{key}_ts": scaled[key] for key in ("acc", "nll", "brier", "ece", "aece")}
     result.update({"temperature": cal.temperature, "temperature_fitted": cal.fitted_temperature,
                    "temperature_kept": float(cal.temperature != 1.0), "calibration_val_nll": cal.val_nll,
-                   "calibration_val_nll_after": cal.val_nll_calibrated, "alpha": cal.alpha})
+                   "calibration_val_nll_after": cal.val_nll_calibrated, "calibration_val_errors": cal.errors,
+                   "alpha": cal.alpha})
     for method in C.CONFORMAL_METHODS:
         sets = C.prediction_sets(out["probs"], cal.thresholds[method], method)
         for key, value in C.set_metrics(sets, y).items():
@@ -202,7 +203,13 @@ def _calibration_text(m: dict) -> list[str]:
         return []
     held_out = (f"validation NLL {m['calibration_val_nll']:.4f} -> {m['calibration_val_nll_after']:.4f} "
                 f"with temperatures fitted on the other half")
-    verdict = f"kept: {held_out}" if m["temperature_kept"] else f"not kept: it would not lower the {held_out}"
+    if m["temperature_kept"]:
+        verdict = f"kept: {held_out}"
+    elif m.get("calibration_val_errors") == 0:
+        verdict = ("not kept: the model makes no error on the validation split, so the NLL only falls as "
+                   "T -> 0 and the first error on new data would cost a huge NLL")
+    else:
+        verdict = f"not kept: it would not lower the {held_out}"
     return [f"Temperature scaling of the MC-averaged prediction, fitted on the validation split: "
             f"T = {m['temperature_fitted']:.3f}, {verdict}. Test NLL {m['nll']:.4f} -> {m['nll_ts']:.4f}, "
             f"ECE {m['ece']:.4f} -> {m['ece_ts']:.4f}."]

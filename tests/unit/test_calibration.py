@@ -98,6 +98,22 @@ def test_temperature_is_fitted_on_the_mc_average_and_kept_only_when_it_helps_hel
     assert off.temperature == 1.0 and off.val_nll_calibrated == off.val_nll
 
 
+def test_no_temperature_is_kept_when_the_model_makes_no_validation_error():
+    # every validation example right: the NLL keeps falling as T -> 0, on held-out halves too, yet the
+    # sharpened model would pay a huge NLL for its first error on new data
+    labels = np.arange(90) % 3
+    probs = np.full((90, 3), 0.05)
+    probs[np.arange(90), labels] = 0.9
+    cfg = load_config([]).evaluate
+    fitted = C.fit(np.log(probs)[None], labels, cfg)
+    assert fitted.errors == 0 and fitted.fitted_temperature < 0.1
+    assert fitted.val_nll_calibrated < fitted.val_nll  # held out, it would still look like a gain
+    assert fitted.temperature == 1.0
+    probs[0] = [0.05, 0.9, 0.05]  # one error: the same over-confident-looking model may now be sharpened
+    one_error = C.fit(np.log(probs)[None], labels, cfg)
+    assert one_error.errors == 1 and (one_error.temperature != 1.0) == (one_error.val_nll_calibrated < one_error.val_nll)
+
+
 def test_entropy_threshold_keeps_the_validation_risk_at_the_target():
     rng = np.random.default_rng(2)
     entropy = rng.uniform(0, 2, 1000)
