@@ -111,16 +111,16 @@ def test_missing_image_is_one_line_naming_the_fix(container_env, tmp_path):
 
 
 def test_a_task_dying_in_its_container_is_one_line_naming_task_and_cause(container_env, tmp_path):
-    # readable (run-local checks that first), but without class 7: preprocess fails in its container;
-    # under the pipeline root, which the containers mount
+    # passes run-local's checks, but holding out class 1 leaves one class: preprocess fails in its
+    # container; the file is under the pipeline root, which the containers mount
     table = tmp_path / "t.csv"
     table.write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
-    out = run_pipeline(*RUN_OVERRIDES, "data=csv", f"data.path={table}", "data.ood_classes=[7]",
+    out = run_pipeline(*RUN_OVERRIDES, "data=csv", f"data.path={table}", "data.ood_classes=[1]",
                        env=container_env, root=tmp_path)
     assert out.returncode == 2
     error = out.stderr.strip()
     assert error.count("\n") == 0 and "preprocess" in error
-    assert "Cause: data.ood_classes ['7'] are not labels in the data" in error
+    assert "Cause: need at least two in-distribution classes" in error
     assert not list(tmp_path.rglob("model"))  # nothing downstream ran
 
 
