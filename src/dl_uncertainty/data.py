@@ -254,8 +254,8 @@ def _non_finite(frame: pd.DataFrame, labels: np.ndarray, cfg: DictConfig) -> tup
     return frame.mask(inf), labels
 
 
-def _check_ood_classes(labels: np.ndarray, cfg: DictConfig) -> list[str]:
-    ood_names = [str(c) for c in cfg.ood_classes]
+def check_ood_classes(labels: np.ndarray, ood_names: list[str]) -> list[str]:
+    """``ood_names`` (data.ood_classes as text), each of which must be a label in the data."""
     unknown = sorted(set(ood_names) - set(labels))
     if unknown:
         raise UserError(f"data.ood_classes {unknown} are not labels in the data")
@@ -270,7 +270,7 @@ def check_raw(cfg: DictConfig) -> None:
     frame, labels, _ = load_raw(cfg)
     if cfg.source not in IMAGE_SOURCES:
         frame, labels = _non_finite(frame, labels, cfg)
-        _check_ood_classes(labels, cfg)
+        check_ood_classes(labels, [str(c) for c in cfg.ood_classes])
 
 
 def _fit_cleaning(train: pd.DataFrame, cfg: DictConfig) -> dict:
@@ -343,7 +343,7 @@ def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
     if len(frame) == 0:
         raise UserError("no rows left after dropping rows with missing values")
 
-    ood_names = _check_ood_classes(labels, cfg)
+    ood_names = check_ood_classes(labels, [str(c) for c in cfg.ood_classes])
     is_ood = np.isin(labels, ood_names)
     class_names = sorted(set(labels[~is_ood]), key=_natural_key)
     if len(class_names) < 2:

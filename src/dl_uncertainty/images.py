@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
-from .data import Schema, Split, _natural_key, read_bytes, split_s3_uri
+from .data import Schema, Split, _natural_key, check_ood_classes, read_bytes, split_s3_uri
 from .errors import UserError
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -142,8 +142,13 @@ def _check_headers(files: list[str], resizing: bool) -> None:
             raise _unreadable(path, err) from None
         first = first or (path, size)
         if not resizing and size != first[1]:
-            raise UserError(f"images differ in size: {first[0]} is {first[1][0]}x{first[1][1]}, {path} is "
-                            f"{size[0]}x{size[1]}; set data.image_size=[H,W] to resize all")
+            raise _sizes_differ(first[0], first[1], path, size)
+
+
+def _sizes_differ(first: str, first_size: tuple[int, int], other: str, size: tuple[int, int]) -> UserError:
+    """Sizes as width x height."""
+    return UserError(f"images differ in size: {first} is {first_size[0]}x{first_size[1]}, {other} is "
+                     f"{size[0]}x{size[1]}; set data.image_size=[H,W] to resize all")
 
 
 def conform(image: Image.Image, channels: int, size: list[int] | None) -> np.ndarray:
@@ -188,11 +193,7 @@ def decode_all(files: list[str], cfg: DictConfig) -> np.ndarray:
             if isinstance(item, str):
                 raise UserError(item)
             if images and item.shape != images[0].shape:
-                other = files[len(images)]
-                raise UserError(
-                    f"images differ in size: {files[0]} is {images[0].shape[2]}x{images[0].shape[1]}, "
-                    f"{other} is {item.shape[2]}x{item.shape[1]}; set data.image_size=[H,W] to resize all"
-                )
+                raise _sizes_differ(files[0], images[0].shape[:0:-1], files[len(images)], item.shape[:0:-1])
             images.append(item)
     return np.stack(images)
 
@@ -239,9 +240,7 @@ def _stratified(labels: np.ndarray, fraction: float, seed: int, what: str) -> tu
 
 def _class_names(labels: np.ndarray, ood_names: list[str], order: list[str] | None = None) -> list[str]:
     """The in-distribution classes (``order``, else natural sort): at least two besides the OOD ones."""
-    unknown = sorted(set(ood_names) - set(labels))
-    if unknown:
-        raise UserError(f"data.ood_classes {unknown} are not classes of the data")
+    check_ood_classes(labels, ood_names)
     present = set(labels[~np.isin(labels, ood_names)])
     class_names = [c for c in order if c in present] if order else sorted(present, key=_natural_key)
     if len(class_names) < 2:
