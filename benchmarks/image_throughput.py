@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from dl_uncertainty.config import load_config  # noqa: E402
-from dl_uncertainty.data import prepare  # noqa: E402
-from dl_uncertainty.images import augment, make_shapes  # noqa: E402
-from dl_uncertainty.models import get_model, resolve_device  # noqa: E402
-from dl_uncertainty.predict import predict_log_probs  # noqa: E402
-from dl_uncertainty.training import kl_scale, loss_terms, make_optimizer, set_threads  # noqa: E402
+from dl_uncertainty.config.compose import load_config  # noqa: E402
+from dl_uncertainty.data.shapes import make_shapes  # noqa: E402
+from dl_uncertainty.data.tables import prepare  # noqa: E402
+from dl_uncertainty.families.networks import get_model, resolve_device  # noqa: E402
+from dl_uncertainty.training.augment import augment
+from dl_uncertainty.training.loop import kl_scale, loss_terms, make_optimizer, set_threads  # noqa: E402
+from dl_uncertainty.uncertainty.predict import predict_log_probs  # noqa: E402
 
 
 def train_seconds(model, cfg, x, y, shape, epochs: int) -> float:

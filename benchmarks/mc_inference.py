@@ -31,7 +31,8 @@ import torchbnn
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from dl_uncertainty.inference import mc_log_probs, mc_mode, mc_plan  # noqa: E402
+from dl_uncertainty.uncertainty.engine import mc_log_probs
+from dl_uncertainty.uncertainty.mc_plan import mc_mode, mc_plan  # noqa: E402
 
 try:
     from torch_uncertainty.methods.mc_dropout import mc_dropout as tu_mc_dropout

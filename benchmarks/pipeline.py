@@ -92,11 +92,11 @@ def direct(overrides: list[str], workdir: Path) -> tuple[float, dict[str, float]
 
     import mlflow
 
-    from dl_uncertainty.compare import pick_winner, register_champion
-    from dl_uncertainty.config import load_config, model_configs, pick_config
-    from dl_uncertainty.data import prepare
-    from dl_uncertainty.evaluation import evaluate_model
-    from dl_uncertainty.tracking import log_evaluation
+    from dl_uncertainty.config.compose import load_config, model_configs, pick_config
+    from dl_uncertainty.data.tables import prepare
+    from dl_uncertainty.reports.evaluation import evaluate_model
+    from dl_uncertainty.tracking.compare import pick_winner, register_champion
+    from dl_uncertainty.tracking.runs import log_evaluation
     from dl_uncertainty.train import train_and_log
 
     def evaluate_and_log(mcfg, trained):

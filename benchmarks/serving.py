@@ -65,10 +65,11 @@ def _start_server(model_uri: str, env: dict) -> tuple[subprocess.Popen, str]:
 
 def measure(cfg, env: dict, requests: int) -> list[str]:
     """Table rows for one model: per batch size, the naive loop vs the served request."""
-    from dl_uncertainty.data import prepare, unscaled
-    from dl_uncertainty.inference import mc_mode
-    from dl_uncertainty.models import Ensemble
+    from dl_uncertainty.data.rows import unscaled
+    from dl_uncertainty.data.tables import prepare
+    from dl_uncertainty.families.networks import Ensemble
     from dl_uncertainty.train import train_and_log
+    from dl_uncertainty.uncertainty.mc_plan import mc_mode
 
     trained = train_and_log(cfg)
     test = prepare(cfg.data, cfg.seed)["test"]
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. evaluate.mc_samples=100")
     args = parser.parse_args()
 
-    from dl_uncertainty.config import load_config
+    from dl_uncertainty.config.compose import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}

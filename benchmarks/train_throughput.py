@@ -23,10 +23,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from dl_uncertainty.config import load_config  # noqa: E402
-from dl_uncertainty.data import prepare  # noqa: E402
-from dl_uncertainty.models import get_model  # noqa: E402
-from dl_uncertainty.training import kl_scale, loss_terms, make_optimizer, set_threads  # noqa: E402
+from dl_uncertainty.config.compose import load_config  # noqa: E402
+from dl_uncertainty.data.tables import prepare  # noqa: E402
+from dl_uncertainty.families.networks import get_model  # noqa: E402
+from dl_uncertainty.training.loop import kl_scale, loss_terms, make_optimizer, set_threads  # noqa: E402
 
 
 def ours(model, cfg, x, y, epochs: int) -> float:

@@ -19,8 +19,9 @@ def compare(
 
     import numpy as np
 
-    from dl_uncertainty import store
-    from dl_uncertainty.compare import (
+    from dl_uncertainty.config.compose import pick_config
+    from dl_uncertainty.tracking import store
+    from dl_uncertainty.tracking.compare import (
         comparison_html,
         comparison_markdown,
         current_champion,
@@ -31,8 +32,7 @@ def compare(
         register_champion,
         tuning_section,
     )
-    from dl_uncertainty.config import pick_config
-    from dl_uncertainty.metrics import TABLE_METRICS
+    from dl_uncertainty.uncertainty.metrics import TABLE_METRICS
 
     cfg = pick_config(open(config.path).read())
     entries = [json.load(open(m.path)) for m in metrics]

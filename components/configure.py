@@ -23,7 +23,7 @@ def configure(
     An artifact, not a string output: kfp.local (2.17.0) hands a ParallelFor task the loop item in
     place of any upstream *parameter* output, while artifacts arrive intact.
     """
-    from dl_uncertainty.config import data_source_overrides, model_configs, with_typed
+    from dl_uncertainty.config.compose import data_source_overrides, model_configs, with_typed
 
     typed = [f"train.epochs={epochs}", f"train.lr={learning_rate}", f"evaluate.mc_samples={mc_samples}",
              f"seed={seed}", f"experiment_name={experiment_name}", *data_source_overrides(data_source)]

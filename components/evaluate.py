@@ -21,11 +21,12 @@ def evaluate(
     import mlflow
     from sklearn.metrics import confusion_matrix
 
-    from dl_uncertainty import store, tracking
-    from dl_uncertainty.bundle import load_bundle
-    from dl_uncertainty.calibration import Calibration
-    from dl_uncertainty.data import load_split
-    from dl_uncertainty.evaluation import evaluate_model, html, save_predictions
+    from dl_uncertainty.data.splits import load_split
+    from dl_uncertainty.reports.evaluation import evaluate_model, html, save_predictions
+    from dl_uncertainty.tracking import runs as tracking
+    from dl_uncertainty.tracking import store
+    from dl_uncertainty.tracking.bundle import load_bundle
+    from dl_uncertainty.uncertainty.calibration import Calibration
 
     net, cfg, schema, meta = load_bundle(model.path)
     splits = {name: load_split(a.path, expect=schema, mmap=True) for name, a in {"val": val, "test": test}.items()}

@@ -14,10 +14,10 @@ def preprocess(
     eda_report: Output[HTML],
 ):
     """Load, clean and split the data; write the four splits and the EDA report."""
-    from dl_uncertainty.config import pick_config
-    from dl_uncertainty.data import dropped_rows_line, save_split
-    from dl_uncertainty.data import prepare as prepare_splits
-    from dl_uncertainty.eda import eda_html
+    from dl_uncertainty.config.compose import pick_config
+    from dl_uncertainty.data.splits import dropped_rows_line, save_split
+    from dl_uncertainty.data.tables import prepare as prepare_splits
+    from dl_uncertainty.reports.eda import eda_html
 
     cfg = pick_config(open(config.path).read())
     splits = prepare_splits(cfg.data, cfg.seed)

@@ -7,9 +7,9 @@ from components.images import CUDA_IMAGE
 @dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def train(config: Input[Artifact], model_name: str, train: Input[Dataset], val: Input[Dataset], model: Output[Model]):
     """Train one model, log it to MLflow, and export its weights + config into the Model artifact."""
-    from dl_uncertainty.bundle import save_bundle
-    from dl_uncertainty.config import pick_config
-    from dl_uncertainty.data import load_split
+    from dl_uncertainty.config.compose import pick_config
+    from dl_uncertainty.data.splits import load_split
+    from dl_uncertainty.tracking.bundle import save_bundle
     from dl_uncertainty.train import train_and_log
 
     cfg = pick_config(open(config.path).read(), model_name)

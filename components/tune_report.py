@@ -16,8 +16,8 @@ def tune_report(
 ) -> str:
     """The best trial as configs/tuned/<model>.yaml, history and importance figures, the HTML report;
     all logged to the parent MLflow run as well. ``trials`` (one per worker) only makes it wait for all."""
-    from dl_uncertainty.sweep_report import finish
-    from dl_uncertainty.tuning import Sweep
+    from dl_uncertainty.reports.sweep import finish
+    from dl_uncertainty.training.tuning import Sweep
 
     summary = finish(Sweep.from_json(open(study.path).read()))
     for name, value in {**summary.best, **{f"baseline_{k}": v for k, v in (summary.baseline or {}).items()},

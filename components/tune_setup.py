@@ -22,8 +22,8 @@ def tune_setup(
     """Compose the sweep's config, create the Optuna study and the parent MLflow run, once, before the
     workers start (they only open the study). An artifact, not a string output: kfp.local (2.17.0)
     hands a ParallelFor task the loop item in place of any upstream *parameter* output."""
-    from dl_uncertainty.config import data_source_overrides, with_typed
-    from dl_uncertainty.tuning import begin, compose
+    from dl_uncertainty.config.compose import data_source_overrides, with_typed
+    from dl_uncertainty.training.tuning import begin, compose
 
     typed = [f"model={model}", f"tune.n_trials={n_trials}", f"train.epochs={epochs}", f"seed={seed}",
              f"tune.storage={study_storage}", f"tune.workers={workers}", f"experiment_name={experiment_name}",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kfp import compiler
 
-from dl_uncertainty.config import load_config
+from dl_uncertainty.config.compose import load_config
 from pipelines.pipeline import build_pipeline
 
 PIPELINES = ("uncertainty", "tuning")
@@ -16,7 +16,7 @@ def compile_pipeline(overrides: list[str], output: str | Path, *, gpu: bool = Tr
                      pipeline: str = "uncertainty") -> Path:
     """``pipeline``: ``uncertainty`` (train, evaluate, compare) or ``tuning`` (an Optuna sweep)."""
     if pipeline == "tuning":
-        from dl_uncertainty.tuning import compose
+        from dl_uncertainty.training.tuning import compose
         from pipelines.tuning import build_tuning_pipeline
 
         cfg = compose(overrides)  # search ranges allowed in the overrides

@@ -17,7 +17,7 @@ import kfp_server_api
 import urllib3
 from omegaconf import DictConfig
 
-from dl_uncertainty.config import load_config
+from dl_uncertainty.config.compose import load_config
 from dl_uncertainty.errors import UserError
 from pipelines.pipeline import PIPELINE_NAME
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from components.images import CPU_IMAGE
-from dl_uncertainty.config import load_config
+from dl_uncertainty.config.compose import load_config
 from dl_uncertainty.errors import UserError, check_writable
-from dl_uncertainty.store import (
+from dl_uncertainty.tracking.store import (
     DEFAULT_URI,
     check_local_store,
     check_reachable,
@@ -42,7 +42,7 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs",
     # unhandled infinite values or lacks an ood_classes label; scikit-learn's digits need no check
     # (nor the second its import takes)
     if cfg.data.source != "digits":
-        from dl_uncertainty.data import check_raw
+        from dl_uncertainty.data.tables import check_raw
 
         check_raw(cfg.data)
     run_dir, uri, seconds, log = execute(

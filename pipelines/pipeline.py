@@ -13,7 +13,7 @@ from components.evaluate import evaluate
 from components.images import CPU_IMAGE
 from components.preprocess import preprocess
 from components.train import train
-from dl_uncertainty.config import without_keys
+from dl_uncertainty.config.compose import without_keys
 
 PIPELINE_NAME = "uncertainty-pipeline"
 # What the typed parameters set; in `overrides` too, they must agree (configure checks)

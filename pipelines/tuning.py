@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from components.tune_report import tune_report
 from components.tune_setup import tune_setup
 from components.tune_trials import tune_trials
-from dl_uncertainty.config import without_keys
+from dl_uncertainty.config.compose import without_keys
 from pipelines.pipeline import task_settings
 
 TUNING_PIPELINE_NAME = "tuning-pipeline"
@@ -72,8 +72,8 @@ def build_tuning_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: bool | 
 
 def run_tuning_local(overrides: list[str], pipeline_root: str | Path = "local_outputs", verbose: bool = False) -> Path:
     """Run ``tuning-pipeline`` with kfp.local (SQLite study, local MLflow); return the run's folder."""
-    from dl_uncertainty.store import absolute_sqlite
-    from dl_uncertainty.tuning import compose
+    from dl_uncertainty.tracking.store import absolute_sqlite
+    from dl_uncertainty.training.tuning import compose
     from pipelines.local import execute
 
     cfg = compose(overrides)  # a bad override or search range fails before any task starts

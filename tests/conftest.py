@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dl_uncertainty.config import load_config
-from dl_uncertainty.data import prepare
+from dl_uncertainty.config.compose import load_config
+from dl_uncertainty.data.tables import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.pop("DLU_TUNE_STORAGE", None)  # set by `make stack-up`'s env; tests choose their storage
@@ -51,7 +51,7 @@ def digits_splits():
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` process (lean flags) on an ephemeral port; yields its URI."""
-    from dl_uncertainty.store import serve_local_store
+    from dl_uncertainty.tracking.store import serve_local_store
 
     with serve_local_store(f"sqlite:///{tmp_path_factory.mktemp('mlflow-server') / 'mlflow.db'}") as (uri, _):
         yield uri

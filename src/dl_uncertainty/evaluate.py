@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from .errors import UserError
+from dl_uncertainty.errors import UserError
 
 # fitted after training on the validation split and bundled with the model: fixed once trained
 BUNDLED = ("calibration", "alpha", "conformal_method", "target_risk")
@@ -19,7 +19,7 @@ BUNDLED = ("calibration", "alpha", "conformal_method", "target_risk")
 def _check_bundled(given: DictConfig, trained: DictConfig, run_id: str) -> None:
     """A calibration option set on the command line (not the default) that differs from the one the
     model was calibrated with is refused: evaluation uses the bundled calibration, as serving does."""
-    from .config import EvaluateConfig
+    from dl_uncertainty.config.schema import EvaluateConfig
 
     default = EvaluateConfig()
     changed = [f"evaluate.{k}={given[k]}" for k in BUNDLED if given[k] != getattr(default, k) and given[k] != trained[k]]
@@ -34,9 +34,10 @@ def evaluate_run(cfg: DictConfig):
     """Evaluate run ``cfg.run_id``'s model on the data it was trained on, log to that run."""
     import mlflow
 
-    from . import store, tracking
-    from .data import prepare
-    from .evaluation import evaluate_model
+    from dl_uncertainty.data.tables import prepare
+    from dl_uncertainty.reports.evaluation import evaluate_model
+    from dl_uncertainty.tracking import runs as tracking
+    from dl_uncertainty.tracking import store
 
     if not cfg.run_id:
         raise UserError("set run_id=<MLflow run id> (printed by dl_uncertainty.train, or see `make mlflow-ui`)")
@@ -61,8 +62,8 @@ def evaluate_run(cfg: DictConfig):
 
 
 def _task(cfg: DictConfig) -> None:
-    from .evaluation import metrics_table
-    from .report import markdown_table
+    from dl_uncertainty.reports.evaluation import metrics_table
+    from dl_uncertainty.reports.render import markdown_table
 
     evaluation = evaluate_run(cfg)
     print(markdown_table(metrics_table([evaluation])))
@@ -71,6 +72,6 @@ def _task(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import run
+    from dl_uncertainty.cli import run
 
     run("evaluate", __doc__, _task)

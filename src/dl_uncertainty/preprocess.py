@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from .data import dropped_rows_line, prepare, save_splits
-from .errors import check_writable
+from dl_uncertainty.data.splits import dropped_rows_line, save_splits
+from dl_uncertainty.data.tables import prepare
+from dl_uncertainty.errors import check_writable
 
 
 def _task(cfg: DictConfig) -> None:
@@ -22,6 +23,6 @@ def _task(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import run
+    from dl_uncertainty.cli import run
 
     run("preprocess", __doc__, _task)

@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from dl_uncertainty.tracking import UncertaintyModel
+from dl_uncertainty.tracking.runs import UncertaintyModel
 
 set_model(UncertaintyModel())

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from starlette.requests import Request  # noqa: I001 -- module level: FastAPI resolves annotations here
 
-from .errors import UserError
+from dl_uncertainty.errors import UserError
 
 DEFAULT_MODEL = "models:/dl-uncertainty@champion"
 INPUT_KEYS = ("dataframe_split", "dataframe_records", "inputs", "instances")
@@ -42,8 +42,8 @@ def load(uri: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from . import store
-    from .training import set_threads
+    from dl_uncertainty.tracking import store
+    from dl_uncertainty.training.loop import set_threads
 
     mlflow.set_tracking_uri(store.tracking_uri())
     store.check_reachable(store.tracking_uri())
@@ -81,7 +81,9 @@ def parse(body: bytes) -> pd.DataFrame:
         lengths = {len(np.ravel(row)) for row in value}
         if len(lengths) > 1:
             raise UserError(f"the rows of {key!r} have different lengths ({min(lengths)} to {max(lengths)} values)")
-        from .tracking import as_frame  # here: mlflow is loaded by then, and --help stays fast
+        from dl_uncertainty.tracking.runs import (
+            as_frame,  # here: mlflow is loaded by then, and --help stays fast
+        )
 
         return as_frame(value)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -90,7 +92,7 @@ def parse(body: bytes) -> pd.DataFrame:
 
 def info(wrapper) -> dict[str, Any]:
     schema, cal = wrapper.schema, wrapper.calibration
-    from .data import input_range
+    from dl_uncertainty.data.rows import input_range
 
     return {"model": wrapper.cfg.model.name, "columns": schema.feature_names, "feature_shape": schema.feature_shape,
             "input_range": input_range(schema),  # [0, 1] for images: pixels / 255; null: any finite number
@@ -103,7 +105,7 @@ def create_app(wrapper, name: str = "dl-uncertainty"):
     from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
-    from .data import raw_to_rows
+    from dl_uncertainty.data.rows import raw_to_rows
 
     app = FastAPI(title=f"{name}: uncertainty-aware predictions", docs_url=None, redoc_url=None)
     lock = threading.Lock()  # seeded MC sampling uses torch's global generator: one request at a time

@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from .errors import Interrupted, check_writable
+from dl_uncertainty.errors import Interrupted, check_writable
 
 if TYPE_CHECKING:  # torch and MLflow load only when there is work: --help and bad input stay fast
     from torch import nn
 
-    from .calibration import Calibration
-    from .data import Split
-    from .training import TrainResult
+    from dl_uncertainty.data.splits import Split
+    from dl_uncertainty.training.loop import TrainResult
+    from dl_uncertainty.uncertainty.calibration import Calibration
 
 
 @dataclass
@@ -37,10 +37,13 @@ def train_and_log(
     import mlflow
     import pandas as pd
 
-    from . import calibration, tracking
-    from .data import prepare, unscaled
-    from .plots import training_curves
-    from .training import Checkpointer, train_model
+    from dl_uncertainty.data.rows import unscaled
+    from dl_uncertainty.data.tables import prepare
+    from dl_uncertainty.reports.plots import training_curves
+    from dl_uncertainty.tracking import runs as tracking
+    from dl_uncertainty.training.checkpoints import Checkpointer
+    from dl_uncertainty.training.loop import train_model
+    from dl_uncertainty.uncertainty import calibration
 
     checkpoint_dir = checkpoint_dir or cfg.train.checkpoint_dir or Path("checkpoints") / cfg.model.name
     check_writable(checkpoint_dir, "train.checkpoint_dir")
@@ -97,7 +100,7 @@ def _log_resumed(resumed: dict, run_id: str, path: Path) -> None:
 
 def _interrupted(err: KeyboardInterrupt, result: TrainResult | None, last: Path) -> str:
     """Which checkpoint a Ctrl-C left, naming its epoch: only one this run wrote or resumed from."""
-    from .training import TrainingInterrupted
+    from dl_uncertainty.training.checkpoints import TrainingInterrupted
 
     resume = "resume with train.resume=true"
     if result is not None:  # after training: its last epoch is always saved
@@ -122,6 +125,6 @@ def _task(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import run
+    from dl_uncertainty.cli import run
 
     run("train", __doc__, _task)

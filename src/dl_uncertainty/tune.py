@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .errors import UserError, exit_on_user_error
+from dl_uncertainty.errors import UserError, exit_on_user_error
 
 HELP = """usage: python -m dl_uncertainty.tune [--cfg] [key=value | key=<search range> ...]
 
@@ -44,11 +44,11 @@ def _jobs(overrides: list[str]) -> list[list[str]]:
 
 def tune(cfg) -> object:
     """One study for ``cfg.model``: create it, run every trial here, summarise."""
-    from .config import OBJECTIVES
-    from .tuning import begin, shown_url, work
+    from dl_uncertainty.config.checks import OBJECTIVES
+    from dl_uncertainty.training.tuning import begin, shown_url, work
 
     sweep = begin(cfg)  # a storage or MLflow problem shows up here, before the heavy imports
-    from .sweep_report import _values, finish, retrain_command, save_tuned
+    from dl_uncertainty.reports.sweep import _values, finish, retrain_command, save_tuned
 
     u = cfg.tune
     goal = ", ".join(f"{o} ({OBJECTIVES[o]})" for o in u.objectives)
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from omegaconf import OmegaConf
 
-    from .cli import _groups
-    from .config import config_dir
+    from dl_uncertainty.cli import _groups
+    from dl_uncertainty.config.compose import config_dir
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     args = list(sys.argv[1:] if argv is None else argv)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = {a for a in args if a.startswith("-")} - {"--cfg"}
     if unknown:
         raise UserError(f"unknown option {sorted(unknown)[0]}; see --help")
-    from .tuning import compose
+    from dl_uncertainty.training.tuning import compose
 
     configs = [compose(job) for job in _jobs([a for a in args if not a.startswith("-")])]
     for cfg in configs:

@@ -12,9 +12,9 @@ from components.configure import configure
 from components.evaluate import evaluate
 from components.preprocess import preprocess
 from components.train import train
-from dl_uncertainty import metrics as M
-from dl_uncertainty.config import without_keys
+from dl_uncertainty.config.compose import without_keys
 from dl_uncertainty.errors import UserError
+from dl_uncertainty.uncertainty import metrics as M
 from tests.conftest import LOOSE_GATE, TINY
 
 PARAMS = dict(epochs=3, learning_rate=0.001, mc_samples=8, seed=3, data_source="digits",
@@ -173,8 +173,8 @@ def test_a_winner_that_fails_the_champion_gate_leaves_the_previous_champion(chai
 
 
 def test_gate_thresholds_set_to_null_are_not_checked():
-    from dl_uncertainty.compare import gate_failures
-    from dl_uncertainty.config import load_config
+    from dl_uncertainty.config.compose import load_config
+    from dl_uncertainty.tracking.compare import gate_failures
 
     gate = load_config(["evaluate.champion_gate.max_ece=0.01", "evaluate.champion_gate.coverage_slack=null"]).evaluate.champion_gate
     metrics = {"ece_ts": 0.02, "auroc_entropy": 0.95, "coverage": 0.1}
@@ -184,8 +184,8 @@ def test_gate_thresholds_set_to_null_are_not_checked():
 
 
 def test_gate_fails_a_missing_metric_and_names_the_one_it_may_skip():
-    from dl_uncertainty.compare import gate_failures, gate_skipped, gate_verdict
-    from dl_uncertainty.config import load_config
+    from dl_uncertainty.config.compose import load_config
+    from dl_uncertainty.tracking.compare import gate_failures, gate_skipped, gate_verdict
 
     gate = load_config([]).evaluate.champion_gate
     assert gate_failures({"auroc_entropy": 0.9}, gate, 0.1) == [
@@ -200,8 +200,8 @@ def test_gate_fails_a_missing_metric_and_names_the_one_it_may_skip():
 
 
 def test_gate_coverage_follows_alpha():
-    from dl_uncertainty.compare import gate_failures
-    from dl_uncertainty.config import load_config
+    from dl_uncertainty.config.compose import load_config
+    from dl_uncertainty.tracking.compare import gate_failures
 
     gate = load_config(["evaluate.alpha=0.2"]).evaluate.champion_gate
     good = {"ece_ts": 0.01, "auroc_entropy": 0.9}
@@ -213,7 +213,7 @@ def test_gate_coverage_follows_alpha():
 
 
 def test_gate_verdict_says_when_there_is_no_champion_to_fall_back_on(tmp_path):
-    from dl_uncertainty.compare import current_champion, gate_verdict
+    from dl_uncertainty.tracking.compare import current_champion, gate_verdict
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'empty.db'}")
     assert current_champion("dl-uncertainty") is None
@@ -238,8 +238,8 @@ def test_the_components_run_as_kfp_local_tasks(tmp_path, monkeypatch):
     (compare, which needs dsl.Collected, runs in tests/pipelines/test_local_run.py)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    from dl_uncertainty.config import load_config
-    from dl_uncertainty.store import setup
+    from dl_uncertainty.config.compose import load_config
+    from dl_uncertainty.tracking.store import setup
 
     setup(load_config([*TINY, "experiment_name=component-test"]))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),

@@ -12,7 +12,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from dl_uncertainty.data import load_split, unscaled
+from dl_uncertainty.data.rows import unscaled
+from dl_uncertainty.data.splits import load_split
 from tests.conftest import model_server
 from tests.e2e.conftest import MODELS, RUN_OVERRIDES, TINY, run_pipeline, sh
 

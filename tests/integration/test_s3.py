@@ -5,8 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dl_uncertainty.config import load_config
-from dl_uncertainty.data import prepare, upload_file
+from dl_uncertainty.config.compose import load_config
+from dl_uncertainty.data.s3 import upload_file
+from dl_uncertainty.data.tables import prepare
 from dl_uncertainty.errors import UserError
 
 
@@ -40,8 +41,8 @@ def test_missing_s3_object_is_a_user_error(bucket):
 
 
 def test_upload_command_puts_the_file_where_a_run_reads_it(tmp_path, bucket, capsys):
-    from dl_uncertainty.config import data_source_overrides
-    from dl_uncertainty.data import main
+    from dl_uncertainty.config.compose import data_source_overrides
+    from dl_uncertainty.data.__main__ import main
 
     local = tmp_path / "t.csv"
     pd.DataFrame({"a": np.arange(40.0), "label": np.tile(["p", "q"], 20)}).to_csv(local, index=False)
@@ -53,7 +54,7 @@ def test_upload_command_puts_the_file_where_a_run_reads_it(tmp_path, bucket, cap
 
 
 def test_upload_command_rejects_bad_input_in_one_line(tmp_path, bucket, capsys):
-    from dl_uncertainty.data import main
+    from dl_uncertainty.data.__main__ import main
 
     assert main(["upload", str(tmp_path / "missing.csv"), f"s3://{bucket}/x.csv"]) == 2
     assert main(["upload", str(tmp_path), f"s3://{bucket}/x.csv"]) == 2

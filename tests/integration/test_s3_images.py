@@ -4,10 +4,10 @@ import boto3
 import numpy as np
 import pytest
 
-from dl_uncertainty.config import load_config
-from dl_uncertainty.data import prepare
+from dl_uncertainty.config.compose import load_config
+from dl_uncertainty.data.shapes import make_shapes
+from dl_uncertainty.data.tables import prepare
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.images import make_shapes
 
 
 @pytest.fixture()

@@ -12,9 +12,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from dl_uncertainty.compare import register_champion
-from dl_uncertainty.data import unscaled
-from dl_uncertainty.evaluation import evaluate_model
+from dl_uncertainty.data.rows import unscaled
+from dl_uncertainty.reports.evaluation import evaluate_model
+from dl_uncertainty.tracking.compare import register_champion
 from dl_uncertainty.train import train_and_log
 from tests.conftest import TINY, model_server
 
@@ -35,7 +35,7 @@ TRAINED: dict = {}  # the served model's run id and store
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, digits_splits):
     """Train and register a champion, evaluate it offline, serve it from a fresh process."""
-    from dl_uncertainty.config import load_config
+    from dl_uncertainty.config.compose import load_config
 
     tmp = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -122,7 +122,7 @@ def test_serving_a_model_that_is_not_there_is_one_line_naming_the_fix(tmp_path):
 
 BROKEN_SERVER = """
 import sys, uvicorn
-from dl_uncertainty.data import Schema
+from dl_uncertainty.data.splits import Schema
 from dl_uncertainty.serve import create_app
 
 class Broken:  # a model whose prediction fails on every request: a bug, not bad input
@@ -167,10 +167,11 @@ def test_a_failure_of_the_server_is_a_500_with_one_json_sentence_and_the_traceba
 def test_an_image_model_refuses_pixels_outside_0_1_and_says_so(tmp_path):
     import types
 
-    from dl_uncertainty.config import load_config
-    from dl_uncertainty.data import prepare, raw_to_rows
+    from dl_uncertainty.config.compose import load_config
+    from dl_uncertainty.data.rows import raw_to_rows
+    from dl_uncertainty.data.shapes import make_shapes
+    from dl_uncertainty.data.tables import prepare
     from dl_uncertainty.errors import UserError
-    from dl_uncertainty.images import make_shapes
     from dl_uncertainty.serve import info, parse
 
     folder = make_shapes(tmp_path, per_class=12, size=8)

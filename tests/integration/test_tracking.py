@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dl_uncertainty.data import unscaled
+from dl_uncertainty.data.rows import unscaled
 from dl_uncertainty.train import train_and_log
 
 
@@ -80,7 +80,7 @@ def test_pyfunc_takes_raw_named_columns_and_rejects_bad_input_in_one_sentence(se
 
 
 def test_parallel_tasks_share_an_experiment_that_another_one_created_first(served, tiny_cfg, monkeypatch):
-    from dl_uncertainty.store import setup
+    from dl_uncertainty.tracking.store import setup
 
     # the race: this task looked for the experiment (not there yet) just before another task created it
     mlflow.MlflowClient(served).create_experiment("raced")

@@ -8,11 +8,11 @@ import mlflow
 import optuna
 import pytest
 
-from dl_uncertainty.config import config_dir
+from dl_uncertainty.config.compose import config_dir
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.sweep_report import finish, save_tuned
+from dl_uncertainty.reports.sweep import finish, save_tuned
+from dl_uncertainty.training.tuning import begin, compose, work
 from dl_uncertainty.tune import tune
-from dl_uncertainty.tuning import begin, compose, work
 from tests.conftest import free_port, run_module
 
 FAST = ["train.epochs=4", "train.early_stopping_patience=0", "train.val_mc_samples=3", "experiment_name=tune-test"]
@@ -134,12 +134,12 @@ def test_a_named_study_continues_up_to_its_budget_and_keeps_to_its_model(in_tmp)
 def test_the_comparison_report_shows_the_sweep_a_tuned_model_came_from(in_tmp, own_configs):
     import torch
 
-    from dl_uncertainty import store
-    from dl_uncertainty.compare import comparison_html, tuning_section
-    from dl_uncertainty.config import load_config
-    from dl_uncertainty.data import prepare
-    from dl_uncertainty.predict import predict_log_probs
+    from dl_uncertainty.config.compose import load_config
+    from dl_uncertainty.data.tables import prepare
+    from dl_uncertainty.tracking import store
+    from dl_uncertainty.tracking.compare import comparison_html, tuning_section
     from dl_uncertainty.train import train_and_log
+    from dl_uncertainty.uncertainty.predict import predict_log_probs
 
     summary = tune(compose(["model=mc_dropout_dnn", *FAST, "train.epochs=2", "tune.n_trials=3",
                             "tune.sampler=random"]))

@@ -345,7 +345,7 @@ def test_network_policies():
 def test_postgres_creates_optunas_database_for_the_tuning_pipeline():
     from sqlalchemy.engine import make_url
 
-    from dl_uncertainty.config import load_config
+    from dl_uncertainty.config.compose import load_config
 
     objs = render(K8S_DIR / "dlu")
     pg = _objects_by(objs, "StatefulSet", "mlflow-postgres")

@@ -5,7 +5,7 @@ import re
 import pytest
 import yaml
 
-from dl_uncertainty.config import load_config
+from dl_uncertainty.config.compose import load_config
 from pipelines.compile import compile_pipeline
 from tests.conftest import REPO, run_module
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from dl_uncertainty.config import load_config
+from dl_uncertainty.config.compose import load_config
 from dl_uncertainty.errors import UserError
 from pipelines import delivery
 from pipelines.compile import compile_pipeline

@@ -5,7 +5,7 @@ import re
 
 import mlflow
 
-from dl_uncertainty.images import make_shapes
+from dl_uncertainty.data.shapes import make_shapes
 from pipelines.local import run_local
 from tests.conftest import LOOSE_GATE, REPO, TINY, run_module
 

@@ -6,7 +6,7 @@ import docker
 import pytest
 from kfp import dsl
 
-from dl_uncertainty.config import load_config
+from dl_uncertainty.config.compose import load_config
 from dl_uncertainty.errors import UserError
 from pipelines.containers import PODMAN_CONF
 from pipelines.local import execute

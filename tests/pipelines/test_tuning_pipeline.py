@@ -7,7 +7,7 @@ import optuna
 import pytest
 import yaml
 
-from dl_uncertainty.config import load_config
+from dl_uncertainty.config.compose import load_config
 from pipelines.compile import compile_pipeline
 from pipelines.tuning import run_tuning_local
 from tests.conftest import REPO, run_module

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from dl_uncertainty import calibration as C
-from dl_uncertainty import metrics as M
-from dl_uncertainty.config import load_config
+from dl_uncertainty.config.compose import load_config
+from dl_uncertainty.uncertainty import calibration as C
+from dl_uncertainty.uncertainty import metrics as M
 
 
 def calibrated_data(n: int, k: int = 5, seed: int = 0):
@@ -138,8 +138,8 @@ def test_decide_abstains_on_non_singleton_sets_and_high_entropy():
 
 
 def test_evaluating_the_same_model_twice_gives_the_same_numbers(tiny_cfg, digits_splits):
-    from dl_uncertainty.evaluation import evaluate_model
-    from dl_uncertainty.training import train_model
+    from dl_uncertainty.reports.evaluation import evaluate_model
+    from dl_uncertainty.training.loop import train_model
 
     cfg = tiny_cfg("model=mc_dropout_dnn", "train.epochs=1")
     s = digits_splits

@@ -4,7 +4,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from dl_uncertainty.cli import expand_sweeps
-from dl_uncertainty.config import config_dir, config_from_json, flatten, load_config, to_json
+from dl_uncertainty.config.compose import (
+    config_dir,
+    config_from_json,
+    flatten,
+    load_config,
+    to_json,
+)
 from dl_uncertainty.errors import UserError
 
 

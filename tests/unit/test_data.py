@@ -2,8 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dl_uncertainty.config import load_config
-from dl_uncertainty.data import load_split, prepare, save_split, save_splits
+from dl_uncertainty.config.compose import load_config
+from dl_uncertainty.data.splits import load_split, save_split, save_splits
+from dl_uncertainty.data.tables import prepare
 from dl_uncertainty.errors import UserError
 
 
@@ -277,8 +278,8 @@ def test_npz_blank_labels_follow_the_blank_labels_rule_not_a_class_nan(tmp_path,
 
 
 def test_dropped_rows_are_counted_printed_and_reported(tmp_path, capsys):
-    from dl_uncertainty.eda import eda_html
     from dl_uncertainty.preprocess import _task
+    from dl_uncertainty.reports.eda import eda_html
 
     lines = _rows().splitlines()
     lines[1] = lines[1].rsplit(",", 1)[0] + ","  # blank label

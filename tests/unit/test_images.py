@@ -15,10 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dl_uncertainty.config import load_config
-from dl_uncertainty.data import load_split, prepare, save_split, to_images
+from dl_uncertainty.config.compose import load_config
+from dl_uncertainty.data.images import check_source
+from dl_uncertainty.data.rows import to_images
+from dl_uncertainty.data.shapes import make_shapes
+from dl_uncertainty.data.splits import load_split, save_split
+from dl_uncertainty.data.tables import prepare
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.images import augment, check_source, make_shapes
+from dl_uncertainty.training.augment import augment
 
 SHAPES = ["circle", "square", "triangle"]
 
@@ -159,8 +163,8 @@ def test_mnist_and_fashion_mnist_files_are_downloaded_checked_and_paired(tmp_pat
 
 
 def test_resnet_learns_mnist_files_and_reports_grad_cam_and_far_ood(tmp_path):
-    from dl_uncertainty.evaluation import evaluate_model
-    from dl_uncertainty.training import train_model
+    from dl_uncertainty.reports.evaluation import evaluate_model
+    from dl_uncertainty.training.loop import train_model
 
     md5s = {"mnist": write_idx_mirror(tmp_path / "mnist", 0),
             "fashion_mnist": write_idx_mirror(tmp_path / "fashion_mnist", 1)}
@@ -177,7 +181,7 @@ def test_resnet_learns_mnist_files_and_reports_grad_cam_and_far_ood(tmp_path):
 
 
 def test_idx_files_decode_to_the_written_pixels_and_labels_in_order(tmp_path):
-    from dl_uncertainty.downloads import BENCHMARKS, load_benchmark
+    from dl_uncertainty.data.downloads import BENCHMARKS, load_benchmark
 
     rng = np.random.default_rng(3)
     (tmp_path / "mnist").mkdir()
@@ -219,7 +223,7 @@ def test_cifar10_tarball_is_read(tmp_path):
     md5 = {"cifar10": {"cifar-10-python.tar.gz": hashlib.md5(buffer.getvalue()).hexdigest()}}
     cfg = load_config([*benchmark_overrides(tmp_path, "cifar10", md5), "data.val_fraction=0.25",
                        "data.ood_classes=[]"])
-    from dl_uncertainty.downloads import load_benchmark
+    from dl_uncertainty.data.downloads import load_benchmark
 
     (train_x, train_y), (test_x, test_y) = load_benchmark("cifar10", cfg.data)
     assert train_x.shape == (20, 3, 32, 32) and test_x.shape == (4, 3, 32, 32)

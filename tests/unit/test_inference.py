@@ -9,7 +9,8 @@ import torch
 import torchbnn
 from torch import nn
 
-from dl_uncertainty.inference import STRATEGIES, mc_log_probs, mc_mode, mc_plan
+from dl_uncertainty.uncertainty.engine import mc_log_probs
+from dl_uncertainty.uncertainty.mc_plan import STRATEGIES, mc_mode, mc_plan
 
 EXACT = ("repeat", "lrt", "auto")  # compared against "loop", the modules' own sampling
 Z = 5.0  # two-sided z bound; with ~10^3 comparisons per test a false alarm has p < 1e-3

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dl_uncertainty.config import load_config
+from dl_uncertainty.config.compose import load_config
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.losses import Mix, cutmix, focal_loss, mix_batch, mixed_loss
-from dl_uncertainty.models import get_model
-from dl_uncertainty.training import loss_terms, train_model
+from dl_uncertainty.families.networks import get_model
+from dl_uncertainty.training.loop import loss_terms, train_model
+from dl_uncertainty.training.losses import Mix, cutmix, focal_loss, mix_batch, mixed_loss
 
 
 @pytest.fixture()

@@ -15,8 +15,8 @@ from torchmetrics.functional.classification import (
     multiclass_calibration_error,
 )
 
-from dl_uncertainty import metrics as M
 from dl_uncertainty.errors import UserError
+from dl_uncertainty.uncertainty import metrics as M
 
 K = 6
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from dl_uncertainty import metrics as M
-from dl_uncertainty import plots as P
-from dl_uncertainty import report as R
+from dl_uncertainty.reports import plots as P
+from dl_uncertainty.reports import render as R
+from dl_uncertainty.uncertainty import metrics as M
 
 K = 8
 

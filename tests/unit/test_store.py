@@ -3,7 +3,7 @@
 import pytest
 
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.store import setup
+from dl_uncertainty.tracking.store import setup
 
 
 def test_a_store_folder_that_is_a_file_fails_before_mlflow_writes_anything(tiny_cfg, tmp_path):
@@ -36,7 +36,7 @@ def test_an_existing_experiment_with_an_unwritable_artifact_folder_fails_at_setu
 def test_a_fresh_store_tags_the_experiment_as_classic_ml_and_the_printed_url_opens_its_runs(tiny_cfg, tmp_path):
     import mlflow
 
-    from dl_uncertainty.store import runs_url
+    from dl_uncertainty.tracking.store import runs_url
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert runs_url("http://ui", uri) == "http://ui/#/experiments?workflowType=machine_learning"  # no store yet

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torchbnn
 
-from dl_uncertainty.models import get_model, kl_divergence
-from dl_uncertainty.training import kl_scale, loss_terms, train_model
+from dl_uncertainty.families.networks import get_model, kl_divergence
+from dl_uncertainty.training.loop import kl_scale, loss_terms, train_model
 
 
 @pytest.mark.parametrize("model", ["bnn", "mc_dropout_dnn"])
@@ -87,7 +87,7 @@ def _ctrl_c_at(stop_epoch):
 
 def test_ctrl_c_checkpoints_the_last_finished_epoch_and_never_claims_a_stale_one(tiny_cfg, digits_splits, tmp_path):
     from dl_uncertainty.train import _interrupted
-    from dl_uncertainty.training import TrainingInterrupted
+    from dl_uncertainty.training.checkpoints import TrainingInterrupted
 
     train, val = digits_splits["train"], digits_splits["val"]
     train_model(tiny_cfg("train.epochs=1"), train, val, checkpoint_dir=tmp_path)  # an earlier run's last.pt

@@ -2,9 +2,9 @@
 
 import pytest
 
-from dl_uncertainty.config import load_config
+from dl_uncertainty.config.compose import load_config
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.tuning import Sweep, compose, parse_param, search_space
+from dl_uncertainty.training.tuning import Sweep, compose, parse_param, search_space
 
 
 @pytest.mark.parametrize(("text", "expected"), [

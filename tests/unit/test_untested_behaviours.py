@@ -7,15 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from dl_uncertainty import metrics as M
-from dl_uncertainty import plots
-from dl_uncertainty.config import load_config
-from dl_uncertainty.data import prepare, to_images, to_rows, unscaled
-from dl_uncertainty.evaluation import evaluate_model
-from dl_uncertainty.models import Ensemble
-from dl_uncertainty.predict import predict_log_probs
+from dl_uncertainty.config.compose import load_config
+from dl_uncertainty.data.rows import to_images, to_rows, unscaled
+from dl_uncertainty.data.tables import prepare
+from dl_uncertainty.families.networks import Ensemble
+from dl_uncertainty.reports import plots
+from dl_uncertainty.reports.evaluation import evaluate_model
 from dl_uncertainty.train import train_and_log
-from dl_uncertainty.training import train_model
+from dl_uncertainty.training.loop import train_model
+from dl_uncertainty.uncertainty import metrics as M
+from dl_uncertainty.uncertainty.predict import predict_log_probs
 from tests.conftest import TINY
 
 

@@ -10,9 +10,9 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-from . import plots
-from .errors import UserError
-from .report import Section, html_report, markdown_table
+from dl_uncertainty.errors import UserError
+from dl_uncertainty.reports import plots
+from dl_uncertainty.reports.render import Section, html_report, markdown_table
 
 CHAMPION = "champion"
 
@@ -122,7 +122,7 @@ def tuning_section(run_ids: dict[str, str]) -> Section | None:
     """For each compared model trained from ``configs/tuned/<model>.yaml`` (its run tagged with the
     study), the sweep's figures from the study's parent run in MLflow, or where to find its report.
     None when no model was tuned. Needs the tracking URI set (``store.setup``)."""
-    from .tracking import TUNED_STUDY_TAG
+    from dl_uncertainty.tracking.runs import TUNED_STUDY_TAG
 
     client = mlflow.MlflowClient()
     text, figures = [], {}

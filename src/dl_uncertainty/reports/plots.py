@@ -15,7 +15,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from dl_uncertainty import metrics as M
+from dl_uncertainty.uncertainty import metrics as M
 
 SIZE = (6.4, 4.4)
 SCORE_LABELS = {

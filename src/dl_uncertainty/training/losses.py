@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from .errors import UserError
+from dl_uncertainty.errors import UserError
 
 
 def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float, alpha: float = 1.0,

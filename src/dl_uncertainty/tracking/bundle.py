@@ -14,9 +14,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .data import Schema
-from .errors import UserError
-from .models import get_model
+from dl_uncertainty.data.splits import Schema
+from dl_uncertainty.errors import UserError
+from dl_uncertainty.families.networks import get_model
 
 WEIGHTS, META = "model.pt", "bundle.json"
 
@@ -32,7 +32,7 @@ def save_bundle(model: nn.Module, cfg: DictConfig, schema: Schema, folder: str |
 
 def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, DictConfig, Schema, dict]:
     """Rebuild the model with its weights; also return the config, schema and extra metadata."""
-    from .config import config_from_json
+    from dl_uncertainty.config.compose import config_from_json
 
     folder = Path(folder)
     try:

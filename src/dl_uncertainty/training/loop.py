@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -25,13 +24,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import metrics
-from .data import Split
-from .errors import UserError, check_writable
-from .images import augment
-from .losses import Mix, mix_batch, mixed_loss
-from .models import Ensemble, get_model, is_bayesian, kl_divergence, resolve_device
-from .predict import predict_log_probs
+from dl_uncertainty.data.splits import Split
+from dl_uncertainty.errors import UserError
+from dl_uncertainty.families.networks import (
+    Ensemble,
+    get_model,
+    is_bayesian,
+    kl_divergence,
+    resolve_device,
+)
+from dl_uncertainty.training.augment import augment
+from dl_uncertainty.training.checkpoints import Checkpointer, TrainingInterrupted
+from dl_uncertainty.training.losses import Mix, mix_batch, mixed_loss
+from dl_uncertainty.uncertainty import metrics
+from dl_uncertainty.uncertainty.predict import predict_log_probs
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -126,62 +132,6 @@ def evaluate_split(model: nn.Module, split: Split, samples: int) -> dict[str, fl
     """MC-averaged NLL and accuracy on a split."""
     log_probs = predict_log_probs(model, split.x, samples)
     return {"nll": metrics.nll(log_probs, split.y), "acc": metrics.accuracy(log_probs, split.y)}
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training. ``epoch``: the last finished epoch, whose checkpoint is at ``path``
-    (0: none); ``written``: whether this run wrote it (False: the checkpoint it resumed from)."""
-
-    def __init__(self, path: Path | None, epoch: int, written: bool):
-        super().__init__()
-        self.path, self.epoch, self.written = path, epoch, written
-
-
-class Checkpointer:
-    """``last.pt``: weights, optimizer, RNG states, history, best-so-far, at most once per
-    ``every_s`` seconds (writing one costs a tenth of a small epoch), always for the last epoch,
-    and on Ctrl-C for the last finished epoch (kept in memory until then)."""
-
-    def __init__(self, folder: str | Path, every_s: float = 0.0):
-        self.path = check_writable(folder, "train.checkpoint_dir") / "last.pt"
-        self.every_s, self.saved_at = every_s, time.monotonic()
-        self.first_epoch, self.saved_epoch, self.unsaved = 1, 0, None
-        self.meta: dict = {}  # saved in every checkpoint
-
-    def due(self, last_epoch: bool) -> bool:
-        return last_epoch or time.monotonic() - self.saved_at >= self.every_s
-
-    def epoch_done(self, state: dict, last_epoch: bool) -> None:
-        """Save ``state`` if due, else keep a copy of what changes in place for a Ctrl-C."""
-        if self.due(last_epoch):
-            self.save(state)
-            self.saved_epoch, self.unsaved = state["epoch"], None
-        else:
-            self.unsaved = {**state, "model": copy.deepcopy(state["model"]),
-                            "optimizer": copy.deepcopy(state["optimizer"]),
-                            "history": {k: list(v) for k, v in state["history"].items()}}
-
-    def interrupted(self) -> TrainingInterrupted:
-        """Save the last finished epoch if it is not on disk yet; say which checkpoint is whose."""
-        if self.unsaved is not None:
-            self.save(self.unsaved)
-            self.saved_epoch, self.unsaved = self.unsaved["epoch"], None
-        return TrainingInterrupted(self.path, self.saved_epoch, written=self.saved_epoch >= self.first_epoch)
-
-    def save(self, state: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({**state, **self.meta}, tmp)
-        os.replace(tmp, self.path)  # never leave a half-written checkpoint behind
-        self.saved_at = time.monotonic()
-
-    def load(self) -> dict | None:
-        if not self.path.is_file():
-            return None
-        try:
-            return torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the same user problem
-            raise UserError(f"cannot read checkpoint {self.path}: {err}") from None
 
 
 def train_model(

@@ -14,7 +14,7 @@ import torchbnn
 from omegaconf import DictConfig
 from torch import nn
 
-from .errors import UserError
+from dl_uncertainty.errors import UserError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 

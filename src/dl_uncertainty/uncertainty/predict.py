@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import mc_log_probs
-from .models import Ensemble
+from dl_uncertainty.families.networks import Ensemble
+from dl_uncertainty.uncertainty.engine import mc_log_probs
 
 
 def predict_log_probs(

@@ -17,11 +17,11 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 from torch import nn
 
-from .bundle import load_bundle, save_bundle
-from .config import flatten
-from .data import Schema
-from .errors import UserError
-from .store import setup
+from dl_uncertainty.config.compose import flatten
+from dl_uncertainty.data.splits import Schema
+from dl_uncertainty.errors import UserError
+from dl_uncertainty.tracking.bundle import load_bundle, save_bundle
+from dl_uncertainty.tracking.store import setup
 
 TUNED_STUDY_TAG = "dlu.tuned_study"  # on a training run: the Optuna study its config is the best trial of
 PYFUNC_REQUIREMENTS = ["torch>=2.3", "torchbnn>=1.2,<1.3", "numpy", "pandas", "omegaconf>=2.3,<2.4",
@@ -82,7 +82,7 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True  # predict takes DataFrames and arrays alike; raw_to_rows checks
 
     def load_context(self, context):
-        from .calibration import Calibration
+        from dl_uncertainty.uncertainty.calibration import Calibration
 
         self.model, self.cfg, self.schema, meta = load_bundle(context.artifacts["bundle"])
         self.calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
@@ -90,7 +90,7 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        from .data import raw_to_rows
+        from dl_uncertainty.data.rows import raw_to_rows
 
         try:
             x = raw_to_rows(as_frame(model_input), self.schema)
@@ -100,8 +100,8 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
 
     def predict_rows(self, x: np.ndarray) -> pd.DataFrame:
         """The same answer for rows that are already cleaned and scaled (as the split files hold them)."""
-        from .calibration import Calibration, decide
-        from .predict import predict_log_probs
+        from dl_uncertainty.uncertainty.calibration import Calibration, decide
+        from dl_uncertainty.uncertainty.predict import predict_log_probs
 
         e = self.cfg.evaluate
         log_probs = predict_log_probs(self.model, x, e.mc_samples, strategy=e.strategy,
@@ -133,7 +133,7 @@ def log_model(model: nn.Module, cfg: DictConfig, schema: Schema, example: pd.Dat
               calibration=None) -> str:
     """Log the model as a self-contained pyfunc: weights, config, calibration and this package's
     code, no pickle. ``example``: a few raw input rows, which name the signature's columns."""
-    package = Path(__file__).parent
+    package = Path(__file__).parents[1]  # the whole dl_uncertainty package travels with the model
     with tempfile.TemporaryDirectory() as tmp:
         extra = {"calibration": calibration.to_dict()} if calibration else {}
         bundle = save_bundle(model, cfg, schema, Path(tmp) / "bundle", **extra)
@@ -157,8 +157,8 @@ def log_model(model: nn.Module, cfg: DictConfig, schema: Schema, example: pd.Dat
 
 def log_evaluation(evaluation) -> None:
     """Metrics, figures, the HTML report and predictions.npz into the active run."""
-    from .evaluation import html, save_predictions
-    from .report import figure_png
+    from dl_uncertainty.reports.evaluation import html, save_predictions
+    from dl_uncertainty.reports.render import figure_png
 
     mlflow.log_metrics(evaluation.metrics)
     with tempfile.TemporaryDirectory() as tmp:  # figures drawn once, for the report and for MLflow

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from .data import Split, to_images
-from .report import Section, html_report
+from dl_uncertainty.data.rows import to_images
+from dl_uncertainty.data.splits import Split
+from dl_uncertainty.reports.render import Section, html_report
 
 
 def class_balance(splits: dict[str, Split]) -> Figure:

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import torchbnn
 from torch import nn
 
-from .inference import mc_mode
-from .models import Ensemble
+from dl_uncertainty.families.networks import Ensemble
+from dl_uncertainty.uncertainty.mc_plan import mc_mode
 
 CONV_TYPES = (nn.Conv2d, torchbnn.BayesConv2d)
 

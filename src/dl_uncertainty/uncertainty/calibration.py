@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from omegaconf import DictConfig
 
-from . import metrics as M
+from dl_uncertainty.uncertainty import metrics as M
 
 CONFORMAL_METHODS = ("lac", "aps")
 
@@ -114,7 +114,7 @@ def entropy_threshold(entropy: np.ndarray, correct: np.ndarray, target_risk: flo
 
 def fit_on(model, val, cfg: DictConfig) -> Calibration:
     """Seeded MC prediction of the validation split ``val``, then ``fit``; ``cfg`` is the whole config."""
-    from .predict import predict_log_probs
+    from dl_uncertainty.uncertainty.predict import predict_log_probs
 
     e = cfg.evaluate
     log_probs = predict_log_probs(model, val.x, e.mc_samples, strategy=e.strategy, batch_size=e.batch_size,

@@ -25,8 +25,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import OBJECTIVES, config_from_json, load_config, to_json, validate
-from .errors import UserError
+from dl_uncertainty.config.checks import OBJECTIVES, validate
+from dl_uncertainty.config.compose import config_from_json, load_config, to_json
+from dl_uncertainty.errors import UserError
 
 SEARCHABLE = ("data.", "model.", "train.")
 _ABSENT = object()
@@ -240,7 +241,7 @@ def begin(cfg: DictConfig) -> Sweep:
             study.enqueue_trial(baseline, user_attrs={"baseline": True})
     import mlflow
 
-    from . import store
+    from dl_uncertainty.tracking import store
 
     store.setup(cfg)
     parent = study.user_attrs.get("mlflow_parent_run_id")
@@ -272,7 +273,7 @@ def _tune_params(cfg: DictConfig) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def _splits(data_json: str, seed: int):
-    from .data import prepare
+    from dl_uncertainty.data.tables import prepare
 
     splits = prepare(OmegaConf.create(json.loads(data_json)), seed)
     return splits["train"], splits["val"]
@@ -282,8 +283,8 @@ def objective_values(cfg: DictConfig, result, val) -> dict[str, float]:
     """Every objective of a trained trial: the best epoch's val NLL/accuracy, the best model's val ECE."""
     values = {"val_nll": result.best["val_nll"], "val_acc": result.best["val_acc"]}
     if "val_ece" in cfg.tune.objectives:
-        from . import metrics
-        from .predict import predict_log_probs
+        from dl_uncertainty.uncertainty import metrics
+        from dl_uncertainty.uncertainty.predict import predict_log_probs
 
         values["val_ece"] = metrics.ece(predict_log_probs(result.model, val.x, cfg.train.val_mc_samples), val.y)
     return values
@@ -293,7 +294,7 @@ def run_trial(trial: optuna.Trial, sweep: Sweep, space: dict[str, Param], worker
     """Train one suggested config inside a nested MLflow run; prune on the per-epoch objective."""
     import mlflow
 
-    from .training import train_model
+    from dl_uncertainty.training.loop import train_model
 
     values = {key: param.suggest(trial, key) for key, param in space.items()}
     cfg = apply(sweep.cfg, values)
@@ -352,8 +353,8 @@ def _short(value: Any) -> str:
 
 def work(sweep: Sweep, worker: int = 0, workers: int = 1) -> int:
     """Run this worker's share of the budget in the shared study; return how many trials it ran."""
-    from . import store
-    from .training import set_threads
+    from dl_uncertainty.tracking import store
+    from dl_uncertainty.training.loop import set_threads
 
     cfg = sweep.cfg
     set_threads(cfg.num_threads)

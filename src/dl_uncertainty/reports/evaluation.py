@@ -14,15 +14,16 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from torch import nn
 
-from . import calibration as C
-from . import metrics as M
-from . import plots
-from .data import Split, to_images, to_rows
-from .metrics import TABLE_METRICS
-from .predict import predict_log_probs
-from .report import Section, html_report
-from .saliency import grad_cam
-from .training import set_threads
+from dl_uncertainty.data.rows import to_images, to_rows
+from dl_uncertainty.data.splits import Split
+from dl_uncertainty.reports import plots
+from dl_uncertainty.reports.render import Section, html_report
+from dl_uncertainty.training.loop import set_threads
+from dl_uncertainty.uncertainty import calibration as C
+from dl_uncertainty.uncertainty import metrics as M
+from dl_uncertainty.uncertainty.metrics import TABLE_METRICS
+from dl_uncertainty.uncertainty.predict import predict_log_probs
+from dl_uncertainty.uncertainty.saliency import grad_cam
 
 ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)  # the conformal figure's x-axis
 

@@ -13,11 +13,12 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from . import plots
-from .config import OBJECTIVES, config_dir, load_config
-from .errors import UserError
-from .report import Section, html_report
-from .tuning import Sweep, apply, load_study, search_space, shown_url
+from dl_uncertainty.config.checks import OBJECTIVES
+from dl_uncertainty.config.compose import config_dir, load_config
+from dl_uncertainty.errors import UserError
+from dl_uncertainty.reports import plots
+from dl_uncertainty.reports.render import Section, html_report
+from dl_uncertainty.training.tuning import Sweep, apply, load_study, search_space, shown_url
 
 TUNED_KEYS = ("data", "model", "train", "seed")
 
@@ -127,7 +128,7 @@ def finish(sweep: Sweep) -> Summary:
     """Summarise the study and its best config; log both, the figures and the report to the parent run."""
     import mlflow
 
-    from . import store
+    from dl_uncertainty.tracking import store
 
     cfg, objectives = sweep.cfg, list(sweep.cfg.tune.objectives)
     study = load_study(cfg, sweep.study_name)

@@ -1,0 +1,133 @@
+"""Value checks on a composed config: one sentence naming the key for every mistake."""
+
+from __future__ import annotations
+
+import codecs
+from typing import Any
+
+from omegaconf import DictConfig
+
+from dl_uncertainty.config.schema import IMAGE_SOURCES, MODEL_NAMES
+from dl_uncertainty.errors import UserError
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _one_of(value: Any, key: str, allowed: tuple) -> None:
+    _check(value in allowed, f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+OBJECTIVES = {"val_nll": "minimize", "val_acc": "maximize", "val_ece": "minimize"}
+
+
+def _validate_tune(u: DictConfig) -> None:
+    _check(u.n_trials >= 1, f"tune.n_trials must be >= 1, got {u.n_trials}")
+    _check(len(u.objectives) >= 1, "tune.objectives must name at least one metric")
+    _check(len(set(u.objectives)) == len(u.objectives), "tune.objectives must not repeat a metric")
+    for name in u.objectives:
+        _one_of(name, "tune.objectives[]", tuple(OBJECTIVES))
+    _one_of(u.sampler, "tune.sampler", ("tpe", "random", "nsga2"))
+    _one_of(u.pruner, "tune.pruner", ("median", "hyperband", "none"))
+    _check(u.startup_trials >= 0, "tune.startup_trials must be >= 0")
+    _check(u.warmup_epochs >= 0, "tune.warmup_epochs must be >= 0")
+    _check(u.workers >= 1, f"tune.workers must be >= 1, got {u.workers}")
+    _check(bool(u.storage), "tune.storage must be a database URL, e.g. sqlite:///optuna.db")
+
+
+def _validate_images(d: DictConfig) -> None:
+    _one_of(d.model_arch, "data.model_arch", ("mlp", "cnn", "resnet"))
+    _check(d.image_size is None or (len(d.image_size) == 2 and min(d.image_size) >= 1),
+           f"data.image_size must be [height, width], got {d.image_size}")
+    _check(d.channels in (None, 1, 3), f"data.channels must be 1, 3 or null, got {d.channels}")
+    _check((d.mean is None) == (d.std is None), "data.mean and data.std go together: set both or neither")
+    _check(d.std is None or min(d.std) > 0, "data.std values must be > 0")
+    _check(d.crop_padding >= 0, f"data.crop_padding must be >= 0, got {d.crop_padding}")
+    _check(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
+    _check(d.far_ood in (None, "mnist", "fashion_mnist", "cifar10"),
+           f"data.far_ood={d.far_ood!r} is not mnist, fashion_mnist, cifar10 or null (uniform noise)")
+    unknown = sorted(set(d.urls) - set(IMAGE_SOURCES[1:]))
+    _check(not unknown, f"data.urls names {unknown}; its keys are benchmarks: mnist, fashion_mnist, cifar10")
+    _check(d.far_ood is None or d.source in IMAGE_SOURCES[1:],
+           "data.far_ood needs a benchmark as data.source (mnist, fashion_mnist or cifar10)")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks the type system cannot express; raise UserError naming the key."""
+    d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.evaluate
+    _one_of(d.source, "data.source", ("digits", "csv", "npz", *IMAGE_SOURCES))
+    _check(d.source not in ("csv", "npz", "image_folder") or bool(d.path),
+           f"data.path is required for data.source={d.source}")
+    _validate_images(d)
+    _one_of(d.missing, "data.missing", ("drop", "mean", "median", "ffill"))
+    _one_of(d.outliers, "data.outliers", ("none", "iqr", "zscore"))
+    _one_of(d.scaling, "data.scaling", ("none", "standard", "minmax", "global"))
+    _one_of(d.blank_labels, "data.blank_labels", ("error", "drop"))
+    _one_of(d.non_finite, "data.non_finite", ("error", "drop", "as_missing"))
+    _one_of(str(d.stream).lower(), "data.stream", ("auto", "true", "false"))
+    _check(d.in_memory_max_mb >= 0, f"data.in_memory_max_mb must be >= 0, got {d.in_memory_max_mb}")
+    _check(d.separator in (None, "comma", "semicolon", "tab") or len(d.separator) == 1,
+           f"data.separator must be comma, semicolon, tab or one character, got {d.separator!r}")
+    try:
+        codecs.lookup(d.encoding)
+    except LookupError:
+        raise UserError(f"data.encoding={d.encoding!r} is not a known text encoding, e.g. utf-8 or latin-1") from None
+    _check(d.outlier_threshold > 0, "data.outlier_threshold must be > 0")
+    for key in ("val_fraction", "test_fraction"):
+        _check(0 < d[key] < 1, f"data.{key} must be in (0, 1), got {d[key]}")
+    _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction must be < 1")
+    _one_of(m.name, "model.name", MODEL_NAMES)
+    _one_of(m.arch, "model.arch", ("mlp", "cnn", "resnet"))
+    _check(m.res_blocks >= 1, f"model.res_blocks must be >= 1, got {m.res_blocks}")
+    _one_of(m.activation, "model.activation", ("relu", "gelu", "tanh", "silu"))
+    _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(all(h >= 1 for h in m.hidden_sizes), "model.hidden_sizes must all be >= 1")
+    _check(all(c >= 1 for c in m.conv_channels), "model.conv_channels must all be >= 1")
+    _check(m.prior_sigma > 0, f"model.prior_sigma must be > 0, got {m.prior_sigma}")
+    _check(m.kl_weight >= 0, f"model.kl_weight must be >= 0, got {m.kl_weight}")
+    _check(m.kl_anneal_epochs >= 0, "model.kl_anneal_epochs must be >= 0")
+    _check(m.ensemble_size >= 1, f"model.ensemble_size must be >= 1, got {m.ensemble_size}")
+    _one_of(t.optimizer, "train.optimizer", ("adam", "adamw", "sgd"))
+    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    _check(t.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0")
+    _check(t.checkpoint_every_s >= 0, f"train.checkpoint_every_s must be >= 0 (0 = every epoch), got {t.checkpoint_every_s}")
+    _check(0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+    _one_of(t.loss, "train.loss", ("ce", "focal"))
+    _check(t.focal_gamma >= 0, f"train.focal_gamma must be >= 0, got {t.focal_gamma}")
+    _check(t.focal_alpha > 0, f"train.focal_alpha must be > 0, got {t.focal_alpha}")
+    _check(t.mixup_alpha > 0, f"train.mixup_alpha must be > 0 (train.mixup_prob=0 turns mixup off), got {t.mixup_alpha}")
+    _check(t.cutmix_alpha > 0, f"train.cutmix_alpha must be > 0 (train.cutmix_prob=0 turns cutmix off), got {t.cutmix_alpha}")
+    _check(0 <= t.mixup_prob <= 1, f"train.mixup_prob must be in [0, 1], got {t.mixup_prob}")
+    _check(0 <= t.cutmix_prob <= 1, f"train.cutmix_prob must be in [0, 1], got {t.cutmix_prob}")
+    _check(t.mixup_prob + t.cutmix_prob <= 1, "train.mixup_prob + train.cutmix_prob must be <= 1 (a batch gets one "
+           f"or the other, never both), got {t.mixup_prob} + {t.cutmix_prob}")
+    _check(t.cutmix_prob == 0 or bool(d.image_shape) or d.source in IMAGE_SOURCES or m.arch != "mlp",
+           "train.cutmix_prob > 0 needs image data: set data.image_shape (or model.arch=cnn on images), "
+           "or use train.mixup_prob")
+    _check(t.val_mc_samples >= 1, f"train.val_mc_samples must be >= 1, got {t.val_mc_samples}")
+    _check(e.mc_samples >= 1, f"evaluate.mc_samples must be >= 1, got {e.mc_samples}")
+    _one_of(e.strategy, "evaluate.strategy", ("auto", "loop", "repeat", "lrt"))
+    _one_of(e.winner_mode, "evaluate.winner_mode", ("min", "max"))
+    _check(e.batch_size >= 1, "evaluate.batch_size must be >= 1")
+    _one_of(e.calibration, "evaluate.calibration", ("temperature", "none"))
+    _one_of(e.conformal_method, "evaluate.conformal_method", ("lac", "aps"))
+    _check(0 < e.alpha < 1, f"evaluate.alpha must be in (0, 1), got {e.alpha}")
+    slack = e.champion_gate.coverage_slack
+    _check(slack is None or 0 <= slack < 1 - e.alpha, "evaluate.champion_gate.coverage_slack must be in "
+           f"[0, 1 - alpha = {1 - e.alpha:g}) (the gate needs coverage >= 1 - alpha - slack), or null, got {slack}")
+    _check(0 <= e.target_risk < 1, f"evaluate.target_risk must be in [0, 1), got {e.target_risk}")
+    _check(cfg.num_threads >= 0, f"num_threads must be >= 0, got {cfg.num_threads}")
+    _check(len(cfg.pipeline.models) >= 1, "pipeline.models must name at least one model")
+    for name in cfg.pipeline.models:
+        _one_of(name, "pipeline.models[]", MODEL_NAMES)
+    _check(cfg.pipeline.retries >= 0, "pipeline.retries must be >= 0")
+    _validate_tune(cfg.tune)
+    _check(
+        cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
+        f"device={cfg.device!r} is not auto, cpu, cuda or cuda:N",
+    )

@@ -1,0 +1,132 @@
+"""Compose configs with Hydra's compose API, and the override helpers the CLIs and the pipeline share."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dl_uncertainty.config.checks import validate
+from dl_uncertainty.config.schema import IMAGE_SOURCES, Config
+from dl_uncertainty.errors import UserError
+
+
+def config_dir() -> Path:
+    """``configs/`` of this checkout, or ``$DLU_CONFIG_DIR`` (set in the container image)."""
+    env = os.environ.get("DLU_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[3] / "configs"
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"no config.yaml in {path}; set DLU_CONFIG_DIR to the project's configs/ folder")
+    return path
+
+
+def load_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``configs/`` with Hydra overrides (outside ``@hydra.main``) and validate it."""
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides or []))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserError(f"invalid configuration: {_first_line(err)}") from None
+    validate(cfg)
+    return cfg
+
+
+def data_source_overrides(source: str) -> list[str]:
+    """The pipeline's ``data_source`` -> data overrides: ``digits``, a benchmark's name, a ``.csv`` /
+    ``.npz`` path or ``s3://`` URI, else a folder (or ``s3://`` prefix) of class sub-folders of images."""
+    if not source or source == "digits":
+        return []
+    if source in IMAGE_SOURCES[1:]:
+        return [f"data={source}"]
+    for suffix in ("csv", "npz"):
+        if source.lower().endswith(f".{suffix}"):
+            return [f"data={suffix}", f"data.path={source}"]
+    return ["data=image_folder", f"data.path={source}"]
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def without_keys(overrides: list[str], keys: list[str]) -> list[str]:
+    """``overrides`` minus those that set one of ``keys``: a pipeline's default overrides, minus the
+    keys whose values its typed parameters already carry."""
+    return [o for o in overrides if _override_key(o) not in keys]
+
+
+def with_typed(typed: list[str], overrides: list[str]) -> list[str]:
+    """A pipeline's typed parameters (as overrides) followed by its free-form ``overrides``; a key set
+    by both to different values is an error, so neither silently beats the other."""
+    values = {_override_key(t): t.split("=", 1)[1] for t in typed}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = _override_key(key)
+        if key in values and not _same_value(value, values[key]):
+            raise UserError(f"the overrides parameter sets {key}={value} but its typed pipeline parameter sets "
+                            f"{key}={values[key]}; set it once, with the typed parameter")
+    return [*typed, *overrides]
+
+
+def _same_value(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a.strip() == b.strip()
+
+
+def model_configs(models: list[str], overrides: list[str]) -> str:
+    """JSON ``{model name: config}``, each validated: what each pipeline branch trains and evaluates."""
+    configs = {name: load_config([*overrides, f"model={name}"]) for name in models}
+    return json.dumps({name: OmegaConf.to_container(cfg, resolve=True) for name, cfg in configs.items()})
+
+
+def pick_config(model_configs_json: str, model_name: str | None = None) -> DictConfig:
+    """One model's config from ``model_configs`` output (the first one when no name is given)."""
+    configs = json.loads(model_configs_json)
+    if model_name is not None and model_name not in configs:
+        raise UserError(f"no config for model {model_name!r}; configured models: {', '.join(configs)}")
+    return config_from_json(json.dumps(configs[model_name or next(iter(configs))]))
+
+
+def config_from_json(text: str) -> DictConfig:
+    """Rebuild a validated config from ``to_json`` output (how pipeline steps pass it on)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), json.loads(text))
+    except (ValueError, OmegaConfBaseException) as err:
+        raise UserError(f"invalid configuration JSON: {_first_line(err)}") from None
+    validate(cfg)
+    return cfg
+
+
+def to_json(cfg: DictConfig) -> str:
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
+
+
+def flatten(cfg: DictConfig) -> dict[str, Any]:
+    """``{"model.name": "bnn", ...}`` for MLflow params (without the search space of ``tune``)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "tune"}, "")
+    return out
+
+
+def _first_line(err: BaseException) -> str:
+    """The informative part of a Hydra/OmegaConf message (and its cause), on one line."""
+    noise = ("full_key:", "object_type", "reference_type", "To append", "Set the environment")
+    cause = err.__cause__ or err.__context__
+    text = str(err).split("Config search path")[0] + "\n" + (str(cause) if cause else "")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " ".join(ln for ln in lines if not ln.startswith(noise))

@@ -1,0 +1,212 @@
+"""Image data: a folder of class sub-folders, a CSV of paths and labels, or a standard benchmark.
+
+Images are decoded with Pillow (in DataLoader worker processes when ``data.workers > 0``),
+converted to the configured channels and size, and kept as uint8 pixels. They then become
+ordinary flat-row splits (``data.Split``) of pixels in [0, 1] normalised per channel, so the
+pipeline's split files, models, MC inference and the MLflow model work on images exactly as on
+any other data. Preprocessing holds the images in memory (1 byte per pixel value, then 4 per
+split row: CIFAR-10's float32 splits are 0.7 GB); training and evaluation map the split files from
+disk, and a training split above ``data.in_memory_max_mb`` streams through a DataLoader
+(``training.py``, ``data.stream``).
+
+    python -m dl_uncertainty.images make-shapes data/shapes   # 3 classes of drawn shapes
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image, UnidentifiedImageError
+
+from dl_uncertainty.data.s3 import read_bytes, split_s3_uri
+from dl_uncertainty.data.splits import _class_names
+from dl_uncertainty.errors import UserError
+
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+# ---------------------------------------------------------------- listing files
+
+
+def _list_folder(root: str) -> list[tuple[str, str]]:
+    """(file, class name) for every file in ``root/<class>/``, local or ``s3://bucket/prefix``."""
+    if root.startswith("s3://"):
+        return _list_s3(root)
+    base = Path(root)
+    if not base.is_dir():
+        raise UserError(f"image folder not found: {root}")
+    classes = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{root} has no class sub-folders; put each class's images in {root}/<class name>/")
+    files = []
+    for folder in classes:
+        found = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+        if not found:
+            raise UserError(f"class folder {folder} has no images")
+        files += [(str(f), folder.name) for f in found]
+    return files
+
+
+def _list_s3(uri: str) -> list[tuple[str, str]]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from dl_uncertainty.data.s3 import _s3_client
+
+    bucket, prefix = split_s3_uri(uri)
+    prefix = prefix.rstrip("/") + "/"
+    files = []
+    try:
+        for page in _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                parts = PurePosixPath(item["Key"][len(prefix):]).parts
+                if len(parts) >= 2 and not parts[-1].startswith("."):
+                    files.append((f"s3://{bucket}/{item['Key']}", parts[0]))
+    except (BotoCoreError, ClientError) as err:
+        raise UserError(f"cannot list {uri}: {err}") from None
+    if not files:
+        raise UserError(f"{uri} has no images in class sub-folders (<prefix>/<class name>/<image>)")
+    return sorted(files)
+
+
+def _list_csv(path: str, label_column: str) -> list[tuple[str, str]]:
+    """Rows of a CSV with a ``path`` column (relative to the CSV's folder) and a label column."""
+    text = read_bytes(path).decode("utf-8-sig", errors="replace")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if not rows or "path" not in rows[0] or label_column not in rows[0]:
+        raise UserError(f"{path} needs a header with columns 'path' and {label_column!r} and at least one row")
+    base = path.rsplit("/", 1)[0] if "/" in path else "."
+    files = []
+    for line, row in enumerate(rows, start=2):
+        file, label = (row["path"] or "").strip(), (row[label_column] or "").strip()
+        if not file or not label:
+            raise UserError(f"{path} line {line}: empty path or {label_column!r}")
+        absolute = file.startswith(("/", "s3://"))
+        files.append((file if absolute else f"{base}/{file}", label))
+    return files
+
+
+def list_images(cfg: DictConfig) -> list[tuple[str, str]]:
+    if str(cfg.path).lower().endswith(".csv"):
+        return _list_csv(cfg.path, cfg.label_column)
+    return _list_folder(cfg.path)
+
+
+def check_source(cfg: DictConfig) -> np.ndarray:
+    """The labels of an image source without decoding it: files listed (at least two classes; every
+    local file's header read and checked by Pillow's verify, sizes compared unless resizing), or
+    benchmark files fetched. What a run checks before any task starts."""
+    if cfg.source == "image_folder":
+        files = list_images(cfg)
+        labels = np.array([label for _, label in files])
+        _class_names(labels, [str(c) for c in cfg.ood_classes])
+        _check_headers([f for f, _ in files if not f.startswith("s3://")], resizing=bool(cfg.image_size))
+        return labels
+    from dl_uncertainty.data.downloads import fetch_all
+
+    for name in (cfg.source, cfg.far_ood):
+        if name:
+            fetch_all(name, cfg)
+    return np.array([], dtype=str)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _unreadable(path: str, err: Exception) -> UserError:
+    why = "" if isinstance(err, UnidentifiedImageError) else f": {err}"  # that one names a BytesIO object
+    return UserError(f"{path} is not a readable image (PNG/JPEG){why}")
+
+
+def _open(raw: bytes, path: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise _unreadable(path, err) from None
+    return image
+
+
+def _check_headers(files: list[str], resizing: bool) -> None:
+    """Each file opens as an image and passes ``verify()`` (PNG: every chunk's checksum), without
+    decoding pixels; unless ``resizing``, all have the first one's size."""
+    first = None
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                size = image.size
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise _unreadable(path, err) from None
+        first = first or (path, size)
+        if not resizing and size != first[1]:
+            raise _sizes_differ(first[0], first[1], path, size)
+
+
+def _sizes_differ(first: str, first_size: tuple[int, int], other: str, size: tuple[int, int]) -> UserError:
+    """Sizes as width x height."""
+    return UserError(f"images differ in size: {first} is {first_size[0]}x{first_size[1]}, {other} is "
+                     f"{size[0]}x{size[1]}; set data.image_size=[H,W] to resize all")
+
+
+def conform(image: Image.Image, channels: int, size: list[int] | None) -> np.ndarray:
+    """A Pillow image as uint8 [C, H, W] with ``channels`` (1 or 3), resized to ``size`` [H, W]."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    if size:
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8)
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes one file per item, lazily, so DataLoader workers can decode in parallel.
+
+    An unreadable file comes back as its error message: an exception raised in a worker would
+    reach the user wrapped in the worker's traceback.
+    """
+
+    def __init__(self, files: list[str], channels: int, size: list[int] | None):
+        self.files, self.channels, self.size = files, channels, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> np.ndarray | str:
+        try:
+            return conform(_open(read_bytes(self.files[i]), self.files[i]), self.channels, self.size)
+        except UserError as err:
+            return str(err)
+
+
+def decode_all(files: list[str], cfg: DictConfig) -> np.ndarray:
+    """uint8 [N, C, H, W] of every file; an error names a bad file, or two files of different sizes."""
+    channels = cfg.channels
+    if channels is None:  # the first image decides: grayscale stays one channel
+        channels = 1 if _open(read_bytes(files[0]), files[0]).mode in GRAY_MODES else 3
+    loader = torch.utils.data.DataLoader(ImageFiles(files, channels, cfg.image_size), batch_size=32,
+                                         num_workers=cfg.workers, collate_fn=list)
+    images: list[np.ndarray] = []
+    for batch in loader:
+        for item in batch:
+            if isinstance(item, str):
+                raise UserError(item)
+            if images and item.shape != images[0].shape:
+                raise _sizes_differ(files[0], images[0].shape[:0:-1], files[len(images)], item.shape[:0:-1])
+            images.append(item)
+    return np.stack(images)
+
+
+
+def conform_array(pixels: np.ndarray, channels: int, size: list[int]) -> np.ndarray:
+    """uint8 [N, C, H, W] converted to ``channels`` and resized to ``size`` (another dataset as far-OOD)."""
+    if pixels.shape[1] == channels and list(pixels.shape[2:]) == list(size):
+        return pixels
+    out = []
+    for image in pixels:
+        mode = "L" if image.shape[0] == 1 else "RGB"
+        array = image[0] if mode == "L" else image.transpose(1, 2, 0)
+        out.append(conform(Image.fromarray(array, mode=mode), channels, size))
+    return np.stack(out)

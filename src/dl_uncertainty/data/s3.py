@@ -1,0 +1,62 @@
+"""Reading and writing ``s3://`` objects (MinIO, moto or AWS) through boto3, and local paths alike."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from dl_uncertainty.errors import UserError
+
+# ---------------------------------------------------------------- reading raw data
+
+
+def _s3_client():
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    return _cached_s3_client(endpoint or None, os.environ.get("AWS_ACCESS_KEY_ID"), os.getpid())
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_s3_client(endpoint: str | None, _key_id: str | None, _pid: int):
+    # one client per endpoint, credentials and process (DataLoader workers get their own):
+    # making a client costs more than reading one small image
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket or not key:
+        raise UserError(f"{uri!r} is not an s3://bucket/key URI")
+    return bucket, key
+
+
+def read_bytes(path: str) -> bytes:
+    """Bytes of a local file or an ``s3://bucket/key`` object."""
+    if path.startswith("s3://"):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_s3_uri(path)
+        try:
+            return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError) as err:
+            raise UserError(f"cannot read {path}: {err}") from None
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"data file not found: {path}")
+    return file.read_bytes()
+
+
+def upload_file(local: str, uri: str) -> None:
+    """Put a local file at ``s3://bucket/key`` (e.g. MinIO's ``datasets`` bucket)."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if not Path(local).is_file():
+        raise UserError(f"file not found: {local}")
+    bucket, key = split_s3_uri(uri)
+    try:
+        _s3_client().upload_file(local, bucket, key)
+    except (BotoCoreError, ClientError, Boto3Error) as err:
+        raise UserError(f"cannot upload {local} to {uri}: {err}") from None

@@ -1,0 +1,297 @@
+"""Load, clean and split data; save/load splits as .npz with a JSON schema.
+
+A split's features are stored uncompressed, so ``load_split(..., mmap=True)`` can map them from
+disk instead of reading them into memory (training streams a large split; see ``data.stream``).
+
+Sources: scikit-learn's digits, CSV and NPZ files, local or on S3/MinIO (``s3://bucket/key``);
+image folders and the standard image benchmarks come from ``images.py``.
+Imputation, outlier bounds and scaling are fitted on the training split only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from dl_uncertainty.data.s3 import read_bytes
+from dl_uncertainty.data.splits import Schema, Split, _natural_key, check_ood_classes
+from dl_uncertainty.errors import UserError
+
+
+def _decode(raw: bytes, path: str, encoding: str) -> str:
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        if b"\0" in raw[:4096]:
+            raise UserError(f"{path} is a binary file, not a CSV") from None
+        raise UserError(
+            f"{path} is not {encoding} text (byte {err.start}); set data.encoding, e.g. data.encoding=latin-1"
+        ) from None
+    if "\0" in text[:4096]:
+        raise UserError(f"{path} is a binary file, not a CSV (or set data.encoding, e.g. utf-16)")
+    return text
+
+
+SEPARATORS = {"comma": ",", "semicolon": ";", "tab": "\t"}
+
+
+def _separator(text: str, separator: str | None) -> str:
+    """``data.separator``, else whichever of , ; tab the header line holds most of."""
+    if separator:
+        return SEPARATORS.get(separator, separator)
+    header = text.lstrip("\ufeff").split("\n", 1)[0]
+    return max((",", ";", "\t"), key=header.count)
+
+
+def _read_csv(path: str, cfg: DictConfig) -> tuple[pd.DataFrame, pd.Series]:
+    text = _decode(read_bytes(path), path, cfg.encoding)
+    sep = _separator(text, cfg.separator)
+    try:
+        header = next(csv.reader(io.StringIO(text), delimiter=sep), [])
+        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype={cfg.label_column: str})
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path} is empty") from None
+    except (pd.errors.ParserError, csv.Error) as err:
+        raise UserError(f"{path} is not a valid CSV: {str(err).splitlines()[0]}") from None
+    duplicated = sorted({c for c in header if header.count(c) > 1})
+    if duplicated:
+        raise UserError(f"{path} has duplicated column names {duplicated}; rename them")
+    if frame.empty:
+        raise UserError(f"{path} has a header but no rows")
+    label_column = cfg.label_column
+    if label_column not in frame.columns:
+        raise UserError(
+            f"label column {label_column!r} not in {path} (columns found with separator {sep!r}: "
+            f"{', '.join(map(str, frame.columns[:10]))}); set data.label_column or data.separator"
+        )
+    labels = frame.pop(label_column).str.strip()
+    blank = labels.isna() | (labels == "")
+    if blank.any():
+        if cfg.blank_labels == "error":
+            raise UserError(
+                f"{int(blank.sum())} rows of {path} have a blank {label_column!r} (first on line "
+                f"{int(np.flatnonzero(blank)[0]) + 2}); fill them or set data.blank_labels=drop"
+            )
+        frame, labels = frame[~blank].reset_index(drop=True), labels[~blank].reset_index(drop=True)
+    frame.attrs["dropped"] = {"blank_labels": int(blank.sum())}
+    bad = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    if bad:
+        raise UserError(f"feature column {bad[0]!r} in {path} is not numeric")
+    if frame.shape[1] == 0:
+        raise UserError(f"{path} has no feature columns besides {label_column!r}")
+    return frame.astype("float64"), labels
+
+
+def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
+    """Features (rows x flat features), labels as strings, and the per-example feature shape.
+
+    Image sources are only checked here (files listed, benchmark files fetched), with no
+    features: ``prepare`` decodes them.
+    """
+    from dl_uncertainty.config.schema import IMAGE_SOURCES
+
+    if cfg.source in IMAGE_SOURCES:
+        from dl_uncertainty.data.images import check_source  # torch: not for tables
+
+        labels = check_source(cfg)
+        return pd.DataFrame(index=range(len(labels))), labels, []
+    if cfg.source == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        frame = pd.DataFrame(digits.data, columns=[f"pixel_{i}" for i in range(digits.data.shape[1])])
+        return frame, digits.target.astype(str), list(cfg.image_shape or [64])
+    if cfg.source == "csv":
+        frame, labels = _read_csv(cfg.path, cfg)
+        return frame, labels.astype(str).to_numpy(), list(cfg.image_shape or [frame.shape[1]])
+    try:
+        with np.load(io.BytesIO(read_bytes(cfg.path)), allow_pickle=False) as npz:
+            x, y = npz["x"], npz["y"]
+    except KeyError as err:
+        raise UserError(f"{cfg.path} must contain arrays 'x' and 'y' (missing {err})") from None
+    except ValueError as err:
+        raise UserError(f"{cfg.path} is not a valid .npz file: {err}") from None
+    if len(x) != len(y) or len(x) == 0:
+        raise UserError(f"{cfg.path}: x has {len(x)} rows but y has {len(y)}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise UserError(f"{cfg.path}: x must be numeric, got dtype {x.dtype}")
+    if y.ndim != 1:
+        raise UserError(f"{cfg.path}: y must hold one label per row, got shape {y.shape}")
+    if np.issubdtype(y.dtype, np.floating):
+        blank = np.isnan(y)
+    elif y.dtype.kind in "US":
+        blank = np.char.strip(y.astype(str)) == ""
+    else:
+        blank = np.zeros(len(y), dtype=bool)
+    if blank.any():  # the same rule as a CSV's blank labels, before NaN can become a class 'nan'
+        if cfg.blank_labels == "error":
+            raise UserError(
+                f"{int(blank.sum())} labels in {cfg.path}'s y are blank (NaN or empty; first at row "
+                f"{int(np.flatnonzero(blank)[0])}); fill them or set data.blank_labels=drop"
+            )
+        x, y = x[~blank], y[~blank]
+        if len(y) == 0:
+            raise UserError(f"{cfg.path}: every label in y is blank")
+    if np.issubdtype(y.dtype, np.floating) and np.all(y % 1 == 0):  # label 2.0 is class '2', not '2.0'
+        y = y.astype(np.int64)
+    shape = list(x.shape[1:]) if x.ndim != 3 else [1, *x.shape[1:]]
+    flat = x.reshape(len(x), -1).astype("float64")
+    columns = [f"feature_{i}" for i in range(flat.shape[1])]
+    frame = pd.DataFrame(flat, columns=columns)
+    frame.attrs["dropped"] = {"blank_labels": int(blank.sum())}
+    return frame, y.astype(str), list(cfg.image_shape or shape)
+
+
+# ---------------------------------------------------------------- cleaning
+
+
+def _non_finite(frame: pd.DataFrame, labels: np.ndarray, cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    """Infinite feature values: an error, dropped rows, or missing values (``data.non_finite``)."""
+    inf = np.isinf(frame.to_numpy())
+    if not inf.any():
+        return frame, labels
+    if cfg.non_finite == "error":
+        per_column = inf.sum(axis=0)
+        raise UserError(
+            f"{cfg.path or cfg.source} has {int(inf.sum())} infinite values (column {frame.columns[per_column.argmax()]!r} "
+            f"has {int(per_column.max())}); fix the data or set data.non_finite=drop or data.non_finite=as_missing"
+        )
+    if cfg.non_finite == "drop":
+        keep = ~inf.any(axis=1)
+        return frame[keep].reset_index(drop=True), labels[keep]
+    return frame.mask(inf), labels
+
+
+
+
+def check_raw(cfg: DictConfig) -> None:
+    """The checks worth making before a pipeline starts tasks, in a second or less: the data can be
+    read, infinite values are handled as data.non_finite says, data.ood_classes are labels in it."""
+    from dl_uncertainty.config.schema import IMAGE_SOURCES
+
+    frame, labels, _ = load_raw(cfg)
+    if cfg.source not in IMAGE_SOURCES:
+        frame, labels = _non_finite(frame, labels, cfg)
+        check_ood_classes(labels, [str(c) for c in cfg.ood_classes])
+
+
+def _fit_cleaning(train: pd.DataFrame, cfg: DictConfig) -> dict:
+    stats: dict = {"missing": cfg.missing, "outliers": cfg.outliers, "scaling": cfg.scaling}
+    if cfg.missing in ("mean", "median"):
+        fill = train.mean() if cfg.missing == "mean" else train.median()
+        stats["fill"] = fill.fillna(0.0).tolist()
+    if cfg.outliers == "iqr":
+        q1, q3 = train.quantile(0.25), train.quantile(0.75)
+        k = cfg.outlier_threshold * (q3 - q1)
+        stats["clip_low"], stats["clip_high"] = (q1 - k).tolist(), (q3 + k).tolist()
+    elif cfg.outliers == "zscore":
+        mean, std = train.mean(), train.std(ddof=0)
+        k = cfg.outlier_threshold * std
+        stats["clip_low"], stats["clip_high"] = (mean - k).tolist(), (mean + k).tolist()
+    return stats
+
+
+def _apply_cleaning(frame: pd.DataFrame, stats: dict) -> tuple[np.ndarray, dict]:
+    counts = {"missing_filled": int(frame.isna().sum().sum()), "outliers_clipped": 0}
+    if "fill" in stats and counts["missing_filled"]:
+        frame = frame.fillna(pd.Series(stats["fill"], index=frame.columns))
+    x = frame.to_numpy(dtype="float64")
+    if "clip_low" in stats:
+        low, high = np.asarray(stats["clip_low"]), np.asarray(stats["clip_high"])
+        counts["outliers_clipped"] = int(((x < low) | (x > high)).sum())
+        x = np.clip(x, low, high)
+    if "center" in stats:
+        x = (x - np.asarray(stats["center"])) / np.asarray(stats["scale"])
+    return x.astype("float32"), counts
+
+
+def _fit_scaling(x: np.ndarray, method: str) -> dict:
+    if method == "standard":
+        center, scale = x.mean(axis=0), x.std(axis=0)
+    elif method == "minmax":
+        center, scale = x.min(axis=0), x.max(axis=0) - x.min(axis=0)
+    elif method == "global":  # one mean/std for every feature: pixels keep their relative scale
+        center, scale = np.full(x.shape[1], x.mean()), np.full(x.shape[1], x.std())
+    else:
+        return {}
+    scale = np.where(scale > 1e-12, scale, 1.0)  # constant features (e.g. always-blank pixels)
+    return {"center": center.tolist(), "scale": scale.tolist()}
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
+    """Raw data -> cleaned, stratified train/val/test splits plus the held-out OOD classes."""
+    from dl_uncertainty.config.schema import IMAGE_SOURCES
+
+    if cfg.source in IMAGE_SOURCES:
+        from dl_uncertainty.data.image_splits import prepare_images  # torch: not for tables
+
+        return prepare_images(cfg, seed)
+    frame, labels, feature_shape = load_raw(cfg)
+    dropped = {"blank_labels": 0, "non_finite": 0, "missing": 0, **frame.attrs.get("dropped", {})}
+    before = len(frame)
+    frame, labels = _non_finite(frame, labels, cfg)
+    dropped["non_finite"] = before - len(frame)
+    if int(np.prod(feature_shape)) != frame.shape[1]:
+        raise UserError(f"data.image_shape={feature_shape} does not match {frame.shape[1]} features")
+    if cfg.missing == "drop":
+        keep = ~frame.isna().any(axis=1).to_numpy()
+        frame, labels = frame[keep].reset_index(drop=True), labels[keep]
+        dropped["missing"] = int((~keep).sum())
+    elif cfg.missing == "ffill":
+        frame = frame.ffill().bfill()
+    if len(frame) == 0:
+        raise UserError("no rows left after dropping rows with missing values")
+
+    ood_names = check_ood_classes(labels, [str(c) for c in cfg.ood_classes])
+    is_ood = np.isin(labels, ood_names)
+    class_names = sorted(set(labels[~is_ood]), key=_natural_key)
+    if len(class_names) < 2:
+        raise UserError("need at least two in-distribution classes after removing data.ood_classes")
+
+    from sklearn.model_selection import train_test_split  # 0.6 s that loading a split never needs
+
+    index = {name: i for i, name in enumerate(class_names)}
+    y_in = np.array([index[v] for v in labels[~is_ood]], dtype=np.int64)
+    rows = np.flatnonzero(~is_ood)
+    try:
+        rest, test = train_test_split(
+            rows, test_size=cfg.test_fraction, stratify=y_in, random_state=seed
+        )
+        val_share = cfg.val_fraction / (1 - cfg.test_fraction)
+        train, val = train_test_split(
+            rest, test_size=val_share, stratify=y_in[np.searchsorted(rows, rest)], random_state=seed
+        )
+    except ValueError as err:
+        raise UserError(f"cannot make a stratified split: {err}") from None
+
+    stats = _fit_cleaning(frame.iloc[train], cfg)
+    stats.update(blank_labels=cfg.blank_labels, non_finite=cfg.non_finite,
+                 rows_dropped=dropped)  # before splitting: {"blank_labels": n, "non_finite": n, "missing": n}
+    x_train, _ = _apply_cleaning(frame.iloc[train], stats)
+    stats.update(_fit_scaling(x_train, cfg.scaling))
+
+    ood_index = {name: i for i, name in enumerate(ood_names)}
+    parts = {"train": train, "val": val, "test": test, "ood": np.flatnonzero(is_ood)}
+    splits = {}
+    for name, part in parts.items():
+        x, counts = _apply_cleaning(frame.iloc[part], stats)
+        if name == "ood":
+            y = np.array([ood_index[v] for v in labels[part]], dtype=np.int64)
+        else:
+            y = y_in[np.searchsorted(rows, part)]
+        if not np.isfinite(x).all():
+            raise UserError(
+                f"the {name} split has {int((~np.isfinite(x)).sum())} non-finite values after cleaning "
+                f"(data.missing={cfg.missing}); choose another data.missing or data.scaling"
+            )
+        schema = Schema(feature_shape, class_names, ood_names, cfg.source, {**stats, **counts},
+                        feature_names=[str(c) for c in frame.columns])
+        splits[name] = Split(x, y, schema)
+    return splits

@@ -1,0 +1,1 @@
+"""The reports layer: HTML/Markdown rendering, figures, the data report, the evaluation and sweep reports."""

@@ -1,0 +1,1 @@
+"""The training layer: the loop, its checkpoints, losses, augmentation and the Optuna sweep."""

@@ -1,0 +1,68 @@
+"""Checkpoints that let ``train.resume=true`` continue exactly where a run stopped, Ctrl-C included."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from dl_uncertainty.errors import UserError, check_writable
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training. ``epoch``: the last finished epoch, whose checkpoint is at ``path``
+    (0: none); ``written``: whether this run wrote it (False: the checkpoint it resumed from)."""
+
+    def __init__(self, path: Path | None, epoch: int, written: bool):
+        super().__init__()
+        self.path, self.epoch, self.written = path, epoch, written
+
+
+class Checkpointer:
+    """``last.pt``: weights, optimizer, RNG states, history, best-so-far, at most once per
+    ``every_s`` seconds (writing one costs a tenth of a small epoch), always for the last epoch,
+    and on Ctrl-C for the last finished epoch (kept in memory until then)."""
+
+    def __init__(self, folder: str | Path, every_s: float = 0.0):
+        self.path = check_writable(folder, "train.checkpoint_dir") / "last.pt"
+        self.every_s, self.saved_at = every_s, time.monotonic()
+        self.first_epoch, self.saved_epoch, self.unsaved = 1, 0, None
+        self.meta: dict = {}  # saved in every checkpoint
+
+    def due(self, last_epoch: bool) -> bool:
+        return last_epoch or time.monotonic() - self.saved_at >= self.every_s
+
+    def epoch_done(self, state: dict, last_epoch: bool) -> None:
+        """Save ``state`` if due, else keep a copy of what changes in place for a Ctrl-C."""
+        if self.due(last_epoch):
+            self.save(state)
+            self.saved_epoch, self.unsaved = state["epoch"], None
+        else:
+            self.unsaved = {**state, "model": copy.deepcopy(state["model"]),
+                            "optimizer": copy.deepcopy(state["optimizer"]),
+                            "history": {k: list(v) for k, v in state["history"].items()}}
+
+    def interrupted(self) -> TrainingInterrupted:
+        """Save the last finished epoch if it is not on disk yet; say which checkpoint is whose."""
+        if self.unsaved is not None:
+            self.save(self.unsaved)
+            self.saved_epoch, self.unsaved = self.unsaved["epoch"], None
+        return TrainingInterrupted(self.path, self.saved_epoch, written=self.saved_epoch >= self.first_epoch)
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({**state, **self.meta}, tmp)
+        os.replace(tmp, self.path)  # never leave a half-written checkpoint behind
+        self.saved_at = time.monotonic()
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same user problem
+            raise UserError(f"cannot read checkpoint {self.path}: {err}") from None
