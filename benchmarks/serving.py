@@ -67,7 +67,7 @@ def measure(cfg, env: dict, requests: int) -> list[str]:
     """Table rows for one model: per batch size, the naive loop vs the served request."""
     from dl_uncertainty.data.rows import unscaled
     from dl_uncertainty.data.tables import prepare
-    from dl_uncertainty.families.networks import Ensemble
+    from dl_uncertainty.families.deep_ensemble import Ensemble
     from dl_uncertainty.train import train_and_log
     from dl_uncertainty.uncertainty.mc_plan import mc_mode
 

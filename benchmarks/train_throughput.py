@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dl_uncertainty.config.compose import load_config  # noqa: E402
 from dl_uncertainty.data.tables import prepare  # noqa: E402
-from dl_uncertainty.families.networks import get_model  # noqa: E402
+from dl_uncertainty.families.base import build_model as get_model  # noqa: E402
 from dl_uncertainty.training.loop import kl_scale, loss_terms, make_optimizer, set_threads  # noqa: E402
 
 

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from dl_uncertainty.config.compose import config_dir, load_config
+from dl_uncertainty.config.compose import load_config
+from dl_uncertainty.config.schema import config_dir
 from dl_uncertainty.errors import UserError, exit_on_user_error
 
 HELP = """usage: python -m dl_uncertainty.{command} [--multirun|-m] [--cfg] [key=value ...]

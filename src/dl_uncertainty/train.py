@@ -39,6 +39,7 @@ def train_and_log(
 
     from dl_uncertainty.data.rows import unscaled
     from dl_uncertainty.data.tables import prepare
+    from dl_uncertainty.families.predict import served_log_probs
     from dl_uncertainty.reports.plots import training_curves
     from dl_uncertainty.tracking import runs as tracking
     from dl_uncertainty.training.checkpoints import Checkpointer
@@ -70,7 +71,7 @@ def train_and_log(
                 "train_samples_per_second": result.samples_per_second,
             })
             mlflow.log_figure(training_curves(result.history), "figures/training_curves.png")
-            fitted = calibration.fit_on(result.model, val, cfg)
+            fitted = calibration.fit(served_log_probs(result.model, val.x, cfg).numpy(), val.y, cfg.evaluate)
             mlflow.log_dict(fitted.to_dict(), "calibration.json")
             example = pd.DataFrame(unscaled(train.x[:5], train.schema).round(6), columns=train.schema.feature_names or None)
             tracking.log_model(result.model, cfg, train.schema, example, fitted)

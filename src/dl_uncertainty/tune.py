@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     from omegaconf import OmegaConf
 
     from dl_uncertainty.cli import _groups
-    from dl_uncertainty.config.compose import config_dir
+    from dl_uncertainty.config.schema import config_dir
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     args = list(sys.argv[1:] if argv is None else argv)

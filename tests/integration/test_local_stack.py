@@ -82,7 +82,7 @@ def test_a_sweep_shares_its_study_through_the_stacks_postgres(stack, tmp_path):
     """Optuna's database comes from k8s/dlu/10-optuna.sh, the script the cluster's PostgreSQL runs."""
     import optuna
 
-    from dl_uncertainty.config.compose import config_dir
+    from dl_uncertainty.config.schema import config_dir
 
     _, values = stack
     assert values["DLU_TUNE_STORAGE"].startswith("postgresql+psycopg2://optuna:")

@@ -8,7 +8,7 @@ import mlflow
 import optuna
 import pytest
 
-from dl_uncertainty.config.compose import config_dir
+from dl_uncertainty.config.schema import config_dir
 from dl_uncertainty.errors import UserError
 from dl_uncertainty.reports.sweep import finish, save_tuned
 from dl_uncertainty.training.tuning import begin, compose, work
@@ -136,10 +136,10 @@ def test_the_comparison_report_shows_the_sweep_a_tuned_model_came_from(in_tmp, o
 
     from dl_uncertainty.config.compose import load_config
     from dl_uncertainty.data.tables import prepare
+    from dl_uncertainty.families.predict import predict_log_probs
     from dl_uncertainty.tracking import store
     from dl_uncertainty.tracking.compare import comparison_html, tuning_section
     from dl_uncertainty.train import train_and_log
-    from dl_uncertainty.uncertainty.predict import predict_log_probs
 
     summary = tune(compose(["model=mc_dropout_dnn", *FAST, "train.epochs=2", "tune.n_trials=3",
                             "tune.sampler=random"]))

@@ -188,7 +188,7 @@ def test_deterministic_model_returns_identical_samples_from_one_pass() -> None:
     calls = []
     model.register_forward_hook(lambda *args: calls.append(1))
     x = torch.randn(10, 6)
-    lp = mc_log_probs(model, x, 30)
+    lp = mc_log_probs(model, x, 30, deterministic=True)
     assert lp.shape == (30, 10, 3) and len(calls) == 1
     assert torch.equal(lp[0], lp[29])
     assert torch.allclose(lp[0], torch.log_softmax(model(x), -1))
@@ -284,3 +284,31 @@ def test_row_seed_samples_the_same_distribution_per_example(model) -> None:
     x = torch.randn(4, 72 if model is _conv_bnn else 6) * 2
     ref = mc_log_probs(net, x, 3000, strategy="loop", generator=torch.Generator().manual_seed(8))
     _assert_same_distribution(ref, mc_log_probs(net, x, 3000, row_seed=8))
+
+
+class _SelfSampling(nn.Module):
+    """Samples its own weights in forward: nothing the engine's analysis can see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ (self.lin.weight + torch.randn_like(self.lin.weight)).T
+
+
+@pytest.mark.parametrize("strategy", ["auto", "loop", "repeat"])
+def test_randomness_the_engine_cannot_see_is_sampled_not_copied(strategy: str) -> None:
+    torch.manual_seed(0)
+    model, x = _SelfSampling(), torch.randn(5, 4)
+    plan = mc_plan(model, x, 10, strategy=strategy)
+    assert plan.strategy == "loop" and ("forced" in plan.reason or "not declared deterministic" in plan.reason)
+    lp = mc_log_probs(model, x, 10, strategy=strategy)
+    assert len({tuple(lp[t].flatten().tolist()) for t in range(10)}) == 10  # T distinct samples
+
+
+def test_loop_always_loops_even_for_a_declared_deterministic_model() -> None:
+    model, calls = nn.Sequential(nn.Linear(4, 3)), []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    mc_log_probs(model, torch.randn(5, 4), 7, strategy="loop", deterministic=True)
+    assert len(calls) == 7

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from dl_uncertainty.config.compose import load_config
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.families.networks import get_model
+from dl_uncertainty.families.base import build_model as get_model
+from dl_uncertainty.families.losses import Mix, cutmix, focal_loss, mix_batch, mixed_loss
 from dl_uncertainty.training.loop import loss_terms, train_model
-from dl_uncertainty.training.losses import Mix, cutmix, focal_loss, mix_batch, mixed_loss
 
 
 @pytest.fixture()

@@ -8,11 +8,12 @@ import torch
 import torchbnn
 
 from dl_uncertainty.config.compose import load_config
-from dl_uncertainty.families.networks import ResNet, get_model
+from dl_uncertainty.families.base import build_model as get_model
+from dl_uncertainty.families.networks import ResNet
+from dl_uncertainty.families.predict import predict_log_probs
+from dl_uncertainty.reports.saliency import grad_cam
 from dl_uncertainty.uncertainty.engine import mc_log_probs
 from dl_uncertainty.uncertainty.mc_plan import STRATEGIES
-from dl_uncertainty.uncertainty.predict import predict_log_probs
-from dl_uncertainty.uncertainty.saliency import grad_cam
 
 SHAPE = [3, 8, 8]
 

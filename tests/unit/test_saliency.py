@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from dl_uncertainty.families.networks import get_model
-from dl_uncertainty.uncertainty.saliency import grad_cam
+from dl_uncertainty.families.base import build_model as get_model
+from dl_uncertainty.reports.saliency import grad_cam
 
 
 def test_grad_cam_maps_every_conv_model_and_skips_mlps(tiny_cfg, digits_splits):

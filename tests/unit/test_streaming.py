@@ -10,8 +10,8 @@ from dl_uncertainty.config.compose import load_config
 from dl_uncertainty.data.shapes import make_shapes
 from dl_uncertainty.data.splits import load_split, save_split
 from dl_uncertainty.data.tables import prepare
+from dl_uncertainty.families.predict import predict_log_probs
 from dl_uncertainty.training import loop as training
-from dl_uncertainty.uncertainty.predict import predict_log_probs
 
 TINY = ["train.epochs=2", "train.early_stopping_patience=0", "train.val_mc_samples=2", "train.batch_size=16",
         "model=mc_dropout_dnn", "model.arch=cnn", "model.conv_channels=[4]", "model.hidden_sizes=[16]"]

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torchbnn
 
-from dl_uncertainty.families.networks import get_model, kl_divergence
+from dl_uncertainty.families.base import build_model as get_model
+from dl_uncertainty.families.bnn import kl_divergence
 from dl_uncertainty.training.loop import kl_scale, loss_terms, train_model
 
 

@@ -10,13 +10,13 @@ from torch import nn
 from dl_uncertainty.config.compose import load_config
 from dl_uncertainty.data.rows import to_images, to_rows, unscaled
 from dl_uncertainty.data.tables import prepare
-from dl_uncertainty.families.networks import Ensemble
+from dl_uncertainty.families.deep_ensemble import Ensemble
+from dl_uncertainty.families.predict import predict_log_probs
 from dl_uncertainty.reports import plots
 from dl_uncertainty.reports.evaluation import evaluate_model
 from dl_uncertainty.train import train_and_log
 from dl_uncertainty.training.loop import train_model
 from dl_uncertainty.uncertainty import metrics as M
-from dl_uncertainty.uncertainty.predict import predict_log_probs
 from tests.conftest import TINY
 
 
@@ -95,9 +95,11 @@ def test_far_ood_and_shifted_inputs_reach_the_model_scaled_like_the_training_dat
     test, ood = digits_splits["test"], digits_splits["ood"]
     center, scale = (np.asarray(test.schema.cleaning[k]) for k in ("center", "scale"))
     model = _Recorder(test.x.shape[1], len(test.schema.class_names))
-    result = evaluate_model(model, tiny_cfg(), test, ood, with_figures=False)
+    cfg = tiny_cfg()
+    result = evaluate_model(model, cfg, test, ood, with_figures=False)
     shifted = len(M.CORRUPTIONS) * 5
-    assert len(model.seen) == 3 + shifted  # test, far-OOD, OOD and every shifted set
+    # test, far-OOD, OOD and every shifted set, each T times: a network no family declares deterministic
+    assert len(model.seen) == (3 + shifted) * cfg.evaluate.mc_samples
     for rows in model.seen:  # un-scaled with the training scaler, every input is a digits image (pixels 0..16)
         pixels = rows * scale + center
         assert pixels.min() >= -1e-3 and pixels.max() <= 16 + 1e-3

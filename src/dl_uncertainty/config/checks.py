@@ -5,9 +5,10 @@ from __future__ import annotations
 import codecs
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from dl_uncertainty.config.schema import IMAGE_SOURCES, MODEL_NAMES
+from dl_uncertainty.config.schema import IMAGE_SOURCES, MODEL_NAMES, ModelConfig, family_defaults
 from dl_uncertainty.errors import UserError
 
 
@@ -54,6 +55,38 @@ def _validate_images(d: DictConfig) -> None:
            "data.far_ood needs a benchmark as data.source (mnist, fashion_mnist or cifar10)")
 
 
+_KINDS = ((bool, "true or false"), (int, "an integer"), (float, "a number"), (str, "text"),
+          (list, "a list"), (dict, "a mapping"))
+
+
+def _kind(value: Any) -> tuple[type, str] | None:
+    for kind in _KINDS:
+        if isinstance(value, kind[0]):
+            return kind
+    return None
+
+
+def model_types(m: DictConfig) -> None:
+    """The shared model keys have ModelConfig's types; a family's own keys keep the type their
+    configs/model/<name>.yaml default has (an integer is a number too)."""
+    shared = {key: m[key] for key in ModelConfig.__dataclass_fields__ if key in m}
+    try:
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), shared)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "") or "?"
+        raise UserError(f"invalid configuration: model.{key}: {str(err).splitlines()[0]}") from None
+    for key, default in family_defaults(m.name).items():
+        if key in ModelConfig.__dataclass_fields__ or default is None or key not in m:
+            continue
+        if isinstance(default, str) and default.startswith("${"):
+            continue
+        value = OmegaConf.to_container(m, resolve=True)[key]
+        want, got = _kind(default), _kind(value)
+        if want is None or got == want or (want[0] is float and got is not None and got[0] is int):
+            continue
+        raise UserError(f"model.{key} must be {want[1]} (as in configs/model/{m.name}.yaml), got {value!r}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks the type system cannot express; raise UserError naming the key."""
     d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.evaluate
@@ -79,16 +112,13 @@ def validate(cfg: DictConfig) -> None:
         _check(0 < d[key] < 1, f"data.{key} must be in (0, 1), got {d[key]}")
     _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction must be < 1")
     _one_of(m.name, "model.name", MODEL_NAMES)
+    model_types(m)
     _one_of(m.arch, "model.arch", ("mlp", "cnn", "resnet"))
     _check(m.res_blocks >= 1, f"model.res_blocks must be >= 1, got {m.res_blocks}")
     _one_of(m.activation, "model.activation", ("relu", "gelu", "tanh", "silu"))
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(all(h >= 1 for h in m.hidden_sizes), "model.hidden_sizes must all be >= 1")
     _check(all(c >= 1 for c in m.conv_channels), "model.conv_channels must all be >= 1")
-    _check(m.prior_sigma > 0, f"model.prior_sigma must be > 0, got {m.prior_sigma}")
-    _check(m.kl_weight >= 0, f"model.kl_weight must be >= 0, got {m.kl_weight}")
-    _check(m.kl_anneal_epochs >= 0, "model.kl_anneal_epochs must be >= 0")
-    _check(m.ensemble_size >= 1, f"model.ensemble_size must be >= 1, got {m.ensemble_size}")
     _one_of(t.optimizer, "train.optimizer", ("adam", "adamw", "sgd"))
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _check(t.weight_decay >= 0, "train.weight_decay must be >= 0")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
+import re
 from typing import Any
 
 from hydra import compose, initialize_config_dir
@@ -13,28 +12,43 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dl_uncertainty.config.checks import validate
-from dl_uncertainty.config.schema import IMAGE_SOURCES, Config
+from dl_uncertainty.config.schema import (
+    IMAGE_SOURCES,
+    MODEL_NAMES,
+    Config,
+    config_dir,
+    family_defaults,
+)
 from dl_uncertainty.errors import UserError
 
 
-def config_dir() -> Path:
-    """``configs/`` of this checkout, or ``$DLU_CONFIG_DIR`` (set in the container image)."""
-    env = os.environ.get("DLU_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[3] / "configs"
-    if not (path / "config.yaml").is_file():
-        raise UserError(f"no config.yaml in {path}; set DLU_CONFIG_DIR to the project's configs/ folder")
-    return path
-
-
 def load_config(overrides: list[str] | None = None) -> DictConfig:
-    """Compose ``configs/`` with Hydra overrides (outside ``@hydra.main``) and validate it."""
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=list(overrides or []))
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UserError(f"invalid configuration: {_first_line(err)}") from None
+    """Compose ``configs/`` with Hydra overrides (outside ``@hydra.main``) and validate it.
+
+    An override of a key that only other families have (``model.ensemble_size=10`` while composing
+    the BNN) is dropped: one list of overrides reaches every family of a pipeline or a sweep.
+    """
+    overrides = list(overrides or [])
+    while True:
+        try:
+            with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=overrides)
+            break
+        except (HydraException, OmegaConfBaseException) as err:
+            key = _other_family_key(str(err), overrides)
+            if key is None:
+                raise UserError(f"invalid configuration: {_first_line(err)}") from None
+            overrides = [o for o in overrides if _override_key(o) != key]
     validate(cfg)
     return cfg
+
+
+def _other_family_key(error: str, overrides: list[str]) -> str | None:
+    match = re.search(r"Could not override '(model\.(\w+))'", error)
+    if match is None or match.group(1) not in [_override_key(o) for o in overrides]:
+        return None
+    declared = {key for name in MODEL_NAMES for key in family_defaults(name)}
+    return match.group(1) if match.group(2) in declared else None
 
 
 def data_source_overrides(source: str) -> list[str]:

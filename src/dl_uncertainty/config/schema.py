@@ -6,11 +6,18 @@ fix the keys and types, so a typo in an override fails before any work, naming t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
 
-MODEL_NAMES = ("bnn", "mc_dropout_dnn", "deep_ensemble")
+from dl_uncertainty.errors import UserError
+from dl_uncertainty.families.registry import NAMES
+
+MODEL_NAMES = NAMES
 IMAGE_SOURCES = ("image_folder", "mnist", "fashion_mnist", "cifar10")
 
 
@@ -50,19 +57,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "bnn"  # bnn | mc_dropout_dnn | deep_ensemble
+    """The keys every family shares (configs/model/shared/architecture.yaml). A family's own keys live
+    in its configs/model/<name>.yaml, whose values give their types (see ``checks.model_types``)."""
+
+    name: str = "bnn"  # a family of dl_uncertainty.families.registry
     arch: str = "mlp"  # mlp | cnn | resnet
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
     conv_channels: list[int] = field(default_factory=lambda: [16, 32])  # cnn: per conv; resnet: per stage
     res_blocks: int = 1  # resnet: residual blocks per stage
     activation: str = "relu"  # relu | gelu | tanh | silu
     dropout: float = 0.0
-    prior_mu: float = 0.0
-    prior_sigma: float = 1.0
-    posterior_log_sigma_init: float = -5.0
-    kl_weight: float = 1.0  # multiplier on KL / N_train
-    kl_anneal_epochs: int = 0  # linear warm-up of the KL weight from 0
-    ensemble_size: int = 5
 
 
 @dataclass
@@ -156,7 +160,7 @@ class PipelineConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = MISSING  # a family's config: ModelConfig's keys plus its own (configs/model/<name>.yaml)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -168,6 +172,22 @@ class Config:
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     run_id: str | None = None  # evaluate: the MLflow run whose model to load
     data_dir: str = "data/processed"  # preprocess: where the split files go
+
+
+def config_dir() -> Path:
+    """``configs/`` of this checkout, or ``$DLU_CONFIG_DIR`` (set in the container image)."""
+    env = os.environ.get("DLU_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[3] / "configs"
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"no config.yaml in {path}; set DLU_CONFIG_DIR to the project's configs/ folder")
+    return path
+
+
+def family_defaults(name: str) -> dict[str, Any]:
+    """The keys and default values ``configs/model/<name>.yaml`` gives a family beyond the shared ones."""
+    values = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / f"{name}.yaml"))
+    values.pop("defaults", None)
+    return values
 
 
 def register_configs() -> None:

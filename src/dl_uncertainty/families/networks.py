@@ -1,5 +1,5 @@
-"""The model families: a torchbnn BNN, an MC-Dropout DNN and a deep ensemble, as MLP, small CNN
-or small ResNet.
+"""The networks families are built from: MLP, small CNN or small ResNet, deterministic or with
+torchbnn's mean-field Gaussian layers.
 
 Every model takes flat features [N, D] and returns logits [N, K]; the CNNs unflatten to the
 image shape themselves, so data files and the MLflow model always speak flat rows.
@@ -19,20 +19,6 @@ from dl_uncertainty.errors import UserError
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
-class Ensemble(nn.Module):
-    """M independently initialised members; their predictions are the ensemble's samples."""
-
-    def __init__(self, members: list[nn.Module]):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([member(x) for member in self.members])  # [M, N, K]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # log of the mean member probability: a proper logit vector for the ensemble prediction
-        log_probs = torch.log_softmax(self.member_logits(x), dim=-1)
-        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
 
 
 def _linear(bayesian: bool, cfg: DictConfig, n_in: int, n_out: int) -> nn.Module:
@@ -102,7 +88,8 @@ class ResNet(nn.Module):
         return self.head(self.blocks(self.stem(self.unflatten(x))))
 
 
-def _build(cfg: DictConfig, feature_shape: list[int], num_classes: int, bayesian: bool) -> nn.Module:
+def build_network(cfg: DictConfig, feature_shape: list[int], num_classes: int, bayesian: bool) -> nn.Module:
+    """An MLP, small CNN or ResNet (``cfg.arch``) from flat rows to logits; torchbnn layers if ``bayesian``."""
     act = ACTIVATIONS[cfg.activation]
     layers: list[nn.Module] = []
     if cfg.arch != "mlp" and len(feature_shape) != 3:
@@ -111,10 +98,7 @@ def _build(cfg: DictConfig, feature_shape: list[int], num_classes: int, bayesian
             "set data.image_shape or use model.arch=mlp"
         )
     if cfg.arch == "resnet":
-        model = ResNet(cfg, feature_shape, num_classes, bayesian)
-        if bayesian:
-            _init_posterior_scale(model, cfg.posterior_log_sigma_init)
-        return model
+        return ResNet(cfg, feature_shape, num_classes, bayesian)
     if cfg.arch == "cnn":
         channels, height, width = feature_shape
         layers.append(nn.Unflatten(1, tuple(feature_shape)))
@@ -140,43 +124,33 @@ def _build(cfg: DictConfig, feature_shape: list[int], num_classes: int, bayesian
             layers.append(nn.Dropout(cfg.dropout))
         width_in = hidden
     layers.append(_linear(bayesian, cfg, width_in, num_classes))
-    model = nn.Sequential(*layers)
-    if bayesian:
-        _init_posterior_scale(model, cfg.posterior_log_sigma_init)
-    return model
+    return nn.Sequential(*layers)
 
 
-def _init_posterior_scale(model: nn.Module, log_sigma: float) -> None:
-    # torchbnn starts the posterior at log(prior_sigma): with a wide prior the first epochs
-    # are pure noise. Starting near-deterministic lets the data speak first.
-    for module in model.modules():
-        if isinstance(module, (torchbnn.BayesLinear, torchbnn.BayesConv2d)):
-            nn.init.constant_(module.weight_log_sigma, log_sigma)
-            if getattr(module, "bias_log_sigma", None) is not None:
-                nn.init.constant_(module.bias_log_sigma, log_sigma)
 
 
-def get_model(cfg: DictConfig, feature_shape: list[int], num_classes: int) -> nn.Module:
-    """Build ``cfg.name`` (bnn | mc_dropout_dnn | deep_ensemble) for these inputs and classes."""
-    if cfg.name == "bnn":
-        return _build(cfg, feature_shape, num_classes, bayesian=True)
-    if cfg.name == "mc_dropout_dnn":
-        if cfg.dropout <= 0:
-            raise UserError("model=mc_dropout_dnn needs model.dropout > 0")
-        return _build(cfg, feature_shape, num_classes, bayesian=False)
-    if cfg.name == "deep_ensemble":
-        members = [_build(cfg, feature_shape, num_classes, bayesian=False) for _ in range(cfg.ensemble_size)]
-        return Ensemble(members)
-    raise UserError(f"unknown model {cfg.name!r}: use bnn, mc_dropout_dnn or deep_ensemble")
+def last_linear(model: nn.Module) -> nn.Module:
+    """The layer that maps penultimate features to logits (every network here ends in one)."""
+    if isinstance(model, nn.Sequential):
+        return model[-1]
+    if isinstance(model, ResNet):
+        return model.head[-1]
+    raise TypeError(f"no known last layer in {type(model).__name__}")
 
 
-def is_bayesian(model: nn.Module) -> bool:
-    return any(isinstance(m, (torchbnn.BayesLinear, torchbnn.BayesConv2d)) for m in model.modules())
-
-
-def kl_divergence(model: nn.Module) -> torch.Tensor:
-    """KL(q || p) summed over every Bayesian weight and bias (the ELBO's KL, not torchbnn's mean)."""
-    return torchbnn.functional.bayesian_kl_loss(model, reduction="sum", last_layer_only=False)
+def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of the last linear layer for rows ``x``, in eval mode (dropout off)."""
+    captured: list[torch.Tensor] = []
+    hook = last_linear(model).register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return captured[0].float()
 
 
 def resolve_device(name: str) -> torch.device:

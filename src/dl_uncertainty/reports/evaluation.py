@@ -16,14 +16,14 @@ from torch import nn
 
 from dl_uncertainty.data.rows import to_images, to_rows
 from dl_uncertainty.data.splits import Split
+from dl_uncertainty.families.predict import served_log_probs
 from dl_uncertainty.reports import plots
 from dl_uncertainty.reports.render import Section, html_report
+from dl_uncertainty.reports.saliency import grad_cam
 from dl_uncertainty.training.loop import set_threads
 from dl_uncertainty.uncertainty import calibration as C
 from dl_uncertainty.uncertainty import metrics as M
 from dl_uncertainty.uncertainty.metrics import TABLE_METRICS
-from dl_uncertainty.uncertainty.predict import predict_log_probs
-from dl_uncertainty.uncertainty.saliency import grad_cam
 
 ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)  # the conformal figure's x-axis
 
@@ -52,8 +52,7 @@ def evaluate_model(
     set_threads(cfg.num_threads)
 
     def predict(x: np.ndarray) -> np.ndarray:
-        return predict_log_probs(model, x, e.mc_samples, strategy=e.strategy, batch_size=e.batch_size,
-                                 seed=cfg.seed).numpy()
+        return served_log_probs(model, x, cfg).numpy()
 
     lp = {"test": predict(test.x)}
     images = to_images(test.x, test.schema)

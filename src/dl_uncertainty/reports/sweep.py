@@ -14,7 +14,8 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from dl_uncertainty.config.checks import OBJECTIVES
-from dl_uncertainty.config.compose import config_dir, load_config
+from dl_uncertainty.config.compose import load_config
+from dl_uncertainty.config.schema import config_dir
 from dl_uncertainty.errors import UserError
 from dl_uncertainty.reports import plots
 from dl_uncertainty.reports.render import Section, html_report

@@ -16,7 +16,7 @@ from torch import nn
 
 from dl_uncertainty.data.splits import Schema
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.families.networks import get_model
+from dl_uncertainty.families.base import build_model
 
 WEIGHTS, META = "model.pt", "bundle.json"
 
@@ -44,7 +44,7 @@ def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> tuple
         raise UserError(f"cannot read the model bundle in {folder}: {err}") from None
     cfg = config_from_json(json.dumps(meta.pop("config")))
     schema = Schema(**meta.pop("schema"))
-    model = get_model(cfg.model, schema.feature_shape, len(schema.class_names))
+    model = build_model(cfg.model, schema.feature_shape, len(schema.class_names))
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -100,12 +100,10 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
 
     def predict_rows(self, x: np.ndarray) -> pd.DataFrame:
         """The same answer for rows that are already cleaned and scaled (as the split files hold them)."""
+        from dl_uncertainty.families.predict import served_log_probs
         from dl_uncertainty.uncertainty.calibration import Calibration, decide
-        from dl_uncertainty.uncertainty.predict import predict_log_probs
 
-        e = self.cfg.evaluate
-        log_probs = predict_log_probs(self.model, x, e.mc_samples, strategy=e.strategy,
-                                      batch_size=e.batch_size, seed=self.cfg.seed).numpy()
+        log_probs = served_log_probs(self.model, x, self.cfg).numpy()
         out = decide(log_probs, self.calibration or Calibration.identity())
         names = np.asarray(self.schema.class_names)
         return pd.DataFrame({

@@ -26,18 +26,15 @@ from tqdm.auto import tqdm
 
 from dl_uncertainty.data.splits import Split
 from dl_uncertainty.errors import UserError
+from dl_uncertainty.families.base import build_model, family_of
+from dl_uncertainty.families.losses import Mix, mix_batch
 from dl_uncertainty.families.networks import (
-    Ensemble,
-    get_model,
-    is_bayesian,
-    kl_divergence,
     resolve_device,
 )
+from dl_uncertainty.families.predict import predict_log_probs
 from dl_uncertainty.training.augment import augment
 from dl_uncertainty.training.checkpoints import Checkpointer, TrainingInterrupted
-from dl_uncertainty.training.losses import Mix, mix_batch, mixed_loss
 from dl_uncertainty.uncertainty import metrics
-from dl_uncertainty.uncertainty.predict import predict_log_probs
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -73,9 +70,11 @@ def make_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
 
 
 def kl_scale(model_cfg: DictConfig, epoch: int, n_train: int) -> float:
-    """Weight on the summed KL: kl_weight / N_train, linearly warmed up over kl_anneal_epochs."""
-    warmup = min(1.0, epoch / model_cfg.kl_anneal_epochs) if model_cfg.kl_anneal_epochs else 1.0
-    return model_cfg.kl_weight * warmup / n_train
+    """Weight on the summed KL: kl_weight / N_train, linearly warmed up over kl_anneal_epochs
+    (families without a KL term have neither key: 1 / N_train, unused)."""
+    anneal = model_cfg.get("kl_anneal_epochs", 0)
+    warmup = min(1.0, epoch / anneal) if anneal else 1.0
+    return model_cfg.get("kl_weight", 1.0) * warmup / n_train
 
 
 def streams(data_cfg: DictConfig, x: np.ndarray) -> bool:
@@ -111,21 +110,8 @@ class _Batches(torch.utils.data.Dataset):
 
 def loss_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, kl_w: float,
                mix: Mix | None = None) -> dict:
-    """The training objective and its parts for one batch (``mix``: the batch after mixup/cutmix)."""
-    inputs = x if mix is None else mix.x
-    if isinstance(model, Ensemble):
-        logits = model.member_logits(inputs)
-        members = logits.shape[0]
-        partner = None if mix is None else Mix(mix.x, mix.y_partner.repeat(members), mix.lam)
-        nll = mixed_loss(logits.reshape(-1, logits.shape[-1]).float(), y.repeat(members), partner,
-                         cfg.train) * members  # sum of the members' mean losses: each learns as if alone
-        return {"loss": nll, "nll": nll / members}
-    logits = model(inputs).float()
-    nll = mixed_loss(logits, y, mix, cfg.train)
-    if is_bayesian(model):  # the ELBO: the same data term plus the scaled KL
-        kl = kl_divergence(model).squeeze()
-        return {"loss": nll + kl_w * kl, "nll": nll, "kl": kl}
-    return {"loss": nll, "nll": nll}
+    """The training objective and its parts for one batch, as the model's family defines them."""
+    return family_of(model).loss_terms(model, x, y, cfg, kl_w, mix)
 
 
 def evaluate_split(model: nn.Module, split: Split, samples: int) -> dict[str, float]:
@@ -162,106 +148,149 @@ def train_model(
         raise checkpoints.interrupted() from None
 
 
-def _train_model(cfg: DictConfig, train: Split, val: Split, on_epoch: EpochCallback | None,
-                 checkpoints: Checkpointer | None, quiet: bool) -> TrainResult:
-    seed_everything(cfg.seed)
-    set_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
-    model = get_model(cfg.model, train.schema.feature_shape, len(train.schema.class_names)).to(device)
-    optimizer = make_optimizer(cfg.train, model.parameters())
-    use_amp = cfg.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
+@dataclass
+class _Run:
+    """What one training run carries from epoch to epoch (and what a checkpoint restores)."""
 
-    streaming = streams(cfg.data, train.x)
-    if streaming:  # stays on disk; each epoch's batches come from a DataLoader
-        y = torch.as_tensor(train.y, dtype=torch.long)
-    else:
-        rows = np.asarray(train.x, np.float32) if train.x.flags.writeable else np.array(train.x, np.float32)
-        x = torch.as_tensor(rows, device=device)
-        y = torch.as_tensor(train.y, dtype=torch.long, device=device)
-    n_train, batch = len(y), cfg.train.batch_size
-    augmenting = len(train.schema.feature_shape) == 3 and (cfg.data.hflip or cfg.data.crop_padding > 0)
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    shuffle: torch.Generator
+    history: dict[str, list[float]] = field(default_factory=dict)
+    best: dict = field(default_factory=dict)
+    bad_epochs: int = 0
+    start_epoch: int = 1
 
-    history: dict[str, list[float]] = {}
-    best = {"nll": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
-    bad_epochs, start_epoch = 0, 1
-    state = checkpoints.load() if checkpoints and cfg.train.resume else None
-    if state is not None:
+    def state(self, cfg: DictConfig, epoch: int) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
+                "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+                "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
+                "rng": torch.get_rng_state(), "shuffle_rng": self.shuffle.get_state()}
+
+    def resume(self, state: dict, checkpoints: Checkpointer, cfg: DictConfig) -> None:
         if state["model_config"] != OmegaConf.to_container(cfg.model, resolve=True):
             raise UserError(f"checkpoint {checkpoints.path} was written for a different model config")
         try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError):
             raise UserError(
                 f"checkpoint {checkpoints.path} was written for data with other features or classes; "
                 "delete it or set train.resume=false"
             ) from None
-        history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
-        start_epoch = state["epoch"] + 1
-        checkpoints.first_epoch, checkpoints.saved_epoch = start_epoch, state["epoch"]
+        self.history, self.best, self.bad_epochs = state["history"], state["best"], state["bad_epochs"]
+        self.start_epoch = state["epoch"] + 1
+        checkpoints.first_epoch, checkpoints.saved_epoch = self.start_epoch, state["epoch"]
         torch.set_rng_state(state["rng"])
-        shuffle.set_state(state["shuffle_rng"])
+        self.shuffle.set_state(state["shuffle_rng"])
         print(f"resuming {cfg.model.name} from {checkpoints.path} after epoch {state['epoch']}")
 
+    def record(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Append the epoch's metrics; keep the weights if its val NLL is the best so far."""
+        for key, value in metrics.items():
+            self.history.setdefault(key, []).append(value)
+        if metrics["val_nll"] < self.best["nll"]:
+            self.best = {"nll": metrics["val_nll"], "epoch": epoch, "state": copy.deepcopy(self.model.state_dict())}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+
+
+class _Data:
+    """The training split on the device (one tensor, batched by index) or streamed from disk."""
+
+    def __init__(self, cfg: DictConfig, train: Split, device: torch.device):
+        self.cfg, self.train, self.device = cfg, train, device
+        self.streaming = streams(cfg.data, train.x)
+        if self.streaming:  # stays on disk; each epoch's batches come from a DataLoader
+            self.y = torch.as_tensor(train.y, dtype=torch.long)
+        else:
+            rows = np.asarray(train.x, np.float32) if train.x.flags.writeable else np.array(train.x, np.float32)
+            self.x = torch.as_tensor(rows, device=device)
+            self.y = torch.as_tensor(train.y, dtype=torch.long, device=device)
+        self.n = len(self.y)
+
+    def batches(self, order: torch.Tensor):
+        size = self.cfg.train.batch_size
+        if self.streaming:
+            return torch.utils.data.DataLoader(
+                _Batches(self.train.x, self.train.y, list(order.split(size))), batch_size=None,
+                num_workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
+                generator=torch.Generator())  # not the global one: the same RNG draws as in memory
+        return ((self.x[idx], self.y[idx]) for idx in order.to(self.device).split(size))
+
+
+def _train_epoch(run: _Run, data: _Data, cfg: DictConfig, epoch: int, scaler: torch.amp.GradScaler,
+                 interactive: bool) -> tuple[dict[str, float], float]:
+    """One pass over the shuffled training split: the per-row sums of the loss terms, and the KL weight."""
+    model, device, shape = run.model, data.device, data.train.schema.feature_shape
+    use_amp = scaler.is_enabled()
+    augmenting = len(shape) == 3 and (cfg.data.hflip or cfg.data.crop_padding > 0)
+    model.train()
+    kl_w = kl_scale(cfg.model, epoch, data.n)
+    sums: dict[str, float] = {}
+    order = torch.randperm(data.n, generator=run.shuffle)
+    bar = tqdm(data.batches(order), desc=f"{cfg.model.name} epoch {epoch}/{cfg.train.epochs}",
+               total=-(-data.n // cfg.train.batch_size), leave=False, disable=not interactive, unit="batch")
+    for xb, yb in bar:
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        if augmenting:
+            xb = augment(xb, shape, cfg.data.hflip, cfg.data.crop_padding)
+        mix = mix_batch(xb, yb, cfg.train, shape)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            terms = loss_terms(model, xb, yb, cfg, kl_w, mix)
+        run.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(terms["loss"]).backward()
+        scaler.step(run.optimizer)
+        scaler.update()
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach()) * len(yb)
+    return sums, kl_w
+
+
+def _epoch_metrics(sums: dict[str, float], kl_w: float, n_train: int, val_metrics: dict[str, float]) -> dict[str, float]:
+    kl_term = kl_w * sums["kl"] / n_train if "kl" in sums else 0.0
+    return {
+        "train_loss": sums["loss"] / n_train,
+        "train_nll": sums["nll"] / n_train,
+        **({"kl": sums["kl"] / n_train} if "kl" in sums else {}),
+        "val_loss": val_metrics["nll"] + kl_term,
+        "val_acc": val_metrics["acc"],
+        "val_nll": val_metrics["nll"],
+    }
+
+
+def _train_model(cfg: DictConfig, train: Split, val: Split, on_epoch: EpochCallback | None,
+                 checkpoints: Checkpointer | None, quiet: bool) -> TrainResult:
+    seed_everything(cfg.seed)
+    set_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.model, train.schema.feature_shape, len(train.schema.class_names)).to(device)
+    family = family_of(model)
+    run = _Run(model, make_optimizer(cfg.train, model.parameters()), torch.Generator().manual_seed(cfg.seed))
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and device.type == "cuda")
+    data = _Data(cfg, train, device)
+    run.best = {"nll": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+    state = checkpoints.load() if checkpoints and cfg.train.resume else None
+    if state is not None:
+        run.resume(state, checkpoints, cfg)
+
     def patience_spent() -> bool:  # early stopping: this many epochs without a better val NLL
-        return bool(cfg.train.early_stopping_patience) and bad_epochs >= cfg.train.early_stopping_patience
+        return bool(cfg.train.early_stopping_patience) and run.bad_epochs >= cfg.train.early_stopping_patience
 
     interactive = sys.stderr.isatty() and not quiet
     seen, busy = 0, 0.0
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, cfg.train.epochs + 1):
+    epoch = run.start_epoch - 1
+    for epoch in range(run.start_epoch, cfg.train.epochs + 1):
         if patience_spent():
             epoch -= 1
             break
-        model.train()
-        kl_w = kl_scale(cfg.model, epoch, n_train)
-        sums: dict[str, float] = {}
-        order = torch.randperm(n_train, generator=shuffle)
-        if streaming:
-            batches = torch.utils.data.DataLoader(
-                _Batches(train.x, train.y, list(order.split(batch))), batch_size=None,
-                num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
-                generator=torch.Generator())  # not the global one: the same RNG draws as in memory
-        else:
-            batches = ((x[idx], y[idx]) for idx in order.to(device).split(batch))
-        bar = tqdm(batches, desc=f"{cfg.model.name} epoch {epoch}/{cfg.train.epochs}", total=-(-n_train // batch),
-                   leave=False, disable=not interactive, unit="batch")
         tic = time.perf_counter()
-        for xb, yb in bar:
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            if augmenting:
-                xb = augment(xb, train.schema.feature_shape, cfg.data.hflip, cfg.data.crop_padding)
-            mix = mix_batch(xb, yb, cfg.train, train.schema.feature_shape)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                terms = loss_terms(model, xb, yb, cfg, kl_w, mix)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) * len(yb)
+        sums, kl_w = _train_epoch(run, data, cfg, epoch, scaler, interactive)
         busy += time.perf_counter() - tic
-        seen += n_train
-
-        val_metrics = evaluate_split(model, val, cfg.train.val_mc_samples)
-        kl_term = kl_w * sums["kl"] / n_train if "kl" in sums else 0.0
-        metrics = {
-            "train_loss": sums["loss"] / n_train,
-            "train_nll": sums["nll"] / n_train,
-            **({"kl": sums["kl"] / n_train} if "kl" in sums else {}),
-            "val_loss": val_metrics["nll"] + kl_term,
-            "val_acc": val_metrics["acc"],
-            "val_nll": val_metrics["nll"],
-        }
-        for key, value in metrics.items():
-            history.setdefault(key, []).append(value)
-        if metrics["val_nll"] < best["nll"]:
-            best, bad_epochs = {"nll": metrics["val_nll"], "epoch": epoch,
-                                "state": copy.deepcopy(model.state_dict())}, 0
-        else:
-            bad_epochs += 1
+        seen += data.n
+        family.epoch_end(model, epoch, cfg)
+        metrics = _epoch_metrics(sums, kl_w, data.n, evaluate_split(model, val, cfg.train.val_mc_samples))
+        run.record(epoch, metrics)
         line = (f"{cfg.model.name} epoch {epoch:3d}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"val_acc {metrics['val_acc']:.4f}  val_nll {metrics['val_nll']:.4f}")
         if not quiet:
@@ -269,13 +298,9 @@ def _train_model(cfg: DictConfig, train: Split, val: Split, on_epoch: EpochCallb
         if on_epoch:
             on_epoch(epoch, metrics)
         if checkpoints:
-            checkpoints.epoch_done({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "model_config": OmegaConf.to_container(cfg.model, resolve=True),
-                "history": history, "best": best, "bad_epochs": bad_epochs,
-                "rng": torch.get_rng_state(), "shuffle_rng": shuffle.get_state(),
-            }, last_epoch=epoch == cfg.train.epochs or patience_spent())
+            checkpoints.epoch_done(run.state(cfg, epoch), last_epoch=epoch == cfg.train.epochs or patience_spent())
 
-    model.load_state_dict(best["state"])
+    model.load_state_dict(run.best["state"])
+    family.after_training(model, train, val, cfg)
     rate = seen / busy if busy else 0.0
-    return TrainResult(model, history, best_epoch=best["epoch"], epochs_run=epoch, samples_per_second=rate)
+    return TrainResult(model, run.history, best_epoch=run.best["epoch"], epochs_run=epoch, samples_per_second=rate)

@@ -112,14 +112,6 @@ def entropy_threshold(entropy: np.ndarray, correct: np.ndarray, target_risk: flo
     return float(entropy[order][ok[-1]])
 
 
-def fit_on(model, val, cfg: DictConfig) -> Calibration:
-    """Seeded MC prediction of the validation split ``val``, then ``fit``; ``cfg`` is the whole config."""
-    from dl_uncertainty.uncertainty.predict import predict_log_probs
-
-    e = cfg.evaluate
-    log_probs = predict_log_probs(model, val.x, e.mc_samples, strategy=e.strategy, batch_size=e.batch_size,
-                                  seed=cfg.seed)
-    return fit(log_probs.numpy(), val.y, e)
 
 
 def _held_out_nll(mean_log_probs: np.ndarray, labels: np.ndarray) -> float:

@@ -338,7 +338,8 @@ def _seeded(generator: torch.Generator | None):
 
 def mc_log_probs(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: str = "auto",
                  chunk_size: int | None = None,
-                 generator: torch.Generator | None = None, row_seed: int | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, row_seed: int | None = None,
+                 deterministic: bool = False) -> torch.Tensor:
     """Log-softmax of ``samples`` Monte-Carlo forward passes: a ``[T, N, K]`` tensor.
 
     ``model(x)`` must return logits ``[N, K]`` and treat examples independently (in eval mode).
@@ -350,8 +351,9 @@ def mc_log_probs(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: s
     row's answer its own: MC sample t uses the same dropout masks and weights for every row, drawn
     from a generator seeded by (row_seed, t), so a row gets the same answer alone or in any batch, at
     any position (LRT is not used; the loop strategy and dropout types other than ``nn.Dropout``
-    still draw per row). The result lives on
-    the model's device; for a deterministic model it is one pass expanded T times (a view).
+    still draw per row). ``deterministic=True`` declares that one pass is every sample: the result
+    is then that pass expanded T times (a view). Without it, a model the engine finds nothing
+    stochastic in is run T times (see :func:`mc_plan`). The result lives on the model's device.
     """
     x = x.to(_model_device(model, x))
     n = x.shape[0]
@@ -359,7 +361,7 @@ def mc_log_probs(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: s
         if n == 0:
             one = torch.log_softmax(model(x), dim=-1)
             return one.unsqueeze(0).expand(samples, *one.shape)
-        plan = mc_plan(model, x, samples, strategy=strategy, chunk_size=chunk_size)
+        plan = mc_plan(model, x, samples, strategy=strategy, chunk_size=chunk_size, deterministic=deterministic)
         if plan.strategy == "deterministic":
             parts = [torch.log_softmax(model(x[i:i + plan.examples_per_chunk]), dim=-1)
                      for i in range(0, n, plan.examples_per_chunk)]

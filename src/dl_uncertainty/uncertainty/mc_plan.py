@@ -255,9 +255,13 @@ def _chunk_cost(steps: list[_Step], c: _Costs, mode: str, tc: int, nc: int) -> f
 
 
 def mc_plan(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: str = "auto",
-            chunk_size: int | None = None) -> Plan:
+            chunk_size: int | None = None, deterministic: bool = False) -> Plan:
     """The plan :func:`mc_log_probs` follows for this model, input and T.
 
+    ``deterministic``: the caller's word that one forward pass is every sample. Without it, a model
+    with no stochastic module the engine recognises still gets T passes (``loop``): a module that
+    samples its own weights in ``forward`` is invisible to the analysis, and copying one pass T times
+    would report zero disagreement for it.
     Cheap: one traced forward of one example per (model, input shape), then arithmetic.
     """
     if strategy not in STRATEGIES:
@@ -269,12 +273,12 @@ def mc_plan(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: str = 
     modules = list(model.modules())
     kinds = tuple(_kind(m) for m in modules)
     coupled = any(_couples_batch(m) for m in modules)
-    key = (kinds, coupled, tuple(x.shape), x.dtype, samples, strategy, chunk_size)
+    key = (kinds, coupled, tuple(x.shape), x.dtype, samples, strategy, chunk_size, deterministic)
     plans = _PLANS.setdefault(model, {})
     if key not in plans:
         if len(plans) > 256:  # many input shapes: keep the cache bounded
             plans.clear()
-        plans[key] = _make_plan(model, x, samples, strategy, chunk_size, kinds, coupled)
+        plans[key] = _make_plan(model, x, samples, strategy, chunk_size, kinds, coupled, deterministic)
     return plans[key]
 
 
@@ -282,12 +286,16 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _make_plan(model: nn.Module, x: torch.Tensor, samples: int, strategy: str,
-               chunk_size: int | None, kinds: tuple[str, ...], coupled: bool) -> Plan:
+               chunk_size: int | None, kinds: tuple[str, ...], coupled: bool, deterministic: bool) -> Plan:
     n = max(1, x.shape[0])
-    if all(k == "det" for k in kinds):
-        return Plan("deterministic", 1, min(n, chunk_size or n), "nothing stochastic: one pass")
-    if strategy == "loop" or (strategy == "auto" and coupled):
-        why = "forced" if strategy == "loop" else "a BatchNorm uses batch statistics"
+    recognised = any(k != "det" for k in kinds)
+    if deterministic and strategy != "loop":
+        return Plan("deterministic", 1, min(n, chunk_size or n), "declared deterministic: one pass")
+    if strategy == "loop" or not recognised or (strategy == "auto" and coupled):
+        why = ("forced" if strategy == "loop" else
+               "no stochastic module the engine knows, and the model is not declared deterministic: "
+               "T ordinary passes, so randomness inside forward is sampled, not copied" if not recognised
+               else "a BatchNorm uses batch statistics")
         # batch-coupled models must see the whole batch, as they would outside MC sampling
         return Plan("loop", 1, n if coupled else min(n, chunk_size or n), why)
     if coupled:

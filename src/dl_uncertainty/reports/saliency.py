@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torchbnn
 from torch import nn
 
-from dl_uncertainty.families.networks import Ensemble
+from dl_uncertainty.families.base import family_of
 from dl_uncertainty.uncertainty.mc_plan import mc_mode
 
 CONV_TYPES = (nn.Conv2d, torchbnn.BayesConv2d)
@@ -52,7 +52,7 @@ def grad_cam(model: nn.Module, x: np.ndarray, target: np.ndarray, image_shape: l
     device = next(model.parameters()).device
     inputs = torch.as_tensor(x, dtype=torch.float32, device=device)
     labels = torch.as_tensor(target, dtype=torch.long, device=device)
-    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    members = family_of(model).networks(model)
     maps = [m for m in (_cam(member, inputs, labels, samples) for member in members) if m is not None]
     if not maps:
         return None

@@ -1,13 +1,14 @@
-"""MC prediction for every model family: [T, N, K] per-sample log-probabilities."""
+"""MC prediction for every model family: [T, N, K] per-sample log-probabilities, and the one
+prediction that is served (evaluation, calibration and the MLflow model all call it)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
-from dl_uncertainty.families.networks import Ensemble
-from dl_uncertainty.uncertainty.engine import mc_log_probs
+from dl_uncertainty.families.base import family_of
 
 
 def predict_log_probs(
@@ -19,11 +20,12 @@ def predict_log_probs(
     batch_size: int = 1024,
     seed: int | None = None,
 ) -> torch.Tensor:
-    """Per-sample log-softmax outputs [T, N, K] on the CPU; an ensemble's members are its samples.
+    """Per-sample log-softmax outputs [T, N, K] on the CPU, drawn the way the model's family samples.
 
     With ``seed``, the MC samples are reproducible, row by row: MC sample t uses the same dropout
     masks and weights for every row, so a row gets the same answer alone or anywhere in any batch.
     """
+    family = family_of(model)
     device = next(model.parameters()).device
     if seed is not None:  # only the generator that samples (torch.manual_seed also queues CUDA's: slow)
         torch.random.default_generator.manual_seed(seed)
@@ -34,13 +36,12 @@ def predict_log_probs(
         rows = x[start : start + batch_size]
         rows = np.array(rows, np.float32) if isinstance(rows, np.ndarray) else rows  # a copy of one batch
         batch = torch.as_tensor(rows, dtype=torch.float32).to(device)
-        if isinstance(model, Ensemble):
-            was_training = model.training
-            model.eval()
-            with torch.inference_mode():
-                chunks.append(torch.log_softmax(model.member_logits(batch).float(), dim=-1).cpu())
-            model.train(was_training)
-        else:
-            chunks.append(mc_log_probs(model, batch, samples, strategy=strategy, row_seed=seed).float().cpu())
+        chunks.append(family.sample(model, batch, samples, strategy=strategy, seed=seed).float().cpu())
     return torch.cat(chunks, dim=1)
 
+
+def served_log_probs(model: nn.Module, x: np.ndarray | torch.Tensor, cfg: DictConfig) -> torch.Tensor:
+    """The served prediction: ``evaluate.mc_samples`` samples by ``evaluate.strategy``, seeded by
+    ``seed`` row by row. Evaluation, calibration and serving call this, so they agree exactly."""
+    e = cfg.evaluate
+    return predict_log_probs(model, x, e.mc_samples, strategy=e.strategy, batch_size=e.batch_size, seed=cfg.seed)
