@@ -119,7 +119,10 @@ class EvaluateConfig:
     registered_model_name: str = "dl-uncertainty"
     calibration: str = "temperature"  # temperature | none
     alpha: float = 0.1  # conformal sets miss the true class at most this often
-    conformal_method: str = "lac"  # lac | aps: the sets the served model returns
+    conformal_method: str = "lac"  # lac | aps | raps: the sets the served model returns
+    conformal_nonempty: bool = False  # always put the most likely class in the set
+    raps_k_reg: int = 1  # RAPS: ranks up to this are not penalised
+    raps_lambda: float = 0.01  # RAPS: penalty per rank beyond raps_k_reg
     target_risk: float = 0.01  # abstain above the entropy where validation error exceeds this
     champion_gate: ChampionGate = field(default_factory=lambda: ChampionGate())
 
@@ -407,7 +410,9 @@ def validate(cfg: DictConfig) -> None:
     _one_of(e.winner_mode, "evaluate.winner_mode", ("min", "max"))
     _check(e.batch_size >= 1, "evaluate.batch_size must be >= 1")
     _one_of(e.calibration, "evaluate.calibration", ("temperature", "none"))
-    _one_of(e.conformal_method, "evaluate.conformal_method", ("lac", "aps"))
+    _one_of(e.conformal_method, "evaluate.conformal_method", ("lac", "aps", "raps"))
+    _check(e.raps_k_reg >= 0 and e.raps_lambda >= 0, "evaluate.raps_k_reg and evaluate.raps_lambda must be >= 0, "
+           f"got {e.raps_k_reg} and {e.raps_lambda}")
     _check(0 < e.alpha < 1, f"evaluate.alpha must be in (0, 1), got {e.alpha}")
     slack = e.champion_gate.coverage_slack
     _check(slack is None or 0 <= slack < 1 - e.alpha, "evaluate.champion_gate.coverage_slack must be in "

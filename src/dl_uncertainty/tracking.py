@@ -106,7 +106,7 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
         e = self.cfg.evaluate
         log_probs = predict_log_probs(self.model, x, e.mc_samples, strategy=e.strategy,
                                       batch_size=e.batch_size, seed=self.cfg.seed).numpy()
-        out = decide(log_probs, self.calibration or Calibration.identity())
+        out = decide(log_probs, self.calibration or Calibration.identity(), rows=x)
         names = np.asarray(self.schema.class_names)
         return pd.DataFrame({
             **{f"prob_{c}": out["probs"][:, k] for k, c in enumerate(names)},
