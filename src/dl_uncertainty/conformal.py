@@ -26,7 +26,9 @@ for duplicated inputs, which share a u and can only raise coverage.
 
 ``nonempty``: always put the most likely class in the set. An empty set says that no class is
 plausible at this alpha, i.e. it is the abstain rule in disguise; forcing the top class in can only
-add coverage (the lower bound still holds; the upper one no longer does).
+add coverage (the lower bound still holds; the upper one no longer does). On an accurate model the
+randomised scores empty the set of a confident row whose u is large: such empty sets (and the
+abstentions they cause) fall on random rows, not uncertain ones, which ``nonempty`` avoids.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from . import calibration as C
+from . import calibration_plots
 from . import conformal as CF
 from . import metrics as M
 from . import plots
@@ -177,8 +178,8 @@ def _figures(ev: Evaluation, test: Split, images: np.ndarray | None, model: nn.M
     sets = [{"entropy": p[f"{k}entropy"], "mutual_info": p[f"{k}mutual_info"]} if scores[k] is not None else None
             for k in ("", "ood_", "far_ood_")]
     figures = {
-        "reliability": plots.reliability_diagram({name: (p["probs"], y)}),
-        "risk_coverage": plots.risk_coverage_plot({name: (p["probs"], y)}),
+        "reliability": calibration_plots.reliability_equal_mass({name: (p["probs"], y)}),
+        "risk_coverage": calibration_plots.risk_coverage_zoomed({name: (p["probs"], y)}),
         "uncertainty_histograms": plots.uncertainty_histograms(*sets),
         "confusion_matrix": plots.confusion_matrix_plot(y, p["probs"].argmax(1), test.schema.class_names),
     }

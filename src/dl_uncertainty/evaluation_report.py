@@ -25,9 +25,9 @@ def calibration_text(m: dict) -> list[str]:
         return []
     reason = m.get("temperature_reason") or ("kept" if m["temperature_kept"] else "not kept")
     return [f"Temperature scaling of the MC-averaged prediction, fitted on the validation split: "
-            f"T = {m['temperature_fitted']:.3f}, {reason}. Validation NLL {m['calibration_val_nll']:.4f}, "
-            f"{m['calibration_val_nll_after']:.4f} with T fitted on the other half (2-fold); the gain per row is "
-            f"bootstrapped and T is kept only when the gain's 5 % quantile is above 0.",
+            f"T = {m['temperature_fitted']:.3f}, {reason}. Validation NLL {m['calibration_val_nll']:.4f} unscaled, "
+            f"{m['calibration_val_nll_after']:.4f} when each half is scaled with T fitted on the other half; T is "
+            f"kept only when the 5 % quantile of the bootstrapped per-row gain is above 0.",
             f"Test NLL {m['nll']:.4f} -> {m['nll_ts']:.4f}, ECE {m['ece']:.4f} -> {m['ece_ts']:.4f} "
             f"(served prediction{'' if m['temperature_kept'] else ', the same as unscaled'})."]
 
@@ -47,7 +47,8 @@ def conformal_text(m: dict, method: str, nonempty: bool) -> list[str]:
     if empty > 0 or nonempty:
         lines.append(f"{empty:.1%} of test sets would be empty: no class is plausible enough at this alpha, which "
                      f"is the abstain rule in disguise (a confident model's threshold keeps only classes above "
-                     f"a probability close to 1). "
+                     f"a probability close to 1; for APS and RAPS, a confident row whose uniform u is large, so "
+                     f"those empty sets fall on random rows rather than uncertain ones). "
                      + ("evaluate.conformal_nonempty=true puts the top class in them (served here)." if nonempty
                         else "evaluate.conformal_nonempty=true always puts the top class in; coverage can only rise."))
     lines.append(f"The served model abstains (set size not 1, or predictive entropy above the threshold fitted for "
