@@ -16,10 +16,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from . import calibration as C
-from . import calibration_plots
+from . import calibration_plots, plots
 from . import conformal as CF
 from . import metrics as M
-from . import plots
 from .data import Split, to_images, to_rows
 from .metrics import TABLE_METRICS
 from .predict import predict_log_probs
