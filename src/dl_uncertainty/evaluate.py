@@ -2,7 +2,7 @@
 
     python -m dl_uncertainty.evaluate run_id=<MLflow run id> [evaluate.mc_samples=100]
 
-The calibration (evaluate.calibration, alpha, conformal_method, target_risk) is the one fitted after
+The calibration (evaluate.calibration, alpha, conformal_method, target_risk, conformal_nonempty, raps_*) is the one fitted after
 training and bundled with the model; setting one of them to another value here is refused.
 """
 
@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 from dl_uncertainty.errors import UserError
 
 # fitted after training on the validation split and bundled with the model: fixed once trained
-BUNDLED = ("calibration", "alpha", "conformal_method", "target_risk")
+BUNDLED = ("calibration", "alpha", "conformal_method", "target_risk", "conformal_nonempty", "raps_k_reg",
+           "raps_lambda")
 
 
 def _check_bundled(given: DictConfig, trained: DictConfig, run_id: str) -> None:
@@ -22,9 +23,10 @@ def _check_bundled(given: DictConfig, trained: DictConfig, run_id: str) -> None:
     from dl_uncertainty.config.schema import EvaluateConfig
 
     default = EvaluateConfig()
+    trained = {k: trained.get(k, getattr(default, k)) for k in BUNDLED}  # keys newer than the run: defaults
     changed = [f"evaluate.{k}={given[k]}" for k in BUNDLED if given[k] != getattr(default, k) and given[k] != trained[k]]
     if changed:
-        bundled = ", ".join(f"{k}={trained[k]}" for k in BUNDLED)
+        bundled = ", ".join(f"{k}={trained[k]}" for k in BUNDLED[:4])
         raise UserError(f"{' '.join(changed)} cannot change a trained model: run {run_id} is evaluated with the "
                         f"calibration bundled at training ({bundled}); to change it, retrain with "
                         f"`python -m dl_uncertainty.train {' '.join(changed)}` (or `make run OVERRIDES=...`)")
@@ -34,6 +36,7 @@ def evaluate_run(cfg: DictConfig):
     """Evaluate run ``cfg.run_id``'s model on the data it was trained on, log to that run."""
     import mlflow
 
+    from dl_uncertainty.config.schema import EvaluateConfig
     from dl_uncertainty.data.tables import prepare
     from dl_uncertainty.reports.evaluation import evaluate_model
     from dl_uncertainty.tracking import runs as tracking
@@ -51,7 +54,7 @@ def evaluate_run(cfg: DictConfig):
     run_cfg = logged.cfg.copy()
     evaluate = cfg.evaluate.copy()  # data and model as trained; evaluation options from the command line ...
     for key in BUNDLED:  # ... except what was fitted after training and is bundled with the model
-        evaluate[key] = logged.cfg.evaluate[key]
+        evaluate[key] = logged.cfg.evaluate.get(key, getattr(EvaluateConfig(), key))
     run_cfg.evaluate = evaluate
     splits = prepare(run_cfg.data, run_cfg.seed)
     evaluation = evaluate_model(logged.model, run_cfg, splits["test"], splits["ood"], splits["val"],

@@ -71,7 +71,8 @@ def train_and_log(
                 "train_samples_per_second": result.samples_per_second,
             })
             mlflow.log_figure(training_curves(result.history), "figures/training_curves.png")
-            fitted = calibration.fit(served_log_probs(result.model, val.x, cfg).numpy(), val.y, cfg.evaluate)
+            fitted = calibration.fit(served_log_probs(result.model, val.x, cfg).numpy(), val.y, cfg.evaluate,
+                                     rows=val.x, seed=cfg.seed)
             mlflow.log_dict(fitted.to_dict(), "calibration.json")
             example = pd.DataFrame(unscaled(train.x[:5], train.schema).round(6), columns=train.schema.feature_names or None)
             tracking.log_model(result.model, cfg, train.schema, example, fitted)

@@ -145,7 +145,9 @@ def validate(cfg: DictConfig) -> None:
     _one_of(e.winner_mode, "evaluate.winner_mode", ("min", "max"))
     _check(e.batch_size >= 1, "evaluate.batch_size must be >= 1")
     _one_of(e.calibration, "evaluate.calibration", ("temperature", "none"))
-    _one_of(e.conformal_method, "evaluate.conformal_method", ("lac", "aps"))
+    _one_of(e.conformal_method, "evaluate.conformal_method", ("lac", "aps", "raps"))
+    _check(e.raps_k_reg >= 0 and e.raps_lambda >= 0, "evaluate.raps_k_reg and evaluate.raps_lambda must be >= 0, "
+           f"got {e.raps_k_reg} and {e.raps_lambda}")
     _check(0 < e.alpha < 1, f"evaluate.alpha must be in (0, 1), got {e.alpha}")
     slack = e.champion_gate.coverage_slack
     _check(slack is None or 0 <= slack < 1 - e.alpha, "evaluate.champion_gate.coverage_slack must be in "

@@ -112,7 +112,10 @@ class EvaluateConfig:
     registered_model_name: str = "dl-uncertainty"
     calibration: str = "temperature"  # temperature | none
     alpha: float = 0.1  # conformal sets miss the true class at most this often
-    conformal_method: str = "lac"  # lac | aps: the sets the served model returns
+    conformal_method: str = "lac"  # lac | aps | raps: the sets the served model returns
+    conformal_nonempty: bool = False  # always put the most likely class in the set
+    raps_k_reg: int = 1  # RAPS: ranks up to this are not penalised
+    raps_lambda: float = 0.01  # RAPS: penalty per rank beyond raps_k_reg
     target_risk: float = 0.01  # abstain above the entropy where validation error exceeds this
     champion_gate: ChampionGate = field(default_factory=lambda: ChampionGate())
 

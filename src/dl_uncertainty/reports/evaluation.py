@@ -6,6 +6,7 @@ per-sample log-probabilities for test, validation, OOD and far-OOD inputs, and t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +18,11 @@ from torch import nn
 from dl_uncertainty.data.rows import to_images, to_rows
 from dl_uncertainty.data.splits import Split
 from dl_uncertainty.families.predict import served_log_probs
-from dl_uncertainty.reports import plots
-from dl_uncertainty.reports.render import Section, html_report
+from dl_uncertainty.reports import calibration_plots, plots
 from dl_uncertainty.reports.saliency import grad_cam
 from dl_uncertainty.training.loop import set_threads
 from dl_uncertainty.uncertainty import calibration as C
+from dl_uncertainty.uncertainty import conformal as CF
 from dl_uncertainty.uncertainty import metrics as M
 from dl_uncertainty.uncertainty.metrics import TABLE_METRICS
 
@@ -35,6 +36,9 @@ class Evaluation:
     predictions: dict[str, np.ndarray]
     shift: list[dict] = field(default_factory=list)
     conformal: list[dict] = field(default_factory=list)  # coverage and set size per method and alpha
+    conformal_classes: list[dict] = field(default_factory=list)  # the served sets' coverage per true class
+    conformal_sizes: list[dict] = field(default_factory=list)  # ... per set size
+    calibration: dict = field(default_factory=dict)  # the Calibration applied, as a dict
     figures: dict[str, Figure] = field(default_factory=dict)
 
 
@@ -63,15 +67,17 @@ def evaluate_model(
     else:
         far = M.uniform_noise_like(test.x, len(test.x), seed=cfg.seed)
     lp["far_ood"] = predict(far)
+    rows = {"test": test.x, "far_ood": far}
     has_ood = ood is not None and len(ood.y) > 0
     if has_ood:
-        lp["ood"] = predict(ood.x)
+        lp["ood"], rows["ood"] = predict(ood.x), ood.x
     result = M.summarize(lp["test"], test.y, lp.get("ood"), lp["far_ood"])
 
     if val is not None and len(val.y):
-        lp["val"] = predict(val.x)
-        calibration = calibration or C.fit(lp["val"], val.y, e)
-    served = {name: C.decide(log_probs, calibration) for name, log_probs in lp.items()} if calibration else {}
+        lp["val"], rows["val"] = predict(val.x), val.x
+        calibration = calibration or C.fit(lp["val"], val.y, e, rows=val.x, seed=cfg.seed)
+    served = ({name: C.decide(log_probs, calibration, rows=rows[name]) for name, log_probs in lp.items()}
+              if calibration else {})
     if served:
         result.update(_calibration_metrics(calibration, served["test"], test.y))
         result.update({f"{name}_abstain_rate": float(served[name]["abstain"].mean())
@@ -97,8 +103,12 @@ def evaluate_model(
         predictions[f"{prefix}prediction_sets"] = out["sets"]
         predictions[f"{prefix}abstain"] = out["abstain"]
     evaluation = Evaluation(cfg.model.name, result, predictions, shift)
+    if served:
+        evaluation.calibration = calibration.to_dict()
+        evaluation.conformal_classes = CF.per_class(served["test"]["sets"], test.y, test.schema.class_names)
+        evaluation.conformal_sizes = CF.by_set_size(served["test"]["sets"], test.y)
     if calibration is not None and "val" in lp:
-        evaluation.conformal = _conformal_curve(served["val"]["probs"], val.y, served["test"]["probs"], test.y)
+        evaluation.conformal = _conformal_curve(calibration, served["val"], val.y, served["test"], test.y)
     if with_figures:
         evaluation.figures = _figures(evaluation, test, images, model)
     return evaluation
@@ -108,28 +118,38 @@ def _calibration_metrics(cal: C.Calibration, out: dict, y: np.ndarray) -> dict:
     """Test metrics of the served (calibrated) prediction ``out``, its conformal sets and abstentions."""
     scaled = M.summarize(np.log(np.maximum(out["probs"], 1e-300))[None], y)
     result = {f"{key}_ts": scaled[key] for key in ("acc", "nll", "brier", "ece", "aece")}
+    gain = cal.nll_gain or [float("nan")] * 3
     result.update({"temperature": cal.temperature, "temperature_fitted": cal.fitted_temperature,
                    "temperature_kept": float(cal.temperature != 1.0), "calibration_val_nll": cal.val_nll,
                    "calibration_val_nll_after": cal.val_nll_calibrated, "calibration_val_errors": cal.errors,
-                   "alpha": cal.alpha})
+                   "temperature_gain": gain[0], "temperature_gain_q05": gain[1], "temperature_gain_q95": gain[2],
+                   "alpha": cal.alpha, "calibration_examples": cal.examples,
+                   "coverage_band_low": CF.coverage_band(cal.alpha, cal.examples)[0],
+                   "coverage_band_high": CF.coverage_band(cal.alpha, cal.examples)[1]})
     for method in C.CONFORMAL_METHODS:
-        sets = C.prediction_sets(out["probs"], cal.thresholds[method], method)
-        for key, value in C.set_metrics(sets, y).items():
+        scores, tau = cal.scores(out["probs"], out["u"], method), cal.thresholds.get(method, math.inf)
+        for key, value in CF.set_metrics(CF.sets_from_scores(scores, tau, out["probs"], cal.nonempty), y).items():
             result[f"{key}_{method}"] = value
-    result["coverage"], result["set_size"] = result[f"coverage_{cal.method}"], result[f"set_size_{cal.method}"]
+        if cal.nonempty:  # what forcing the top class in prevented
+            result[f"empty_unforced_{method}"] = float((CF.sets_from_scores(scores, tau, out["probs"]).sum(1) == 0).mean())
+    for key in ("coverage", "set_size", "empty"):
+        result[key] = result[f"{key}_{cal.method}"]
     kept = ~out["abstain"]
     result["abstain_rate"] = float(out["abstain"].mean())
     result["selective_risk"] = float((out["probs"][kept].argmax(1) != y[kept]).mean()) if kept.any() else 0.0
     return result
 
 
-def _conformal_curve(val_probs: np.ndarray, val_y: np.ndarray, test_probs: np.ndarray, y: np.ndarray) -> list[dict]:
-    """Test coverage and mean set size of both methods, each threshold fitted on val, per alpha."""
-    rows = []
+def _conformal_curve(cal: C.Calibration, val: dict, val_y: np.ndarray, test: dict, y: np.ndarray) -> list[dict]:
+    """Test coverage and set size of every method, each threshold fitted on val, per alpha (those
+    that the validation split is large enough for)."""
+    rows, n = [], len(val_y)
     for method in C.CONFORMAL_METHODS:
-        for alpha in ALPHAS:
-            sets = C.prediction_sets(test_probs, C.conformal_threshold(val_probs, val_y, alpha, method), method)
-            rows.append({"method": method, "alpha": alpha, **C.set_metrics(sets, y)})
+        for alpha in (a for a in ALPHAS if CF.quantile_rank(n, a) <= n):
+            tau = cal.threshold(val["probs"], val_y, val["u"], method, alpha)
+            low, high = CF.coverage_band(alpha, n)
+            rows.append({"method": method, "alpha": alpha, **CF.set_metrics(cal.sets(test["probs"], test["u"], method, tau), y),
+                         "band_low": low, "band_high": high})
     return rows
 
 
@@ -157,8 +177,8 @@ def _figures(ev: Evaluation, test: Split, images: np.ndarray | None, model: nn.M
     sets = [{"entropy": p[f"{k}entropy"], "mutual_info": p[f"{k}mutual_info"]} if scores[k] is not None else None
             for k in ("", "ood_", "far_ood_")]
     figures = {
-        "reliability": plots.reliability_diagram({name: (p["probs"], y)}),
-        "risk_coverage": plots.risk_coverage_plot({name: (p["probs"], y)}),
+        "reliability": calibration_plots.reliability_equal_mass({name: (p["probs"], y)}),
+        "risk_coverage": calibration_plots.risk_coverage_zoomed({name: (p["probs"], y)}),
         "uncertainty_histograms": plots.uncertainty_histograms(*sets),
         "confusion_matrix": plots.confusion_matrix_plot(y, p["probs"].argmax(1), test.schema.class_names),
     }
@@ -198,59 +218,8 @@ def metrics_table(evaluations: list[Evaluation]) -> list[dict]:
     return rows
 
 
-def _calibration_text(m: dict) -> list[str]:
-    if "temperature_fitted" not in m:
-        return []
-    held_out = (f"validation NLL {m['calibration_val_nll']:.4f} -> {m['calibration_val_nll_after']:.4f} "
-                f"with temperatures fitted on the other half")
-    if m["temperature_kept"]:
-        verdict = f"kept: {held_out}"
-    elif m.get("calibration_val_errors") == 0:
-        verdict = ("not kept: the model makes no error on the validation split, so the NLL only falls as "
-                   "T -> 0 and the first error on new data would cost a huge NLL")
-    else:
-        verdict = f"not kept: it would not lower the {held_out}"
-    return [f"Temperature scaling of the MC-averaged prediction, fitted on the validation split: "
-            f"T = {m['temperature_fitted']:.3f}, {verdict}. Test NLL {m['nll']:.4f} -> {m['nll_ts']:.4f}, "
-            f"ECE {m['ece']:.4f} -> {m['ece_ts']:.4f}."]
-
-
-def _conformal_text(m: dict) -> list[str]:
-    if "coverage" not in m:
-        return []
-    return [f"Split-conformal sets at alpha = {m['alpha']:g}, calibrated on the validation split: test coverage "
-            f"LAC {m['coverage_lac']:.3f} (mean size {m['set_size_lac']:.2f}), APS {m['coverage_aps']:.3f} "
-            f"(mean size {m['set_size_aps']:.2f}); the target is {1 - m['alpha']:.2f}.",
-            f"The served model abstains (set size not 1, or predictive entropy above the threshold fitted for "
-            f"the target risk) on {m['abstain_rate']:.1%} of test inputs, whose error rate on the rest is "
-            f"{m['selective_risk']:.4f}"
-            + (f", and on {m['ood_abstain_rate']:.1%} of OOD inputs" if "ood_abstain_rate" in m else "") + "."]
-
-
 def html(ev: Evaluation, title: str | None = None) -> str:
     """The self-contained evaluation report (figures embedded as PNG)."""
-    m = ev.metrics
-    sections = [
-        Section("Summary", text=[
-            f"Test accuracy {m['acc']:.4f}, NLL {m['nll']:.4f}, ECE {m['ece']:.4f} (15 bins), "
-            f"mean predictive entropy {m['avg_test_uncertainty']:.4f}.",
-            *([f"OOD detection AUROC by entropy {m['auroc_entropy']:.4f}, by mutual information "
-               f"{m['auroc_mutual_info']:.4f}."] if "auroc_entropy" in m else []),
-        ], table=metrics_table([ev])),
-        Section("Calibration", text=_calibration_text(m), figures={"Reliability diagram": ev.figures.get("reliability")}),
-        Section("Conformal prediction sets and abstention", text=_conformal_text(m), table=ev.conformal or None,
-                figures={"Coverage and set size": ev.figures.get("conformal")}),
-        Section("Selective prediction", figures={"Risk-coverage": ev.figures.get("risk_coverage")}),
-        Section("Out-of-distribution detection", figures={"Uncertainty histograms":
-                                                          ev.figures.get("uncertainty_histograms")}),
-        Section("Distribution shift", table=ev.shift or None, figures={"Shift": ev.figures.get("shift")}),
-        Section("Most uncertain test inputs", figures={"Inputs": ev.figures.get("most_uncertain"),
-                                                       "Grad-CAM": ev.figures.get("saliency")}),
-        Section("Confusion matrix", figures={"Confusion": ev.figures.get("confusion_matrix")}),
-        Section("All metrics", table=[{"metric": k, "value": v} for k, v in sorted(m.items())]),
-    ]
-    for section in sections:
-        if isinstance(section.figures, dict):
-            section.figures = {k: v for k, v in section.figures.items() if v is not None}
-    sections = [s for s in sections if s.figures or s.table or s.text]
-    return html_report(title or f"Uncertainty report: {ev.model_name}", sections)
+    from dl_uncertainty.reports.evaluation_report import html_page
+
+    return html_page(ev, title)

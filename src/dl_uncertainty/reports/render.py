@@ -28,7 +28,8 @@ h2 { margin-top: 2em; border-bottom: 1px solid #eee; }
 div.table { overflow-x: auto; margin: 1em 0; }
 table { border-collapse: collapse; font-size: 14px; }
 th, td { border: 1px solid #ccc; padding: 4px 10px; white-space: nowrap; }
-th { background: #f3f3f3; text-align: left; }
+th { background: #f3f3f3; text-align: left; white-space: normal; vertical-align: bottom; }
+@media print { div.table { overflow-x: visible; } table { font-size: 10px; } }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }

@@ -11,7 +11,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.reports import plots
+from dl_uncertainty.reports import calibration_plots, metric_catalog
 from dl_uncertainty.reports.render import Section, html_report, markdown_table
 
 CHAMPION = "champion"
@@ -158,15 +158,20 @@ def comparison_html(results: dict[str, dict[str, float]], columns: list[str], wi
     ``tuning`` (see ``tuning_section``) when a model came from a sweep."""
     pairs = {name: (p["probs"], p["labels"]) for name, p in predictions.items()}
     all_metrics = sorted({k for m in results.values() for k in m})
-    full = [{"metric": k, **{name: m.get(k, float("nan")) for name, m in results.items()}} for k in all_metrics]
+    groups: dict[str, list[dict]] = {g: [] for g in metric_catalog.GROUPS}
+    for k in all_metrics:
+        groups[metric_catalog.group(k)].append({"metric": k, "better": metric_catalog.better(k),
+                                                **{name: m.get(k, float("nan")) for name, m in results.items()}})
     sections = [
         Section("Winner", text=[f"{winner} wins on {_reason(results, winner, metric, mode)}.", verdict],
-                table=comparison_rows(results, columns)),
+                table=[{"metric": c, "better": metric_catalog.better(c),
+                        **{name: m.get(c, float("nan")) for name, m in results.items()}} for c in columns]),
         Section("Calibration and selective prediction", figures={
-            "Reliability": plots.reliability_diagram(pairs),
-            "Risk-coverage": plots.risk_coverage_plot(pairs),
+            "Reliability": calibration_plots.reliability_equal_mass(pairs),
+            "Risk-coverage": calibration_plots.risk_coverage_zoomed(pairs),
         }),
-        Section("Every metric", table=full),
+        *(Section(f"Every metric: {g}", text="↑: higher is better, ↓: lower is better." if i == 0 else (), table=rows)
+          for i, (g, rows) in enumerate((g, r) for g, r in groups.items() if r)),
         *([tuning] if tuning else []),
     ]
     return html_report("Model comparison", sections)

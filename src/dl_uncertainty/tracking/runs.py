@@ -104,7 +104,7 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
         from dl_uncertainty.uncertainty.calibration import Calibration, decide
 
         log_probs = served_log_probs(self.model, x, self.cfg).numpy()
-        out = decide(log_probs, self.calibration or Calibration.identity())
+        out = decide(log_probs, self.calibration or Calibration.identity(), rows=x)
         names = np.asarray(self.schema.class_names)
         return pd.DataFrame({
             **{f"prob_{c}": out["probs"][:, k] for k, c in enumerate(names)},

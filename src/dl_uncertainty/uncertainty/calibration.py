@@ -4,27 +4,30 @@ All three act on the MC-averaged prediction (the model's predictive distribution
 on held-out data and travel with the model in its bundle, so the served model and the offline
 evaluation apply exactly the same numbers.
 
-Conformal sets are split conformal (Vovk et al.; Angelopoulos & Bates, "A gentle introduction to
-conformal prediction"): with n calibration scores, the set of classes whose score is at most the
-ceil((n+1)(1-alpha))-th smallest contains the true class with probability >= 1 - alpha on
-exchangeable data (and at most 1 - alpha + 1/(n+1) for continuous scores). LAC scores a class by
-1 - p; APS by the probability mass of every class at least as likely as it (non-randomized, so it
-covers a little more than asked). MAPIE computes the same LAC sets (a test checks), but serving it
-would mean pickling a fitted scikit-learn estimator into the model; here the thresholds are numbers
-in the bundle's JSON.
+Conformal sets (LAC, APS, RAPS; see ``conformal``) are split conformal. The thresholds are numbers
+in the bundle's JSON, and the randomised scores' per-row uniforms are a keyed hash of the row's
+inputs (``conformal.row_uniforms``), so a served row's set is the one evaluation measured. MAPIE
+computes the same LAC sets (a test checks), but serving it would mean pickling a fitted
+scikit-learn estimator into the model.
+
+The temperature is kept only when its gain is larger than the noise of measuring it: the per-row
+NLL difference on held-out rows (each half scored with T fitted on the other), bootstrapped; T is
+kept when the 5 % quantile of the mean gain is above 0 (``Calibration.temperature_reason`` says why).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from omegaconf import DictConfig
 
+from dl_uncertainty.uncertainty import conformal as CF
 from dl_uncertainty.uncertainty import metrics as M
 
-CONFORMAL_METHODS = ("lac", "aps")
+CONFORMAL_METHODS = CF.METHODS
+BOOTSTRAP = 2000  # resamples of the held-out NLL gain
 
 
 @dataclass
@@ -32,7 +35,7 @@ class Calibration:
     temperature: float  # applied to the MC-averaged log-probabilities; 1.0 when scaling did not help
     fitted_temperature: float
     val_nll: float  # validation NLL before scaling
-    val_nll_calibrated: float  # ... with ``temperature``, on held-out halves (see ``fit``)
+    val_nll_calibrated: float  # ... with temperatures fitted on the other half (see ``fit``)
     alpha: float
     method: str  # the conformal score the served sets use
     thresholds: dict[str, float]  # conformal quantile per method
@@ -40,6 +43,13 @@ class Calibration:
     target_risk: float
     examples: int  # validation examples everything was fitted on
     errors: int = -1  # of those, how many the MC-averaged prediction gets wrong (-1: not recorded)
+    k_reg: int = 0  # RAPS: ranks up to k_reg are not penalised
+    lam: float = 0.0  # RAPS: penalty per rank beyond k_reg
+    nonempty: bool = False  # the most likely class is always in the set
+    randomized: bool = False  # APS/RAPS scores with a per-row uniform (False: bundles from before it)
+    seed: int = 0  # keys the per-row uniforms
+    nll_gain: list[float] = field(default_factory=list)  # held-out NLL gain of T: mean, 5 % and 95 % bootstrap
+    temperature_reason: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,41 +65,24 @@ class Calibration:
         return cls(1.0, 1.0, math.nan, math.nan, 0.0, "lac", {m: math.inf for m in CONFORMAL_METHODS},
                    math.inf, math.nan, 0)
 
+    def uniforms(self, rows: np.ndarray) -> np.ndarray | None:
+        """The per-row uniforms of the randomised scores (None: not randomised)."""
+        return CF.row_uniforms(rows, self.seed) if self.randomized else None
 
-# --------------------------------------------------------------------------- conformal prediction
+    def scores(self, probs: np.ndarray, u: np.ndarray | None, method: str) -> np.ndarray:
+        return CF.class_scores(probs, method, u, self.k_reg, self.lam)
 
+    def sets(self, probs: np.ndarray, u: np.ndarray | None, method: str | None = None,
+             tau: float | None = None) -> np.ndarray:
+        """Boolean ``[N, K]`` sets of ``method`` (default: the served one) at its bundled threshold or ``tau``."""
+        method = method or self.method
+        tau = self.thresholds.get(method, math.inf) if tau is None else tau
+        return CF.sets_from_scores(self.scores(probs, u, method), tau, probs, self.nonempty)
 
-def class_scores(probs: np.ndarray, method: str) -> np.ndarray:
-    """``[N, K]`` non-conformity of every class, as if it were the label (higher = less plausible)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    if method == "lac":
-        return 1.0 - probs
-    if method == "aps":
-        order = np.argsort(-probs, axis=1, kind="stable")
-        cumulative = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
-        scores = np.empty_like(probs)
-        np.put_along_axis(scores, order, cumulative, axis=1)
-        return scores
-    raise ValueError(f"unknown conformal method {method!r}; one of {CONFORMAL_METHODS}")
-
-
-def conformal_threshold(probs: np.ndarray, labels: np.ndarray, alpha: float, method: str) -> float:
-    """The ceil((n+1)(1-alpha))-th smallest of the true classes' scores (inf if that exceeds n)."""
-    scores = np.sort(class_scores(probs, method)[np.arange(len(labels)), labels])
-    rank = math.ceil((len(scores) + 1) * (1 - alpha))
-    if rank > len(scores):  # too few examples for this alpha: only the full set is guaranteed
-        return math.inf
-    return float(scores[rank - 1])
-
-
-def prediction_sets(probs: np.ndarray, threshold: float, method: str) -> np.ndarray:
-    """Boolean ``[N, K]``: class k is in example n's set."""
-    return class_scores(probs, method) <= threshold + 1e-12  # float noise in APS's cumulative sums
-
-
-def set_metrics(sets: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    return {"coverage": float(sets[np.arange(len(labels)), labels].mean()),
-            "set_size": float(sets.sum(1).mean())}
+    def threshold(self, probs: np.ndarray, labels: np.ndarray, u: np.ndarray | None, method: str,
+                  alpha: float) -> float:
+        """The conformal threshold of ``method`` at ``alpha`` on calibration rows ``probs``, ``labels``."""
+        return CF.threshold(CF.true_class_scores(self.scores(probs, u, method), labels), alpha)
 
 
 # --------------------------------------------------------------------------- fitting and applying
@@ -114,48 +107,77 @@ def entropy_threshold(entropy: np.ndarray, correct: np.ndarray, target_risk: flo
 
 
 
-def _held_out_nll(mean_log_probs: np.ndarray, labels: np.ndarray) -> float:
-    """Validation NLL with temperatures fitted on the other half (2-fold): what scaling does to
-    data it was not fitted on. In-sample, a fitted temperature always looks like an improvement."""
-    halves = np.array_split(np.random.default_rng(0).permutation(len(labels)), 2)
-    total = 0.0
-    for fit_on_, score_on in (halves, halves[::-1]):
-        t = M.fit_temperature(mean_log_probs[fit_on_], labels[fit_on_])
-        total += len(score_on) * M.nll(calibrated_log_probs(mean_log_probs[score_on], t), labels[score_on])
-    return total / len(labels)
+def held_out_gain(mean_log_probs: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
+    """NLL with temperatures fitted on the other half (2-fold: what scaling does to data it was not
+    fitted on), and the per-row gain over no scaling: [mean, 5 %, 95 %] of a paired bootstrap."""
+    n = len(labels)
+    before = -mean_log_probs[np.arange(n), labels]
+    after = np.empty(n)
+    halves = np.array_split(np.random.default_rng(0).permutation(n), 2)
+    for fit_rows, score_rows in (halves, halves[::-1]):
+        t = M.fit_temperature(mean_log_probs[fit_rows], labels[fit_rows])
+        scaled = calibrated_log_probs(mean_log_probs[score_rows], t)
+        after[score_rows] = -scaled[np.arange(len(score_rows)), labels[score_rows]]
+    gain = before - after
+    means = gain[np.random.default_rng(1).integers(0, n, (BOOTSTRAP, n))].mean(1)
+    return float(after.mean()), [float(gain.mean()), *map(float, np.quantile(means, [0.05, 0.95]))]
 
 
-def fit(val_log_probs: np.ndarray, val_labels: np.ndarray, cfg: DictConfig) -> Calibration:
+def _keep_temperature(scaling: bool, n: int, errors: int, gain: list[float]) -> str:
+    """Why T is kept or not: a sentence starting with "kept" or "not kept"."""
+    if not scaling:
+        return "not kept: evaluate.calibration=none" if n >= 4 else f"not kept: {n} validation examples are too few"
+    if errors == 0:
+        return ("not kept: the model makes no validation error, so the NLL only falls as T -> 0 and the "
+                "first error on new data would cost a huge NLL")
+    verdict = "kept" if gain[1] > 0 else "not kept"
+    why = "above 0" if gain[1] > 0 else "not above 0: the gain is within its bootstrap noise"
+    return (f"{verdict}: held-out NLL gain {gain[0]:.4f}, its bootstrap 5 % quantile {gain[1]:.4f} is {why}")
+
+
+def fit(val_log_probs: np.ndarray, val_labels: np.ndarray, cfg: DictConfig, rows: np.ndarray | None = None,
+        seed: int = 0) -> Calibration:
     """Fit everything on the validation split's MC samples ``[T, N, K]``; ``cfg`` is ``cfg.evaluate``.
 
-    The temperature is kept only if it lowers the held-out validation NLL (2-fold cross-fitting) and
-    the model errs on some validation example: with no error, the NLL only falls as T -> 0, and the
-    sharpened model pays a huge NLL for its first error on new data.
+    ``rows``: the validation inputs, whose keyed hash (``seed``) gives APS and RAPS their per-row
+    uniforms; without them, the MC-averaged log-probabilities stand in. The temperature is kept only
+    if its held-out NLL gain is above its bootstrap noise and the model errs on some validation
+    example: with no error, the NLL only falls as T -> 0 and the sharpened model pays a huge NLL
+    for its first error on new data.
     """
     mean = M.mean_log_probs(val_log_probs)
     before = M.nll(mean, val_labels)
     scaling = cfg.calibration == "temperature" and len(val_labels) >= 4
     fitted = M.fit_temperature(mean, val_labels) if scaling else 1.0
-    after = _held_out_nll(mean, val_labels) if scaling else before
+    after, gain = held_out_gain(mean, val_labels) if scaling else (before, [0.0, 0.0, 0.0])
     errors = int((mean.argmax(1) != val_labels).sum())
-    temperature = fitted if after < before and errors > 0 else 1.0
+    reason = _keep_temperature(scaling, len(val_labels), errors, gain)
+    temperature = fitted if reason.startswith("kept") else 1.0
     probs = np.exp(calibrated_log_probs(mean, temperature))
     correct = probs.argmax(1) == val_labels
-    return Calibration(
+    cal = Calibration(
         temperature=temperature, fitted_temperature=fitted, val_nll=before, val_nll_calibrated=after,
-        alpha=cfg.alpha, method=cfg.conformal_method,
-        thresholds={m: conformal_threshold(probs, val_labels, cfg.alpha, m) for m in CONFORMAL_METHODS},
+        alpha=cfg.alpha, method=cfg.conformal_method, thresholds={},
         max_entropy=entropy_threshold(M.predictive_entropy(val_log_probs), correct, cfg.target_risk),
         target_risk=cfg.target_risk, examples=len(val_labels), errors=errors,
+        k_reg=int(cfg.get("raps_k_reg", 1)), lam=float(cfg.get("raps_lambda", 0.01)),
+        nonempty=bool(cfg.get("conformal_nonempty", False)), randomized=True, seed=int(seed),
+        nll_gain=gain, temperature_reason=reason,
     )
+    u = cal.uniforms(mean if rows is None else rows)
+    cal.thresholds = {m: cal.threshold(probs, val_labels, u, m, cfg.alpha) for m in CONFORMAL_METHODS}
+    return cal
 
 
-def decide(log_probs: np.ndarray, calibration: Calibration) -> dict[str, np.ndarray]:
-    """From MC samples ``[T, N, K]``: calibrated probabilities, the served set and abstain, with the
-    MC samples' own uncertainty (total = entropy, epistemic = mutual information; 0 <= MI <= H)."""
-    probs = np.exp(calibrated_log_probs(M.mean_log_probs(log_probs), calibration.temperature))
+def decide(log_probs: np.ndarray, calibration: Calibration, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """From MC samples ``[T, N, K]`` of inputs ``rows``: calibrated probabilities, the served set and
+    abstain, with the MC samples' own uncertainty (total = entropy, epistemic = mutual information).
+    ``rows`` key the randomised scores' uniforms; without them, the MC-averaged log-probabilities do."""
+    mean = M.mean_log_probs(log_probs)
+    probs = np.exp(calibrated_log_probs(mean, calibration.temperature))
     entropy = M.predictive_entropy(log_probs)
-    sets = prediction_sets(probs, calibration.thresholds[calibration.method], calibration.method)
+    u = calibration.uniforms(mean if rows is None else rows)
+    sets = calibration.sets(probs, u)
     abstain = (sets.sum(1) != 1) | (entropy > calibration.max_entropy)
     return {"probs": probs, "entropy": entropy, "mutual_info": M.mutual_information(log_probs),
-            "sets": sets, "abstain": abstain}
+            "sets": sets, "abstain": abstain, "u": u}
