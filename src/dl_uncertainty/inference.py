@@ -62,7 +62,7 @@ try:  # torchbnn is a project dependency, but keep this module importable withou
 except ImportError:  # pragma: no cover
     _BAYES_LINEAR = _BAYES_CONV = _BAYES_BN = ()
 
-__all__ = ["STRATEGIES", "mc_log_probs", "mc_mode", "mc_plan"]
+__all__ = ["STRATEGIES", "SampleCache", "mc_log_probs", "mc_mode", "mc_plan"]
 
 STRATEGIES = ("auto", "loop", "repeat", "lrt")
 
@@ -378,14 +378,55 @@ class _Layout:
         self.costs = costs
         self.tc = 1
         self.nc = 1
-        self.gens: list[torch.Generator] | None = None  # per-row seeding: one generator per MC sample
+        self.seeds: list[int] | None = None  # per-row seeding: one generator seed per MC sample of the chunk
+        self.device = torch.device("cpu")
+        self._gens: list[torch.Generator | None] = []
+        self._replay: list[list | None] = []  # per MC sample of the chunk: its cached draws, in draw order
+        self._record: list[list] = []  # ... or the draws made now, in the same order
+        self._pos: list[int] = []
 
-    def draw(self, fn, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """``fn`` (torch.rand / torch.randn) of shape ``[tc, *shape]``; with per-row seeding, MC sample
-        t's slice comes from its own generator, so it does not depend on the batch or the chunking."""
-        if self.gens is None:
-            return fn((self.tc, *shape), dtype=like.dtype, device=like.device)
-        return torch.stack([fn(shape, generator=g, dtype=like.dtype, device=like.device) for g in self.gens])
+    @property
+    def seeded(self) -> bool:
+        return self.seeds is not None
+
+    def start(self, seeds: list[int] | None, device: torch.device, replay: list[list | None]) -> None:
+        """A new forward call whose MC sample i draws from a generator seeded by ``seeds[i]``, or
+        replays ``replay[i]`` (what that generator gave before, in draw order) when it is not None."""
+        self.seeds, self.device = seeds, device
+        n = len(seeds) if seeds is not None else 0
+        self._gens, self._replay, self._record, self._pos = [None] * n, replay, [[] for _ in range(n)], [0] * n
+
+    def recorded(self, i: int) -> list | None:
+        """MC sample i's draws of the last forward call, when they were drawn rather than replayed."""
+        return self._record[i] if self._replay[i] is None else None
+
+    def sampled(self, i: int, make):
+        """``make(generator)`` for MC sample i of the chunk: a sampled weight set or mask, drawn from
+        sample i's own generator, or the identical tensor(s) replayed from the cache."""
+        tape = self._replay[i]
+        if tape is not None:
+            self._pos[i] += 1
+            return tape[self._pos[i] - 1]
+        if self._gens[i] is None:
+            self._gens[i] = torch.Generator(self.device).manual_seed(self.seeds[i])
+        value = make(self._gens[i])
+        self._record[i].append(value)
+        return value
+
+    def draw(self, fn, shape: tuple[int, ...], like: torch.Tensor, finish=None) -> torch.Tensor:
+        """``finish(fn(...))`` (fn: torch.rand / torch.randn; finish: elementwise) of shape ``[tc, *shape]``;
+        with per-row seeding, MC sample t's slice comes from its own generator, so it does not depend on
+        the batch or the chunking."""
+        kw = {"dtype": like.dtype, "device": like.device}
+        if self.seeds is None:
+            r = fn((self.tc, *shape), **kw)
+            return r if finish is None else finish(r)
+
+        def make(g: torch.Generator) -> torch.Tensor:
+            r = fn(shape, generator=g, **kw)
+            return r if finish is None else finish(r)
+
+        return torch.stack([self.sampled(i, make) for i in range(self.tc)])
 
     def shared(self, t: torch.Tensor) -> bool:
         if self.tc == 1:
@@ -406,6 +447,51 @@ class _LayoutError(RuntimeError):
     pass
 
 
+class SampleCache:
+    """The per-row-seeded draws (sampled weight sets, dropout masks) of one model, kept for reuse.
+
+    With ``row_seed``, what MC sample t draws depends only on (row_seed, t), the model's parameters
+    and the per-example input shape, never on the rows: a server can draw it once and replay it for
+    every request. Replayed tensors are the very tensors drawn the first time, so answers with the
+    cache equal answers without it, bit for bit. At most ``max_bytes`` are held: an MC sample whose
+    draws do not fit is drawn anew on every call (a model too big for the cache is never cached).
+    Any change to the model's parameters (or a dropout's p) empties the cache.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self._tapes: dict[tuple, list] = {}
+        self._stamp: tuple | None = None
+
+    def __len__(self) -> int:  # MC samples held (per row seed and input shape)
+        return len(self._tapes)
+
+    def clear(self) -> None:
+        self._tapes.clear()
+        self.bytes = 0
+
+    def check(self, model: nn.Module) -> None:
+        """Empty the cache unless ``model`` and its parameters are those it was filled from."""
+        stamp = (id(model), tuple((p.data_ptr(), p._version) for p in model.parameters()),
+                 tuple(m.p for m in model.modules() if isinstance(m, _DROPOUT)))
+        if stamp != self._stamp:
+            self.clear()
+            self._stamp = stamp
+
+    def get(self, key: tuple) -> list | None:
+        return self._tapes.get(key)
+
+    def put(self, key: tuple, tape: list) -> None:
+        size = sum(t.numel() * t.element_size() for entry in tape
+                   for t in (entry if isinstance(entry, tuple) else (entry,)) if t is not None)
+        if key not in self._tapes and self.bytes + size <= self.max_bytes:
+            self._tapes[key] = tape
+            self.bytes += size
+
+
 def _sigma(log_sigma: torch.Tensor | None) -> torch.Tensor | None:
     return None if log_sigma is None else torch.exp(log_sigma)
 
@@ -417,8 +503,8 @@ def _dropout_forward(m: nn.Dropout, lay: _Layout):
         if m.p >= 1:
             return torch.zeros_like(lay.widen(inp))
         scale = 1.0 / (1.0 - m.p)
-        if lay.gens is not None:  # per-row seeding: sample t's mask is shared by every row of the batch
-            mask = lay.draw(torch.rand, (1, *inp.shape[1:]), inp).ge_(m.p).mul_(scale)
+        if lay.seeded:  # per-row seeding: sample t's mask is shared by every row of the batch
+            mask = lay.draw(torch.rand, (1, *inp.shape[1:]), inp, lambda r: r.ge_(m.p).mul_(scale))
             rows = inp.unsqueeze(0) if lay.shared(inp) else inp.view(lay.tc, lay.nc, *inp.shape[1:])
             return (mask * rows).view(lay.tc * lay.nc, *inp.shape[1:])
         if lay.shared(inp):
@@ -449,7 +535,7 @@ def _bayes_linear_forward(m: nn.Module, lay: _Layout):
     n_w = mu.numel()
 
     def use_lrt(rows_per_sample: int, shared: bool) -> bool:
-        if lay.gens is not None:  # LRT draws noise per row: per-row seeding needs whole weight sets
+        if lay.seeded:  # LRT draws noise per row: per-row seeding needs whole weight sets
             return False
         if lay.mode != "auto":
             return lay.mode == "lrt"
@@ -457,11 +543,15 @@ def _bayes_linear_forward(m: nn.Module, lay: _Layout):
                             lay.tc if shared else 1)
 
     def sample_weight(t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if lay.gens is not None:
-            g, kw = lay.gens[t], {"dtype": mu.dtype, "device": mu.device}
-            w = torch.randn(mu.shape, generator=g, **kw).mul_(sigma).add_(mu)
-            b = None if b_mu is None else torch.randn(b_mu.shape, generator=g, **kw).mul_(b_sigma).add_(b_mu)
-            return w, b
+        if lay.seeded:
+            kw = {"dtype": mu.dtype, "device": mu.device}
+
+            def make(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+                w = torch.randn(mu.shape, generator=g, **kw).mul_(sigma).add_(mu)
+                b = None if b_mu is None else torch.randn(b_mu.shape, generator=g, **kw).mul_(b_sigma).add_(b_mu)
+                return w, b
+
+            return lay.sampled(t, make)
         w = torch.randn_like(mu).mul_(sigma).add_(mu)
         b = None if b_mu is None else torch.randn_like(b_mu).mul_(b_sigma).add_(b_mu)
         return w, b
@@ -510,11 +600,10 @@ def _bayes_conv_forward(m: nn.Module, lay: _Layout):
         shared = lay.shared(inp)
         tc, nc = lay.tc, lay.nc
         # one kernel set per MC sample (kernels are shared across positions: LRT is not exact)
-        w = lay.draw(torch.randn, tuple(mu.shape), mu).mul_(sigma).add_(mu)
+        w = lay.draw(torch.randn, tuple(mu.shape), mu, lambda r: r.mul_(sigma).add_(mu))
         b = None
         if b_mu is not None:
-            b = lay.draw(torch.randn, tuple(b_mu.shape), mu)
-            b = b.mul_(b_sigma).add_(b_mu)
+            b = lay.draw(torch.randn, tuple(b_mu.shape), mu, lambda r: r.mul_(b_sigma).add_(b_mu))
         if shared and m.groups == 1:
             # all tc kernel sets in one convolution of the shared input
             y = _conv(m, inp, w.flatten(0, 1), None if b is None else b.flatten(), 1)
@@ -539,10 +628,8 @@ def _bayes_bn_forward(m: nn.Module, lay: _Layout):
         y = F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
         tc = lay.tc
         shape = (tc, 1, m.num_features) + (1,) * (y.dim() - 2)
-        w = lay.draw(torch.randn, (m.num_features,), y)
-        w = w.mul_(w_sigma).add_(m.weight_mu).view(shape)
-        b = lay.draw(torch.randn, (m.num_features,), y)
-        b = b.mul_(b_sigma).add_(m.bias_mu).view(shape)
+        w = lay.draw(torch.randn, (m.num_features,), y, lambda r: r.mul_(w_sigma).add_(m.weight_mu)).view(shape)
+        b = lay.draw(torch.randn, (m.num_features,), y, lambda r: r.mul_(b_sigma).add_(m.bias_mu)).view(shape)
         yv = y.view(tc, -1, *y.shape[1:])
         return yv.mul_(w).add_(b).view_as(y)
 
@@ -579,10 +666,12 @@ def _patched(model: nn.Module, lay: _Layout) -> Iterator[None]:
 
 
 def _run_batched(model: nn.Module, x: torch.Tensor, samples: int, plan: Plan,
-                 eager: bool, row_seed: int | None = None) -> torch.Tensor:
+                 eager: bool, row_seed: int | None = None, cache: SampleCache | None = None) -> torch.Tensor:
     n = x.shape[0]
     out: torch.Tensor | None = None
     lay = _Layout(plan.strategy, _machine_costs() if plan.strategy == "auto" else None)
+    cache = cache if row_seed is not None else None
+    keys: list[tuple] = []
     with _patched(model, lay):
         for n0 in range(0, n, plan.examples_per_chunk):
             xc = x[n0:n0 + plan.examples_per_chunk]
@@ -591,9 +680,15 @@ def _run_batched(model: nn.Module, x: torch.Tensor, samples: int, plan: Plan,
                 tc = min(plan.samples_per_chunk, samples - t0)
                 lay.tc, lay.nc = tc, nc
                 if row_seed is not None:  # MC sample t draws from (row_seed, t) in every chunk of rows
-                    lay.gens = [torch.Generator(x.device).manual_seed(row_seed * 1_000_003 + t)
-                                for t in range(t0, t0 + tc)]
+                    keys = [(row_seed, t, tuple(x.shape[1:]), x.dtype, x.device) for t in range(t0, t0 + tc)]
+                    lay.start([row_seed * 1_000_003 + t for t in range(t0, t0 + tc)], x.device,
+                              [cache.get(k) for k in keys] if cache is not None else [None] * tc)
                 logits = model(lay.widen(xc) if eager else xc)
+                if cache is not None:  # only a forward call that completed records its draws
+                    for i, key in enumerate(keys):
+                        tape = lay.recorded(i)
+                        if tape:
+                            cache.put(key, tape)
                 if logits.shape[0] == nc and tc > 1:  # nothing stochastic was reached
                     logits = logits.unsqueeze(0).expand(tc, *logits.shape)
                 else:
@@ -634,7 +729,8 @@ def _seeded(generator: torch.Generator | None):
 
 def mc_log_probs(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: str = "auto",
                  chunk_size: int | None = None,
-                 generator: torch.Generator | None = None, row_seed: int | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, row_seed: int | None = None,
+                 cache: SampleCache | None = None) -> torch.Tensor:
     """Log-softmax of ``samples`` Monte-Carlo forward passes: a ``[T, N, K]`` tensor.
 
     ``model(x)`` must return logits ``[N, K]`` and treat examples independently (in eval mode).
@@ -646,7 +742,8 @@ def mc_log_probs(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: s
     row's answer its own: MC sample t uses the same dropout masks and weights for every row, drawn
     from a generator seeded by (row_seed, t), so a row gets the same answer alone or in any batch, at
     any position (LRT is not used; the loop strategy and dropout types other than ``nn.Dropout``
-    still draw per row). The result lives on
+    still draw per row). ``cache`` (with ``row_seed``) keeps those per-sample draws for the next call
+    with the same seed and input shape (see :class:`SampleCache`). The result lives on
     the model's device; for a deterministic model it is one pass expanded T times (a view).
     """
     x = x.to(_model_device(model, x))
@@ -671,10 +768,12 @@ def mc_log_probs(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: s
                 out[t] = lp
             return out
         eager = model in _NEEDS_EAGER
+        if cache is not None:
+            cache.check(model)
         try:
-            return _run_batched(model, x, samples, plan, eager, row_seed)
+            return _run_batched(model, x, samples, plan, eager, row_seed, cache)
         except (_LayoutError, RuntimeError):
             if eager:
                 raise
             _NEEDS_EAGER.add(model)  # forward mixes shared and widened rows: widen up front
-            return _run_batched(model, x, samples, plan, True, row_seed)
+            return _run_batched(model, x, samples, plan, True, row_seed, cache)
