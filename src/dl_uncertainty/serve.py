@@ -13,8 +13,9 @@ GET  /health, /v1/models/<name>    ready?        GET /info   the columns it take
 
 Bad input gets a 400 whose body is one sentence: {"error": "..."}; a failure of the server itself a 500
 of the same shape (its traceback goes to the server's log). Every answer is strict JSON: a number that is
-infinite or undefined (an abstain threshold of inf) is null, and the answer's "non_finite" object maps its
-dotted path to "inf", "-inf" or "nan". The model is any MLflow model URI
+infinite or undefined (an abstain threshold of inf) is null, and /info's "non_finite" object maps its
+dotted path to "inf", "-inf" or "nan". The seeded MC draws (a BNN's weight sets) are drawn once and kept
+in a sample cache of at most --sample-cache-mb (256) per model. The model is any MLflow model URI
 this package logged (``models:/<name>@<alias>``, ``runs:/<id>/model``, a local folder), on the store
 MLFLOW_TRACKING_URI points at (default ``sqlite:///mlflow.db``).
 """
