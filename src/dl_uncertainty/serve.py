@@ -185,7 +185,7 @@ def info(wrapper) -> dict[str, Any]:
         "classes": schema.class_names, "mc_samples": wrapper.cfg.evaluate.mc_samples,
         "calibration": cal.to_dict() if cal else None,
         # the MC draws kept for reuse (a BNN's weight sets, dropout masks): bytes held, the bound, samples held
-        "sample_cache": {"bytes": cache.bytes, "max_bytes": cache.max_bytes, "samples": len(cache)} if cache else None,
+        "sample_cache": {"bytes": cache.bytes, "max_bytes": cache.max_bytes, "samples": len(cache)} if cache is not None else None,
     }, non_finite=non_finite)
     return {**answer, "non_finite": non_finite}
 
