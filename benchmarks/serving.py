@@ -4,7 +4,9 @@ Trains each model briefly, logs it to a temporary MLflow store, serves it with
 ``python -m dl_uncertainty.serve`` (what ``make serve`` and the KServe predictor run) and sends raw
 inputs to /invocations from one client, one request at a time. Baseline, in this process: the
 model's naive loop of T forward passes on the same (already scaled) batch, which is the floor a
-server could reach without MC batching, input checks, calibration and JSON.
+server could reach without MC batching, input checks, calibration and JSON. The server keeps each
+model's seeded MC draws (the BNN's weight sets) in its sample cache (default 256 MB); pass
+``--sample-cache-mb 0`` to measure drawing them on every request.
 
     python benchmarks/serving.py [--requests 300] [--models bnn,mc_dropout_dnn,deep_ensemble] [overrides]
 """
@@ -48,9 +50,10 @@ def _times_ms(fn, n: int) -> list[float]:
     return times
 
 
-def _start_server(model_uri: str, env: dict) -> tuple[subprocess.Popen, str]:
+def _start_server(model_uri: str, env: dict, args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dl_uncertainty.serve", "--model", model_uri, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "dl_uncertainty.serve", "--model", model_uri, "--port", str(port),
+                             *args],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):
@@ -63,7 +66,7 @@ def _start_server(model_uri: str, env: dict) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"the server for {model_uri} did not start")
 
 
-def measure(cfg, env: dict, requests: int) -> list[str]:
+def measure(cfg, env: dict, requests: int, p50s: dict, server_args: tuple[str, ...] = ()) -> list[str]:
     """Table rows for one model: per batch size, the naive loop vs the served request."""
     from dl_uncertainty.data.rows import unscaled
     from dl_uncertainty.data.tables import prepare
@@ -74,7 +77,7 @@ def measure(cfg, env: dict, requests: int) -> list[str]:
     trained = train_and_log(cfg)
     test = prepare(cfg.data, cfg.seed)["test"]
     net, samples = trained.model, cfg.evaluate.mc_samples
-    proc, url = _start_server(f"runs:/{trained.run_id}/model", env)
+    proc, url = _start_server(f"runs:/{trained.run_id}/model", env, server_args)
     rows = []
     try:
         for batch in BATCHES:
@@ -93,6 +96,7 @@ def measure(cfg, env: dict, requests: int) -> list[str]:
                                               headers={"Content-Type": "application/json"})
             times = _times_ms(lambda r=request: urllib.request.urlopen(r, timeout=60).read(), requests)
             p50, p99 = np.percentile(times, 50), np.percentile(times, 99)
+            p50s[cfg.model.name, batch] = p50
             per_second = 1000 * len(times) / sum(times)
             draws = cfg.model.ensemble_size if isinstance(net, Ensemble) else samples
             rows.append(f"| {cfg.model.name} | {batch} | {draws} | {loop_ms:.2f} | {p50:.2f} | {p99:.2f} | "
@@ -107,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=300, help="requests per batch size (default 300)")
     parser.add_argument("--models", default="bnn,mc_dropout_dnn,deep_ensemble")
+    parser.add_argument("--sample-cache-mb", default=None, help="the server's sample cache (default: its own, 256)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. evaluate.mc_samples=100")
     args = parser.parse_args()
 
@@ -116,14 +121,21 @@ def main() -> None:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
         os.environ.update(env)
         os.chdir(tmp)
-        print(f"{os.cpu_count()} CPU cores, torch {torch.__version__}, one client, sequential requests")
+        load = os.getloadavg()[0]
+        print(f"{os.cpu_count()} CPU cores, load average {load:.2f}, torch {torch.__version__}, one client, "
+              "sequential requests")
         print("| model | batch | MC samples | naive loop ms | served p50 ms | p99 ms | requests/s | rows/s "
               "| p50 / loop |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        p50s: dict = {}
+        server_args = ("--sample-cache-mb", args.sample_cache_mb) if args.sample_cache_mb is not None else ()
         for name in args.models.split(","):
             cfg = load_config([f"model={name}", "train.epochs=3", *args.overrides])
-            for row in measure(cfg, env, args.requests):
+            for row in measure(cfg, env, args.requests, p50s, server_args):
                 print(row, flush=True)
+        if ("bnn", 1) in p50s and ("mc_dropout_dnn", 1) in p50s:
+            print(f"BNN p50 / MC-Dropout p50 at batch 1: {p50s['bnn', 1] / p50s['mc_dropout_dnn', 1]:.2f}x; "
+                  f"load average now {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ GET  /health, /v1/models/<name>    ready?        GET /info   the columns it take
                                    for an image model's pixels), its classes, its calibration
 
 Bad input gets a 400 whose body is one sentence: {"error": "..."}; a failure of the server itself a 500
-of the same shape (its traceback goes to the server's log). The model is any MLflow model URI
+of the same shape (its traceback goes to the server's log). Every answer is strict JSON: a number that is
+infinite or undefined (an abstain threshold of inf) is null, and /info's "non_finite" object maps its
+dotted path to "inf", "-inf" or "nan". The seeded MC draws (a BNN's weight sets) are drawn once and kept
+in a sample cache of at most --sample-cache-mb (256) per model. The model is any MLflow model URI
 this package logged (``models:/<name>@<alias>``, ``runs:/<id>/model``, a local folder), on the store
 MLFLOW_TRACKING_URI points at (default ``sqlite:///mlflow.db``).
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import threading
 from typing import Any
@@ -34,6 +38,7 @@ from dl_uncertainty.errors import UserError
 
 DEFAULT_MODEL = "models:/dl-uncertainty@champion"
 INPUT_KEYS = ("dataframe_split", "dataframe_records", "inputs", "instances")
+MAX_INT_DIGITS = 300  # a longer integer is past float64's range (1.8e308) or close to it
 log = logging.getLogger("dl_uncertainty.serve")
 
 
@@ -59,50 +64,137 @@ def load(uri: str):
     return wrapper
 
 
-def parse(body: bytes) -> pd.DataFrame:
+def _number(text: str) -> int | float:
+    """A JSON integer; one too long for a float is refused here (Python's int() also stops at 4300 digits)."""
+    if len(text) > MAX_INT_DIGITS:
+        raise UserError(f"a number in the body has {len(text.lstrip('-'))} digits; every feature must be a finite "
+                        "64-bit float")
+    return int(text)
+
+
+def parse(body: bytes, content_type: str | None = None) -> pd.DataFrame:
     """A request body in one of MLflow's JSON formats as a DataFrame (columns named or positional)."""
+    example = 'send {"dataframe_split": {"columns": [...], "data": [[...]]}}'
+    if not body.strip():
+        raise UserError(f"the body is empty; {example}")
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_int=_number)
+    except RecursionError:
+        raise UserError("the request is nested too deeply to be a table of rows") from None
     except (ValueError, UnicodeDecodeError):
-        raise UserError('the body is not JSON; send {"dataframe_split": {"columns": [...], "data": [[...]]}}') from None
+        given = f" (Content-Type: {content_type})" if content_type and "json" not in content_type else ""
+        raise UserError(f"the body is not JSON{given}; {example}") from None
     if not isinstance(payload, dict) or not any(k in payload for k in INPUT_KEYS):
         raise UserError(f"the JSON body needs one of the keys {', '.join(INPUT_KEYS)}")
-    key = next(k for k in INPUT_KEYS if k in payload)
+    keys = [k for k in INPUT_KEYS if k in payload]
+    if len(keys) > 1:
+        raise UserError(f"the JSON body has the keys {', '.join(keys)}; send the rows under one of them")
+    key = keys[0]
+    extra = [k for k in payload if k != key]
+    if extra:
+        raise UserError(f"unknown keys {extra[:5]} next to {key!r}; the body holds {key!r} only")
     value = payload[key]
     if isinstance(value, list | dict) and len(value) == 0:
         raise UserError(f"{key!r} holds no rows")
     try:
-        if key == "dataframe_split":
-            return pd.DataFrame(value["data"], columns=value.get("columns"))
-        if key == "dataframe_records" or (isinstance(value, list) and value and isinstance(value[0], dict)):
-            return pd.DataFrame.from_records(value)
-        if isinstance(value, dict):  # {"column": [values, ...], ...}
-            return pd.DataFrame(value)
-        lengths = {len(np.ravel(row)) for row in value}
-        if len(lengths) > 1:
-            raise UserError(f"the rows of {key!r} have different lengths ({min(lengths)} to {max(lengths)} values)")
-        from dl_uncertainty.tracking.runs import (
-            as_frame,  # here: mlflow is loaded by then, and --help stays fast
-        )
+        frame = _frame(key, value)
+    except RecursionError:
+        raise UserError("the request is nested too deeply to be a table of rows") from None
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
+        raise UserError(f"{key!r} is not a table of rows: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    if len(frame) == 0:
+        raise UserError(f"{key!r} holds no rows")
+    return frame
 
-        return as_frame(value)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise UserError(f"{key!r} is not a table of rows: {str(err).splitlines()[0]}") from None
+
+def _frame(key: str, value) -> pd.DataFrame:
+    if key == "dataframe_split":
+        if not isinstance(value, dict) or "data" not in value:
+            raise UserError('\'dataframe_split\' needs {"columns": [...], "data": [[...]]}')
+        if value["data"] is not None and not isinstance(value["data"], list):
+            raise UserError("'dataframe_split' data must be a list of rows")
+        return pd.DataFrame(value["data"], columns=value.get("columns"))
+    if key == "dataframe_records" or (isinstance(value, list) and value and isinstance(value[0], dict)):
+        if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+            raise UserError(f"{key!r} must be a list of records, one {{column: value}} object per row")
+        return pd.DataFrame.from_records(value)
+    if isinstance(value, dict):  # {"column": [values, ...], ...}
+        if not all(isinstance(v, list) for v in value.values()):
+            raise UserError(f"{key!r} as an object needs a list of values per column")
+        return pd.DataFrame(value)
+    if not isinstance(value, list):
+        raise UserError(f"{key!r} must be a list of rows")
+    try:
+        lengths = {len(np.ravel(row)) for row in value}
+    except ValueError:  # ragged or too deep: not one number per cell
+        raise UserError(f"the rows of {key!r} must be lists of numbers (an image's may be nested lists of one "
+                        "shape)") from None
+    if len(lengths) > 1:
+        raise UserError(f"the rows of {key!r} have different lengths ({min(lengths)} to {max(lengths)} values)")
+    from dl_uncertainty.tracking.runs import (
+        as_frame,  # here: mlflow is loaded by then, and --help stays fast
+    )
+
+    return as_frame(value)
+
+
+def check_cells(frame: pd.DataFrame, names: list[str]) -> None:
+    """Refuse cells that pandas would silently turn into numbers (true -> 1) or that are not one value."""
+    def name(col: int) -> str:
+        return str(frame.columns[col]) if not isinstance(frame.columns, pd.RangeIndex) else (
+            names[col] if col < len(names) else str(col))
+
+    for col in range(frame.shape[1]):
+        series = frame.iloc[:, col]
+        if series.dtype == bool:
+            raise UserError(f"row 0 column {name(col)!r} is {str(bool(series.iloc[0])).lower()}, a boolean; "
+                            "every feature must be a number")
+        if series.dtype != object:
+            continue
+        for row, cell in enumerate(series.array):
+            if isinstance(cell, bool | np.bool_):
+                raise UserError(f"row {row} column {name(col)!r} is {str(bool(cell)).lower()}, a boolean; "
+                                "every feature must be a number")
+            if isinstance(cell, list | dict | tuple):
+                raise UserError(f"row {row} column {name(col)!r} holds {'a list' if not isinstance(cell, dict) else 'an object'}, "
+                                "not one number; send one value per column")
+
+
+def json_safe(value, path: str = "", non_finite: dict[str, str] | None = None):
+    """``value`` with every inf/nan float replaced by None, its dotted path -> "inf"/"-inf"/"nan" in ``non_finite``."""
+    if isinstance(value, dict):
+        return {k: json_safe(v, f"{path}.{k}" if path else str(k), non_finite) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v, f"{path}.{i}", non_finite) for i, v in enumerate(value)]
+    if isinstance(value, float | np.floating) and not math.isfinite(value):
+        if non_finite is not None:
+            non_finite[path] = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return None
+    return value
 
 
 def info(wrapper) -> dict[str, Any]:
     schema, cal = wrapper.schema, wrapper.calibration
     from dl_uncertainty.data.rows import input_range
 
-    return {"model": wrapper.cfg.model.name, "columns": schema.feature_names, "feature_shape": schema.feature_shape,
-            "input_range": input_range(schema),  # [0, 1] for images: pixels / 255; null: any finite number
-            "classes": schema.class_names, "mc_samples": wrapper.cfg.evaluate.mc_samples,
-            "calibration": cal.to_dict() if cal else None}
+    cache = getattr(wrapper, "sample_cache", None)
+    non_finite: dict[str, str] = {}
+    answer = json_safe({
+        "model": wrapper.cfg.model.name, "columns": schema.feature_names, "feature_shape": schema.feature_shape,
+        "input_range": input_range(schema),  # [0, 1] for images: pixels / 255; null: any finite number
+        "classes": schema.class_names, "mc_samples": wrapper.cfg.evaluate.mc_samples,
+        "calibration": cal.to_dict() if cal else None,
+        # the MC draws kept for reuse (a BNN's weight sets, dropout masks): bytes held, the bound, samples held
+        "sample_cache": {"bytes": cache.bytes, "max_bytes": cache.max_bytes, "samples": len(cache)} if cache is not None else None,
+    }, non_finite=non_finite)
+    return {**answer, "non_finite": non_finite}
 
 
 def create_app(wrapper, name: str = "dl-uncertainty"):
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import Response
     from starlette.concurrency import run_in_threadpool
 
     from dl_uncertainty.data.rows import raw_to_rows
@@ -110,22 +202,35 @@ def create_app(wrapper, name: str = "dl-uncertainty"):
     app = FastAPI(title=f"{name}: uncertainty-aware predictions", docs_url=None, redoc_url=None)
     lock = threading.Lock()  # seeded MC sampling uses torch's global generator: one request at a time
 
-    def predict(body: bytes) -> str:
-        x = raw_to_rows(parse(body), wrapper.schema)
+    names = wrapper.schema.feature_names or [str(i) for i in range(wrapper.schema.num_features)]
+
+    def error(message: str, status: int) -> Response:  # ASCII-escaped: any character a client sent survives
+        return Response(json.dumps({"error": message}), status_code=status, media_type="application/json")
+
+    def predict(body: bytes, content_type: str | None) -> str:
+        frame = parse(body, content_type)
+        check_cells(frame, names)
+        x = raw_to_rows(frame, wrapper.schema)
         with lock:
             frame = wrapper.predict_rows(x)
+        # NaN/inf (a model that failed numerically) become null: the answer stays strict JSON
         return '{"predictions": ' + frame.to_json(orient="records", double_precision=15) + "}"
 
     async def answer(request: Request) -> Response:
         try:
-            content = await run_in_threadpool(predict, await request.body())
+            content = await run_in_threadpool(predict, await request.body(), request.headers.get("content-type"))
         except UserError as err:
-            return JSONResponse({"error": str(err)}, status_code=400)
+            return error(str(err), 400)
         except Exception as err:  # a bug, not the client's input: one sentence out, the traceback in the log
             log.exception("prediction failed")
-            return JSONResponse({"error": f"the model failed on this request ({type(err).__name__}); "
-                                          "the server log has the details"}, status_code=500)
+            return error(f"the model failed on this request ({type(err).__name__}); the server log has the details", 500)
         return Response(content, media_type="application/json")
+
+    async def failed(request: Request, err: Exception) -> Response:  # any other route's bug: the same shape
+        log.error("%s %s failed", request.method, request.url.path, exc_info=err)
+        return error(f"the server failed on {request.url.path} ({type(err).__name__}); the server log has the details", 500)
+
+    app.add_exception_handler(Exception, failed)
 
     app.post("/invocations")(answer)
     app.post(f"/v1/models/{name}:predict")(answer)
@@ -137,6 +242,14 @@ def create_app(wrapper, name: str = "dl-uncertainty"):
     return app
 
 
+def warm_up(wrapper) -> None:
+    """One prediction before the first request: the MC plan is made and the sample cache filled."""
+    try:
+        wrapper.predict_rows(np.zeros((1, wrapper.schema.num_features), np.float32))
+    except Exception:  # noqa: BLE001 -- requests will say what fails; serving starts regardless
+        log.warning("the warm-up prediction failed", exc_info=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dl_uncertainty.serve", description=__doc__.split("\n\n")[0],
                                      epilog="Endpoints and formats: see the module docstring or README.")
@@ -144,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, default=5001, help="port (default 5001)")
     parser.add_argument("--name", default="dl-uncertainty", help="model name in KServe's /v1/models/<name> paths")
+    parser.add_argument("--sample-cache-mb", type=float, default=None, metavar="MB",
+                        help="memory for the model's seeded MC draws (a BNN's weight sets), drawn once and reused; "
+                             "0 draws them on every request (default 256)")
     args = parser.parse_args(argv)
     try:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)
@@ -151,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.sample_cache_mb is not None:
+        from dl_uncertainty.tracking.runs import new_sample_cache
+
+        wrapper.sample_cache = new_sample_cache(args.sample_cache_mb)
+    warm_up(wrapper)
     import uvicorn
 
     cal = wrapper.calibration

@@ -8,6 +8,7 @@ import math
 import os
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -19,14 +20,27 @@ from dl_uncertainty.train import train_and_log
 from tests.conftest import TINY, model_server
 
 
-def post(url: str, body) -> tuple[int, dict]:
+def strict_json(text: bytes):
+    """JSON as a strict parser reads it: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise AssertionError(f"{constant} in a JSON answer: {text[:200]!r}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def post_raw(url: str, body, content_type: str | None = "application/json") -> tuple[int, bytes]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type} if content_type else {})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
+            return response.status, response.read()
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        return err.code, err.read()
+
+
+def post(url: str, body, content_type: str | None = "application/json") -> tuple[int, dict]:
+    status, text = post_raw(url, body, content_type)
+    return status, strict_json(text)
 
 
 TRAINED: dict = {}  # the served model's run id and store
@@ -101,13 +115,58 @@ def test_kserve_v1_protocol_and_info(served, digits_splits):
      "columns ['pixel_0'] are given more than once"),
     ({"inputs": [[1e300] + [0] * 63]}, "row 0 column 'pixel_0' is 1e+300, too large to scale"),
     ({"inputs": [[0] * 63 + [-1e300]]}, "row 0 column 'pixel_63' is -1e+300, too large to scale"),
+    ({"dataframe_split": {"columns": [f"pixel_{i}" for i in range(64)], "data": []}}, "'dataframe_split' holds no rows"),
+    ({"dataframe_split": {"columns": [f"pixel_{i}" for i in range(64)], "data": None}}, "holds no rows"),
+    (b"[" * 100_000, "the request is nested too deeply"),
+    (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "the request is nested too deeply"),
+    ({"inputs": [[True] + [0] * 63]}, "row 0 column 'pixel_0' is true, a boolean; every feature must be a number"),
+    ({"dataframe_split": {"columns": [f"pixel_{i}" for i in range(64)], "data": [[0] * 63 + [False]]}},
+     "row 0 column 'pixel_63' is false, a boolean"),
+    ({"dataframe_records": [{**{f"pixel_{i}": 0 for i in range(64)}, "pixel_3": True}]},
+     "row 0 column 'pixel_3' is true, a boolean"),
+    (b"", "the body is empty"),
+    (b'{"inputs": [[1' + b"0" * 400 + b"," + b"0," * 62 + b"0]]}", "a number in the body has 401 digits"),
+    (b'{"inputs": [[1' + b"0" * 5000 + b"," + b"0," * 62 + b"0]]}", "a number in the body has 5001 digits"),
+    (b'{"inputs": [[1e400,' + b"0," * 62 + b"0]]}", "row 0 column 'pixel_0' is inf"),
+    (b'{"inputs": [[-Infinity,' + b"0," * 62 + b"0]]}", "row 0 column 'pixel_0' is -inf"),
+    (b'{"inputs": ' + b"[" * 900 + b"1" + b"]" * 900 + b"}", "must be lists of numbers"),
+    ({"inputs": [[[1, 2]] + [0] * 63]}, "must be lists of numbers"),
+    ({"dataframe_split": {"columns": [f"pixel_{i}" for i in range(64)], "data": [[[1, 2]] + [0] * 63]}},
+     "row 0 column 'pixel_0' holds a list, not one number"),
+    ({"dataframe_split": {"columns": [f"pixel_{i}" for i in range(64)], "data": [[{"a": 1}] + [0] * 63]}},
+     "row 0 column 'pixel_0' holds an object, not one number"),
+    ({"dataframe_split": {"columns": ["pixel_0"], "data": "[[1]]"}}, "'dataframe_split' data must be a list of rows"),
+    ({"dataframe_split": [[0] * 64]}, "'dataframe_split' needs {\"columns\""),
+    ({"dataframe_split": {"columns": ["pixel_0"]}}, "'dataframe_split' needs {\"columns\""),
+    ({"dataframe_split": {"columns": ["pixel_0", "pixel_1"], "data": [[0] * 64]}}, "2 columns passed"),
+    ({"dataframe_records": [[0] * 64]}, "'dataframe_records' must be a list of records"),
+    ({"dataframe_records": {"pixel_0": 0}}, "'dataframe_records' must be a list of records"),
+    ({"inputs": {f"pixel_{i}": 0 for i in range(64)}}, "'inputs' as an object needs a list of values per column"),
+    ({"inputs": None}, "'inputs' must be a list of rows"),
+    ({"instances": "0,0,0"}, "'instances' must be a list of rows"),
+    ({"inputs": [[0] * 64], "instances": [[0] * 64]}, "the JSON body has the keys inputs, instances"),
+    ({"inputs": [[0] * 64], "params": {"temperature": 2}}, "unknown keys ['params'] next to 'inputs'"),
+    (b'{"dataframe_split": {"columns": ["\\ud800"], "data": [[1]]}}', "missing columns"),
+    (b'{"inputs": [["\\ud800",' + b"0," * 62 + b"0]]}", "row 0 column 'pixel_0' is '\\ud800'"),
+    (b"\xff\xfe{", "not JSON"),
 ])
 def test_bad_input_is_a_400_with_one_sentence(served, body, says):
     url = served[0]
     data = body if isinstance(body, bytes) else json.dumps(body, allow_nan=True).encode()
     status, answer = post(f"{url}/invocations", data)
-    assert status == 400
-    assert says in answer["error"] and "\n" not in answer["error"] and "Traceback" not in answer["error"]
+    assert status == 400, answer
+    assert says in answer["error"] and "\n" not in answer["error"] and "Traceback" not in answer["error"], answer
+    assert list(answer) == ["error"]
+    assert post(f"{url}/invocations", {"inputs": [[0] * 64]})[0] == 200  # the server is still up and well
+
+
+def test_content_types(served):
+    url = served[0]
+    body = json.dumps({"inputs": [[0] * 64]}).encode()
+    answers = {ct: post(f"{url}/invocations", body, ct) for ct in (None, "text/plain", "application/json")}
+    assert all(status == 200 for status, _ in answers.values()) and len({json.dumps(a) for _, a in answers.values()}) == 1
+    status, answer = post(f"{url}/invocations", b"pixel_0,pixel_1\n1,2\n", "text/csv")
+    assert status == 400 and answer["error"].startswith("the body is not JSON (Content-Type: text/csv); send {")
 
 
 def test_serving_a_model_that_is_not_there_is_one_line_naming_the_fix(tmp_path):
@@ -225,3 +284,102 @@ def test_a_row_gets_the_same_answer_alone_or_anywhere_in_a_batch(served, digits_
             assert a["predicted_class"] == b["predicted_class"]
             for key in (k for k in a if k.startswith("prob_") or k in ("predictive_entropy", "mutual_information")):
                 assert a[key] == pytest.approx(b[key], abs=1e-6)
+
+
+@contextmanager
+def serving(env: dict, cwd, *args: str):
+    """``python -m dl_uncertainty.serve *args`` in a fresh process; yields its URL (like conftest's model_server)."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "dl_uncertainty.serve", "--port", str(port), *args], cwd=cwd,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).read()
+                break
+            except OSError:
+                if server.poll() is not None:
+                    pytest.fail(f"the model server did not start: {server.stdout.read()[-2000:]}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+MC_SAMPLES = 20
+SMALL_CACHE_MB = 0.05  # about two of the tiny BNN's 20 weight sets (18.7 KB each)
+
+
+@pytest.fixture(scope="module")
+def served_bnn(tmp_path_factory, digits_splits):
+    """A BNN whose abstain threshold is infinite (so few validation errors that every entropy is kept),
+    served three times: with the default sample cache, with none, and with one too small for its weight sets."""
+    import dataclasses
+
+    import pandas as pd
+
+    from dl_uncertainty.config.compose import load_config
+    from dl_uncertainty.tracking import runs as tracking
+
+    tmp = tmp_path_factory.mktemp("serving-bnn")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        cfg = load_config([*TINY, "model=bnn", f"evaluate.mc_samples={MC_SAMPLES}", f"train.checkpoint_dir={tmp / 'ckpt'}"])
+        trained = train_and_log(cfg, digits_splits["train"], digits_splits["val"])
+        calibration = dataclasses.replace(trained.calibration, max_entropy=math.inf, errors=2)
+        train = digits_splits["train"]
+        with tracking.start_run(cfg) as run:
+            example = pd.DataFrame(unscaled(train.x[:5], train.schema).round(6), columns=train.schema.feature_names)
+            tracking.log_model(trained.model, cfg, train.schema, example, calibration)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin"}
+    model = ("--model", f"runs:/{run.info.run_id}/model")
+    with (serving(env, tmp, *model) as cached, serving(env, tmp, *model, "--sample-cache-mb", "0") as uncached,
+          serving(env, tmp, *model, "--sample-cache-mb", str(SMALL_CACHE_MB)) as small):
+        yield {"cached": cached, "uncached": uncached, "small": small}
+
+
+def test_info_of_a_model_whose_abstain_threshold_is_infinite_is_json_with_null_and_a_note(served_bnn):
+    with urllib.request.urlopen(f"{served_bnn['cached']}/info", timeout=10) as response:
+        assert response.status == 200 and response.headers["content-type"] == "application/json"
+        info = strict_json(response.read())
+    assert info["calibration"]["max_entropy"] is None and info["calibration"]["errors"] == 2
+    assert info["non_finite"] == {"calibration.max_entropy": "inf"}
+    assert info["model"] == "bnn" and info["mc_samples"] == MC_SAMPLES
+
+
+def test_served_answers_with_the_sample_cache_equal_answers_without_it_exactly(served_bnn, digits_splits):
+    test = digits_splits["test"]
+    rows = np.rint(unscaled(test.x[:16], test.schema)).astype(int).tolist()
+    bodies = [{"inputs": rows}, {"inputs": rows[3:4]}, {"dataframe_split": {"columns": test.schema.feature_names,
+                                                                             "data": rows[::-1]}}]
+    for body in bodies:
+        answers = {name: post_raw(f"{url}/invocations", body) for name, url in served_bnn.items()}
+        assert {status for status, _ in answers.values()} == {200}
+        assert answers["cached"][1] == answers["uncached"][1] == answers["small"][1]  # the very bytes
+        assert post_raw(f"{served_bnn['cached']}/invocations", body)[1] == answers["cached"][1]
+        predictions = strict_json(answers["cached"][1])["predictions"]
+        assert len(predictions) == len(body.get("inputs") or body["dataframe_split"]["data"])
+        assert not any(p["abstain"] for p in predictions if p["set_size"] == 1)  # no entropy threshold
+
+
+def test_the_sample_cache_holds_every_weight_set_or_as_many_as_its_bound_allows(served_bnn):
+    def cache(url: str) -> dict:
+        return strict_json(urllib.request.urlopen(f"{url}/info", timeout=10).read())["sample_cache"]
+
+    assert cache(served_bnn["uncached"]) is None
+    full, small = cache(served_bnn["cached"]), cache(served_bnn["small"])
+    assert full["samples"] == MC_SAMPLES and 0 < full["bytes"] <= full["max_bytes"] == 256 * 2**20
+    assert small["max_bytes"] == int(SMALL_CACHE_MB * 2**20)
+    assert 0 < small["samples"] < MC_SAMPLES and small["bytes"] <= small["max_bytes"]
+    assert small["bytes"] == small["samples"] * (full["bytes"] // MC_SAMPLES)

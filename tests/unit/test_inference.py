@@ -9,6 +9,7 @@ import torch
 import torchbnn
 from torch import nn
 
+from dl_uncertainty.uncertainty.draws import SampleCache
 from dl_uncertainty.uncertainty.engine import mc_log_probs
 from dl_uncertainty.uncertainty.mc_plan import STRATEGIES, mc_mode, mc_plan
 
@@ -312,3 +313,40 @@ def test_loop_always_loops_even_for_a_declared_deterministic_model() -> None:
     model.register_forward_hook(lambda *args: calls.append(1))
     mc_log_probs(model, torch.randn(5, 4), 7, strategy="loop", deterministic=True)
     assert len(calls) == 7
+
+
+@pytest.mark.parametrize("model", [_bnn, _conv_bnn, _dropout_dnn])
+def test_sample_cache_replays_the_very_draws_and_keeps_within_its_bound(model) -> None:
+    net = model()
+    x = torch.randn(9, 72 if model is _conv_bnn else 6)
+    for strategy, chunk in (("auto", None), ("repeat", 20)):
+        fresh = mc_log_probs(net, x, 30, strategy=strategy, row_seed=11, chunk_size=chunk)
+        cache = SampleCache(1 << 24)
+        filling = mc_log_probs(net, x, 30, strategy=strategy, row_seed=11, chunk_size=chunk, cache=cache)
+        assert len(cache) == 30 and 0 < cache.bytes <= cache.max_bytes
+        replayed = mc_log_probs(net, x, 30, strategy=strategy, row_seed=11, chunk_size=chunk, cache=cache)
+        assert torch.equal(filling, fresh) and torch.equal(replayed, fresh)  # bit for bit
+        alone = mc_log_probs(net, x[4:5], 30, strategy=strategy, row_seed=11, cache=cache)
+        assert torch.equal(alone, mc_log_probs(net, x[4:5], 30, strategy=strategy, row_seed=11))
+        # a bound that holds three samples' draws: three are kept, the others drawn anew, answers unchanged
+        per_sample = cache.bytes // 30
+        small = SampleCache(3 * per_sample + per_sample // 2)
+        for _ in range(2):
+            got = mc_log_probs(net, x, 30, strategy=strategy, row_seed=11, chunk_size=chunk, cache=small)
+            assert torch.equal(got, fresh)
+            assert len(small) == 3 and small.bytes <= small.max_bytes
+        none = SampleCache(0)
+        assert torch.equal(mc_log_probs(net, x, 30, strategy=strategy, row_seed=11, chunk_size=chunk,
+                                        cache=none), fresh) and len(none) == 0 and none.bytes == 0
+    # another seed is another entry; changed weights empty the cache
+    other = mc_log_probs(net, x, 30, row_seed=12, cache=cache)
+    assert torch.equal(other, mc_log_probs(net, x, 30, row_seed=12))
+    with torch.no_grad():
+        next(net.parameters()).mul_(1.5)
+    assert torch.equal(mc_log_probs(net, x, 30, row_seed=11, cache=cache), mc_log_probs(net, x, 30, row_seed=11))
+
+
+def test_no_rows_give_an_empty_answer() -> None:
+    from dl_uncertainty.families.predict import predict_log_probs
+
+    assert predict_log_probs(_bnn(), torch.zeros(0, 6), 7, seed=3).shape == (7, 0, 3)

@@ -19,6 +19,7 @@ from torch import nn
 from dl_uncertainty.families.losses import Mix, mixed_loss
 from dl_uncertainty.families.networks import build_network, penultimate
 from dl_uncertainty.families.registry import get_family
+from dl_uncertainty.uncertainty.draws import SampleCache
 from dl_uncertainty.uncertainty.engine import mc_log_probs
 
 if TYPE_CHECKING:
@@ -51,10 +52,11 @@ class Family:
         return {"loss": nll, "nll": nll}
 
     def sample(self, model: nn.Module, x: torch.Tensor, samples: int, *, strategy: str = "auto",
-               seed: int | None = None) -> torch.Tensor:
-        """Per-sample log-softmax ``[T, N, K]`` for one batch; with ``seed``, each row's answer is its own."""
+               seed: int | None = None, cache: SampleCache | None = None) -> torch.Tensor:
+        """Per-sample log-softmax ``[T, N, K]`` for one batch; with ``seed``, each row's answer is its
+        own, and ``cache`` may keep the seeded draws for the next call (the same answers, drawn once)."""
         return mc_log_probs(model, x, samples, strategy=strategy, row_seed=seed,
-                            deterministic=self.deterministic)
+                            deterministic=self.deterministic, cache=cache)
 
     def epoch_end(self, model: nn.Module, epoch: int, cfg: DictConfig) -> None:
         """Called after every training epoch with the current weights (e.g. to collect SWA moments)."""

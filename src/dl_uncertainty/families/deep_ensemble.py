@@ -52,7 +52,7 @@ class DeepEnsemble(Family):
         return {"loss": nll, "nll": nll / members}
 
     def sample(self, model: nn.Module, x: torch.Tensor, samples: int, *, strategy: str = "auto",
-               seed: int | None = None) -> torch.Tensor:
+               seed: int | None = None, cache=None) -> torch.Tensor:
         """The members' log-softmax ``[M, N, K]`` (``samples`` does not apply: M is the sample count)."""
         was_training = model.training
         model.eval()

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dl_uncertainty.families.base import family_of
+from dl_uncertainty.uncertainty.draws import SampleCache
 
 
 def predict_log_probs(
@@ -19,11 +20,14 @@ def predict_log_probs(
     strategy: str = "auto",
     batch_size: int = 1024,
     seed: int | None = None,
+    cache: SampleCache | None = None,
 ) -> torch.Tensor:
     """Per-sample log-softmax outputs [T, N, K] on the CPU, drawn the way the model's family samples.
 
     With ``seed``, the MC samples are reproducible, row by row: MC sample t uses the same dropout
-    masks and weights for every row, so a row gets the same answer alone or anywhere in any batch.
+    masks and weights for every row, so a row gets the same answer alone or anywhere in any batch;
+    ``cache`` then keeps those draws for the next call (the same answers, bit for bit, drawn once).
+    No rows: a ``[T, 0, K]`` tensor.
     """
     family = family_of(model)
     device = next(model.parameters()).device
@@ -32,16 +36,18 @@ def predict_log_probs(
         if device.type == "cuda":
             torch.cuda.manual_seed(seed)
     chunks = []
-    for start in range(0, len(x), batch_size):  # a memory-mapped x is read one batch at a time
+    for start in range(0, max(len(x), 1), batch_size):  # a memory-mapped x is read one batch at a time
         rows = x[start : start + batch_size]
         rows = np.array(rows, np.float32) if isinstance(rows, np.ndarray) else rows  # a copy of one batch
         batch = torch.as_tensor(rows, dtype=torch.float32).to(device)
-        chunks.append(family.sample(model, batch, samples, strategy=strategy, seed=seed).float().cpu())
+        chunks.append(family.sample(model, batch, samples, strategy=strategy, seed=seed, cache=cache).float().cpu())
     return torch.cat(chunks, dim=1)
 
 
-def served_log_probs(model: nn.Module, x: np.ndarray | torch.Tensor, cfg: DictConfig) -> torch.Tensor:
+def served_log_probs(model: nn.Module, x: np.ndarray | torch.Tensor, cfg: DictConfig,
+                     cache: SampleCache | None = None) -> torch.Tensor:
     """The served prediction: ``evaluate.mc_samples`` samples by ``evaluate.strategy``, seeded by
     ``seed`` row by row. Evaluation, calibration and serving call this, so they agree exactly."""
     e = cfg.evaluate
-    return predict_log_probs(model, x, e.mc_samples, strategy=e.strategy, batch_size=e.batch_size, seed=cfg.seed)
+    return predict_log_probs(model, x, e.mc_samples, strategy=e.strategy, batch_size=e.batch_size, seed=cfg.seed,
+                             cache=cache)

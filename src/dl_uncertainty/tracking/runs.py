@@ -24,6 +24,7 @@ from dl_uncertainty.tracking.bundle import load_bundle, save_bundle
 from dl_uncertainty.tracking.store import setup
 
 TUNED_STUDY_TAG = "dlu.tuned_study"  # on a training run: the Optuna study its config is the best trial of
+SAMPLE_CACHE_MB = 256  # per loaded model: its seeded MC draws, kept for reuse (see inference.SampleCache)
 PYFUNC_REQUIREMENTS = ["torch>=2.3", "torchbnn>=1.2,<1.3", "numpy", "pandas", "omegaconf>=2.3,<2.4",
                        "hydra-core>=1.3.2,<1.4", "scikit-learn", "boto3"]
 
@@ -76,7 +77,9 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
 
     Inputs are what the user's data holds (named columns, or rows of values in that order): the
     cleaning and scaling fitted on the training split are applied here. MC sampling is seeded per
-    row, so a row gets the same answer alone or anywhere in any batch.
+    row, so a row gets the same answer alone or anywhere in any batch; the draws (a BNN's weight sets,
+    dropout masks) depend only on the seed and the sample, so they are drawn once and kept in
+    ``sample_cache`` (at most SAMPLE_CACHE_MB; None draws them on every call, with the same answers).
     """
 
     _skip_type_hint_validation = True  # predict takes DataFrames and arrays alike; raw_to_rows checks
@@ -86,6 +89,7 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
 
         self.model, self.cfg, self.schema, meta = load_bundle(context.artifacts["bundle"])
         self.calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
+        self.sample_cache = new_sample_cache(SAMPLE_CACHE_MB)
 
     def predict(self, context, model_input, params=None):
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -103,7 +107,7 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
         from dl_uncertainty.families.predict import served_log_probs
         from dl_uncertainty.uncertainty.calibration import Calibration, decide
 
-        log_probs = served_log_probs(self.model, x, self.cfg).numpy()
+        log_probs = served_log_probs(self.model, x, self.cfg, cache=getattr(self, "sample_cache", None)).numpy()
         out = decide(log_probs, self.calibration or Calibration.identity(), rows=x)
         names = np.asarray(self.schema.class_names)
         return pd.DataFrame({
@@ -115,6 +119,13 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
             "set_size": out["sets"].sum(1),
             "abstain": out["abstain"],
         })
+
+
+def new_sample_cache(megabytes: float):
+    """A SampleCache of at most ``megabytes`` MiB, or None for 0 (draw on every call)."""
+    from dl_uncertainty.uncertainty.draws import SampleCache
+
+    return SampleCache(int(megabytes * 2**20)) if megabytes > 0 else None
 
 
 def as_frame(model_input) -> pd.DataFrame:

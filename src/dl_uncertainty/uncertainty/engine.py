@@ -50,12 +50,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dl_uncertainty.uncertainty.draws import SampleCache, _Layout, _LayoutError
 from dl_uncertainty.uncertainty.mc_plan import (
     _BAYES_BN,
     _BAYES_CONV,
     _BAYES_LINEAR,
     Plan,
-    _Costs,
     _is_stochastic,
     _lrt_cheaper,
     _machine_costs,
@@ -70,44 +70,9 @@ _NEEDS_EAGER: weakref.WeakSet = weakref.WeakSet()  # models whose forward reject
 # ----------------------------------------------------------------------------- batched engine
 
 
-class _Layout:
-    """Rows of the current forward call: ``tc`` MC samples x ``nc`` examples, sample-major.
-
-    A tensor whose leading dim is ``nc`` (and ``tc > 1``) is *shared*: the same for every MC
-    sample, not yet widened.
-    """
-
-    def __init__(self, mode: str, costs: _Costs) -> None:
-        self.mode = mode  # "repeat" | "lrt" | "auto"
-        self.costs = costs
-        self.tc = 1
-        self.nc = 1
-        self.gens: list[torch.Generator] | None = None  # per-row seeding: one generator per MC sample
-
-    def draw(self, fn, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """``fn`` (torch.rand / torch.randn) of shape ``[tc, *shape]``; with per-row seeding, MC sample
-        t's slice comes from its own generator, so it does not depend on the batch or the chunking."""
-        if self.gens is None:
-            return fn((self.tc, *shape), dtype=like.dtype, device=like.device)
-        return torch.stack([fn(shape, generator=g, dtype=like.dtype, device=like.device) for g in self.gens])
-
-    def shared(self, t: torch.Tensor) -> bool:
-        if self.tc == 1:
-            return False
-        if t.shape[0] == self.nc:
-            return True
-        if t.shape[0] == self.tc * self.nc:
-            return False
-        raise _LayoutError(f"unexpected batch dim {t.shape[0]} (nc={self.nc}, tc={self.tc})")
-
-    def widen(self, t: torch.Tensor) -> torch.Tensor:
-        if self.shared(t):
-            return t.unsqueeze(0).expand(self.tc, *t.shape).reshape(self.tc * self.nc, *t.shape[1:])
-        return t
 
 
-class _LayoutError(RuntimeError):
-    pass
+
 
 
 def _sigma(log_sigma: torch.Tensor | None) -> torch.Tensor | None:
@@ -121,8 +86,8 @@ def _dropout_forward(m: nn.Dropout, lay: _Layout):
         if m.p >= 1:
             return torch.zeros_like(lay.widen(inp))
         scale = 1.0 / (1.0 - m.p)
-        if lay.gens is not None:  # per-row seeding: sample t's mask is shared by every row of the batch
-            mask = lay.draw(torch.rand, (1, *inp.shape[1:]), inp).ge_(m.p).mul_(scale)
+        if lay.seeded:  # per-row seeding: sample t's mask is shared by every row of the batch
+            mask = lay.draw(torch.rand, (1, *inp.shape[1:]), inp, lambda r: r.ge_(m.p).mul_(scale))
             rows = inp.unsqueeze(0) if lay.shared(inp) else inp.view(lay.tc, lay.nc, *inp.shape[1:])
             return (mask * rows).view(lay.tc * lay.nc, *inp.shape[1:])
         if lay.shared(inp):
@@ -153,7 +118,7 @@ def _bayes_linear_forward(m: nn.Module, lay: _Layout):
     n_w = mu.numel()
 
     def use_lrt(rows_per_sample: int, shared: bool) -> bool:
-        if lay.gens is not None:  # LRT draws noise per row: per-row seeding needs whole weight sets
+        if lay.seeded:  # LRT draws noise per row: per-row seeding needs whole weight sets
             return False
         if lay.mode != "auto":
             return lay.mode == "lrt"
@@ -161,11 +126,15 @@ def _bayes_linear_forward(m: nn.Module, lay: _Layout):
                             lay.tc if shared else 1)
 
     def sample_weight(t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if lay.gens is not None:
-            g, kw = lay.gens[t], {"dtype": mu.dtype, "device": mu.device}
-            w = torch.randn(mu.shape, generator=g, **kw).mul_(sigma).add_(mu)
-            b = None if b_mu is None else torch.randn(b_mu.shape, generator=g, **kw).mul_(b_sigma).add_(b_mu)
-            return w, b
+        if lay.seeded:
+            kw = {"dtype": mu.dtype, "device": mu.device}
+
+            def make(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+                w = torch.randn(mu.shape, generator=g, **kw).mul_(sigma).add_(mu)
+                b = None if b_mu is None else torch.randn(b_mu.shape, generator=g, **kw).mul_(b_sigma).add_(b_mu)
+                return w, b
+
+            return lay.sampled(t, make)
         w = torch.randn_like(mu).mul_(sigma).add_(mu)
         b = None if b_mu is None else torch.randn_like(b_mu).mul_(b_sigma).add_(b_mu)
         return w, b
@@ -214,11 +183,10 @@ def _bayes_conv_forward(m: nn.Module, lay: _Layout):
         shared = lay.shared(inp)
         tc, nc = lay.tc, lay.nc
         # one kernel set per MC sample (kernels are shared across positions: LRT is not exact)
-        w = lay.draw(torch.randn, tuple(mu.shape), mu).mul_(sigma).add_(mu)
+        w = lay.draw(torch.randn, tuple(mu.shape), mu, lambda r: r.mul_(sigma).add_(mu))
         b = None
         if b_mu is not None:
-            b = lay.draw(torch.randn, tuple(b_mu.shape), mu)
-            b = b.mul_(b_sigma).add_(b_mu)
+            b = lay.draw(torch.randn, tuple(b_mu.shape), mu, lambda r: r.mul_(b_sigma).add_(b_mu))
         if shared and m.groups == 1:
             # all tc kernel sets in one convolution of the shared input
             y = _conv(m, inp, w.flatten(0, 1), None if b is None else b.flatten(), 1)
@@ -243,10 +211,8 @@ def _bayes_bn_forward(m: nn.Module, lay: _Layout):
         y = F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
         tc = lay.tc
         shape = (tc, 1, m.num_features) + (1,) * (y.dim() - 2)
-        w = lay.draw(torch.randn, (m.num_features,), y)
-        w = w.mul_(w_sigma).add_(m.weight_mu).view(shape)
-        b = lay.draw(torch.randn, (m.num_features,), y)
-        b = b.mul_(b_sigma).add_(m.bias_mu).view(shape)
+        w = lay.draw(torch.randn, (m.num_features,), y, lambda r: r.mul_(w_sigma).add_(m.weight_mu)).view(shape)
+        b = lay.draw(torch.randn, (m.num_features,), y, lambda r: r.mul_(b_sigma).add_(m.bias_mu)).view(shape)
         yv = y.view(tc, -1, *y.shape[1:])
         return yv.mul_(w).add_(b).view_as(y)
 
@@ -283,10 +249,12 @@ def _patched(model: nn.Module, lay: _Layout) -> Iterator[None]:
 
 
 def _run_batched(model: nn.Module, x: torch.Tensor, samples: int, plan: Plan,
-                 eager: bool, row_seed: int | None = None) -> torch.Tensor:
+                 eager: bool, row_seed: int | None = None, cache: SampleCache | None = None) -> torch.Tensor:
     n = x.shape[0]
     out: torch.Tensor | None = None
     lay = _Layout(plan.strategy, _machine_costs() if plan.strategy == "auto" else None)
+    cache = cache if row_seed is not None else None
+    keys: list[tuple] = []
     with _patched(model, lay):
         for n0 in range(0, n, plan.examples_per_chunk):
             xc = x[n0:n0 + plan.examples_per_chunk]
@@ -295,9 +263,15 @@ def _run_batched(model: nn.Module, x: torch.Tensor, samples: int, plan: Plan,
                 tc = min(plan.samples_per_chunk, samples - t0)
                 lay.tc, lay.nc = tc, nc
                 if row_seed is not None:  # MC sample t draws from (row_seed, t) in every chunk of rows
-                    lay.gens = [torch.Generator(x.device).manual_seed(row_seed * 1_000_003 + t)
-                                for t in range(t0, t0 + tc)]
+                    keys = [(row_seed, t, tuple(x.shape[1:]), x.dtype, x.device) for t in range(t0, t0 + tc)]
+                    lay.start([row_seed * 1_000_003 + t for t in range(t0, t0 + tc)], x.device,
+                              [cache.get(k) for k in keys] if cache is not None else [None] * tc)
                 logits = model(lay.widen(xc) if eager else xc)
+                if cache is not None:  # only a forward call that completed records its draws
+                    for i, key in enumerate(keys):
+                        tape = lay.recorded(i)
+                        if tape:
+                            cache.put(key, tape)
                 if logits.shape[0] == nc and tc > 1:  # nothing stochastic was reached
                     logits = logits.unsqueeze(0).expand(tc, *logits.shape)
                 else:
@@ -339,7 +313,7 @@ def _seeded(generator: torch.Generator | None):
 def mc_log_probs(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: str = "auto",
                  chunk_size: int | None = None,
                  generator: torch.Generator | None = None, row_seed: int | None = None,
-                 deterministic: bool = False) -> torch.Tensor:
+                 deterministic: bool = False, cache: SampleCache | None = None) -> torch.Tensor:
     """Log-softmax of ``samples`` Monte-Carlo forward passes: a ``[T, N, K]`` tensor.
 
     ``model(x)`` must return logits ``[N, K]`` and treat examples independently (in eval mode).
@@ -351,9 +325,11 @@ def mc_log_probs(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: s
     row's answer its own: MC sample t uses the same dropout masks and weights for every row, drawn
     from a generator seeded by (row_seed, t), so a row gets the same answer alone or in any batch, at
     any position (LRT is not used; the loop strategy and dropout types other than ``nn.Dropout``
-    still draw per row). ``deterministic=True`` declares that one pass is every sample: the result
-    is then that pass expanded T times (a view). Without it, a model the engine finds nothing
-    stochastic in is run T times (see :func:`mc_plan`). The result lives on the model's device.
+    still draw per row). ``cache`` (with ``row_seed``) keeps those per-sample draws for the next call
+    with the same seed and input shape (see :class:`SampleCache`). ``deterministic=True`` declares
+    that one pass is every sample: the result is then that pass expanded T times (a view). Without
+    it, a model the engine finds nothing stochastic in is run T times (see :func:`mc_plan`). The
+    result lives on the model's device.
     """
     x = x.to(_model_device(model, x))
     n = x.shape[0]
@@ -377,10 +353,12 @@ def mc_log_probs(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: s
                 out[t] = lp
             return out
         eager = model in _NEEDS_EAGER
+        if cache is not None:
+            cache.check(model)
         try:
-            return _run_batched(model, x, samples, plan, eager, row_seed)
+            return _run_batched(model, x, samples, plan, eager, row_seed, cache)
         except (_LayoutError, RuntimeError):
             if eager:
                 raise
             _NEEDS_EAGER.add(model)  # forward mixes shared and widened rows: widen up front
-            return _run_batched(model, x, samples, plan, True, row_seed)
+            return _run_batched(model, x, samples, plan, True, row_seed, cache)
