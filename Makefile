@@ -47,8 +47,9 @@ test: $(INSTALLED) ## run every test: unit, components, pipeline, integration, k
 test-e2e: $(INSTALLED) ## build the image, run the whole pipeline in containers against the local stack (podman or Docker)
 	$(PY) -m pytest -q -m e2e tests/e2e
 
-lint: $(INSTALLED) ## ruff on the whole tree
+lint: $(INSTALLED) ## ruff on the whole tree; the core's shape: no import cycle, no module over 400 lines
 	$(VENV)/bin/ruff check src components pipelines tests benchmarks
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_layout.py
 
 run: $(INSTALLED) ## run the whole pipeline locally (kfp.local); RUNNER=docker: every task in the image; VERBOSE=1: every task's log
 	@$(WITH_STACK) $(PY) -m pipelines run-local --runner $(RUNNER) $(if $(VERBOSE),--verbose) $(OVERRIDES)

@@ -24,9 +24,9 @@ def configure(
     place of any upstream *parameter* output, while artifacts arrive intact.
     """
     from dl_uncertainty.config.compose import data_source_overrides, model_configs, with_typed
+    from dl_uncertainty.config.parameters import typed_overrides
 
-    typed = [f"train.epochs={epochs}", f"train.lr={learning_rate}", f"evaluate.mc_samples={mc_samples}",
-             f"seed={seed}", f"experiment_name={experiment_name}", *data_source_overrides(data_source)]
+    typed = [*typed_overrides(locals()), *data_source_overrides(data_source)]
     if mlflow_tracking_uri:
         typed.append(f"tracking_uri={mlflow_tracking_uri}")
     with open(config.path, "w") as fh:

@@ -18,6 +18,7 @@ import urllib3
 from omegaconf import DictConfig
 
 from dl_uncertainty.config.compose import load_config
+from dl_uncertainty.config.parameters import typed_values
 from dl_uncertainty.errors import UserError
 from pipelines.pipeline import PIPELINE_NAME
 
@@ -45,16 +46,8 @@ def version_name(repo: Path | None = None, now: datetime | None = None) -> str:
 
 def run_parameters(cfg: DictConfig, overrides: list[str]) -> dict:
     """The pipeline's typed parameters from a composed config; overrides carry group switches (data=csv)."""
-    return {
-        "models": list(cfg.pipeline.models),
-        "epochs": int(cfg.train.epochs),
-        "learning_rate": float(cfg.train.lr),
-        "mc_samples": int(cfg.evaluate.mc_samples),
-        "seed": int(cfg.seed),
-        "data_source": str(cfg.data.path or cfg.data.source),
-        "experiment_name": str(cfg.experiment_name),
-        "overrides": list(overrides),
-    }
+    return {"models": list(cfg.pipeline.models), **typed_values(cfg), "data_source": str(cfg.data.path or cfg.data.source),
+            "overrides": list(overrides)}
 
 
 def upload(host: str, package_path: Path, name: str = PIPELINE_NAME) -> dict:

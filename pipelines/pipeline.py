@@ -4,6 +4,8 @@ Parameter defaults are composed from ``configs/`` with Hydra when the pipeline i
 compiled YAML and the configs never drift.
 """
 
+import inspect
+
 from kfp import dsl, kubernetes
 from omegaconf import DictConfig
 
@@ -14,10 +16,9 @@ from components.images import CPU_IMAGE
 from components.preprocess import preprocess
 from components.train import train
 from dl_uncertainty.config.compose import without_keys
+from dl_uncertainty.config.parameters import TYPED, TYPED_KEYS, typed_values
 
 PIPELINE_NAME = "uncertainty-pipeline"
-# What the typed parameters set; in `overrides` too, they must agree (configure checks)
-TYPED_KEYS = ["train.epochs", "train.lr", "evaluate.mc_samples", "seed", "experiment_name"]
 
 
 def _resources(task, cpu_request: str, cpu_limit: str, memory_request: str, memory_limit: str):
@@ -76,30 +77,15 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
     def configure_task(task, kind: str = "step"):
         return task_settings(task, p, kind, cluster=cluster, gpu=gpu, tracking_uri=tracking_env, image=image)
 
-    @dsl.pipeline(name=PIPELINE_NAME,
-                  description="Train a torchbnn BNN, an MC-Dropout DNN and a deep ensemble, measure and "
-                              "compare their uncertainty, register the winner.")
-    def uncertainty_pipeline(
-        models: list = list(p.models),
-        epochs: int = int(cfg.train.epochs),
-        learning_rate: float = float(cfg.train.lr),
-        mc_samples: int = int(cfg.evaluate.mc_samples),
-        seed: int = int(cfg.seed),
-        data_source: str = str(cfg.data.path or cfg.data.source),
-        mlflow_tracking_uri: str = "",
-        experiment_name: str = str(cfg.experiment_name),
-        overrides: list = other_overrides,
-    ):
-        config = configure_task(configure(
-            models=models, overrides=overrides, epochs=epochs, learning_rate=learning_rate,
-            mc_samples=mc_samples, seed=seed, data_source=data_source, experiment_name=experiment_name,
-            mlflow_tracking_uri=mlflow_tracking_uri)).set_display_name("configure")
+    def uncertainty_pipeline(*args):
+        params = dict(zip(signature.parameters, args, strict=True))  # KFP passes the parameters in order
+        config = configure_task(configure(**params)).set_display_name("configure")
         data = configure_task(preprocess(config=config.outputs["config"])).set_display_name("preprocess")
         # One branch per model. Their tasks cannot be named after the model: KFP leaves a loop item in
         # a display name as its raw placeholder ("train {{channel:...}}"); the branch's inputs name it.
         # Nor can the loop be named: its display name would no longer match the key dsl.Collected
         # reads its outputs under, and the KFP backend fails to find them (kubeflow/pipelines#13239).
-        with dsl.ParallelFor(models) as model_name:
+        with dsl.ParallelFor(params["models"]) as model_name:
             trained = configure_task(train(
                 config=config.outputs["config"], model_name=model_name, train=data.outputs["train"],
                 val=data.outputs["val"]), kind="train").set_display_name("train")
@@ -110,4 +96,18 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
             config=config.outputs["config"], metrics=dsl.Collected(evaluated.outputs["metrics"]),
             predictions=dsl.Collected(evaluated.outputs["predictions"]))).set_display_name("compare")
 
-    return uncertainty_pipeline
+    # The signature KFP reads: the run's models, data and store, then one typed parameter per row of
+    # dl_uncertainty.config.parameters.TYPED, each with its default from the configs.
+    param = inspect.Parameter
+    signature = inspect.Signature([
+        param("models", param.POSITIONAL_OR_KEYWORD, annotation=list, default=list(p.models)),
+        *(param(name, param.POSITIONAL_OR_KEYWORD, annotation=kind, default=default)
+          for (name, _, kind), default in zip(TYPED, typed_values(cfg).values(), strict=True)),
+        param("data_source", param.POSITIONAL_OR_KEYWORD, annotation=str, default=str(cfg.data.path or cfg.data.source)),
+        param("mlflow_tracking_uri", param.POSITIONAL_OR_KEYWORD, annotation=str, default=""),
+        param("overrides", param.POSITIONAL_OR_KEYWORD, annotation=list, default=other_overrides),
+    ])
+    uncertainty_pipeline.__signature__ = signature
+    return dsl.pipeline(name=PIPELINE_NAME,
+                        description="Train every configured model family (pipeline.models), measure and compare "
+                                    "their uncertainty, register the winner.")(uncertainty_pipeline)

@@ -38,7 +38,7 @@ def evaluate_run(cfg: DictConfig):
 
     from dl_uncertainty.config.schema import EvaluateConfig
     from dl_uncertainty.data.tables import prepare
-    from dl_uncertainty.reports.evaluation import evaluate_model
+    from dl_uncertainty.steps import evaluate_and_log
     from dl_uncertainty.tracking import runs as tracking
     from dl_uncertainty.tracking import store
 
@@ -57,11 +57,7 @@ def evaluate_run(cfg: DictConfig):
         evaluate[key] = logged.cfg.evaluate.get(key, getattr(EvaluateConfig(), key))
     run_cfg.evaluate = evaluate
     splits = prepare(run_cfg.data, run_cfg.seed)
-    evaluation = evaluate_model(logged.model, run_cfg, splits["test"], splits["ood"], splits["val"],
-                                calibration=logged.calibration)
-    with mlflow.start_run(run_id=cfg.run_id):
-        tracking.log_evaluation(evaluation)
-    return evaluation
+    return evaluate_and_log(logged.model, run_cfg, splits, logged.calibration, cfg.run_id)
 
 
 def _task(cfg: DictConfig) -> None:

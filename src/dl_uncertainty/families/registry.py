@@ -4,12 +4,8 @@ configs, the pipeline's parameter lists and the CLIs can read the names cheaply.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 from dl_uncertainty.errors import UserError
-
-if TYPE_CHECKING:
-    from dl_uncertainty.families.base import Family
 
 FAMILIES = {  # name (model=<name>, configs/model/<name>.yaml) -> the module that holds its FAMILY
     "bnn": "dl_uncertainty.families.bnn",
@@ -19,8 +15,8 @@ FAMILIES = {  # name (model=<name>, configs/model/<name>.yaml) -> the module tha
 NAMES = tuple(FAMILIES)
 
 
-def get_family(name: str) -> Family:
-    """The family called ``name`` (its module is imported on first use)."""
+def get_family(name: str):
+    """The ``families.base.Family`` called ``name`` (its module is imported on first use)."""
     if name not in FAMILIES:
         raise UserError(f"unknown model {name!r}: use one of {', '.join(NAMES)}")
     return importlib.import_module(FAMILIES[name]).FAMILY

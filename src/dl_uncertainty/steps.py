@@ -1,0 +1,88 @@
+"""The evaluate and compare steps: what the KFP components run (each a few lines around one call
+here) and what ``python -m dl_uncertainty.evaluate`` runs, so the pipeline and the CLI share code."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from omegaconf import DictConfig
+from torch import nn
+
+
+def evaluate_and_log(model: nn.Module, cfg: DictConfig, splits: dict, calibration, run_id: str):
+    """Evaluate ``model`` on ``splits`` (test, ood, val) and log everything to MLflow run ``run_id``,
+    whatever experiment it is in."""
+    import mlflow
+
+    from dl_uncertainty.reports.evaluation import evaluate_model
+    from dl_uncertainty.tracking import runs as tracking
+    from dl_uncertainty.tracking import store
+
+    evaluation = evaluate_model(model, cfg, splits["test"], splits["ood"], splits["val"], calibration=calibration)
+    store.setup(cfg)
+    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
+    with mlflow.start_run(run_id=run_id):
+        tracking.log_evaluation(evaluation)
+    return evaluation
+
+
+def evaluate_bundle(bundle: str, val: str, test: str, ood: str):
+    """The pipeline's evaluate step: the model bundle and split files in, the logged evaluation out,
+    with its confusion matrix and the record the compare step reads."""
+    from sklearn.metrics import confusion_matrix
+
+    from dl_uncertainty.data.splits import load_split
+    from dl_uncertainty.tracking.bundle import load_bundle
+    from dl_uncertainty.uncertainty.calibration import Calibration
+
+    net, cfg, schema, meta = load_bundle(bundle)
+    splits = {"val": load_split(val, expect=schema, mmap=True), "test": load_split(test, expect=schema, mmap=True),
+              "ood": load_split(ood, mmap=True)}
+    calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
+    evaluation = evaluate_and_log(net, cfg, splits, calibration, meta["run_id"])
+    matrix = confusion_matrix(evaluation.predictions["labels"], evaluation.predictions["probs"].argmax(1),
+                              labels=list(range(len(schema.class_names))))
+    record = {"model": cfg.model.name, "run_id": meta["run_id"], "metrics": evaluation.metrics}
+    return evaluation, list(schema.class_names), matrix.tolist(), record
+
+
+@dataclass
+class Comparison:
+    winner: str
+    markdown: str
+    html: str
+    verdict: str
+    registered_version: str
+    champion: bool
+
+
+def compare_models(config_json: str, records: list[str], predictions: list[str]) -> Comparison:
+    """The pipeline's compare step: table the evaluated models, pick the winner, gate and register it."""
+    from dl_uncertainty.config.compose import pick_config
+    from dl_uncertainty.tracking import compare as C
+    from dl_uncertainty.tracking import store
+    from dl_uncertainty.uncertainty.metrics import TABLE_METRICS
+
+    cfg = pick_config(config_json)
+    entries = [json.loads(open(path).read()) for path in records]
+    results = {e["model"]: e["metrics"] for e in entries}
+    preds = {}
+    for entry, path in zip(entries, predictions, strict=True):
+        with np.load(path) as npz:
+            preds[entry["model"]] = {"probs": npz["probs"], "labels": npz["labels"]}
+    metric, mode = cfg.evaluate.winner_metric, cfg.evaluate.winner_mode
+    winner = C.pick_winner(results, metric, mode)
+    gate, alpha = cfg.evaluate.champion_gate, results[winner].get("alpha", cfg.evaluate.alpha)
+    failures = C.gate_failures(results[winner], gate, alpha)
+    store.setup(cfg)
+    verdict = C.gate_verdict(winner, failures, C.gate_skipped(results[winner], gate),
+                             C.current_champion(cfg.evaluate.registered_model_name))
+    columns = [c for c in TABLE_METRICS if any(c in m for m in results.values())]
+    markdown = C.comparison_markdown(results, columns, winner, metric, mode, verdict)
+    tuning = C.tuning_section({e["model"]: e["run_id"] for e in entries})
+    html = C.comparison_html(results, columns, winner, metric, mode, preds, verdict, tuning)
+    run_id = next(e["run_id"] for e in entries if e["model"] == winner)
+    version = C.register_champion(run_id, cfg.evaluate.registered_model_name, promote=not failures)
+    return Comparison(winner, markdown, html, verdict, version, not failures)
