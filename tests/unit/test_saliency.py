@@ -2,13 +2,14 @@ import numpy as np
 import torch
 
 from dl_uncertainty.families.base import build_model as get_model
+from dl_uncertainty.families.registry import NAMES
 from dl_uncertainty.reports.saliency import grad_cam
 
 
 def test_grad_cam_maps_every_conv_model_and_skips_mlps(tiny_cfg, digits_splits):
     x = digits_splits["test"].x[:5]
     target = np.arange(5) % 8
-    for name in ("bnn", "mc_dropout_dnn", "deep_ensemble"):
+    for name in NAMES:  # every registered family
         model = get_model(tiny_cfg(f"model={name}", "model.arch=cnn").model, [1, 8, 8], 8)
         cams = grad_cam(model, x, target, [1, 8, 8], samples=3)
         assert cams.shape == (5, 8, 8)
