@@ -7,6 +7,7 @@ Containers share the host's network, so MLflow at 127.0.0.1 (`make stack-up`, or
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -170,6 +171,7 @@ def task_containers(client):
     def stop(signum, frame):
         for sig in signals:  # a second Ctrl-C must not cut the removal short
             signal.signal(sig, signal.SIG_IGN)
+        logging.disable(logging.CRITICAL)  # kfp.local's "Task ... finished with status FAILURE" for each one
         try:
             stop_run(client)
         except Exception as err:  # the engine itself gone: say which containers to look for
@@ -190,6 +192,7 @@ def task_containers(client):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        logging.disable(logging.NOTSET)
         _run["id"] = ""
 
 
