@@ -41,6 +41,13 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{name}: {value}")
 
 
+@pytest.fixture(scope="session")
+def timings() -> dict[str, str]:
+    """Where a test leaves a measured number for the terminal summary (this module's TIMINGS: importing
+    it by name in a test module would give another copy)."""
+    return TIMINGS
+
+
 def sh(cmd: list[str], env: dict | None = None, timeout: float = 1200, check: bool = True):
     out = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True,
                          timeout=timeout)

@@ -20,7 +20,6 @@ from tests.e2e.conftest import (
     CHECKOUT,
     REPO,
     RUN_OVERRIDES,
-    TIMINGS,
     TINY,
     remove_older_e2e_images,
     sh,
@@ -60,7 +59,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_stopping_a_run_removes_its_containers_and_its_mlflow_server_and_nothing_else(
-        how, engine, image, docker_host, other_container, tmp_path):
+        how, engine, image, docker_host, other_container, tmp_path, timings):
     env = {**os.environ, **image, "DOCKER_HOST": docker_host, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "PYTHONUNBUFFERED": "1"}
     # two training branches that would run for hours: only a stop ends them
@@ -95,7 +94,7 @@ def test_stopping_a_run_removes_its_containers_and_its_mlflow_server_and_nothing
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    TIMINGS[f"{how} to exit, 2 training containers"] = f"{seconds:.1f} s"
+    timings[f"{how} to exit, 2 training containers"] = f"{seconds:.1f} s"
     assert proc.returncode == (130 if how == "ctrl-c" else 143)
     lines = [ln for ln in stderr.splitlines() if ln.strip() and " INFO " not in ln]  # a new mlflow.db's own lines
     assert lines == [f"error: {'interrupted' if how == 'ctrl-c' else 'terminated'}"], stderr[-2000:]
