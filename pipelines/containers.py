@@ -161,7 +161,6 @@ def task_containers(client):
     (kfp.local would otherwise wait for its branch threads, whose containers run on and start the
     next tasks' ones), and removed if the run ends by any error. Containers of other runs are
     never touched."""
-
     _run["id"], _run["stopping"] = uuid.uuid4().hex[:12], threading.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {}
