@@ -94,7 +94,7 @@ stack-down: ## stop the local stack and delete its data (.stack/)
 	VENV=$(VENV) k8s/scripts/local-stack.sh down
 
 stack-status: ## say which services of the local stack are running
-	VENV=$(VENV) k8s/scripts/local-stack.sh status
+	@VENV=$(VENV) k8s/scripts/local-stack.sh status
 
 clean: ## remove local outputs (keeps mlflow.db and mlartifacts)
 	rm -rf local_outputs build outputs multirun checkpoints .pytest_cache

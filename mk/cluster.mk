@@ -43,6 +43,10 @@ IMAGE_REPO ?= dl-uncertainty
 IMAGE_TAG ?= $(_DLU_GIT_SHA)$(_DLU_GIT_DIRTY)
 IMAGE_VARIANTS ?= cpu cuda
 IMAGE_BUILD_ARGS ?=
+# The CPU image's base, when not images/Dockerfile's pinned python image (CPU_BASE_IMAGE there). A
+# machine that cannot pull it builds one from Debian's packages with `make offline-base`:
+#   make image-cpu CONTAINER_ENGINE=podman CPU_BASE_IMAGE=$(make -s offline-base)
+CPU_BASE_IMAGE ?=
 # podman writes OCI images by default, which drop the Dockerfile's SHELL; docker format keeps it.
 _BUILD_FORMAT := $(if $(findstring podman,$(CONTAINER_ENGINE)),--format docker,)
 
@@ -58,7 +62,7 @@ export DLU_IMAGE_TAG := $(IMAGE_TAG)
 K8S_DIR := $(DLU_ROOT)/k8s
 KIND_CONFIG := $(K8S_DIR)/kind/$(if $(filter 1 true yes,$(GPU)),cluster-gpu.yaml,cluster.yaml)
 
-.PHONY: images image-cpu image-cuda image-names kind-load minikube-load cluster-load \
+.PHONY: images image-cpu image-cuda offline-base image-names kind-load minikube-load cluster-load \
         cluster-up cluster-down deploy deploy-kfp deploy-dlu undeploy cluster-status \
         mlflow-port-forward kfp-ui minio-console serve-deploy
 
@@ -66,10 +70,13 @@ KIND_CONFIG := $(K8S_DIR)/kind/$(if $(filter 1 true yes,$(GPU)),cluster-gpu.yaml
 images: $(addprefix image-,$(IMAGE_VARIANTS)) ## build the runtime images dl-uncertainty:<TAG>[-cuda] (IMAGE_VARIANTS="cpu cuda")
 
 image-cpu: ## build the CPU image dl-uncertainty:<TAG>
-	cd $(DLU_ROOT) && $(CONTAINER_ENGINE) build $(_BUILD_FORMAT) -f images/Dockerfile --build-arg VARIANT=cpu --build-arg GIT_SHA=$(_DLU_GIT_SHA) $(IMAGE_BUILD_ARGS) -t $(IMAGE_CPU) .
+	cd $(DLU_ROOT) && $(CONTAINER_ENGINE) build $(_BUILD_FORMAT) -f images/Dockerfile --build-arg VARIANT=cpu --build-arg GIT_SHA=$(_DLU_GIT_SHA) $(if $(CPU_BASE_IMAGE),--build-arg CPU_BASE_IMAGE=$(CPU_BASE_IMAGE)) $(IMAGE_BUILD_ARGS) -t $(IMAGE_CPU) .
 
 image-cuda: ## build the CUDA image dl-uncertainty:<TAG>-cuda
 	cd $(DLU_ROOT) && $(CONTAINER_ENGINE) build $(_BUILD_FORMAT) -f images/Dockerfile --build-arg VARIANT=cuda --build-arg GIT_SHA=$(_DLU_GIT_SHA) $(IMAGE_BUILD_ARGS) -t $(IMAGE_CUDA) .
+
+offline-base: ## build a Python base for image-cpu without a registry (podman, root, debootstrap); prints its name
+	@CONTAINER_ENGINE=$(CONTAINER_ENGINE) $(DLU_ROOT)/images/offline-base/build.sh
 
 image-names: ## print the image references the pipeline will use
 	@for image in $(DLU_IMAGES); do echo "$$image"; done

@@ -60,8 +60,18 @@ def _output(args: argparse.Namespace) -> str:
     return args.output or f"build/{args.pipeline}_pipeline.yaml"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, ended like Ctrl-C: what the run started stops with it."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "compile":
             from pipelines.compile import compile_pipeline
@@ -94,14 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: the tasks' processes stop too, and no traceback
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the tasks' processes stop too, and no traceback
         _stop_children()
-        print("error: interrupted", file=sys.stderr)
+        terminated = isinstance(err, Terminated)
+        print(f"error: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        code = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
         if threading.active_count() > 1:  # kfp.local's branch threads would wait for tasks no longer there
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(130)
-        return 130
+            os._exit(code)
+        return code
     return 0
 
 

@@ -6,8 +6,14 @@ Containers share the host's network, so MLflow at 127.0.0.1 (`make stack-up`, or
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
+import signal
+import sys
+import threading
+import uuid
 from pathlib import Path
 
 from dl_uncertainty.errors import UserError
@@ -24,6 +30,9 @@ EXIT_CAUSES = {
     137: "killed (exit 137: out of memory? give the container engine more memory or lower train.batch_size)",
     139: "crashed with a segmentation fault (exit 139) inside the container",
 }
+# Every container a run starts carries this label with the run's id: what Ctrl-C removes, and nothing else.
+RUN_LABEL = "dl-uncertainty.run"
+_run = {"id": "", "stopping": threading.Event()}
 
 
 def _engine_addresses() -> list[str]:
@@ -58,9 +67,12 @@ def local_image(client, image: str) -> str:
     try:
         tags = client.images.get(image).tags
     except docker.errors.ImageNotFound:
+        # under make, mk/cluster.mk sets DLU_IMAGE_REPO/DLU_IMAGE_TAG from IMAGE_REPO/IMAGE_TAG
+        other = ("run one you have with `make run RUNNER=docker IMAGE_TAG=<tag>` (and IMAGE_REPO=<repository> "
+                 "if not dl-uncertainty)" if os.environ.get("MAKELEVEL") else
+                 "set DLU_IMAGE_REPO/DLU_IMAGE_TAG to an image you have")
         raise UserError(f"image {image} is not in the container engine: build it with `make image-cpu` "
-                        "(podman: `make image-cpu CONTAINER_ENGINE=podman`), or set DLU_IMAGE_REPO/"
-                        "DLU_IMAGE_TAG to an image you have") from None
+                        f"(podman: `make image-cpu CONTAINER_ENGINE=podman`), or {other}") from None
     return next((t for t in tags if t == image or t.endswith(f"/{image}")), tags[0] if tags else image)
 
 
@@ -82,14 +94,19 @@ def run_task_container(client, image: str, command: list[str], volumes: dict, **
     Stands in for kfp.local 2.17.0's ``run_docker_container``, which starts containers with
     auto-remove and then asks for their exit code: by then a short task is gone, so Docker answers
     404 (which kfp takes as success), podman answers 500, and the end of the log is lost.
+    Inside :func:`task_containers` the container carries the run's label, and once the run is
+    stopping no container starts.
     """
     import docker
 
     run_args.pop("auto_remove", None)
+    if _run["stopping"].is_set():
+        return 130
     print(f"Found image {image!r}\n")
+    labels = {RUN_LABEL: _run["id"]} if _run["id"] else {}
     try:
         container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True,
-                                          volumes=volumes, **run_args)
+                                          volumes=volumes, labels=labels, **run_args)
     except docker.errors.APIError as err:
         if not re.search(r"rlimit|ulimit", str(err), re.I):
             raise
@@ -99,6 +116,8 @@ def run_task_container(client, image: str, command: list[str], volumes: dict, **
               f"`CONTAINERS_CONF={PODMAN_CONF} podman system service ...`")
         return 125
     try:
+        if _run["stopping"].is_set():  # stopped while this one was starting: the sweep may have missed it
+            return 130
         streamed, printed = b"", 0
         for chunk in container.logs(stream=True, follow=True):
             streamed += chunk
@@ -110,11 +129,70 @@ def run_task_container(client, image: str, command: list[str], volumes: dict, **
         whole = container.logs()  # the stream can end before the last lines of a short task
         if text := whole_lines(whole if len(whole) > len(streamed) else streamed, printed, final=True)[0]:
             print(text if text.endswith("\n") else text + "\n", end="")
-        if code in EXIT_CAUSES:  # the line the run's error quotes as the cause (pipelines.local)
+        if code in EXIT_CAUSES and not _run["stopping"].is_set():  # the cause the run's error quotes (pipelines.local)
             print(f"TaskContainerError: {EXIT_CAUSES[code]}")
         return code
+    except docker.errors.APIError:
+        if _run["stopping"].is_set():  # removed by stop_run() under our feet
+            return 130
+        raise
     finally:
-        container.remove(force=True)
+        with contextlib.suppress(docker.errors.APIError):  # already gone when stop_run() removed it
+            container.remove(force=True)
+
+
+def stop_run(client) -> int:
+    """Remove (killing them first) the containers of the current run, and start no more; returns how many."""
+    import docker
+
+    _run["stopping"].set()
+    if not _run["id"]:
+        return 0
+    found = client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={_run['id']}"})
+    for container in found:
+        with contextlib.suppress(docker.errors.APIError):  # its own task may have removed it meanwhile
+            container.remove(force=True)
+    return len(found)
+
+
+@contextlib.contextmanager
+def task_containers(client):
+    """One run's task containers: labelled with a fresh id, removed at once on Ctrl-C or SIGTERM
+    (kfp.local would otherwise wait for its branch threads, whose containers run on and start the
+    next tasks' ones), and removed if the run ends by any error. Containers of other runs are
+    never touched."""
+    _run["id"], _run["stopping"] = uuid.uuid4().hex[:12], threading.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def stop(signum, frame):
+        for sig in signals:  # a second Ctrl-C must not cut the removal short
+            signal.signal(sig, signal.SIG_IGN)
+        logging.disable(logging.CRITICAL)  # kfp.local's "Task ... finished with status FAILURE" for each one
+        try:
+            stop_run(client)
+        except Exception as err:  # the engine itself gone: say which containers to look for
+            print(f"could not remove the run's containers ({RUN_LABEL}={_run['id']}): {err}", file=sys.__stderr__)
+        handler = previous.get(signum)
+        if callable(handler):
+            handler(signum, frame)  # SIGINT's raises KeyboardInterrupt, as the CLI's SIGTERM one does
+        raise KeyboardInterrupt
+
+    for sig in previous:
+        signal.signal(sig, stop)
+    try:
+        yield _run["id"]
+    except BaseException:
+        with contextlib.suppress(Exception):  # the engine itself gone: nothing more to do here
+            stop_run(client)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        logging.disable(logging.NOTSET)
+        _run["id"] = ""
 
 
 def _engine_message(err) -> str:

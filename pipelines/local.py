@@ -89,7 +89,9 @@ def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: st
                 mounts.append(str(artifacts))
             task_runner = containers.runner(mounts)
             containers.use_task_containers()
-            print(f"running every task in {image} ({os.environ['DOCKER_HOST']}), MLflow at {task_uri}")
+            run_id = stack.enter_context(containers.task_containers(client))  # Ctrl-C: stopped before MLflow
+            print(f"running every task in {image} ({os.environ['DOCKER_HOST']}), MLflow at {task_uri}; "
+                  f"containers labelled {containers.RUN_LABEL}={run_id}")
         local.init(runner=task_runner, pipeline_root=str(root), raise_on_error=True)
         stack.enter_context(_branches_at_once(len(labels or [])))
         pipeline = build(task_uri, image)

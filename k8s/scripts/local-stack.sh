@@ -7,7 +7,7 @@
 #
 #   local-stack.sh up       start all three (idempotent), write <state>/env, print how to use it
 #   local-stack.sh down     stop them and delete the state folder (runs, artifacts, database)
-#   local-stack.sh status   say what is running
+#   local-stack.sh status   say what is running (exits 0 either way: a query, not a check)
 #
 # Environment: STACK_DIR (default .stack), STACK_MLFLOW_PORT (5050), STACK_S3_PORT (9000),
 # STACK_PG_PORT (55432), VENV (.venv: mlflow, moto_server, psycopg), PG_BIN (initdb's folder).
@@ -167,16 +167,20 @@ down() {
   say "down: stopped, and $state deleted"
 }
 
-status() {
-  local rc=0
+status() {  # a query, not a check: exits 0 whatever it finds
+  local up=0
   for name in mlflow s3; do
-    if alive "$name"; then say "$name running (pid $(cat "$state/$name.pid"))"; else say "$name not running"; rc=1; fi
+    if alive "$name"; then say "$name running (pid $(cat "$state/$name.pid"))"; up=$((up + 1)); else say "$name not running"; fi
   done
   local pg; pg=$(pg_dir)
   if [ -f "$pg/data/PG_VERSION" ] && as_pg "$(pg_bin)/pg_ctl" -D "$pg/data" status >/dev/null 2>&1; then
-    say "postgres running (port $pg_port)"
-  else say "postgres not running"; rc=1; fi
-  return $rc
+    say "postgres running (port $pg_port)"; up=$((up + 1))
+  else say "postgres not running"; fi
+  case $up in
+    3) say "up" ;;
+    0) say "down (\`make stack-up\` starts it)" ;;
+    *) say "partly up (\`make stack-up\` starts the rest; \`make stack-down\` stops it all)" ;;
+  esac
 }
 
 case "${1:-}" in

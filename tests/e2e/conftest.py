@@ -3,7 +3,11 @@ run in it by kfp.local's DockerRunner, against the local production-parity stack
 MLflow serving artifacts into S3). `make test-e2e`; CI runs it where podman works.
 
 Knobs: E2E_ENGINE (podman|docker, default: the one found), E2E_BASE (auto|offline|registry: where
-the image's Python base comes from; auto tries the registry, then builds one from Debian packages).
+the image's Python base comes from; auto tries the registry, then `make offline-base` builds one from
+Debian packages).
+
+The image is tagged e2e-<checkout>-<content>: a checkout removes its own older e2e images, never
+another checkout's (the image store is shared by every checkout on the machine).
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("container run")
         for name, value in TIMINGS.items():
             terminalreporter.write_line(f"{name}: {value}")
+
+
+@pytest.fixture(scope="session")
+def timings() -> dict[str, str]:
+    """Where a test leaves a measured number for the terminal summary (this module's TIMINGS: importing
+    it by name in a test module would give another copy)."""
+    return TIMINGS
 
 
 def sh(cmd: list[str], env: dict | None = None, timeout: float = 1200, check: bool = True):
@@ -93,9 +104,13 @@ def _base_image(engine: str) -> str:
             pytest.fail(f"cannot pull {REGISTRY_BASE}; E2E_BASE=offline builds a base without a registry",
                         pytrace=False)
     tic = time.perf_counter()
-    base = sh([str(HERE / "offline-base" / "build.sh")], env={"CONTAINER_ENGINE": engine}).stdout.strip()
+    base = sh(["make", "--no-print-directory", "-s", "offline-base", f"CONTAINER_ENGINE={engine}"]).stdout.strip()
     TIMINGS["offline base image"] = f"{base} ({time.perf_counter() - tic:.0f} s, cached by content hash)"
     return base
+
+
+# this checkout's mark in its e2e tags
+CHECKOUT = hashlib.sha256(str(REPO).encode()).hexdigest()[:8]
 
 
 def _content_tag(base: str) -> str:
@@ -105,7 +120,7 @@ def _content_tag(base: str) -> str:
         for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
             if file.is_file() and "__pycache__" not in file.parts:
                 digest.update(str(file.relative_to(REPO)).encode() + file.read_bytes())
-    return f"e2e-{digest.hexdigest()[:16]}"
+    return f"e2e-{CHECKOUT}-{digest.hexdigest()[:16]}"
 
 
 @pytest.fixture(scope="session")
@@ -116,27 +131,27 @@ def image(engine) -> dict[str, str]:
     if sh([engine, "image", "inspect", f"dl-uncertainty:{tag}"], check=False).returncode != 0:
         tic = time.perf_counter()
         sh(["make", "--no-print-directory", "image-cpu", f"CONTAINER_ENGINE={engine}", f"IMAGE_TAG={tag}",
-            f"IMAGE_BUILD_ARGS=--build-arg CPU_BASE_IMAGE={base}"])
+            f"CPU_BASE_IMAGE={base}"])
         TIMINGS["image build"] = f"dl-uncertainty:{tag} ({time.perf_counter() - tic:.0f} s)"
-        _remove_older_e2e_images(engine, keep=tag)
+        remove_older_e2e_images(engine, keep=tag)
     return {"DLU_IMAGE_REPO": "dl-uncertainty", "DLU_IMAGE_TAG": tag}
 
 
 def stale_e2e_images(listing: str, keep: str) -> list[str]:
-    """The images earlier e2e builds left (other content hashes), from `<engine> images` lines of
-    repository:tag: only dl-uncertainty (also as podman's localhost/ and kind-load's docker.io/library/
-    names), only e2e-<hash> tags, never ``keep``."""
+    """The images this checkout's earlier e2e builds left (other content hashes), from `<engine> images`
+    lines of repository:tag: only dl-uncertainty (also as podman's localhost/ and kind-load's
+    docker.io/library/ names), only e2e-<this checkout>-<hash> tags, never ``keep``."""
     found = []
     for name in listing.split():
         repo, _, tag = name.rpartition(":")
         ours = repo in ("dl-uncertainty", "localhost/dl-uncertainty", "docker.io/library/dl-uncertainty")
-        if ours and re.fullmatch(r"e2e-[0-9a-f]{16}", tag) and tag != keep:
+        if ours and re.fullmatch(rf"e2e-{CHECKOUT}-[0-9a-f]{{16}}", tag) and tag != keep:
             found.append(name)
     return found
 
 
-def _remove_older_e2e_images(engine: str, keep: str) -> None:
-    """Each change to the image's inputs builds a new e2e-<hash> image of a few GB: keep only the newest."""
+def remove_older_e2e_images(engine: str, keep: str) -> None:
+    """Each change to the image's inputs builds a new e2e image of a few GB: keep only this checkout's newest."""
     listing = sh([engine, "images", "--format", "{{.Repository}}:{{.Tag}}"], check=False).stdout
     for name in stale_e2e_images(listing, keep):
         sh([engine, "rmi", name], check=False)  # untags; the layers go once no tag holds them

@@ -103,6 +103,18 @@ def test_up_again_is_a_no_op_and_status_says_running(stack):
     status = _stack("status", env)
     assert status.returncode == 0
     assert all(f"{name} running" in status.stdout for name in ("mlflow", "s3", "postgres"))
+    assert status.stdout.splitlines()[-1] == "stack: up"
+
+
+def test_make_stack_status_with_the_stack_down_says_so_and_is_no_error(tmp_path):
+    """A query, not a check: `make stack-status` exits 0, without make's "*** Error" line."""
+    env = {**os.environ, "STACK_DIR": str(tmp_path / "never-started"), "STACK_PG_PORT": str(free_port())}
+    env.pop("MAKEFLAGS", None)
+    out = subprocess.run(["make", "--no-print-directory", "stack-status"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert (out.returncode, out.stderr) == (0, "")
+    assert out.stdout.splitlines() == ["stack: mlflow not running", "stack: s3 not running", "stack: postgres not running",
+                                       "stack: down (`make stack-up` starts it)"]
 
 
 def test_a_busy_port_is_one_line_naming_the_setting_and_nothing_stays_running(tmp_path):

@@ -78,6 +78,19 @@ def test_image_names_follow_the_contract():
     assert cpu_only == ["dl-uncertainty:t1"]
 
 
+def test_image_cpu_builds_on_the_base_it_is_given_and_offline_base_makes_one():
+    """A machine with no registry: `make image-cpu CPU_BASE_IMAGE=$(make -s offline-base)`."""
+    given = _make_run("-n", "image-cpu", "CONTAINER_ENGINE=podman", "CPU_BASE_IMAGE=localhost/dlu-pybase:abc").stdout
+    assert "--build-arg CPU_BASE_IMAGE=localhost/dlu-pybase:abc " in given and "podman build" in given
+    assert "CPU_BASE_IMAGE" not in _make_run("-n", "image-cpu").stdout  # the Dockerfile's pinned python image
+    script = REPO_ROOT / "images" / "offline-base" / "build.sh"
+    offline = _make_run("-n", "offline-base", "CONTAINER_ENGINE=podman").stdout.strip()
+    assert offline == f"CONTAINER_ENGINE=podman {script}"
+    assert os.access(script, os.X_OK) and (script.parent / "Containerfile").is_file()
+    # the CPU base the Dockerfile defaults to is the one the offline base stands in for
+    assert re.search(r"^ARG CPU_BASE_IMAGE=python:3\.11", (REPO_ROOT / "images" / "Dockerfile").read_text(), re.M)
+
+
 def test_pipeline_image_env_is_exported():
     result = _make_run(
         "--eval",

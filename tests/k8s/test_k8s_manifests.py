@@ -4,10 +4,13 @@ every workload, pinned images, and no committed secret values."""
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import re
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -108,6 +111,51 @@ def test_pod_part_of_a_predictor_is_validated_strictly():
         kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
                                       "spec": pod_spec(bad)}, K8S_VERSIONS[-1], strict=True)
 
+
+
+# KServe's own schema of the InferenceService (tests/k8s/schemas/README.md says where it comes from)
+KSERVE_SCHEMA = Path(__file__).parent / "schemas" / "kserve-v0.15.2-inferenceservice-v1beta1.json"
+
+
+def _strict(schema: dict) -> dict:
+    """The CRD's schema with unknown fields refused, as the API server's strict field validation
+    does (a CRD schema leaves them open; the server would silently prune them)."""
+    schema = dict(schema)
+    if "properties" in schema:
+        schema["properties"] = {name: _strict(sub) for name, sub in schema["properties"].items()}
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema.setdefault("additionalProperties", False)
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(schema.get(key), dict):
+            schema[key] = _strict(schema[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in schema:
+            schema[key] = [_strict(sub) for sub in schema[key]]
+    return schema
+
+
+def _kserve_errors(isvc: dict) -> list[str]:
+    validator = jsonschema.Draft7Validator(_strict(json.loads(KSERVE_SCHEMA.read_text())))
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(isvc)]
+
+
+def test_inference_service_validates_against_kserves_crd_schema():
+    isvc = _objects_by(render(K8S_DIR / "serving"), "InferenceService", "dl-uncertainty")
+    assert _kserve_errors(isvc) == []
+
+
+@pytest.mark.parametrize(("path", "value", "said"), [
+    (("spec", "predictor", "minReplica"), 1, "'minReplica' was unexpected"),  # a typo of minReplicas
+    (("spec", "predictor", "maxReplicas"), "two", "'two' is not of type 'integer'"),
+    (("spec", "predictor", "containers", 0, "readinessProbe", "httpGet", "pathh"), "/", "'pathh' was unexpected"),
+])
+def test_kserve_schema_validation_can_fail(path, value, said):
+    isvc = copy.deepcopy(_objects_by(render(K8S_DIR / "serving"), "InferenceService", "dl-uncertainty"))
+    parent = isvc
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    assert any(said in error for error in _kserve_errors(isvc)), _kserve_errors(isvc)
 
 
 @pytest.mark.parametrize("directory", RENDERABLE, ids=_ids(RENDERABLE))

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Builds the base image that images/Dockerfile's CPU variant starts from, on a machine that can
-# run podman but cannot pull `python:3.11-slim` from a registry. A user with Docker never needs it.
+# run containers but cannot pull `python:3.11-slim` from a registry. A user who can pull never needs it.
 #
-#   tests/e2e/offline-base/build.sh        # prints the image name, e.g. localhost/dlu-pybase:3f2a...
+#   make offline-base                  # prints the image name, e.g. localhost/dlu-pybase:3f2a...
+#   make image-cpu CONTAINER_ENGINE=podman CPU_BASE_IMAGE=$(make -s offline-base)
 #
 # Cached by content hash (this folder, the interpreter, the torch wheel, the CA bundle): with the
-# same inputs a second call builds nothing. Needs root, podman, debootstrap and Debian's mirror.
+# same inputs a second call builds nothing. Needs root, debootstrap, Debian's mirror, a container
+# engine (CONTAINER_ENGINE, podman by default) and a self-contained CPython (PYTHON) to copy.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-export CONTAINERS_CONF=${CONTAINERS_CONF:-$here/../../../images/podman-containers.conf}
+export CONTAINERS_CONF=${CONTAINERS_CONF:-$here/../podman-containers.conf}
 engine=${CONTAINER_ENGINE:-podman}
 python=${PYTHON:-python3}
 ca_bundle=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
@@ -37,13 +39,13 @@ wheel=$(cd "$work/ctx" && ls torch-*.whl)
 hash=$( { cat "$here/Containerfile"; "$python" -VV; echo "$prefix $wheel"; sha256sum "$ca_bundle"; } \
   | sha256sum | cut -c1-16)
 image=localhost/dlu-pybase:$hash
-if "$engine" image exists "$image"; then
+if "$engine" image inspect "$image" >/dev/null 2>&1; then
   say "$image is up to date"
   echo "$image"
   exit 0
 fi
 
-if ! "$engine" image exists localhost/dlu-bookworm:minbase; then
+if ! "$engine" image inspect localhost/dlu-bookworm:minbase >/dev/null 2>&1; then
   command -v debootstrap >/dev/null || die "debootstrap not found; apt-get install debootstrap"
   [ -n "$mirror" ] || die "no Debian mirror found in /etc/apt; set DEBIAN_MIRROR"
   say "debootstrap bookworm from $mirror (a few minutes)"
