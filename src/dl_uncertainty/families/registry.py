@@ -15,6 +15,7 @@ FAMILIES = {  # name (model=<name>, configs/model/<name>.yaml) -> the module tha
     "bnn": "dl_uncertainty.families.bnn",
     "mc_dropout_dnn": "dl_uncertainty.families.mc_dropout_dnn",
     "deep_ensemble": "dl_uncertainty.families.deep_ensemble",
+    "laplace": "dl_uncertainty.families.laplace",
 }
 NAMES = tuple(FAMILIES)
 
