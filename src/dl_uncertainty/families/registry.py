@@ -12,6 +12,7 @@ FAMILIES = {  # name (model=<name>, configs/model/<name>.yaml) -> the module tha
     "mc_dropout_dnn": "dl_uncertainty.families.mc_dropout_dnn",
     "deep_ensemble": "dl_uncertainty.families.deep_ensemble",
     "swag": "dl_uncertainty.families.swag",
+    "laplace": "dl_uncertainty.families.laplace",
 }
 NAMES = tuple(FAMILIES)
 
