@@ -15,6 +15,7 @@ PIPELINE_FLAGS ?=
 RUNNER ?= subprocess
 VERBOSE ?=
 MODELS ?= bnn,mc_dropout_dnn,deep_ensemble
+TUNE_MODELS ?= bnn,mc_dropout_dnn
 # torch comes first and alone: a wheel already on this machine (pip's find-links) wins, else this
 # index. The CPU build is what a laptop wants; PyPI's default torch is a multi-GB CUDA build.
 # On a GPU machine: TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
@@ -60,8 +61,8 @@ compile: $(INSTALLED) ## compile the pipeline to build/uncertainty_pipeline.yaml
 train: $(INSTALLED) ## train bnn, mc_dropout_dnn and deep_ensemble with plain Hydra (no KFP), logged to MLflow (MODELS=...)
 	@$(WITH_STACK) $(PY) -m dl_uncertainty.train --multirun model=$(MODELS) $(OVERRIDES)
 
-tune: $(INSTALLED) ## Optuna sweep of bnn and mc_dropout_dnn; best configs in configs/tuned/ (+tuned=<model>)
-	@$(WITH_STACK) $(PY) -m dl_uncertainty.tune model=bnn,mc_dropout_dnn $(OVERRIDES)
+tune: $(INSTALLED) ## Optuna sweep per family (TUNE_MODELS=bnn,mc_dropout_dnn; any of families/registry.py); best configs in configs/tuned/ (+tuned=<model>)
+	@$(WITH_STACK) $(PY) -m dl_uncertainty.tune model=$(TUNE_MODELS) $(OVERRIDES)
 
 evaluate: $(INSTALLED) ## re-evaluate a logged model: make evaluate RUN_ID=<id>
 	@$(WITH_STACK) $(PY) -m dl_uncertainty.evaluate run_id=$(RUN_ID) $(OVERRIDES)
