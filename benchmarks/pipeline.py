@@ -95,7 +95,12 @@ def direct(overrides: list[str], workdir: Path) -> tuple[float, dict[str, float]
     from dl_uncertainty.config.compose import load_config, model_configs, pick_config
     from dl_uncertainty.data.tables import prepare
     from dl_uncertainty.reports.evaluation import evaluate_model
-    from dl_uncertainty.tracking.compare import pick_winner, register_champion, registered_name, selection_metric
+    from dl_uncertainty.tracking.compare import (
+        pick_winner,
+        register_champion,
+        registered_name,
+        selection_metric,
+    )
     from dl_uncertainty.tracking.runs import log_evaluation
     from dl_uncertainty.train import train_and_log
 

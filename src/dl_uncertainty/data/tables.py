@@ -18,7 +18,13 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from dl_uncertainty.data.s3 import read_bytes
-from dl_uncertainty.data.splits import Schema, Split, _natural_key, check_ood_classes, stratified_parts
+from dl_uncertainty.data.splits import (
+    Schema,
+    Split,
+    _natural_key,
+    check_ood_classes,
+    stratified_parts,
+)
 from dl_uncertainty.errors import UserError
 
 
