@@ -305,3 +305,16 @@ def test_the_components_run_as_kfp_local_tasks(tmp_path, monkeypatch):
     metrics = one_model().output
     assert json.load(open(metrics.path))["model"] == "mc_dropout_dnn"
     assert 0 < metrics.metadata["test_accuracy"] <= 1
+
+
+def test_the_registered_name_is_the_datas_so_a_shapes_model_never_joins_the_digits_model():
+    from dl_uncertainty.config.compose import load_config
+    from dl_uncertainty.tracking.compare import registered_name
+
+    digits = load_config([]).data
+    shapes = load_config(["data=image_folder", "data.path=data/shapes/"]).data
+    assert registered_name(digits, [1, 8, 8]) == NAME
+    assert registered_name(shapes, [3, 32, 32]) == "dl-uncertainty-image_folder-shapes-3x32x32"
+    assert registered_name(load_config(["data=csv", "data.path=s3://b/my table.csv"]).data, [5]) == \
+        "dl-uncertainty-csv-my-table-5"
+    assert registered_name(shapes, [3, 32, 32], "mine") == "mine"  # evaluate.registered_model_name wins
