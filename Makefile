@@ -9,7 +9,8 @@ INSTALLED := $(VENV)/.installed
 OVERRIDES ?=
 MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 5001
-MODEL_URI ?= models:/dl-uncertainty@champion
+MODEL_URI ?=
+DATA ?=
 KFP_HOST ?= http://localhost:8080
 PIPELINE_FLAGS ?=
 RUNNER ?= subprocess
@@ -67,8 +68,8 @@ tune: $(INSTALLED) ## Optuna sweep per family (TUNE_MODELS=bnn,mc_dropout_dnn; a
 evaluate: $(INSTALLED) ## re-evaluate a logged model: make evaluate RUN_ID=<id>
 	@$(WITH_STACK) $(PY) -m dl_uncertainty.evaluate run_id=$(RUN_ID) $(OVERRIDES)
 
-serve: $(INSTALLED) ## serve the champion on http://127.0.0.1:5001: raw inputs in, calibrated uncertainty and a decision out (MODEL_URI=..., SERVE_PORT=...)
-	@$(WITH_STACK) $(PY) -m dl_uncertainty.serve --model "$(MODEL_URI)" --port $(SERVE_PORT)
+serve: $(INSTALLED) ## serve a champion on http://127.0.0.1:5001: DATA=digits (default: the data registered last), or MODEL_URI=..., SERVE_PORT=...
+	@$(WITH_STACK) $(PY) -m dl_uncertainty.serve $(if $(MODEL_URI),--model "$(MODEL_URI)") $(if $(DATA),--data "$(DATA)") --port $(SERVE_PORT)
 
 mlflow-ui: $(INSTALLED) ## MLflow UI on the local store at http://127.0.0.1:5000 (MLFLOW_PORT=...)
 	@$(PY) -c "from dl_uncertainty.store import runs_url; print('runs:', runs_url('http://127.0.0.1:$(MLFLOW_PORT)'))"

@@ -95,12 +95,18 @@ def direct(overrides: list[str], workdir: Path) -> tuple[float, dict[str, float]
     from dl_uncertainty.config.compose import load_config, model_configs, pick_config
     from dl_uncertainty.data.tables import prepare
     from dl_uncertainty.reports.evaluation import evaluate_model
-    from dl_uncertainty.tracking.compare import pick_winner, register_champion
+    from dl_uncertainty.tracking.compare import (
+        pick_winner,
+        register_champion,
+        registered_name,
+        selection_metric,
+    )
     from dl_uncertainty.tracking.runs import log_evaluation
     from dl_uncertainty.train import train_and_log
 
     def evaluate_and_log(mcfg, trained):
-        evaluation = evaluate_model(trained.model, mcfg, splits["test"], splits["ood"], splits["val"])
+        evaluation = evaluate_model(trained.model, mcfg, splits["test"], splits["ood"], splits["val"],
+                                    calib=splits["calib"], calibration=trained.calibration)
         with mlflow.start_run(run_id=trained.run_id):
             log_evaluation(evaluation)
         return evaluation
@@ -112,12 +118,12 @@ def direct(overrides: list[str], workdir: Path) -> tuple[float, dict[str, float]
     results, runs = {}, {}
     for name in base.pipeline.models:
         mcfg = pick_config(configs, name)
-        trained = timed("train", lambda mcfg=mcfg: train_and_log(mcfg, splits["train"], splits["val"]))
+        trained = timed("train", lambda mcfg=mcfg: train_and_log(mcfg, splits["train"], splits["val"], splits["calib"]))
         ev = timed("evaluate", lambda mcfg=mcfg, trained=trained: evaluate_and_log(mcfg, trained))
         results[name], runs[name] = ev.metrics, trained.run_id
     timed("compare", lambda: register_champion(
-        runs[pick_winner(results, cfg.evaluate.winner_metric, cfg.evaluate.winner_mode)],
-        cfg.evaluate.registered_model_name))
+        runs[pick_winner(results, selection_metric(cfg.evaluate.winner_metric), cfg.evaluate.winner_mode)],
+        registered_name(cfg.data, splits["train"].schema.feature_shape, cfg.evaluate.registered_model_name)))
     return time.perf_counter() - tic0, steps
 
 

@@ -14,7 +14,8 @@ def compare(
     comparison: Output[Markdown],
     report: Output[HTML],
 ) -> str:
-    """Table every model's metrics, pick the winner, register it in MLflow with alias 'champion'."""
+    """Table every model's metrics, pick the winner on validation metrics, register it in MLflow under
+    its data's name (dl-uncertainty-<data>-<shape>) with alias 'champion' if it passes the gate."""
     from dl_uncertainty.steps import compare_models
 
     result = compare_models(open(config.path).read(), [m.path for m in metrics], [p.path for p in predictions])
@@ -23,6 +24,7 @@ def compare(
     with open(report.path, "w") as fh:
         fh.write(result.html)
     print(result.verdict)
-    comparison.metadata.update({"winner": result.winner, "registered_version": result.registered_version,
+    comparison.metadata.update({"winner": result.winner, "registered_model": result.registered_name,
+                                "registered_version": result.registered_version,
                                 "champion": result.champion, "gate": result.verdict})
     return result.winner

@@ -8,6 +8,7 @@ from components.images import CPU_IMAGE
 def evaluate(
     model: Input[Model],
     val: Input[Dataset],
+    calib: Input[Dataset],
     test: Input[Dataset],
     ood: Input[Dataset],
     metrics: Output[Metrics],
@@ -15,13 +16,14 @@ def evaluate(
     report: Output[HTML],
     predictions: Output[Dataset],
 ):
-    """MC-evaluate the model's uncertainty; log everything to its MLflow run and to KFP."""
+    """MC-evaluate the model's uncertainty (selection metrics on val, the calibration's own numbers on
+    calib, reported metrics on test); log everything to its MLflow run and to KFP."""
     import json
 
     from dl_uncertainty.reports.evaluation import html, save_predictions
     from dl_uncertainty.steps import evaluate_bundle
 
-    result, class_names, matrix, record = evaluate_bundle(model.path, val.path, test.path, ood.path)
+    result, class_names, matrix, record = evaluate_bundle(model.path, val.path, calib.path, test.path, ood.path)
     for key, value in result.metrics.items():
         metrics.log_metric(key, value)
     confusion.log_confusion_matrix(class_names, matrix)

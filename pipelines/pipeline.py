@@ -88,9 +88,10 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
         with dsl.ParallelFor(params["models"]) as model_name:
             trained = configure_task(train(
                 config=config.outputs["config"], model_name=model_name, train=data.outputs["train"],
-                val=data.outputs["val"]), kind="train").set_display_name("train")
+                val=data.outputs["val"], calib=data.outputs["calib"]), kind="train").set_display_name("train")
             evaluated = configure_task(evaluate(
-                model=trained.outputs["model"], val=data.outputs["val"], test=data.outputs["test"],
+                model=trained.outputs["model"], val=data.outputs["val"], calib=data.outputs["calib"],
+                test=data.outputs["test"],
                 ood=data.outputs["ood"])).set_display_name("evaluate")
         configure_task(compare(
             config=config.outputs["config"], metrics=dsl.Collected(evaluated.outputs["metrics"]),

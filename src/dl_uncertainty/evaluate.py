@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from dl_uncertainty.errors import UserError
 
-# fitted after training on the validation split and bundled with the model: fixed once trained
+# fitted after training on the calibration split and bundled with the model: fixed once trained
 BUNDLED = ("calibration", "alpha", "conformal_method", "target_risk", "conformal_nonempty", "raps_k_reg",
            "raps_lambda")
 

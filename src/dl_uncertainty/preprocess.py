@@ -1,4 +1,4 @@
-"""Clean and split the configured data into ``<data_dir>/{train,val,test,ood}.npz``.
+"""Clean and split the configured data into ``<data_dir>/{train,val,calib,test,ood}.npz``.
 
 
     python -m dl_uncertainty.preprocess data_dir=data/processed data=csv data.path=table.csv
@@ -11,11 +11,13 @@ from omegaconf import DictConfig
 from dl_uncertainty.data.splits import dropped_rows_line, save_splits
 from dl_uncertainty.data.tables import prepare
 from dl_uncertainty.errors import check_writable
+from dl_uncertainty.uncertainty.conformal import check_alpha
 
 
 def _task(cfg: DictConfig) -> None:
     check_writable(cfg.data_dir, "data_dir")  # before any work
     splits = prepare(cfg.data, cfg.seed)
+    check_alpha(len(splits["calib"].y), cfg.evaluate.alpha)
     if dropped := dropped_rows_line(splits["train"].schema):
         print(dropped)
     for name, path in save_splits(splits, cfg.data_dir).items():

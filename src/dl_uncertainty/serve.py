@@ -1,13 +1,18 @@
 """Serve a logged model over HTTP: raw inputs in; calibrated probabilities, uncertainty, a conformal
 prediction set and an abstain flag out.
 
-    python -m dl_uncertainty.serve [--model models:/dl-uncertainty@champion] [--port 5001]
+    python -m dl_uncertainty.serve [--data digits | --model models:/<name>@champion] [--port 5001]
+
+Without --model it serves the champion of the registered model of the data named by --data
+(``dl-uncertainty-<data>-<input shape>``, e.g. dl-uncertainty-digits-1x8x8), and without --data too, the
+champion of the registered model updated last (the last pipeline run's data).
 
 POST /invocations                  MLflow's JSON formats: {"dataframe_split": {"columns": [...], "data": [[...]]}},
                                    {"dataframe_records": [{...}]}, {"inputs": [[...]]} or {"instances": [[...]]}
 POST /v1/models/<name>:predict     KServe's v1 protocol: {"instances": [[...]]}
     -> {"predictions": [{"prob_<class>": ..., "predicted_class": ..., "predictive_entropy": ...,
-                         "mutual_information": ..., "prediction_set": [...], "set_size": ..., "abstain": ...}]}
+                         "expected_entropy": ..., "mutual_information": ..., "prediction_set": [...],
+                         "set_size": ..., "abstain": ...}]}
 GET  /health, /v1/models/<name>    ready?        GET /info   the columns it takes (and their range: [0, 1]
                                    for an image model's pixels), its classes, its calibration
 
@@ -36,14 +41,32 @@ from starlette.requests import Request  # noqa: I001 -- module level: FastAPI re
 
 from dl_uncertainty.errors import UserError
 
-DEFAULT_MODEL = "models:/dl-uncertainty@champion"
+REGISTERED_PREFIX = "dl-uncertainty-"  # tracking.compare.registered_name: dl-uncertainty-<data>-<input shape>
 INPUT_KEYS = ("dataframe_split", "dataframe_records", "inputs", "instances")
 MAX_INT_DIGITS = 300  # a longer integer is past float64's range (1.8e308) or close to it
 log = logging.getLogger("dl_uncertainty.serve")
 
 
-def load(uri: str):
-    """The logged pyfunc's ``UncertaintyModel`` (weights, schema, calibration), or a one-line error."""
+def champion_uri(data: str | None = None) -> str:
+    """``models:/<name>@champion`` of data ``data`` (a registered name ``dl-uncertainty-<data>-<shape>``),
+    else of the registered model with a champion that was updated last. Needs the tracking URI set."""
+    import mlflow
+
+    prefix = REGISTERED_PREFIX + (f"{data}-" if data else "")
+    models = mlflow.MlflowClient().search_registered_models(
+        filter_string=f"name LIKE '{prefix}%'", order_by=["last_updated_timestamp DESC"])
+    names = [m.name for m in models if m.name.startswith(prefix) and "champion" in (m.aliases or {})
+             and (not data or m.name[len(prefix):].replace("x", "").isdigit())]
+    if not names:
+        what = f"data {data!r} ({prefix}<input shape>)" if data else "any data"
+        raise UserError(f"no registered model of {what} has a champion yet; `make run` trains and registers one "
+                        "(make serve DATA=<data.source> picks the data, MODEL_URI=models:/<name>@champion a model)")
+    return f"models:/{names[0]}@champion"
+
+
+def load(uri: str | None, data: str | None = None):
+    """The logged pyfunc's ``UncertaintyModel`` (weights, schema, calibration), or a one-line error.
+    ``uri`` None: the champion of ``data`` (see ``champion_uri``)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -52,6 +75,7 @@ def load(uri: str):
 
     mlflow.set_tracking_uri(store.tracking_uri())
     store.check_reachable(store.tracking_uri())
+    uri = uri or champion_uri(data)
     try:
         wrapper = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     except (MlflowException, OSError) as err:
@@ -253,7 +277,10 @@ def warm_up(wrapper) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dl_uncertainty.serve", description=__doc__.split("\n\n")[0],
                                      epilog="Endpoints and formats: see the module docstring or README.")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"MLflow model URI (default {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=None, help="MLflow model URI (default: the champion of --data)")
+    parser.add_argument("--data", default=None, help="serve the champion of this data (data.source, with the file or "
+                        "folder name for csv/npz/image_folder, e.g. digits or image_folder-shapes); default: the "
+                        "registered model updated last")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, default=5001, help="port (default 5001)")
     parser.add_argument("--name", default="dl-uncertainty", help="model name in KServe's /v1/models/<name> paths")
@@ -262,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
                              "0 draws them on every request (default 256)")
     args = parser.parse_args(argv)
     try:
-        print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-        wrapper = load(args.model)
+        print(f"loading {args.model or 'the champion of ' + (args.data or 'the data registered last')} ...",
+              file=sys.stderr, flush=True)
+        wrapper = load(args.model, args.data)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

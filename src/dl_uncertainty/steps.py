@@ -12,15 +12,16 @@ from torch import nn
 
 
 def evaluate_and_log(model: nn.Module, cfg: DictConfig, splits: dict, calibration, run_id: str):
-    """Evaluate ``model`` on ``splits`` (test, ood, val) and log everything to MLflow run ``run_id``,
-    whatever experiment it is in."""
+    """Evaluate ``model`` on ``splits`` (test, ood, val, calib) and log everything to MLflow run
+    ``run_id``, whatever experiment it is in."""
     import mlflow
 
     from dl_uncertainty.reports.evaluation import evaluate_model
     from dl_uncertainty.tracking import runs as tracking
     from dl_uncertainty.tracking import store
 
-    evaluation = evaluate_model(model, cfg, splits["test"], splits["ood"], splits["val"], calibration=calibration)
+    evaluation = evaluate_model(model, cfg, splits["test"], splits["ood"], splits["val"], calib=splits.get("calib"),
+                                calibration=calibration)
     store.setup(cfg)
     mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id):
@@ -28,23 +29,25 @@ def evaluate_and_log(model: nn.Module, cfg: DictConfig, splits: dict, calibratio
     return evaluation
 
 
-def evaluate_bundle(bundle: str, val: str, test: str, ood: str):
+def evaluate_bundle(bundle: str, val: str, calib: str, test: str, ood: str):
     """The pipeline's evaluate step: the model bundle and split files in, the logged evaluation out,
     with its confusion matrix and the record the compare step reads."""
     from sklearn.metrics import confusion_matrix
 
     from dl_uncertainty.data.splits import load_split
     from dl_uncertainty.tracking.bundle import load_bundle
+    from dl_uncertainty.tracking.compare import registered_name
     from dl_uncertainty.uncertainty.calibration import Calibration
 
     net, cfg, schema, meta = load_bundle(bundle)
-    splits = {"val": load_split(val, expect=schema, mmap=True), "test": load_split(test, expect=schema, mmap=True),
-              "ood": load_split(ood, mmap=True)}
+    splits = {"val": load_split(val, expect=schema, mmap=True), "calib": load_split(calib, expect=schema, mmap=True),
+              "test": load_split(test, expect=schema, mmap=True), "ood": load_split(ood, mmap=True)}
     calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
     evaluation = evaluate_and_log(net, cfg, splits, calibration, meta["run_id"])
     matrix = confusion_matrix(evaluation.predictions["labels"], evaluation.predictions["probs"].argmax(1),
                               labels=list(range(len(schema.class_names))))
-    record = {"model": cfg.model.name, "run_id": meta["run_id"], "metrics": evaluation.metrics}
+    record = {"model": cfg.model.name, "run_id": meta["run_id"], "metrics": evaluation.metrics,
+              "registered_model_name": registered_name(cfg.data, schema.feature_shape, cfg.evaluate.registered_model_name)}
     return evaluation, list(schema.class_names), matrix.tolist(), record
 
 
@@ -56,10 +59,12 @@ class Comparison:
     verdict: str
     registered_version: str
     champion: bool
+    registered_name: str = ""
 
 
 def compare_models(config_json: str, records: list[str], predictions: list[str]) -> Comparison:
-    """The pipeline's compare step: table the evaluated models, pick the winner, gate and register it."""
+    """The pipeline's compare step: table the evaluated models, pick the winner on validation metrics,
+    gate it on validation metrics, and register it under its data's name."""
     from dl_uncertainty.config.compose import pick_config
     from dl_uncertainty.tracking import compare as C
     from dl_uncertainty.tracking import store
@@ -72,17 +77,18 @@ def compare_models(config_json: str, records: list[str], predictions: list[str])
     for entry, path in zip(entries, predictions, strict=True):
         with np.load(path) as npz:
             preds[entry["model"]] = {"probs": npz["probs"], "labels": npz["labels"]}
-    metric, mode = cfg.evaluate.winner_metric, cfg.evaluate.winner_mode
+    metric, mode = C.selection_metric(cfg.evaluate.winner_metric), cfg.evaluate.winner_mode
     winner = C.pick_winner(results, metric, mode)
     gate, alpha = cfg.evaluate.champion_gate, results[winner].get("alpha", cfg.evaluate.alpha)
     failures = C.gate_failures(results[winner], gate, alpha)
     store.setup(cfg)
-    verdict = C.gate_verdict(winner, failures, C.gate_skipped(results[winner], gate),
-                             C.current_champion(cfg.evaluate.registered_model_name))
+    name = next(e.get("registered_model_name") for e in entries if e["model"] == winner) \
+        or C.registered_name(cfg.data, [], cfg.evaluate.registered_model_name)
+    verdict = C.gate_verdict(winner, failures, C.gate_skipped(results[winner], gate), C.current_champion(name))
     columns = [c for c in TABLE_METRICS if any(c in m for m in results.values())]
     markdown = C.comparison_markdown(results, columns, winner, metric, mode, verdict)
     tuning = C.tuning_section({e["model"]: e["run_id"] for e in entries})
     html = C.comparison_html(results, columns, winner, metric, mode, preds, verdict, tuning)
     run_id = next(e["run_id"] for e in entries if e["model"] == winner)
-    version = C.register_champion(run_id, cfg.evaluate.registered_model_name, promote=not failures)
-    return Comparison(winner, markdown, html, verdict, version, not failures)
+    version = C.register_champion(run_id, name, promote=not failures)
+    return Comparison(winner, markdown, html, verdict, version, not failures, name)

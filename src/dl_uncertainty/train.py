@@ -31,9 +31,13 @@ class TrainedRun:
 
 
 def train_and_log(
-    cfg: DictConfig, train: Split | None = None, val: Split | None = None, checkpoint_dir: str | Path | None = None
+    cfg: DictConfig, train: Split | None = None, val: Split | None = None, calib: Split | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> TrainedRun:
-    """Train ``cfg.model`` (on ``cfg.data`` unless splits are given) inside a new MLflow run."""
+    """Train ``cfg.model`` (on ``cfg.data`` unless splits are given) inside a new MLflow run.
+
+    ``train`` fits the weights, ``val`` stops training early (its NLL), and the calibration
+    (temperature, conformal thresholds, abstain threshold) is fitted on ``calib`` only."""
     import mlflow
     import pandas as pd
 
@@ -45,12 +49,16 @@ def train_and_log(
     from dl_uncertainty.training.checkpoints import Checkpointer
     from dl_uncertainty.training.loop import train_model
     from dl_uncertainty.uncertainty import calibration
+    from dl_uncertainty.uncertainty.conformal import check_alpha
 
     checkpoint_dir = checkpoint_dir or cfg.train.checkpoint_dir or Path("checkpoints") / cfg.model.name
     check_writable(checkpoint_dir, "train.checkpoint_dir")
-    if train is None or val is None:
+    if train is None and val is None and calib is None:
         splits = prepare(cfg.data, cfg.seed)
-        train, val = splits["train"], splits["val"]
+        train, val, calib = splits["train"], splits["val"], splits["calib"]
+    elif train is None or val is None or calib is None:
+        raise TypeError("train_and_log takes the train, val and calib splits together, or none of them")
+    check_alpha(len(calib.y), cfg.evaluate.alpha)  # before training: the calibration split must be large enough
     # a resumed training continues its MLflow run if the store still has it, so that one run holds every epoch
     resumed = Checkpointer(checkpoint_dir).load() if cfg.train.resume else None
     result = None
@@ -71,8 +79,8 @@ def train_and_log(
                 "train_samples_per_second": result.samples_per_second,
             })
             mlflow.log_figure(training_curves(result.history), "figures/training_curves.png")
-            fitted = calibration.fit(served_log_probs(result.model, val.x, cfg).numpy(), val.y, cfg.evaluate,
-                                     rows=val.x, seed=cfg.seed)
+            fitted = calibration.fit(served_log_probs(result.model, calib.x, cfg).numpy(), calib.y, cfg.evaluate,
+                                     rows=calib.x, seed=cfg.seed)
             mlflow.log_dict(fitted.to_dict(), "calibration.json")
             example = pd.DataFrame(unscaled(train.x[:5], train.schema).round(6), columns=train.schema.feature_names or None)
             tracking.log_model(result.model, cfg, train.schema, example, fitted)

@@ -14,12 +14,12 @@ def test_a_resumed_run_has_val_nll_for_every_epoch_and_its_best_epoch_among_them
     ck = tmp_path / "ck"
     first_store, second_store = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
     first = train_and_log(tiny_cfg("model=mc_dropout_dnn", "train.epochs=2", f"tracking_uri={first_store}"),
-                          train, val, checkpoint_dir=ck)
+                          train, val, digits_splits["calib"], checkpoint_dir=ck)
     assert torch.load(ck / "last.pt", weights_only=True)["mlflow_run_id"] == first.run_id
 
     store = first_store if store_kept else second_store  # the interrupted run is, or is not, in this store
     resumed = train_and_log(tiny_cfg("model=mc_dropout_dnn", "train.epochs=4", "train.resume=true",
-                                     f"tracking_uri={store}"), train, val, checkpoint_dir=ck)
+                                     f"tracking_uri={store}"), train, val, digits_splits["calib"], checkpoint_dir=ck)
     assert (resumed.run_id == first.run_id) == store_kept
     client = mlflow.MlflowClient(store)
     steps = sorted(m.step for m in client.get_metric_history(resumed.run_id, "val_nll"))

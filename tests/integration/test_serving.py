@@ -15,7 +15,7 @@ import pytest
 
 from dl_uncertainty.data.rows import unscaled
 from dl_uncertainty.reports.evaluation import evaluate_model
-from dl_uncertainty.tracking.compare import register_champion
+from dl_uncertainty.tracking.compare import register_champion, registered_name
 from dl_uncertainty.train import train_and_log
 from tests.conftest import TINY, model_server
 
@@ -57,12 +57,12 @@ def served(tmp_path_factory, digits_splits):
     try:
         cfg = load_config([*TINY, "model=mc_dropout_dnn", "train.epochs=8", "evaluate.mc_samples=20",
                            f"train.checkpoint_dir={tmp / 'ckpt'}"])
-        trained = train_and_log(cfg, digits_splits["train"], digits_splits["val"])
-        register_champion(trained.run_id, cfg.evaluate.registered_model_name)
+        trained = train_and_log(cfg, digits_splits["train"], digits_splits["val"], digits_splits["calib"])
+        register_champion(trained.run_id, registered_name(cfg.data, digits_splits["train"].schema.feature_shape))
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
     offline = evaluate_model(trained.model, cfg, digits_splits["test"], digits_splits["ood"], digits_splits["val"],
-                             calibration=trained.calibration, with_figures=False)
+                             calib=digits_splits["calib"], calibration=trained.calibration, with_figures=False)
     TRAINED.update(run_id=trained.run_id, uri=uri, tmp=tmp)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin"}  # no venv on PATH
     with model_server(env, cwd=tmp) as url:
@@ -82,10 +82,15 @@ def test_raw_inputs_get_the_offline_evaluations_calibrated_probabilities(served,
     np.testing.assert_allclose(probs, offline.predictions["calibrated_probs"], atol=1e-6)
     assert [r["abstain"] for r in rows] == offline.predictions["abstain"].tolist()
     assert all(r["predicted_class"] == names[int(np.argmax(p))] for r, p in zip(rows, probs, strict=True))
+    # the served uncertainty is that of the served (temperature-scaled) probabilities
+    entropy = -(probs * np.log(np.maximum(probs, 1e-300))).sum(1)
+    np.testing.assert_allclose([r["predictive_entropy"] for r in rows], entropy, atol=1e-6)
+    np.testing.assert_allclose([r["mutual_information"] for r in rows],
+                               [r["predictive_entropy"] - r["expected_entropy"] for r in rows], atol=1e-9)
     # split-conformal coverage on the test split: 1 - alpha within sampling error (3 sigma, test + calibration)
     alpha = offline.metrics["alpha"]
     covered = np.mean([names[y] in r["prediction_set"] for r, y in zip(rows, test.y, strict=True)])
-    sigma = math.sqrt(alpha * (1 - alpha) * (1 / len(test.y) + 1 / len(digits_splits["val"].y)))
+    sigma = math.sqrt(alpha * (1 - alpha) * (1 / len(test.y) + 1 / len(digits_splits["calib"].y)))
     assert abs(covered - (1 - alpha)) < 3 * sigma, covered
     assert covered == pytest.approx(offline.metrics["coverage"])
     assert all(r["set_size"] == len(r["prediction_set"]) for r in rows)
@@ -176,7 +181,7 @@ def test_serving_a_model_that_is_not_there_is_one_line_naming_the_fix(tmp_path):
                      env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"}, timeout=120)
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr
-    assert "cannot load models:/dl-uncertainty@champion" in errors[0] and "`make run`" in errors[0]
+    assert "no registered model of any data has a champion yet" in errors[0] and "`make run`" in errors[0]
 
 
 BROKEN_SERVER = """
@@ -334,7 +339,7 @@ def served_bnn(tmp_path_factory, digits_splits):
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
         cfg = load_config([*TINY, "model=bnn", f"evaluate.mc_samples={MC_SAMPLES}", f"train.checkpoint_dir={tmp / 'ckpt'}"])
-        trained = train_and_log(cfg, digits_splits["train"], digits_splits["val"])
+        trained = train_and_log(cfg, digits_splits["train"], digits_splits["val"], digits_splits["calib"])
         calibration = dataclasses.replace(trained.calibration, max_entropy=math.inf, errors=2)
         train = digits_splits["train"]
         with tracking.start_run(cfg) as run:

@@ -25,7 +25,7 @@ def test_training_logs_params_curves_and_a_pyfunc_that_loads_in_a_fresh_process(
     served, tiny_cfg, digits_splits, model
 ):
     cfg = tiny_cfg(f"model={model}", "experiment_name=tracking-test")
-    trained = train_and_log(cfg, digits_splits["train"], digits_splits["val"])
+    trained = train_and_log(cfg, digits_splits["train"], digits_splits["val"], digits_splits["calib"])
 
     client = mlflow.MlflowClient(served)
     run = client.get_run(trained.run_id)
@@ -62,13 +62,13 @@ def test_pyfunc_takes_raw_named_columns_and_rejects_bad_input_in_one_sentence(se
 
     test = digits_splits["test"]
     trained = train_and_log(tiny_cfg("model=mc_dropout_dnn", "train.epochs=1", "experiment_name=df-test"),
-                            digits_splits["train"], digits_splits["val"])
+                            digits_splits["train"], digits_splits["val"], digits_splits["calib"])
     model = mlflow.pyfunc.load_model(f"runs:/{trained.run_id}/model")
     raw = pd.DataFrame(unscaled(test.x[:4], test.schema).round(), columns=test.schema.feature_names)
     assert list(model.metadata.get_input_schema().input_names()) == test.schema.feature_names
     out = model.predict(raw)
-    assert list(out.columns[-6:]) == ["predicted_class", "predictive_entropy", "mutual_information",
-                                      "prediction_set", "set_size", "abstain"]
+    assert list(out.columns[-7:]) == ["predicted_class", "predictive_entropy", "expected_entropy",
+                                      "mutual_information", "prediction_set", "set_size", "abstain"]
     # the bundled scaling is applied: the same answer as the network on the split's scaled rows
     direct = model.unwrap_python_model().predict_rows(test.x[:4])
     np.testing.assert_allclose(out.filter(like="prob_").to_numpy(), direct.filter(like="prob_").to_numpy(), atol=1e-6)

@@ -91,7 +91,7 @@ def test_inference_service_serves_the_champion_from_the_in_cluster_mlflow():
     assert container["name"] == "kserve-container"
     assert container["command"] == ["python", "-m", "dl_uncertainty.serve"]
     args = container["args"]
-    assert args[args.index("--model") + 1] == "models:/dl-uncertainty@champion"
+    assert args[args.index("--model") + 1] == "models:/dl-uncertainty-digits-1x8x8@champion"
     port = int(args[args.index("--port") + 1])
     assert container["ports"] == [{"containerPort": port, "protocol": "TCP"}]
     assert container["readinessProbe"]["httpGet"] == {"path": "/v1/models/dl-uncertainty", "port": port}

@@ -53,7 +53,7 @@ def test_conformal_threshold_is_the_finite_sample_quantile():
     scores = CF.true_class_scores(CF.class_scores(probs, "lac"), labels)
     # n = 4, alpha = 0.4: ceil(5 * 0.6) / 4 = 0.75 -> the 3rd smallest score
     assert CF.threshold(scores, 0.4) == pytest.approx(0.4)
-    with pytest.raises(UserError, match="evaluate.alpha=0.1 is too small for 4 calibration examples"):
+    with pytest.raises(UserError, match=r"the calibration split has 4 rows, too few for evaluate.alpha=0.1 .*9 rows.*data.calib_fraction or evaluate.alpha"):
         CF.threshold(scores, 0.1)  # ceil(5 * 0.9) > 4: only the full set is guaranteed
 
 
@@ -69,7 +69,10 @@ def test_temperature_is_kept_on_a_mis_scaled_model_and_refused_on_a_noise_level_
     assert fitted.temperature > 1.5 and fitted.temperature_reason.startswith("kept")
     assert fitted.nll_gain[1] > 0 and fitted.val_nll_calibrated < fitted.val_nll
     assert fitted.val_nll == pytest.approx(M.nll(mean, labels))
-    assert fitted.temperature == pytest.approx(M.fit_temperature(mean, labels))  # on the MC average
+    # the served distribution is the mean of the scaled samples: T minimises its NLL
+    assert fitted.temperature == pytest.approx(M.fit_temperature(log_probs, labels))
+    assert M.nll(C.served_mean(log_probs, fitted.temperature), labels) < M.nll(
+        C.served_mean(log_probs, M.fit_temperature(mean, labels)), labels)
     # models calibrated already: in-sample a fitted T always "helps"; beyond its bootstrap noise it does not
     in_sample_gains, held_out_gains, kept = 0, 0, 0
     for seed in range(20):
@@ -96,7 +99,7 @@ def test_no_temperature_is_kept_when_the_model_makes_no_validation_error():
     fitted = C.fit(np.log(probs)[None], labels, cfg)
     assert fitted.errors == 0 and fitted.fitted_temperature < 0.1
     assert fitted.val_nll_calibrated < fitted.val_nll  # held out, it would still look like a gain
-    assert fitted.temperature == 1.0 and "no validation error" in fitted.temperature_reason
+    assert fitted.temperature == 1.0 and "no error on the calibration split" in fitted.temperature_reason
     probs[0] = [0.05, 0.9, 0.05]  # one error: the same over-confident-looking model may now be sharpened
     one_error = C.fit(np.log(probs)[None], labels, cfg)
     assert one_error.errors == 1 and (one_error.temperature != 1.0) == (one_error.nll_gain[1] > 0)
@@ -137,3 +140,26 @@ def test_evaluating_the_same_model_twice_gives_the_same_numbers(tiny_cfg, digits
     assert first == second
     other = evaluate_model(model, tiny_cfg("model=mc_dropout_dnn", "seed=7"), s["test"], with_figures=False)
     assert other.metrics["nll"] != first["nll"]  # the MC samples do come from the seed
+
+
+def test_served_uncertainty_is_that_of_the_served_probabilities():
+    """Temperature applied to each MC sample: the served entropy is the entropy of the served
+    probabilities, and it splits into expected entropy (aleatoric) + mutual information."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, (12, 40, 5))
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    labels = rng.integers(0, 5, 40)
+    cal = C.fit(log_probs, labels, load_config(["evaluate.alpha=0.2"]).evaluate)
+    for temperature in (0.5, 1.0, 2.5):
+        cal.temperature = temperature
+        out = C.decide(log_probs, cal)
+        probs = out["probs"]
+        assert np.allclose(probs.sum(1), 1)
+        served_entropy = -(probs * np.log(probs)).sum(1)
+        assert np.abs(out["entropy"] - served_entropy).max() < 1e-6
+        scaled = M.apply_temperature(log_probs, temperature)
+        assert np.allclose(probs, np.exp(scaled).mean(0))  # the mean of the scaled samples
+        assert np.allclose(out["expected_entropy"], -(np.exp(scaled) * scaled).sum(-1).mean(0))
+        assert np.allclose(out["mutual_info"], out["entropy"] - out["expected_entropy"])
+        assert (out["mutual_info"] >= 0).all()
+    assert not np.allclose(C.decide(log_probs, cal)["entropy"], M.predictive_entropy(log_probs))  # T = 2.5 counts

@@ -296,9 +296,92 @@ def test_dropped_rows_are_counted_printed_and_reported(tmp_path, capsys):
                                 ("missing values", "drop", 1)]:
         assert f"<td>{step}</td><td>{method}</td><td>{count} rows dropped</td>" in report
 
-    cfg = load_config(["data=csv", f"data.path={path}", f"data_dir={tmp_path / 'out'}", *overrides])
+    cfg = load_config(["data=csv", f"data.path={path}", f"data_dir={tmp_path / 'out'}", "evaluate.alpha=0.25",
+                       *overrides])
     _task(cfg)
     # stripped: in a whole test run, other tests' background threads may also write to sys.stdout
     out = [line.strip() for line in capsys.readouterr().out.splitlines()]
     assert ("dropped 4 rows: 1 with a blank label (data.blank_labels=drop), 2 with an infinite value "
             "(data.non_finite=drop), 1 with a missing value (data.missing=drop)") in out
+
+
+# ---------------------------------------------------------------- the four splits
+
+
+def test_digits_has_four_disjoint_stratified_splits_and_preprocess_writes_calib(tmp_path, capsys):
+    from dl_uncertainty.data.splits import ROLES
+    from dl_uncertainty.preprocess import _task
+    from dl_uncertainty.reports.eda import eda_html
+
+    cfg = load_config([f"data_dir={tmp_path}"])
+    splits = prepare(cfg.data, cfg.seed)
+    sizes = {name: len(split.y) for name, split in splits.items()}
+    assert sizes == {"train": 720, "val": 217, "calib": 217, "test": 289, "ood": 354}
+    seen = [{row.tobytes() for row in splits[name].x} for name in ("train", "val", "calib", "test")]
+    duplicates = sum(len(a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    assert duplicates <= 2  # digits holds a few identical images; the row indices themselves are disjoint
+    for name in ("val", "calib", "test"):  # stratified: every class, in the training split's proportions
+        share = np.bincount(splits[name].y) / len(splits[name].y)
+        assert np.abs(share - np.bincount(splits["train"].y) / 720).max() < 0.02
+    report = eda_html(splits)
+    assert '<td>calib</td><td class="num">217</td><td>15.0%</td>' in report and ROLES["calib"] in report and ROLES["test"] in report
+    _task(cfg)
+    assert len(load_split(tmp_path / "calib.npz").y) == 217
+    assert any(line.startswith("calib") and "217" in line for line in capsys.readouterr().out.splitlines())
+
+
+def test_splits_are_disjoint_by_row(tmp_path):
+    """Each row lands in exactly one split: a unique value per row shows where it went."""
+    n = 200
+    frame = pd.DataFrame({"id": np.arange(n, dtype=float), "label": np.tile(["a", "b", "c", "d"], n // 4)})
+    path = tmp_path / "ids.csv"
+    frame.to_csv(path, index=False)
+    splits = prepare(load_config(["data=csv", f"data.path={path}", "data.ood_classes=[]", "data.scaling=none",
+                                  "data.outliers=none"]).data, 0)
+    ids = {name: set(s.x[:, 0].round().astype(int)) for name, s in splits.items() if name != "ood"}
+    assert sum(len(v) for v in ids.values()) == n and set().union(*ids.values()) == set(range(n))
+    assert {k: len(v) for k, v in ids.items()} == {"train": 100, "val": 30, "calib": 30, "test": 40}
+
+
+def test_fractions_that_leave_no_training_rows_are_refused():
+    with pytest.raises(UserError, match=r"data.val_fraction \+ data.test_fraction \+ data.calib_fraction must be < 1"):
+        load_config(["data.val_fraction=0.4", "data.test_fraction=0.3", "data.calib_fraction=0.3"])
+    with pytest.raises(UserError, match=r"data.calib_fraction must be in \(0, 1\)"):
+        load_config(["data.calib_fraction=0"])
+
+
+def test_a_class_without_calibration_rows_is_refused(tmp_path):
+    frame = pd.DataFrame({"a": np.arange(206, dtype=float),
+                          "label": ["big"] * 100 + ["other"] * 100 + ["rare"] * 6})
+    path = tmp_path / "rare.csv"
+    frame.to_csv(path, index=False)
+    with pytest.raises(UserError, match=r"^data.calib_fraction=0.02 leaves class 'rare' with no calibration rows"):
+        prepare(_csv_cfg(path, "data.ood_classes=[]", "data.calib_fraction=0.02"), 0)
+    with pytest.raises(UserError, match=r"^data.calib_fraction=0.005 leaves class '\w+' with no calibration rows"):
+        prepare(_csv_cfg(path, "data.ood_classes=[]", "data.calib_fraction=0.005"), 0)  # 1 row for 3 classes
+
+
+def test_a_calibration_split_too_small_for_alpha_is_refused(tmp_path):
+    from dl_uncertainty.preprocess import _task
+
+    cfg = load_config([f"data_dir={tmp_path}", "evaluate.alpha=0.001"])  # needs 999 calibration rows, has 217
+    with pytest.raises(UserError, match=r"the calibration split has 217 rows, too few for evaluate.alpha=0.001 "
+                                        r".*999 rows.*data.calib_fraction or evaluate.alpha"):
+        _task(cfg)
+    assert not (tmp_path / "calib.npz").exists()
+
+
+def test_image_splits_have_a_calibration_split_too():
+    from dl_uncertainty.data.image_splits import make_splits
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["circle", "square", "star"], 40)
+    pixels = rng.integers(0, 256, (120, 1, 4, 4), dtype=np.uint8)
+    cfg = load_config(["data=image_folder", "data.path=unused", "data.ood_classes=[star]"]).data
+    splits = make_splits(pixels, labels, cfg, 0)
+    assert {k: len(v.y) for k, v in splits.items()} == {"train": 40, "val": 12, "calib": 12, "test": 16, "ood": 40}
+    test = (rng.integers(0, 256, (10, 1, 4, 4), dtype=np.uint8), np.repeat(["circle", "square"], 5))
+    fixed = make_splits(pixels[:80], labels[:80], load_config(["data=image_folder", "data.path=unused",
+                                                               "data.ood_classes=[]"]).data, 0, test=test)
+    # a benchmark's own test set: val and calib are shares of the training images
+    assert {k: len(v.y) for k, v in fixed.items()} == {"train": 56, "val": 12, "calib": 12, "test": 10, "ood": 0}

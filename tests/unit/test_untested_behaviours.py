@@ -46,7 +46,7 @@ def test_the_confusion_matrix_has_true_classes_as_rows_and_predictions_as_column
 def test_the_served_models_predicted_class_is_the_name_of_its_most_probable_class(in_tmp):
     cfg = load_config([*TINY, "model=mc_dropout_dnn", "data.ood_classes=[0,1]"])  # class i is named str(i + 2)
     splits = prepare(cfg.data, cfg.seed)
-    run_id = train_and_log(cfg, splits["train"], splits["val"]).run_id
+    run_id = train_and_log(cfg, splits["train"], splits["val"], splits["calib"]).run_id
     test = splits["test"]
     raw = pd.DataFrame(unscaled(test.x[:60], test.schema), columns=test.schema.feature_names)
     frame = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(raw)

@@ -108,9 +108,11 @@ def validate(cfg: DictConfig) -> None:
     except LookupError:
         raise UserError(f"data.encoding={d.encoding!r} is not a known text encoding, e.g. utf-8 or latin-1") from None
     _check(d.outlier_threshold > 0, "data.outlier_threshold must be > 0")
-    for key in ("val_fraction", "test_fraction"):
+    for key in ("val_fraction", "test_fraction", "calib_fraction"):
         _check(0 < d[key] < 1, f"data.{key} must be in (0, 1), got {d[key]}")
-    _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction must be < 1")
+    _check(d.val_fraction + d.test_fraction + d.calib_fraction < 1,
+           "data.val_fraction + data.test_fraction + data.calib_fraction must be < 1 (the rest is the training split), "
+           f"got {d.val_fraction} + {d.test_fraction} + {d.calib_fraction}")
     _one_of(m.name, "model.name", MODEL_NAMES)
     model_types(m)
     _one_of(m.arch, "model.arch", ("mlp", "cnn", "resnet"))

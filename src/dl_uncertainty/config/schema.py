@@ -34,6 +34,7 @@ class DataConfig:
     image_shape: list[int] | None = None  # e.g. [1, 8, 8]; digits sets it, CSV may
     val_fraction: float = 0.15
     test_fraction: float = 0.2
+    calib_fraction: float = 0.15  # calibration split: temperature, conformal and abstain thresholds (not val, not test)
     missing: str = "median"  # drop | mean | median | ffill
     outliers: str = "iqr"  # none | iqr | zscore
     outlier_threshold: float = 1.5  # IQR multiplier, or z-score limit
@@ -97,9 +98,9 @@ class TrainConfig:
 class ChampionGate:
     """The winner becomes champion only if it passes these (null = not checked)."""
 
-    max_ece: float | None = 0.05
+    max_ece: float | None = 0.05  # validation ECE of the served (calibrated) prediction
     min_ood_auroc: float | None = 0.8
-    coverage_slack: float | None = 0.05  # test coverage of the conformal sets must be >= 1 - alpha - this
+    coverage_slack: float | None = 0.05  # validation coverage of the conformal sets must be >= 1 - alpha - this
 
 
 @dataclass
@@ -109,7 +110,7 @@ class EvaluateConfig:
     batch_size: int = 1024
     winner_metric: str = "nll"
     winner_mode: str = "min"  # min | max
-    registered_model_name: str = "dl-uncertainty"
+    registered_model_name: str | None = None  # null: dl-uncertainty-<data>-<input shape> (tracking.compare.registered_name)
     calibration: str = "temperature"  # temperature | none
     alpha: float = 0.1  # conformal sets miss the true class at most this often
     conformal_method: str = "lac"  # lac | aps | raps: the sets the served model returns

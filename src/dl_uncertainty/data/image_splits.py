@@ -1,4 +1,4 @@
-"""Image splits: decoded pixels become stratified train/val/test/ood splits of normalised rows."""
+"""Image splits: decoded pixels become stratified train/val/calib/test/ood splits of normalised rows."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from dl_uncertainty.data.images import conform_array, decode_all, list_images
-from dl_uncertainty.data.splits import Schema, Split, _class_names
+from dl_uncertainty.data.splits import Schema, Split, _class_names, stratified_parts
 from dl_uncertainty.errors import UserError
 
 # ---------------------------------------------------------------- splits
@@ -39,22 +39,10 @@ def _rows(pixels: np.ndarray, center: np.ndarray, scale: np.ndarray) -> np.ndarr
     return rows
 
 
-def _stratified(labels: np.ndarray, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split  # 0.6 s that training never needs
-
-    rows = np.arange(len(labels))
-    try:
-        return train_test_split(rows, test_size=fraction, stratify=labels, random_state=seed)
-    except ValueError as err:
-        raise UserError(f"cannot make a stratified {what} split: {err}") from None
-
-
-
-
 def make_splits(pixels: np.ndarray, labels: np.ndarray, cfg: DictConfig, seed: int,
                 test: tuple[np.ndarray, np.ndarray] | None = None,
                 far_ood: tuple[np.ndarray, str] | None = None, order: list[str] | None = None) -> dict[str, Split]:
-    """uint8 images + string labels -> normalised train/val/test/ood splits.
+    """uint8 images + string labels -> normalised train/val/calib/test/ood splits.
 
     ``test``: a fixed test set (a benchmark's own), else a stratified share of the images.
     ``far_ood``: images of another dataset, stored with the OOD split (else the evaluation
@@ -69,15 +57,10 @@ def make_splits(pixels: np.ndarray, labels: np.ndarray, cfg: DictConfig, seed: i
     class_names = _class_names(labels, ood_names, order)
     is_ood = np.isin(labels, ood_names)
     inside = np.flatnonzero(~is_ood & ~is_test)
-    if test is None:
-        rest, test_part = _stratified(labels[inside], cfg.test_fraction, seed, "test")
-        test_rows, inside = inside[test_part], inside[rest]
-        val_fraction = cfg.val_fraction / (1 - cfg.test_fraction)
-    else:
-        test_rows, val_fraction = np.flatnonzero(~is_ood & is_test), cfg.val_fraction
-    train_part, val_part = _stratified(labels[inside], val_fraction, seed, "validation")
-    parts = {"train": inside[train_part], "val": inside[val_part], "test": test_rows,
-             "ood": np.flatnonzero(is_ood)}
+    positions = stratified_parts(labels[inside], cfg, seed, with_test=test is None)
+    parts = {name: inside[positions[name]] for name in ("train", "val", "calib")}
+    parts["test"] = inside[positions["test"]] if test is None else np.flatnonzero(~is_ood & is_test)
+    parts["ood"] = np.flatnonzero(is_ood)
 
     mean, std, how = _normalisation(pixels[parts["train"]], cfg)
     per_pixel = int(np.prod(pixels.shape[2:]))

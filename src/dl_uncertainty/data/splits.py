@@ -13,7 +13,14 @@ import numpy as np
 
 from dl_uncertainty.errors import UserError
 
-SPLITS = ("train", "val", "test", "ood")
+SPLITS = ("train", "val", "calib", "test", "ood")
+# what each in-distribution split is for (the data report and the README say the same)
+ROLES = {
+    "train": "fitting the weights",
+    "val": "early stopping and model selection (the winner and the champion gate)",
+    "calib": "temperature, conformal thresholds and the abstain threshold",
+    "test": "reporting only: never used to choose",
+}
 SCHEMA_VERSION = 1
 
 
@@ -127,6 +134,41 @@ def save_splits(splits: dict[str, Split], folder: str | Path) -> dict[str, Path]
             if temp.is_file():
                 temp.unlink()
     return paths
+
+def stratified_parts(labels: np.ndarray, cfg, seed: int, with_test: bool = True,
+                     names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Positions into ``labels`` as disjoint, stratified test / calib / val / train parts, each
+    ``data.<split>_fraction`` of the whole (``with_test=False``: a benchmark's own test set, so the
+    fractions are of the rest). A class left without calibration rows is refused, naming the key.
+    ``names``: class names of integer ``labels``, for the message."""
+    from sklearn.model_selection import train_test_split  # 0.6 s that loading a split never needs
+
+    rest, parts, whole = np.arange(len(labels)), {}, 1.0
+    steps = (("test", "test_fraction", "test"), ("calib", "calib_fraction", "calibration"),
+             ("val", "val_fraction", "validation"))
+    for name, key, what in steps[0 if with_test else 1:]:
+        share = cfg[key] / whole
+        classes = np.unique(labels[rest])
+        try:
+            rest, parts[name] = train_test_split(rest, test_size=share, stratify=labels[rest], random_state=seed)
+        except ValueError as err:
+            if name == "calib" and round(share * len(rest)) < len(classes):
+                _no_calib_rows(cfg, labels, rest, [], names)
+            raise UserError(f"cannot make a stratified {what} split (data.{key}={cfg[key]:g}): {err}") from None
+        whole -= cfg[key]
+        if name == "calib":
+            _no_calib_rows(cfg, labels, rest, parts["calib"], names)
+    parts["train"] = rest
+    return parts
+
+
+def _no_calib_rows(cfg, labels: np.ndarray, rest: np.ndarray, calib: np.ndarray, names: list[str] | None) -> None:
+    missing = [v for v in np.unique(labels[np.concatenate([rest, calib]).astype(int)]) if v not in set(labels[calib])]
+    if missing:
+        shown = names[int(missing[0])] if names is not None else str(missing[0])
+        raise UserError(f"data.calib_fraction={cfg.calib_fraction:g} leaves class {shown!r} with no calibration rows "
+                        f"({len(calib)} calibration rows for {len(np.unique(labels))} classes); raise data.calib_fraction")
+
 
 def _class_names(labels: np.ndarray, ood_names: list[str], order: list[str] | None = None) -> list[str]:
     """The in-distribution classes (``order``, else natural sort): at least two besides the OOD ones."""

@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dl_uncertainty.data.rows import to_images
-from dl_uncertainty.data.splits import Split
+from dl_uncertainty.data.splits import ROLES, Split
 from dl_uncertainty.reports.render import Section, html_report
 
 
@@ -14,10 +14,11 @@ def class_balance(splits: dict[str, Split]) -> Figure:
     fig = Figure(figsize=(7, 3.8), layout="constrained")
     ax = fig.subplots()
     names = splits["train"].schema.class_names
-    width = 0.8 / 3
-    for i, split in enumerate(("train", "val", "test")):
+    shown = [name for name in ("train", "val", "calib", "test") if name in splits]
+    width = 0.8 / len(shown)
+    for i, split in enumerate(shown):
         counts = np.bincount(splits[split].y, minlength=len(names))
-        ax.bar(np.arange(len(names)) + (i - 1) * width, counts, width, label=f"{split} ({counts.sum()})")
+        ax.bar(np.arange(len(names)) + (i - (len(shown) - 1) / 2) * width, counts, width, label=f"{split} ({counts.sum()})")
     ood = splits.get("ood")
     if ood is not None and len(ood.y):
         ax.bar(len(names) + np.arange(len(ood.schema.ood_class_names)), np.bincount(ood.y), 0.8,
@@ -84,7 +85,10 @@ def eda_html(splits: dict[str, Split]) -> str:
          "values changed": sum(s.schema.cleaning.get("outliers_clipped", 0) for s in splits.values())},
         {"step": "scaling", "method": c.get("scaling", "-"), "values changed": "all (fitted on train)"},
     ]
-    sizes = [{"split": n, "examples": len(s.y), "features": s.x.shape[1]} for n, s in splits.items()]
+    total = sum(len(s.y) for n, s in splits.items() if n != "ood")
+    sizes = [{"split": n, "examples": len(s.y), "share": f"{len(s.y) / max(total, 1):.1%}" if n != "ood" else "-",
+              "features": s.x.shape[1], "used for": ROLES.get(n, "OOD detection (held-out classes)")}
+             for n, s in splits.items()]
     figures = {"Class balance": class_balance(splits), "Feature distributions": feature_distributions(splits)}
     images = mean_images(splits)
     if images is not None:
@@ -93,7 +97,9 @@ def eda_html(splits: dict[str, Split]) -> str:
         Section("Splits", text=[f"Source: {train.schema.source}; feature shape {train.schema.feature_shape}; "
                                 f"classes {', '.join(train.schema.class_names)}; held out as OOD: "
                                 f"{', '.join(train.schema.ood_class_names) or 'none'}; far-OOD inputs: "
-                                f"{train.schema.far_ood}."], table=sizes),
+                                f"{train.schema.far_ood}.",
+                                "Splits are stratified by class and disjoint; the share is of the in-distribution "
+                                "examples (data.val_fraction, data.calib_fraction, data.test_fraction)."], table=sizes),
         Section("Cleaning", table=cleaning_rows),
         Section("Distributions", figures=figures),
     ]

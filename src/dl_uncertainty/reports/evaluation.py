@@ -1,7 +1,13 @@
 """Evaluate a trained model's uncertainty: metrics, calibration, OOD, shift, figures, report.
 
 Everything reported is recomputable from the saved predictions (``save_predictions``): the
-per-sample log-probabilities for test, validation, OOD and far-OOD inputs, and the shifted sets.
+per-sample log-probabilities for test, validation, calibration, OOD and far-OOD inputs, and the
+shifted sets.
+
+Which split does what: the calibration split fitted the calibration (its conformal coverage there
+is in-sample); the validation split's metrics (``val_*``: ``val_nll``, ``val_ece_ts``,
+``val_coverage``, ``val_auroc_entropy`` ...) are what the comparison chooses and gates on; the test
+split's metrics (no prefix) are reported only.
 """
 
 from __future__ import annotations
@@ -44,12 +50,13 @@ class Evaluation:
 
 def evaluate_model(
     model: nn.Module, cfg: DictConfig, test: Split, ood: Split | None = None, val: Split | None = None,
-    *, calibration: C.Calibration | None = None, with_figures: bool = True,
+    *, calib: Split | None = None, calibration: C.Calibration | None = None, with_figures: bool = True,
 ) -> Evaluation:
     """MC-predict every split, compute all metrics, and (optionally) draw the figures.
 
     ``calibration``: the one bundled with the model (what it is served with); without it, one is
-    fitted on ``val``. Every split's MC samples are seeded from ``cfg.seed``: evaluating the same
+    fitted on ``calib`` (else on ``val``, and its ``split`` says so). ``val`` gets the selection
+    metrics (``val_*``). Every split's MC samples are seeded from ``cfg.seed``: evaluating the same
     model twice gives the same numbers.
     """
     e = cfg.evaluate
@@ -75,13 +82,21 @@ def evaluate_model(
 
     if val is not None and len(val.y):
         lp["val"], rows["val"] = predict(val.x), val.x
-        calibration = calibration or C.fit(lp["val"], val.y, e, rows=val.x, seed=cfg.seed)
+        result.update(_prefixed("val", M.summarize(lp["val"], val.y, lp.get("ood"))))
+    if calib is not None and len(calib.y):
+        lp["calib"], rows["calib"] = predict(calib.x), calib.x
+    fit_on = "calib" if "calib" in lp else "val"
+    if calibration is None and fit_on in lp:
+        held = calib if fit_on == "calib" else val
+        calibration = C.fit(lp[fit_on], held.y, e, rows=held.x, seed=cfg.seed, split=fit_on)
     served = ({name: C.decide(log_probs, calibration, rows=rows[name]) for name, log_probs in lp.items()}
               if calibration else {})
     if served:
         result.update(_calibration_metrics(calibration, served["test"], test.y))
         result.update({f"{name}_abstain_rate": float(served[name]["abstain"].mean())
                        for name in ("ood", "far_ood") if name in served})
+        if "val" in served:  # what selection reads: out-of-sample for the calibration, unlike calib's own
+            result.update(_prefixed("val", _served_metrics(calibration, served["val"], val.y)))
 
     shift, shifted = [], {}
     if images is not None:
@@ -96,7 +111,8 @@ def evaluate_model(
             result[f"{row['kind']}_s{row['severity']}_acc"] = row["acc"]
             result[f"{row['kind']}_s{row['severity']}_ece"] = row["ece"]
 
-    predictions = _predictions(lp, shifted, test, ood if has_ood else None, val if "val" in lp else None, far)
+    predictions = _predictions(lp, shifted, test, ood if has_ood else None, val if "val" in lp else None, far,
+                               calib if "calib" in lp else None)
     for name, out in served.items():
         prefix = "" if name == "test" else f"{name}_"
         predictions[f"{prefix}calibrated_probs"] = out["probs"].astype(np.float32)
@@ -107,17 +123,22 @@ def evaluate_model(
         evaluation.calibration = calibration.to_dict()
         evaluation.conformal_classes = CF.per_class(served["test"]["sets"], test.y, test.schema.class_names)
         evaluation.conformal_sizes = CF.by_set_size(served["test"]["sets"], test.y)
-    if calibration is not None and "val" in lp:
-        evaluation.conformal = _conformal_curve(calibration, served["val"], val.y, served["test"], test.y)
+    held = {"calib": calib, "val": val}.get(calibration.split) if calibration is not None else None
+    if held is not None and calibration.split in served:
+        evaluation.conformal = _conformal_curve(calibration, served[calibration.split], held.y, served["test"], test.y)
     if with_figures:
         evaluation.figures = _figures(evaluation, test, images, model)
     return evaluation
 
 
+def _prefixed(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}_{k}": v for k, v in metrics.items() if k not in ("test_accuracy", "avg_test_uncertainty")}
+
+
 def _calibration_metrics(cal: C.Calibration, out: dict, y: np.ndarray) -> dict:
-    """Test metrics of the served (calibrated) prediction ``out``, its conformal sets and abstentions."""
-    scaled = M.summarize(np.log(np.maximum(out["probs"], 1e-300))[None], y)
-    result = {f"{key}_ts": scaled[key] for key in ("acc", "nll", "brier", "ece", "aece")}
+    """Test metrics of the served (calibrated) prediction ``out``, its conformal sets and abstentions,
+    and the calibration's own numbers (on the split it was fitted on)."""
+    result = _served_metrics(cal, out, y)
     gain = cal.nll_gain or [float("nan")] * 3
     result.update({"temperature": cal.temperature, "temperature_fitted": cal.fitted_temperature,
                    "temperature_kept": float(cal.temperature != 1.0), "calibration_val_nll": cal.val_nll,
@@ -126,6 +147,14 @@ def _calibration_metrics(cal: C.Calibration, out: dict, y: np.ndarray) -> dict:
                    "alpha": cal.alpha, "calibration_examples": cal.examples,
                    "coverage_band_low": CF.coverage_band(cal.alpha, cal.examples)[0],
                    "coverage_band_high": CF.coverage_band(cal.alpha, cal.examples)[1]})
+    return result
+
+
+def _served_metrics(cal: C.Calibration, out: dict, y: np.ndarray) -> dict:
+    """Metrics of the served (calibrated) prediction ``out`` on labels ``y``: its accuracy, NLL and
+    ECE (``*_ts``), its conformal sets' coverage and size per method, abstentions."""
+    scaled = M.summarize(np.log(np.maximum(out["probs"], 1e-300))[None], y)
+    result = {f"{key}_ts": scaled[key] for key in ("acc", "nll", "brier", "ece", "aece")}
     for method in C.CONFORMAL_METHODS:
         scores, tau = cal.scores(out["probs"], out["u"], method), cal.thresholds.get(method, math.inf)
         for key, value in CF.set_metrics(CF.sets_from_scores(scores, tau, out["probs"], cal.nonempty), y).items():
@@ -141,8 +170,8 @@ def _calibration_metrics(cal: C.Calibration, out: dict, y: np.ndarray) -> dict:
 
 
 def _conformal_curve(cal: C.Calibration, val: dict, val_y: np.ndarray, test: dict, y: np.ndarray) -> list[dict]:
-    """Test coverage and set size of every method, each threshold fitted on val, per alpha (those
-    that the validation split is large enough for)."""
+    """Test coverage and set size of every method, each threshold fitted on the calibration split
+    (``val``, ``val_y``), per alpha (those that the split is large enough for)."""
     rows, n = [], len(val_y)
     for method in C.CONFORMAL_METHODS:
         for alpha in (a for a in ALPHAS if CF.quantile_rank(n, a) <= n):
@@ -154,7 +183,7 @@ def _conformal_curve(cal: C.Calibration, val: dict, val_y: np.ndarray, test: dic
 
 
 def _predictions(lp: dict, shifted: dict, test: Split, ood: Split | None, val: Split | None,
-                 far: np.ndarray) -> dict:
+                 far: np.ndarray, calib: Split | None = None) -> dict:
     out: dict[str, np.ndarray] = {"labels": test.y, "far_ood_x": far}
     for name, log_probs in {**lp, **shifted}.items():
         prefix = "" if name == "test" else f"{name}_"
@@ -167,6 +196,8 @@ def _predictions(lp: dict, shifted: dict, test: Split, ood: Split | None, val: S
         out["ood_labels"] = ood.y
     if val is not None:
         out["val_labels"] = val.y
+    if calib is not None:
+        out["calib_labels"] = calib.y
     return out
 
 

@@ -20,12 +20,16 @@ def headline_rows(m: dict) -> list[dict]:
              "group": metric_catalog.group(k)} for k in keys]
 
 
+SPLIT_NAMES = {"calib": "calibration", "val": "validation"}
+
+
 def calibration_text(m: dict) -> list[str]:
     if "temperature_fitted" not in m:
         return []
     reason = m.get("temperature_reason") or ("kept" if m["temperature_kept"] else "not kept")
-    return [f"Temperature scaling of the MC-averaged prediction, fitted on the validation split: "
-            f"T = {m['temperature_fitted']:.3f}, {reason}. Validation NLL {m['calibration_val_nll']:.4f} unscaled, "
+    split = SPLIT_NAMES.get(m.get("calibration_split", "val"), "validation")
+    return [f"Temperature scaling of each MC sample (the served prediction is their mean), fitted on the {split} "
+            f"split: T = {m['temperature_fitted']:.3f}, {reason}. {split.capitalize()} NLL {m['calibration_val_nll']:.4f} unscaled, "
             f"{m['calibration_val_nll_after']:.4f} when each half is scaled with T fitted on the other half; T is "
             f"kept only when the 5 % quantile of the bootstrapped per-row gain is above 0.",
             f"Test NLL {m['nll']:.4f} -> {m['nll_ts']:.4f}, ECE {m['ece']:.4f} -> {m['ece_ts']:.4f} "
@@ -37,12 +41,15 @@ def conformal_text(m: dict, method: str, nonempty: bool) -> list[str]:
         return []
     n, low, high = int(m["calibration_examples"]), m["coverage_band_low"], m["coverage_band_high"]
     measured = ", ".join(f"{k.upper()} {m[f'coverage_{k}']:.3f}" for k in CONFORMAL_METHODS if f"coverage_{k}" in m)
-    lines = [f"Split-conformal sets at alpha = {m['alpha']:g}, calibrated on n = {n} validation examples: the "
+    split = SPLIT_NAMES.get(m.get("calibration_split", "val"), "validation")
+    lines = [f"Split-conformal sets at alpha = {m['alpha']:g}, calibrated on the {split} split, n = {n} examples: the "
              f"guaranteed average coverage is the band [{low:.3f}, {high:.3f}] = [1 - alpha, 1 - alpha + 1/(n+1)] "
              f"(the upper end for unforced sets without ties). Measured test coverage: {measured}. The served "
              f"sets are {method.upper()}{' with the top class always in' if nonempty else ''}. The test split's "
              f"own sampling noise is about +/- {2 * (low * (1 - low) / max(m.get('test_examples', 1), 1)) ** 0.5:.3f} "
-             f"(2 sd)."]
+             f"(2 sd)."
+             + (f" On the validation split (not used to fit the thresholds; what the champion gate reads): "
+                f"{m['val_coverage']:.3f}." if "val_coverage" in m else "")]
     empty = m.get("empty_unforced_" + method, m.get("empty", 0.0))
     if empty > 0 or nonempty:
         lines.append(f"{empty:.1%} of test sets would be empty: no class is plausible enough at this alpha, which "
@@ -75,6 +82,7 @@ def html_page(ev: Evaluation, title: str | None = None) -> str:
     m["test_examples"] = len(ev.predictions["labels"])
     cal = ev.calibration or {}
     m["temperature_reason"] = cal.get("temperature_reason", "")
+    m["calibration_split"] = cal.get("split", "val")
     served, nonempty = cal.get("method", "lac"), bool(cal.get("nonempty", False))
     f = ev.figures.get
     sections = [
@@ -92,7 +100,8 @@ def html_page(ev: Evaluation, title: str | None = None) -> str:
                 text="Class-conditional coverage: the guarantee is on average over classes, not for each one."
                 if ev.conformal_classes else ()),
         Section(f"Conformal coverage by set size ({served.upper()})", table=ev.conformal_sizes or None),
-        Section("Conformal sets across alpha (thresholds fitted on validation, measured on test)",
+        Section(f"Conformal sets across alpha (thresholds fitted on the {SPLIT_NAMES.get(m['calibration_split'])} "
+                "split, measured on test)",
                 table=ev.conformal or None, figures={"Coverage and set size": f("conformal")}),
         Section("Selective prediction", figures={"Risk-coverage": f("risk_coverage")}),
         Section("Out-of-distribution detection", figures={"Uncertainty histograms": f("uncertainty_histograms")}),

@@ -1,7 +1,7 @@
 """What each reported metric is about (its group) and which way is better, for tables a reader can scan.
 
 ``group(name)``: accuracy, calibration, selective prediction, OOD detection, conformal, shift,
-uncertainty, or other. ``better(name)``: "↑" (higher is better), "↓" (lower is better) or "" (a
+uncertainty, validation (``val_*``: what the comparison chooses and gates on), or other. ``better(name)``: "↑" (higher is better), "↓" (lower is better) or "" (a
 setting or a count, neither). Rules are tried in order; the first whose pattern matches wins.
 """
 
@@ -31,11 +31,14 @@ _RULES: tuple[tuple[str, str, str], ...] = (  # (pattern, group, better)
     (r"^(acc|test_accuracy)(_ts)?$", "accuracy", UP),
     (r"^(entropy|mutual_info|avg_test_uncertainty)$", "uncertainty", NEITHER),
 )
+SELECTION = "validation (what selection reads)"  # val_<metric>: the same metric on the validation split
 GROUPS = ("accuracy", "calibration", "selective prediction", "OOD detection", "conformal", "shift",
-          "uncertainty", "other")
+          "uncertainty", SELECTION, "other")
 
 
 def _rule(name: str) -> tuple[str, str]:
+    if name.startswith("val_"):
+        return SELECTION, _rule(name[4:])[1]
     for pattern, grp, better_ in _RULES:
         if re.search(pattern, name):
             return grp, better_

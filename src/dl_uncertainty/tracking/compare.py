@@ -1,9 +1,16 @@
-"""Put evaluated models side by side, pick the winner, and register it as the MLflow champion."""
+"""Put evaluated models side by side, pick the winner, and register it as the MLflow champion.
+
+The winner and the champion gate read validation metrics (``val_<metric>``, see ``SELECTION_SPLIT``);
+test metrics are in the tables for reporting and never choose. The registered model's name derives
+from the data a model was trained on (``registered_name``), so models of different data never share
+a name.
+"""
 
 from __future__ import annotations
 
 import base64
 import math
+import re
 from pathlib import Path
 
 import mlflow
@@ -15,6 +22,30 @@ from dl_uncertainty.reports import calibration_plots, metric_catalog
 from dl_uncertainty.reports.render import Section, html_report, markdown_table
 
 CHAMPION = "champion"
+SELECTION_SPLIT = "val"  # the split whose metrics choose the winner and pass the gate
+REGISTERED_PREFIX = "dl-uncertainty"
+
+
+def selection_metric(metric: str) -> str:
+    """The validation metric that ``evaluate.winner_metric`` chooses by: ``nll`` -> ``val_nll``."""
+    return metric if metric.startswith(f"{SELECTION_SPLIT}_") else f"{SELECTION_SPLIT}_{metric}"
+
+
+def selection_note(metric: str) -> str:
+    return f"chosen on validation {metric.removeprefix(f'{SELECTION_SPLIT}_')}; test numbers reported only"
+
+
+def registered_name(data, feature_shape, explicit: str | None = None) -> str:
+    """``explicit`` (evaluate.registered_model_name), else ``dl-uncertainty-<data>-<input shape>``: the data
+    source (with the file or folder name for csv, npz and image_folder) and the input shape joined by x,
+    e.g. ``dl-uncertainty-digits-1x8x8``, ``dl-uncertainty-image_folder-shapes-3x32x32``."""
+    if explicit:
+        return explicit
+    source = str(data.source)
+    if data.get("path") and source in ("csv", "npz", "image_folder"):
+        source += "-" + Path(str(data.path).rstrip("/")).stem
+    shape = "x".join(str(int(d)) for d in feature_shape)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{REGISTERED_PREFIX}-{source}-{shape}")
 
 
 def pick_winner(results: dict[str, dict[str, float]], metric: str, mode: str) -> str:
@@ -28,11 +59,11 @@ def pick_winner(results: dict[str, dict[str, float]], metric: str, mode: str) ->
 
 # gate key -> (metric, direction, what it means); coverage is checked against 1 - alpha - coverage_slack
 GATE = {
-    "max_ece": ("ece_ts", "max", "test ECE (calibrated)"),
-    "min_ood_auroc": ("auroc_entropy", "min", "OOD AUROC (entropy)"),
-    "coverage_slack": ("coverage", "min", "conformal coverage"),
+    "max_ece": ("val_ece_ts", "max", "validation ECE (calibrated)"),
+    "min_ood_auroc": ("val_auroc_entropy", "min", "OOD AUROC (entropy, validation vs OOD)"),
+    "coverage_slack": ("val_coverage", "min", "validation conformal coverage"),
 }
-OPTIONAL = {"auroc_entropy": "no OOD split"}  # the only metric a model may lack: then it is not checked
+OPTIONAL = {"val_auroc_entropy": "no OOD split"}  # the only metric a model may lack: then it is not checked
 
 
 def _limit(key: str, gate, alpha: float) -> float | None:
@@ -112,7 +143,7 @@ def _reason(results: dict[str, dict[str, float]], winner: str, metric: str, mode
 def comparison_markdown(results: dict[str, dict[str, float]], columns: list[str], winner: str,
                         metric: str, mode: str, verdict: str = "") -> str:
     return (f"# Model comparison\n\n{markdown_table(comparison_rows(results, columns))}\n\n"
-            f"**Winner: {winner}** ({_reason(results, winner, metric, mode)}). {verdict}\n")
+            f"**Winner: {winner}** ({_reason(results, winner, metric, mode)}; {selection_note(metric)}). {verdict}\n")
 
 
 SWEEP_FIGURES = {"optimization_history": "Optimisation history", "param_importances": "Parameter importance"}
@@ -163,7 +194,8 @@ def comparison_html(results: dict[str, dict[str, float]], columns: list[str], wi
         groups[metric_catalog.group(k)].append({"metric": k, "better": metric_catalog.better(k),
                                                 **{name: m.get(k, float("nan")) for name, m in results.items()}})
     sections = [
-        Section("Winner", text=[f"{winner} wins on {_reason(results, winner, metric, mode)}.", verdict],
+        Section("Winner", text=[f"{winner} wins on {_reason(results, winner, metric, mode)} ({selection_note(metric)}).",
+                                verdict],
                 table=[{"metric": c, "better": metric_catalog.better(c),
                         **{name: m.get(c, float("nan")) for name, m in results.items()}} for c in columns]),
         Section("Calibration and selective prediction", figures={

@@ -113,8 +113,9 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({
             **{f"prob_{c}": out["probs"][:, k] for k, c in enumerate(names)},
             "predicted_class": names[out["probs"].argmax(1)],
-            "predictive_entropy": out["entropy"],
-            "mutual_information": out["mutual_info"],
+            "predictive_entropy": out["entropy"],  # of the served probabilities (temperature-scaled samples)
+            "expected_entropy": out["expected_entropy"],  # aleatoric: mean entropy of the scaled samples
+            "mutual_information": out["mutual_info"],  # epistemic: predictive_entropy - expected_entropy
             "prediction_set": [names[row].tolist() for row in out["sets"]],
             "set_size": out["sets"].sum(1),
             "abstain": out["abstain"],
@@ -169,7 +170,16 @@ def log_evaluation(evaluation) -> None:
     from dl_uncertainty.reports.evaluation import html, save_predictions
     from dl_uncertainty.reports.render import figure_png
 
-    mlflow.log_metrics(evaluation.metrics)
+    run_id = mlflow.active_run().info.run_id
+    logged = mlflow.get_run(run_id).data.metrics
+    # val_nll and val_acc also name the training curves: the evaluation's value goes one step after their
+    # last epoch, so that the run's latest value is the evaluation's and the curve keeps its points
+    again = {k: v for k, v in evaluation.metrics.items() if k in logged}
+    mlflow.log_metrics({k: v for k, v in evaluation.metrics.items() if k not in again})
+    client = mlflow.MlflowClient()
+    for key, value in again.items():
+        step = max((m.step for m in client.get_metric_history(run_id, key)), default=-1) + 1
+        mlflow.log_metric(key, value, step=step)
     with tempfile.TemporaryDirectory() as tmp:  # figures drawn once, for the report and for MLflow
         for name, figure in evaluation.figures.items():
             (Path(tmp) / f"{name}.png").write_bytes(figure_png(figure))

@@ -1,8 +1,14 @@
-"""After training, on the validation split: temperature, conformal prediction sets, when to abstain.
+"""After training, on the calibration split: temperature, conformal prediction sets, when to abstain.
 
-All three act on the MC-averaged prediction (the model's predictive distribution), are fitted once
-on held-out data and travel with the model in its bundle, so the served model and the offline
-evaluation apply exactly the same numbers.
+The calibration split (``data.calib_fraction``) is neither the validation split, which stops training
+and chooses between models, nor the test split, which is only reported. All three act on the served
+predictive distribution, are fitted once on it and travel with the model in its bundle, so the served
+model and the offline evaluation apply exactly the same numbers.
+
+The temperature divides each MC sample's log-probabilities (``served_samples``); the served
+probabilities are the mean of the scaled samples, and the served predictive entropy, expected
+entropy and mutual information are those of the same scaled samples, so the entropy a row is
+served with is the entropy of the probabilities it is served with.
 
 Conformal sets (LAC, APS, RAPS; see ``conformal``) are split conformal. The thresholds are numbers
 in the bundle's JSON, and the randomised scores' per-row uniforms are a keyed hash of the row's
@@ -32,16 +38,16 @@ BOOTSTRAP = 2000  # resamples of the held-out NLL gain
 
 @dataclass
 class Calibration:
-    temperature: float  # applied to the MC-averaged log-probabilities; 1.0 when scaling did not help
+    temperature: float  # divides each MC sample's log-probabilities; 1.0 when scaling did not help
     fitted_temperature: float
-    val_nll: float  # validation NLL before scaling
+    val_nll: float  # NLL on the split it was fitted on (``split``) before scaling
     val_nll_calibrated: float  # ... with temperatures fitted on the other half (see ``fit``)
     alpha: float
     method: str  # the conformal score the served sets use
     thresholds: dict[str, float]  # conformal quantile per method
-    max_entropy: float  # abstain above this predictive entropy (of the MC samples, before scaling)
+    max_entropy: float  # abstain above this predictive entropy (of the served, scaled MC samples)
     target_risk: float
-    examples: int  # validation examples everything was fitted on
+    examples: int  # rows of ``split`` everything was fitted on
     errors: int = -1  # of those, how many the MC-averaged prediction gets wrong (-1: not recorded)
     k_reg: int = 0  # RAPS: ranks up to k_reg are not penalised
     lam: float = 0.0  # RAPS: penalty per rank beyond k_reg
@@ -50,6 +56,7 @@ class Calibration:
     seed: int = 0  # keys the per-row uniforms
     nll_gain: list[float] = field(default_factory=list)  # held-out NLL gain of T: mean, 5 % and 95 % bootstrap
     temperature_reason: str = ""
+    split: str = "val"  # the split it was fitted on: "calib" (bundles from before the calibration split: "val")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,9 +95,14 @@ class Calibration:
 # --------------------------------------------------------------------------- fitting and applying
 
 
-def calibrated_log_probs(mean_log_probs: np.ndarray, temperature: float) -> np.ndarray:
-    """``log softmax(log p_bar / T)``: temperature scaling of the predictive distribution itself."""
-    return M.apply_temperature(mean_log_probs, temperature)
+def served_samples(log_probs: np.ndarray, temperature: float) -> np.ndarray:
+    """MC samples ``[T, N, K]`` as served: each sample's ``log softmax(log p_t / T)``."""
+    return log_probs if temperature == 1.0 else M.apply_temperature(log_probs, temperature)
+
+
+def served_mean(log_probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Log of the served probabilities ``mean_t softmax(log p_t / T)``, ``[N, K]``."""
+    return M.mean_log_probs(served_samples(log_probs, temperature))
 
 
 def entropy_threshold(entropy: np.ndarray, correct: np.ndarray, target_risk: float) -> float:
@@ -107,16 +119,17 @@ def entropy_threshold(entropy: np.ndarray, correct: np.ndarray, target_risk: flo
 
 
 
-def held_out_gain(mean_log_probs: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
-    """NLL with temperatures fitted on the other half (2-fold: what scaling does to data it was not
-    fitted on), and the per-row gain over no scaling: [mean, 5 %, 95 %] of a paired bootstrap."""
+def held_out_gain(log_probs: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
+    """NLL of MC samples ``[T, N, K]`` with temperatures fitted on the other half (2-fold: what
+    scaling does to data it was not fitted on), and the per-row gain over no scaling: [mean, 5 %,
+    95 %] of a paired bootstrap."""
     n = len(labels)
-    before = -mean_log_probs[np.arange(n), labels]
+    before = -M.mean_log_probs(log_probs)[np.arange(n), labels]
     after = np.empty(n)
     halves = np.array_split(np.random.default_rng(0).permutation(n), 2)
     for fit_rows, score_rows in (halves, halves[::-1]):
-        t = M.fit_temperature(mean_log_probs[fit_rows], labels[fit_rows])
-        scaled = calibrated_log_probs(mean_log_probs[score_rows], t)
+        t = M.fit_temperature(log_probs[:, fit_rows], labels[fit_rows])
+        scaled = served_mean(log_probs[:, score_rows], t)
         after[score_rows] = -scaled[np.arange(len(score_rows)), labels[score_rows]]
     gain = before - after
     means = gain[np.random.default_rng(1).integers(0, n, (BOOTSTRAP, n))].mean(1)
@@ -126,9 +139,9 @@ def held_out_gain(mean_log_probs: np.ndarray, labels: np.ndarray) -> tuple[float
 def _keep_temperature(scaling: bool, n: int, errors: int, gain: list[float]) -> str:
     """Why T is kept or not: a sentence starting with "kept" or "not kept"."""
     if not scaling:
-        return "not kept: evaluate.calibration=none" if n >= 4 else f"not kept: {n} validation examples are too few"
+        return "not kept: evaluate.calibration=none" if n >= 4 else f"not kept: {n} calibration examples are too few"
     if errors == 0:
-        return ("not kept: the model makes no validation error, so the NLL only falls as T -> 0 and the "
+        return ("not kept: the model makes no error on the calibration split, so the NLL only falls as T -> 0 and the "
                 "first error on new data would cost a huge NLL")
     verdict = "kept" if gain[1] > 0 else "not kept"
     why = "above 0" if gain[1] > 0 else "not above 0: the gain is within its bootstrap noise"
@@ -136,33 +149,36 @@ def _keep_temperature(scaling: bool, n: int, errors: int, gain: list[float]) -> 
 
 
 def fit(val_log_probs: np.ndarray, val_labels: np.ndarray, cfg: DictConfig, rows: np.ndarray | None = None,
-        seed: int = 0) -> Calibration:
-    """Fit everything on the validation split's MC samples ``[T, N, K]``; ``cfg`` is ``cfg.evaluate``.
+        seed: int = 0, split: str = "calib") -> Calibration:
+    """Fit everything on the MC samples ``[T, N, K]`` of ``split`` (the calibration split); ``cfg``
+    is ``cfg.evaluate``. The temperature minimises the NLL of the served distribution, the mean of
+    the scaled samples; the abstain threshold is on the scaled samples' predictive entropy.
 
-    ``rows``: the validation inputs, whose keyed hash (``seed``) gives APS and RAPS their per-row
+    ``rows``: that split's inputs, whose keyed hash (``seed``) gives APS and RAPS their per-row
     uniforms; without them, the MC-averaged log-probabilities stand in. The temperature is kept only
-    if its held-out NLL gain is above its bootstrap noise and the model errs on some validation
+    if its held-out NLL gain is above its bootstrap noise and the model errs on some calibration
     example: with no error, the NLL only falls as T -> 0 and the sharpened model pays a huge NLL
     for its first error on new data.
     """
     mean = M.mean_log_probs(val_log_probs)
     before = M.nll(mean, val_labels)
     scaling = cfg.calibration == "temperature" and len(val_labels) >= 4
-    fitted = M.fit_temperature(mean, val_labels) if scaling else 1.0
-    after, gain = held_out_gain(mean, val_labels) if scaling else (before, [0.0, 0.0, 0.0])
+    fitted = M.fit_temperature(val_log_probs, val_labels) if scaling else 1.0
+    after, gain = held_out_gain(val_log_probs, val_labels) if scaling else (before, [0.0, 0.0, 0.0])
     errors = int((mean.argmax(1) != val_labels).sum())
     reason = _keep_temperature(scaling, len(val_labels), errors, gain)
     temperature = fitted if reason.startswith("kept") else 1.0
-    probs = np.exp(calibrated_log_probs(mean, temperature))
+    samples = served_samples(val_log_probs, temperature)
+    probs = np.exp(M.mean_log_probs(samples))
     correct = probs.argmax(1) == val_labels
     cal = Calibration(
         temperature=temperature, fitted_temperature=fitted, val_nll=before, val_nll_calibrated=after,
         alpha=cfg.alpha, method=cfg.conformal_method, thresholds={},
-        max_entropy=entropy_threshold(M.predictive_entropy(val_log_probs), correct, cfg.target_risk),
+        max_entropy=entropy_threshold(M.predictive_entropy(samples), correct, cfg.target_risk),
         target_risk=cfg.target_risk, examples=len(val_labels), errors=errors,
         k_reg=int(cfg.get("raps_k_reg", 1)), lam=float(cfg.get("raps_lambda", 0.01)),
         nonempty=bool(cfg.get("conformal_nonempty", False)), randomized=True, seed=int(seed),
-        nll_gain=gain, temperature_reason=reason,
+        nll_gain=gain, temperature_reason=reason, split=split,
     )
     u = cal.uniforms(mean if rows is None else rows)
     cal.thresholds = {m: cal.threshold(probs, val_labels, u, m, cfg.alpha) for m in CONFORMAL_METHODS}
@@ -170,14 +186,18 @@ def fit(val_log_probs: np.ndarray, val_labels: np.ndarray, cfg: DictConfig, rows
 
 
 def decide(log_probs: np.ndarray, calibration: Calibration, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """From MC samples ``[T, N, K]`` of inputs ``rows``: calibrated probabilities, the served set and
-    abstain, with the MC samples' own uncertainty (total = entropy, epistemic = mutual information).
-    ``rows`` key the randomised scores' uniforms; without them, the MC-averaged log-probabilities do."""
-    mean = M.mean_log_probs(log_probs)
-    probs = np.exp(calibrated_log_probs(mean, calibration.temperature))
-    entropy = M.predictive_entropy(log_probs)
-    u = calibration.uniforms(mean if rows is None else rows)
+    """From MC samples ``[T, N, K]`` of inputs ``rows``: the served (temperature-scaled) probabilities,
+    set and abstain flag, and the uncertainty of that same served distribution: total = entropy of
+    the served probabilities, aleatoric = expected entropy of the scaled samples, epistemic = mutual
+    information, their difference. ``rows`` key the randomised scores' uniforms; without them, the
+    MC-averaged (unscaled) log-probabilities do."""
+    samples = served_samples(log_probs, calibration.temperature)
+    mean = M.mean_log_probs(samples)
+    probs = np.exp(mean)
+    entropy = M.predictive_entropy(samples)
+    expected = M.expected_entropy(samples)
+    u = calibration.uniforms(M.mean_log_probs(log_probs) if rows is None else rows)
     sets = calibration.sets(probs, u)
     abstain = (sets.sum(1) != 1) | (entropy > calibration.max_entropy)
-    return {"probs": probs, "entropy": entropy, "mutual_info": M.mutual_information(log_probs),
-            "sets": sets, "abstain": abstain, "u": u}
+    return {"probs": probs, "entropy": entropy, "expected_entropy": expected,
+            "mutual_info": np.maximum(entropy - expected, 0.0), "sets": sets, "abstain": abstain, "u": u}

@@ -79,10 +79,12 @@ def quantile_rank(n: int, alpha: float) -> int:
 
 
 def check_alpha(n: int, alpha: float) -> None:
-    """Refuse an alpha below 1/(n+1): with n calibration examples only the full label set is guaranteed."""
+    """Refuse n < 1/alpha - 1 calibration rows: the conformal quantile would be infinite (every set
+    the full label set)."""
     if quantile_rank(n, alpha) > n:
-        raise UserError(f"evaluate.alpha={alpha:g} is too small for {n} calibration examples (every set would be "
-                        f"the full label set); use alpha >= 1/(n+1) = {1 / (n + 1):.4f} or more validation data")
+        need = next(m for m in range(max(n + 1, int(1 / alpha) - 2), 10**9) if quantile_rank(m, alpha) <= m)
+        raise UserError(f"the calibration split has {n} rows, too few for evaluate.alpha={alpha:g} (the conformal "
+                        f"quantile needs n >= 1/alpha - 1, i.e. {need} rows): raise data.calib_fraction or evaluate.alpha")
 
 
 def threshold(scores: np.ndarray, alpha: float) -> float:
