@@ -141,7 +141,7 @@ def benchmark_overrides(tmp_path, name, md5s: dict[str, dict[str, str]]):
     urls = ",".join(f"{k}:'file://{tmp_path / k}'" for k in md5s)
     sums = ",".join(f"{k}/{f}:{v}" for k, files in md5s.items() for f, v in files.items())
     return [f"data={name}", f"data.cache_dir={tmp_path / 'cache'}", f"+data.urls={{{urls}}}",
-            f"+data.checksums={{{sums}}}", "data.val_fraction=0.25"]
+            f"+data.checksums={{{sums}}}", "data.val_fraction=0.25", "data.calib_fraction=0.25"]
 
 
 def test_mnist_and_fashion_mnist_files_are_downloaded_checked_and_paired(tmp_path):
@@ -150,7 +150,7 @@ def test_mnist_and_fashion_mnist_files_are_downloaded_checked_and_paired(tmp_pat
     cfg = load_config(benchmark_overrides(tmp_path, "mnist", md5s))
     splits = prepare(cfg.data, cfg.seed)
     assert (tmp_path / "cache" / "mnist" / "t10k-images-idx3-ubyte.gz").is_file()
-    assert len(splits["test"].y) == 20 and len(splits["train"].y) + len(splits["val"].y) == 40
+    assert len(splits["test"].y) == 20 and sum(len(splits[k].y) for k in ("train", "val", "calib")) == 40
     assert splits["train"].schema.feature_shape == [1, 28, 28]
     assert splits["train"].schema.class_names == [str(i) for i in range(10)]
     ood = splits["ood"]

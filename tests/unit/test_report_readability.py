@@ -47,7 +47,7 @@ def test_the_evaluation_report_prints_the_band_beside_the_measured_coverage(tiny
     ev = evaluate_model(model, cfg, s["test"], s["ood"], s["val"])
     page = html(ev)
     n = len(s["val"].y)
-    assert f"calibrated on n = {n} validation examples" in page
+    assert f"calibrated on the validation split, n = {n} examples" in page
     assert f"[0.900, {0.9 + 1 / (n + 1):.3f}]" in page
     assert "Conformal coverage per true class (RAPS)" in page and "All metrics: OOD detection" in page
     assert ev.metrics["coverage"] == ev.metrics["coverage_raps"]

@@ -178,7 +178,7 @@ class Laplace(Family):
         return LastLayerLaplace(build_network(cfg, feature_shape, num_classes, bayesian=False), cfg.hessian, cfg.link)
 
     def sample(self, model: nn.Module, x: torch.Tensor, samples: int, *, strategy: str = "auto",
-               seed: int | None = None) -> torch.Tensor:
+               seed: int | None = None, cache=None) -> torch.Tensor:
         """``[T, N, K]``: the MAP network's prediction until the posterior is fitted (training's
         validation passes), then the ``model.link`` predictive. ``strategy`` does not apply."""
         with torch.inference_mode():

@@ -204,7 +204,7 @@ class SWAG(Family):
         model.ready.fill_(True)
 
     def sample(self, model: nn.Module, x: torch.Tensor, samples: int, *, strategy: str = "auto",
-               seed: int | None = None) -> torch.Tensor:
+               seed: int | None = None, cache=None) -> torch.Tensor:
         """``[T, N, K]`` log-softmax of T weight samples; before the posterior is fitted (during
         training) and with ``model.swa_only``, the network as it is, T times."""
         was_training = model.training
