@@ -17,7 +17,7 @@ from dl_uncertainty.errors import UserError
 from dl_uncertainty.uncertainty import metrics as M
 from tests.conftest import LOOSE_GATE, TINY
 
-PARAMS = dict(epochs=3, learning_rate=0.001, mc_samples=8, seed=3, data_source="digits",
+PARAMS = dict(epochs=3, learning_rate=0.001, mc_samples=8, seed=3, seeds=1, data_source="digits",
               experiment_name="component-test", mlflow_tracking_uri="")
 
 
@@ -42,7 +42,8 @@ def chain(tmp_path_factory):
     out["evaluated"] = {}
     for name in ("bnn", "mc_dropout_dnn"):
         model = art(dsl.Model, tmp, f"model-{name}")
-        train.python_func(config=out["config"], model_name=name, train=splits["train"], val=splits["val"],
+        train.python_func(config=out["config"], model_name=name, seed=PARAMS["seed"], train=splits["train"],
+                          val=splits["val"],
                           model=model)
         outputs = {k: art(cls, tmp, f"{k}-{name}") for k, cls in (
             ("metrics", dsl.Metrics), ("confusion", dsl.ClassificationMetrics), ("report", dsl.HTML),
@@ -229,7 +230,7 @@ def test_train_on_a_corrupt_dataset_artifact_fails_clearly(chain, tmp_path):
     bad = art(dsl.Dataset, tmp_path, "train")
     (tmp_path / "train").write_bytes(b"\x00garbage")
     with pytest.raises(UserError, match="is not a dataset"):
-        train.python_func(config=chain["config"], model_name="bnn", train=bad, val=chain["splits"]["val"],
+        train.python_func(config=chain["config"], model_name="bnn", seed=3, train=bad, val=chain["splits"]["val"],
                           model=art(dsl.Model, tmp_path, "m"))
 
 
@@ -250,7 +251,7 @@ def test_the_components_run_as_kfp_local_tasks(tmp_path, monkeypatch):
         config = configure(models=["mc_dropout_dnn"], overrides=without_keys(TINY, ["train.epochs"]),
                            **{**PARAMS, "epochs": 1})
         data = preprocess(config=config.outputs["config"])
-        model = train(config=config.outputs["config"], model_name="mc_dropout_dnn", train=data.outputs["train"],
+        model = train(config=config.outputs["config"], model_name="mc_dropout_dnn", seed=3, train=data.outputs["train"],
                       val=data.outputs["val"])
         return evaluate(model=model.outputs["model"], val=data.outputs["val"], test=data.outputs["test"],
                         ood=data.outputs["ood"]).outputs["metrics"]
