@@ -26,7 +26,12 @@ def configure(
     ``[{"model": ..., "seed": ...}]`` (every model x ``seeds`` model seeds), which only the
     ParallelFor reads.
     """
-    from dl_uncertainty.config.compose import branches, data_source_overrides, model_configs, with_typed
+    from dl_uncertainty.config.compose import (
+        branches,
+        data_source_overrides,
+        model_configs,
+        with_typed,
+    )
     from dl_uncertainty.config.parameters import typed_overrides
 
     typed = [*typed_overrides(locals()), *data_source_overrides(data_source)]
