@@ -103,7 +103,7 @@ class Paired:
     @property
     def beyond_noise(self) -> bool | None:
         """True when the whole interval is above 0; None with one seed (noise not measured)."""
-        return None if self.n < 2 else self.low > 0
+        return None if self.n < 2 else bool(self.low > 0)
 
 
 def paired(winner_runs: list[dict], other_runs: list[dict], other: str, metric: str, mode: str,
@@ -122,7 +122,7 @@ def paired(winner_runs: list[dict], other_runs: list[dict], other: str, metric: 
     if n < 2:
         mean = diffs[0] if diffs else float("nan")
         return Paired(other, diffs, mean, mean)
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * float(np.std(diffs, ddof=1)) / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(np.std(diffs, ddof=1)) / math.sqrt(n)
     mean = float(np.mean(diffs))
     return Paired(other, diffs, mean - half, mean + half)
 
