@@ -17,6 +17,7 @@ RUNNER ?= subprocess
 VERBOSE ?=
 MODELS ?= bnn,mc_dropout_dnn,deep_ensemble
 TUNE_MODELS ?= bnn,mc_dropout_dnn
+SEEDS ?=
 # torch comes first and alone: a wheel already on this machine (pip's find-links) wins, else this
 # index. The CPU build is what a laptop wants; PyPI's default torch is a multi-GB CUDA build.
 # On a GPU machine: TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
@@ -26,7 +27,7 @@ TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 STACK_ENV := .stack/env
 WITH_STACK = $(if $(wildcard $(STACK_ENV)),source $(STACK_ENV) && echo "using the local stack ($(STACK_ENV)): $$MLFLOW_TRACKING_URI" &&,)
 
-.PHONY: help install test test-e2e lint format run compile train tune evaluate serve mlflow-ui bench pipeline-upload \
+.PHONY: help install test test-e2e lint format run results compile train tune evaluate serve mlflow-ui bench pipeline-upload \
         pipeline-run stack-up stack-down stack-status clean
 
 help: ## list the targets
@@ -53,8 +54,11 @@ lint: $(INSTALLED) ## ruff on the whole tree; the core's shape: no import cycle,
 	$(VENV)/bin/ruff check src components pipelines tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_layout.py
 
-run: $(INSTALLED) ## run the whole pipeline locally (kfp.local); RUNNER=docker: every task in the image; VERBOSE=1: every task's log
-	@$(WITH_STACK) $(PY) -m pipelines run-local --runner $(RUNNER) $(if $(VERBOSE),--verbose) $(OVERRIDES)
+run: $(INSTALLED) ## run the whole pipeline locally (kfp.local); SEEDS=3: every family with 3 model seeds; RUNNER=docker: every task in the image; VERBOSE=1: every task's log
+	@$(WITH_STACK) $(PY) -m pipelines run-local --runner $(RUNNER) $(if $(VERBOSE),--verbose) $(OVERRIDES) $(if $(SEEDS),pipeline.seeds=$(SEEDS))
+
+results: $(INSTALLED) ## regenerate the results tables in README.md and BENCHMARKS.md (3 seeds on digits, a few minutes)
+	$(PY) benchmarks/results.py
 
 compile: $(INSTALLED) ## compile the pipeline to build/uncertainty_pipeline.yaml
 	$(PY) -m pipelines compile $(PIPELINE_FLAGS) $(OVERRIDES)

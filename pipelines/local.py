@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from components.images import CPU_IMAGE
-from dl_uncertainty.config.compose import load_config
+from dl_uncertainty.config.compose import branch_label, branches, load_config
 from dl_uncertainty.errors import UserError, check_writable
 from dl_uncertainty.tracking.store import (
     DEFAULT_URI,
@@ -49,17 +49,19 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs",
         cfg, PIPELINE_NAME, pipeline_root, verbose, runner,
         lambda task_uri, image: build_pipeline(cfg, cluster=False, mlflow_tracking_uri=task_uri,
                                                default_overrides=overrides, image=image),
-        labels=list(cfg.pipeline.models))
+        labels=[branch_label(b["model"], b["seed"], cfg.pipeline.seeds)
+                for b in branches(list(cfg.pipeline.models), cfg.pipeline.seeds, cfg.seed)],
+        at_once=len(cfg.pipeline.models))  # one branch per family at a time; further seeds queue
     _summary(run_dir, uri, seconds, log.task_times())
     return run_dir
 
 
 def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: str,
             build: Callable[[str, str | None], Callable], labels: list[str] | None = None,
-            ) -> tuple[Path, str, float, _Tee]:
+            at_once: int | None = None) -> tuple[Path, str, float, _Tee]:
     """Run the pipeline ``build(tracking_uri, image)`` returns under kfp.local, after checking
     MLflow (and, for ``runner="docker"``, the engine and the image) before any work. ``labels``
-    name the ParallelFor iterations in the progress lines.
+    name the ParallelFor iterations in the progress lines; ``at_once`` of them run at a time (all by default).
     Returns the run's folder, the tracking URI, the seconds it took and its log."""
     from kfp import local
 
@@ -93,7 +95,7 @@ def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: st
             print(f"running every task in {image} ({os.environ['DOCKER_HOST']}), MLflow at {task_uri}; "
                   f"containers labelled {containers.RUN_LABEL}={run_id}")
         local.init(runner=task_runner, pipeline_root=str(root), raise_on_error=True)
-        stack.enter_context(_branches_at_once(len(labels or [])))
+        stack.enter_context(_branches_at_once(at_once or len(labels or [])))
         pipeline = build(task_uri, image)
         tic = time.perf_counter()
         log = _Tee(sys.stdout, verbose, labels)
@@ -254,13 +256,15 @@ def _collect_reports(run_dir: Path) -> dict[str, Path]:
     out = run_dir / "reports"
     out.mkdir(exist_ok=True)
     found = {}
+    records = {r: json.loads(r.read_text()) for r in run_dir.rglob("evaluate/metrics") if r.is_file()}
+    seeds = collections.Counter(record["model"] for record in records.values())
     for report in sorted(run_dir.rglob("*report")):
         if not report.is_file():
             continue
         name = report.parent.name
-        metrics = report.parent / "metrics"
-        if metrics.is_file():
-            name = f"{name}-{json.loads(metrics.read_text())['model']}"
+        record = records.get(report.parent / "metrics")
+        if record:  # one report per family, or per (family, seed) when a family has several
+            name = f"{name}-{branch_label(record['model'], record.get('seed', 0), seeds[record['model']])}"
         found[name] = out / f"{name}.html"
         shutil.copyfile(report, found[name])
     return found

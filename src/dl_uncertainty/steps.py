@@ -46,7 +46,7 @@ def evaluate_bundle(bundle: str, val: str, calib: str, test: str, ood: str):
     evaluation = evaluate_and_log(net, cfg, splits, calibration, meta["run_id"])
     matrix = confusion_matrix(evaluation.predictions["labels"], evaluation.predictions["probs"].argmax(1),
                               labels=list(range(len(schema.class_names))))
-    record = {"model": cfg.model.name, "run_id": meta["run_id"], "metrics": evaluation.metrics,
+    record = {"model": cfg.model.name, "seed": cfg.seed, "run_id": meta["run_id"], "metrics": evaluation.metrics,
               "registered_model_name": registered_name(cfg.data, schema.feature_shape, cfg.evaluate.registered_model_name)}
     return evaluation, list(schema.class_names), matrix.tolist(), record
 
@@ -63,32 +63,40 @@ class Comparison:
 
 
 def compare_models(config_json: str, records: list[str], predictions: list[str]) -> Comparison:
-    """The pipeline's compare step: table the evaluated models, pick the winner on validation metrics,
-    gate it on validation metrics, and register it under its data's name."""
+    """The pipeline's compare step: table the evaluated models (mean ± std over each family's seeds),
+    pick the winner on the mean of a validation metric, say whether its lead is beyond seed noise,
+    gate the winner's median-seed run on validation metrics and register it under its data's name."""
     from dl_uncertainty.config.compose import pick_config
     from dl_uncertainty.tracking import compare as C
+    from dl_uncertainty.tracking import seeds as S
     from dl_uncertainty.tracking import store
     from dl_uncertainty.uncertainty.metrics import TABLE_METRICS
 
     cfg = pick_config(config_json)
     entries = [json.loads(open(path).read()) for path in records]
-    results = {e["model"]: e["metrics"] for e in entries}
-    preds = {}
     for entry, path in zip(entries, predictions, strict=True):
-        with np.load(path) as npz:
-            preds[entry["model"]] = {"probs": npz["probs"], "labels": npz["labels"]}
+        entry["predictions"] = path
+    spreads = S.aggregate(entries)
+    results = S.means(spreads)
     metric, mode = C.selection_metric(cfg.evaluate.winner_metric), cfg.evaluate.winner_mode
     winner = C.pick_winner(results, metric, mode)
-    gate, alpha = cfg.evaluate.champion_gate, results[winner].get("alpha", cfg.evaluate.alpha)
-    failures = C.gate_failures(results[winner], gate, alpha)
+    chosen = {name: S.median_seed(runs, metric, mode) for name, runs in S.by_family(entries).items()}
+    preds = {}
+    for name, entry in chosen.items():
+        with np.load(entry["predictions"]) as npz:
+            preds[name] = {"probs": npz["probs"], "labels": npz["labels"]}
+    registered = chosen[winner]
+    gate, alpha = cfg.evaluate.champion_gate, registered["metrics"].get("alpha", cfg.evaluate.alpha)
+    failures = C.gate_failures(registered["metrics"], gate, alpha)
     store.setup(cfg)
-    name = next(e.get("registered_model_name") for e in entries if e["model"] == winner) \
-        or C.registered_name(cfg.data, [], cfg.evaluate.registered_model_name)
-    verdict = C.gate_verdict(winner, failures, C.gate_skipped(results[winner], gate), C.current_champion(name))
+    name = registered.get("registered_model_name") or C.registered_name(cfg.data, [], cfg.evaluate.registered_model_name)
+    verdict = C.gate_verdict(winner, failures, C.gate_skipped(registered["metrics"], gate), C.current_champion(name))
+    noise = S.noise_verdict(winner, metric, S.leads(entries, winner, metric, mode))
     columns = [c for c in TABLE_METRICS if any(c in m for m in results.values())]
-    markdown = C.comparison_markdown(results, columns, winner, metric, mode, verdict)
-    tuning = C.tuning_section({e["model"]: e["run_id"] for e in entries})
-    html = C.comparison_html(results, columns, winner, metric, mode, preds, verdict, tuning)
-    run_id = next(e["run_id"] for e in entries if e["model"] == winner)
-    version = C.register_champion(run_id, name, promote=not failures)
+    note = f"{C.selection_note(metric)}. {noise}"
+    markdown = S.spread_markdown(spreads, columns, winner, metric, mode, registered, note, verdict)
+    tuning = C.tuning_section({family: entry["run_id"] for family, entry in chosen.items()})
+    html = C.comparison_html(results, columns, winner, metric, mode, preds, f"{note} {verdict}", tuning,
+                             seeds=S.spread_rows(spreads, columns))
+    version = C.register_champion(registered["run_id"], name, promote=not failures)
     return Comparison(winner, markdown, html, verdict, version, not failures, name)

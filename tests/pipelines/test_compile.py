@@ -99,7 +99,7 @@ def test_parameter_defaults_equal_the_composed_config(compiled):
     params = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
     assert params == {
         "models": list(cfg.pipeline.models), "epochs": 11, "learning_rate": cfg.train.lr,
-        "mc_samples": cfg.evaluate.mc_samples, "seed": cfg.seed, "data_source": "digits",
+        "mc_samples": cfg.evaluate.mc_samples, "seed": cfg.seed, "seeds": 1, "data_source": "digits",
         "mlflow_tracking_uri": "", "experiment_name": cfg.experiment_name,
         "overrides": ["model.dropout=0.3"],  # train.epochs=11 is the typed epochs: in one place only
     }
@@ -142,3 +142,39 @@ def test_every_task_has_a_plain_display_name(compiled):
     names = re.findall(r"^\s*taskInfo:\s*\n\s*name: (.+)$", text, re.M)
     assert {"configure", "preprocess", "train", "evaluate", "compare"} <= set(names)
     assert not [n for n in names if "{{" in n]  # a loop item in a display name stays a raw placeholder
+
+
+def test_seeds_make_the_parallel_for_cover_every_family_times_every_seed(tmp_path):
+    """pipeline.seeds=3: the run parameter defaults to 3, the one loop iterates over configure's
+    branches, whose items give train its model and seed, and configure lists every family x seed."""
+    from kfp import dsl
+
+    from components.configure import configure
+
+    spec = next(yaml.safe_load_all(compile_pipeline(["pipeline.seeds=3"], tmp_path / "p.yaml").read_text()))
+    assert spec["root"]["inputDefinitions"]["parameters"]["seeds"]["defaultValue"] == 3
+    loops = {name: task for name, task in spec["root"]["dag"]["tasks"].items() if "parameterIterator" in task}
+    (loop,) = loops.values()
+    channel = loop["parameterIterator"]["items"]["inputParameter"]
+    assert loop["inputs"]["parameters"][channel]["taskOutputParameter"] == {
+        "outputParameterKey": "Output", "producerTask": "configure"}
+    body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    item = loop["parameterIterator"]["itemInput"]
+    params = body["train"]["inputs"]["parameters"]
+    assert params["model_name"] == {"componentInputParameter": item,
+                                    "parameterExpressionSelector": 'parseJson(string_value)["model"]'}
+    assert params["seed"] == {"componentInputParameter": item,
+                              "parameterExpressionSelector": 'parseJson(string_value)["seed"]'}
+    assert "evaluate" in body and "compare" in spec["root"]["dag"]["tasks"]
+
+    config = dsl.Artifact(name="config", uri=str(tmp_path / "config"), metadata={})
+    found = configure.python_func(models=["bnn", "mc_dropout_dnn", "deep_ensemble"], overrides=[], epochs=1,
+                                  learning_rate=0.001, mc_samples=4, seed=7, seeds=3, data_source="digits",
+                                  experiment_name="x", mlflow_tracking_uri="", config=config)
+    assert sorted((b["model"], b["seed"]) for b in found) == [
+        (m, s) for m in ("bnn", "deep_ensemble", "mc_dropout_dnn") for s in (7, 8, 9)]
+
+
+def test_the_default_is_one_seed_per_family(compiled):
+    _, spec, _ = compiled
+    assert spec["root"]["inputDefinitions"]["parameters"]["seeds"]["defaultValue"] == 1

@@ -35,6 +35,7 @@ def _validate_tune(u: DictConfig) -> None:
     _check(u.startup_trials >= 0, "tune.startup_trials must be >= 0")
     _check(u.warmup_epochs >= 0, "tune.warmup_epochs must be >= 0")
     _check(u.workers >= 1, f"tune.workers must be >= 1, got {u.workers}")
+    _check(u.seeds >= 1, f"tune.seeds must be >= 1 (model seeds each trial trains), got {u.seeds}")
     _check(bool(u.storage), "tune.storage must be a database URL, e.g. sqlite:///optuna.db")
 
 
@@ -159,6 +160,7 @@ def validate(cfg: DictConfig) -> None:
     _check(len(cfg.pipeline.models) >= 1, "pipeline.models must name at least one model")
     for name in cfg.pipeline.models:
         _one_of(name, "pipeline.models[]", MODEL_NAMES)
+    _check(cfg.pipeline.seeds >= 1, f"pipeline.seeds must be >= 1 (model seeds per family), got {cfg.pipeline.seeds}")
     _check(cfg.pipeline.retries >= 0, "pipeline.retries must be >= 0")
     _validate_tune(cfg.tune)
     _check(

@@ -12,6 +12,7 @@ TYPED = (  # parameter name, the config key it sets, its type
     ("learning_rate", "train.lr", float),
     ("mc_samples", "evaluate.mc_samples", int),
     ("seed", "seed", int),
+    ("seeds", "pipeline.seeds", int),
     ("experiment_name", "experiment_name", str),
 )
 TYPED_KEYS = [key for _, key, _ in TYPED]

@@ -132,6 +132,7 @@ class TuneConfig:
     storage: str = "sqlite:///optuna.db"
     study_name: str | None = None  # null: a new study <model>-<date>; a name: create or continue it
     workers: int = 2  # tuning-pipeline: parallel trial workers
+    seeds: int = 1  # model seeds (seed, seed+1, ...) each trial trains; its objectives are their mean
     tuned_study: str | None = None  # set by configs/tuned/<model>.yaml: the study it is the best trial of
     # model family -> {config key: Hydra sweep: interval(a, b), int(interval(a, b)), range(a, b, step=s),
     # choice(x, y, ...), tag(log, interval(a, b))}
@@ -141,6 +142,7 @@ class TuneConfig:
 @dataclass
 class PipelineConfig:
     models: list[str] = field(default_factory=lambda: ["bnn", "mc_dropout_dnn", "deep_ensemble"])
+    seeds: int = 1  # model seeds per family: branches train with seed, seed+1, ...; the data split keeps `seed`
     gpu: bool = True  # training tasks request nvidia.com/gpu
     gpu_limit: int = 1
     gpu_node_selector: dict[str, str] = field(default_factory=dict)

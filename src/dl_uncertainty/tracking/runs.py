@@ -53,13 +53,13 @@ def live_run(run_id: str | None) -> bool:
 
 @contextmanager
 def start_run(cfg: DictConfig, continue_run_id: str | None = None):
-    """A new run tagged with the model type, with the flattened config as params; or, given the
+    """A new run tagged with the model type and seed, with the flattened config as params; or, given the
     id of a run still in the store (a resumed training's), that run continued with its params kept."""
     setup(cfg)
     continue_run_id = continue_run_id if live_run(continue_run_id) else None
     with mlflow.start_run(**({"run_id": continue_run_id} if continue_run_id else {"run_name": cfg.model.name})) as run:
         sha = git_sha()
-        mlflow.set_tags({"model_type": cfg.model.name, **({"git_sha": sha} if sha else {})})
+        mlflow.set_tags({"model_type": cfg.model.name, "seed": str(cfg.seed), **({"git_sha": sha} if sha else {})})
         if cfg.tune.tuned_study:  # trained from configs/tuned/<model>.yaml: the sweep it came from
             mlflow.set_tag(TUNED_STUDY_TAG, cfg.tune.tuned_study)
         if not continue_run_id:  # a continued run keeps the params it started with

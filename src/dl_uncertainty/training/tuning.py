@@ -4,7 +4,8 @@ The search space is Hydra's sweep syntax per model family (``configs/tune/defaul
 into Optuna distributions here. ``begin`` creates the study and the parent MLflow run, ``work`` runs
 trials (one process, or many workers sharing the study's storage), ``finish`` (in ``sweep_report``)
 picks the best trial and turns it into a Hydra config. A trial is ``train_model`` on the trial's
-config, reporting the per-epoch validation NLL to the pruner through the loop's ``on_epoch`` hook.
+config, reporting the per-epoch validation NLL to the pruner through the loop's ``on_epoch`` hook;
+with ``tune.seeds`` > 1, that many model seeds, whose objectives are averaged.
 """
 
 from __future__ import annotations
@@ -316,13 +317,15 @@ def run_trial(trial: optuna.Trial, sweep: Sweep, space: dict[str, Param], worker
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         trial.set_user_attr("worker", worker)
         mlflow.log_params({key: _label(value) for key, value in values.items()})
-        try:
-            result = train_model(cfg, train, val, on_epoch=on_epoch, quiet=True)
+        try:  # tune.seeds model seeds on one split; the pruner watches the first one's curve
+            results = [train_model(apply(cfg, {"seed": cfg.seed + i}), train, val, on_epoch=None if i else on_epoch,
+                                   quiet=True) for i in range(cfg.tune.seeds)]
         except optuna.TrialPruned:
             mlflow.set_tag("optuna_state", "PRUNED")
             mlflow.end_run("KILLED")
             raise
-        scores = objective_values(cfg, result, val)
+        result, per_seed = results[0], [objective_values(cfg, r, val) for r in results]
+        scores = {k: math.fsum(s[k] for s in per_seed) / len(per_seed) for k in per_seed[0]}
         mlflow.log_metrics({**{f"best_{k}": v for k, v in scores.items()}, "best_epoch": result.best_epoch,
                             "epochs_run": result.epochs_run})
         mlflow.set_tag("optuna_state", "COMPLETE")
