@@ -42,7 +42,7 @@ def train_and_log(
     from dl_uncertainty.families.predict import served_log_probs
     from dl_uncertainty.reports.plots import training_curves
     from dl_uncertainty.tracking import runs as tracking
-    from dl_uncertainty.training.checkpoints import Checkpointer
+    from dl_uncertainty.training.checkpoints import Checkpointer, check_resumable, data_meta
     from dl_uncertainty.training.loop import train_model
     from dl_uncertainty.uncertainty import calibration
 
@@ -53,6 +53,8 @@ def train_and_log(
         train, val = splits["train"], splits["val"]
     # a resumed training continues its MLflow run if the store still has it, so that one run holds every epoch
     resumed = Checkpointer(checkpoint_dir).load() if cfg.train.resume else None
+    if resumed:  # refused here, before its MLflow run is reopened: a refused resume leaves that run as it was
+        check_resumable(resumed, Path(checkpoint_dir) / "last.pt", cfg, train.schema)
     result = None
     try:
         with tracking.start_run(cfg, continue_run_id=resumed and resumed.get("mlflow_run_id")) as run:
@@ -63,7 +65,7 @@ def train_and_log(
                 # queued and sent in batches (flushed when the run ends): one round trip per epoch cost ~1 s
                 on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch, synchronous=False),
                 checkpoint_dir=checkpoint_dir,
-                checkpoint_meta={"mlflow_run_id": run.info.run_id},
+                checkpoint_meta={"mlflow_run_id": run.info.run_id, **data_meta(train.schema)},
             )
             mlflow.log_metrics({
                 "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
