@@ -27,7 +27,7 @@ from dl_uncertainty.data.s3 import read_bytes, split_s3_uri
 from dl_uncertainty.data.splits import _class_names
 from dl_uncertainty.errors import UserError
 
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 # ---------------------------------------------------------------- listing files
 
@@ -127,7 +127,29 @@ def _open(raw: bytes, path: str) -> Image.Image:
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise _unreadable(path, err) from None
-    return image
+    return _eight_bit(image, path)
+
+
+def _eight_bit(image: Image.Image, path: str) -> Image.Image:
+    """A grayscale image of more than 8 bits as 8-bit "L", scaled by its bit depth (Pillow's own
+    conversion clips at 255). 16-bit: / 257. 32-bit integer ("I", e.g. a TIFF): values must lie in
+    0..65535 and are scaled as 16-bit. Float ("F"): values must lie in [0, 1]."""
+    mode = image.mode
+    if not (mode.startswith("I") or mode == "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode == "F":
+        if not (np.isfinite(values).all() and low >= 0 and high <= 1):
+            raise UserError(f"{path} is a floating-point image with values from {low:g} to {high:g}; "
+                            "save it with values in [0, 1], or as an 8- or 16-bit PNG")
+        scaled = values * 255
+    else:
+        if low < 0 or high > 65535:
+            raise UserError(f"{path} is a 32-bit integer image with values from {low:g} to {high:g}, beyond "
+                            "16 bits (0..65535); save it as an 8- or 16-bit PNG")
+        scaled = values / 257  # 65535 -> 255: the full 16-bit range onto the full 8-bit range
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
 def _check_headers(files: list[str], resizing: bool) -> None:
