@@ -6,7 +6,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from dl_uncertainty.data.images import conform_array, decode_all, list_images
-from dl_uncertainty.data.splits import Schema, Split, _class_names
+from dl_uncertainty.data.splits import Schema, Split
+from dl_uncertainty.data.stratify import class_names as in_distribution, stratified, warn_missing_classes
 from dl_uncertainty.errors import UserError
 
 # ---------------------------------------------------------------- splits
@@ -39,18 +40,6 @@ def _rows(pixels: np.ndarray, center: np.ndarray, scale: np.ndarray) -> np.ndarr
     return rows
 
 
-def _stratified(labels: np.ndarray, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split  # 0.6 s that training never needs
-
-    rows = np.arange(len(labels))
-    try:
-        return train_test_split(rows, test_size=fraction, stratify=labels, random_state=seed)
-    except ValueError as err:
-        raise UserError(f"cannot make a stratified {what} split: {err}") from None
-
-
-
-
 def make_splits(pixels: np.ndarray, labels: np.ndarray, cfg: DictConfig, seed: int,
                 test: tuple[np.ndarray, np.ndarray] | None = None,
                 far_ood: tuple[np.ndarray, str] | None = None, order: list[str] | None = None) -> dict[str, Split]:
@@ -66,18 +55,18 @@ def make_splits(pixels: np.ndarray, labels: np.ndarray, cfg: DictConfig, seed: i
     if test is not None:
         is_test[len(labels) - len(test[1]):] = True
     ood_names = [str(c) for c in cfg.ood_classes]
-    class_names = _class_names(labels, ood_names, order)
+    class_names = in_distribution(labels, ood_names, order)
     is_ood = np.isin(labels, ood_names)
     inside = np.flatnonzero(~is_ood & ~is_test)
     if test is None:
-        rest, test_part = _stratified(labels[inside], cfg.test_fraction, seed, "test")
-        test_rows, inside = inside[test_part], inside[rest]
+        inside, test_rows = stratified(inside, labels[inside], cfg.test_fraction, seed, "data.test_fraction",
+                                       cfg.test_fraction, "test")
         val_fraction = cfg.val_fraction / (1 - cfg.test_fraction)
     else:
         test_rows, val_fraction = np.flatnonzero(~is_ood & is_test), cfg.val_fraction
-    train_part, val_part = _stratified(labels[inside], val_fraction, seed, "validation")
-    parts = {"train": inside[train_part], "val": inside[val_part], "test": test_rows,
-             "ood": np.flatnonzero(is_ood)}
+    train_rows, val_rows = stratified(inside, labels[inside], val_fraction, seed, "data.val_fraction",
+                                      cfg.val_fraction, "validation")
+    parts = {"train": train_rows, "val": val_rows, "test": test_rows, "ood": np.flatnonzero(is_ood)}
 
     mean, std, how = _normalisation(pixels[parts["train"]], cfg)
     per_pixel = int(np.prod(pixels.shape[2:]))
@@ -85,8 +74,11 @@ def make_splits(pixels: np.ndarray, labels: np.ndarray, cfg: DictConfig, seed: i
     shape = list(pixels.shape[1:])
     cleaning = {"scaling": how, "center": center.tolist(), "scale": scale.tolist()}
     source = cfg.source if cfg.source != "image_folder" else f"image_folder {cfg.path}"
-    index = {name: i for i, name in enumerate(class_names)}
     far_name = far_ood[1] if far_ood is not None else Schema.far_ood
+    index = {name: i for i, name in enumerate(class_names)}
+    warn_missing_classes(class_names, {p: np.array([index[v] for v in labels[parts[p]]], dtype=np.int64)
+                                       for p in ("train", "val", "test")},
+                         cfg.val_fraction, cfg.test_fraction if test is None else None)
     splits = {}
     for name, rows in parts.items():
         lookup = index if name != "ood" else {n: i for i, n in enumerate(ood_names)}

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
 from dl_uncertainty.data.s3 import read_bytes, split_s3_uri
-from dl_uncertainty.data.splits import _class_names
+from dl_uncertainty.data.stratify import check_splittable, class_names
 from dl_uncertainty.errors import UserError
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -102,7 +102,9 @@ def check_source(cfg: DictConfig) -> np.ndarray:
     if cfg.source == "image_folder":
         files = list_images(cfg)
         labels = np.array([label for _, label in files])
-        _class_names(labels, [str(c) for c in cfg.ood_classes])
+        ood = [str(c) for c in cfg.ood_classes]
+        class_names(labels, ood)
+        check_splittable(labels[~np.isin(labels, ood)], cfg.val_fraction, cfg.test_fraction)
         _check_headers([f for f, _ in files if not f.startswith("s3://")], resizing=bool(cfg.image_size))
         return labels
     from dl_uncertainty.data.downloads import fetch_all
@@ -117,6 +119,9 @@ def check_source(cfg: DictConfig) -> np.ndarray:
 
 
 def _unreadable(path: str, err: Exception) -> UserError:
+    if "truncated" in str(err).lower():  # Pillow: "Truncated File Read", "image file is truncated (n bytes ...)"
+        return UserError(f"{path} is truncated: the file ends before its image does (an interrupted copy or "
+                         "download?); copy it again or remove it")
     why = "" if isinstance(err, UnidentifiedImageError) else f": {err}"  # that one names a BytesIO object
     return UserError(f"{path} is not a readable image (PNG/JPEG){why}")
 

@@ -128,20 +128,3 @@ def save_splits(splits: dict[str, Split], folder: str | Path) -> dict[str, Path]
                 temp.unlink()
     return paths
 
-def _class_names(labels: np.ndarray, ood_names: list[str], order: list[str] | None = None) -> list[str]:
-    """The in-distribution classes (``order``, else natural sort): at least two besides the OOD ones."""
-    check_ood_classes(labels, ood_names)
-    present = set(labels[~np.isin(labels, ood_names)])
-    class_names = [c for c in order if c in present] if order else sorted(present, key=_natural_key)
-    if len(class_names) < 2:
-        found = ", ".join(sorted(set(labels))) or "none"
-        raise UserError(f"image data needs at least two classes besides data.ood_classes, found: {found}")
-    return class_names
-
-
-def check_ood_classes(labels: np.ndarray, ood_names: list[str]) -> list[str]:
-    """``ood_names`` (data.ood_classes as text), each of which must be a label in the data."""
-    unknown = sorted(set(ood_names) - set(labels))
-    if unknown:
-        raise UserError(f"data.ood_classes {unknown} are not labels in the data")
-    return ood_names

@@ -18,7 +18,8 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from dl_uncertainty.data.s3 import read_bytes
-from dl_uncertainty.data.splits import Schema, Split, _natural_key, check_ood_classes
+from dl_uncertainty.data.splits import Schema, Split
+from dl_uncertainty.data.stratify import check_splittable, class_names, stratified, warn_missing_classes
 from dl_uncertainty.errors import UserError
 
 
@@ -170,13 +171,17 @@ def _non_finite(frame: pd.DataFrame, labels: np.ndarray, cfg: DictConfig) -> tup
 
 def check_raw(cfg: DictConfig) -> None:
     """The checks worth making before a pipeline starts tasks, in a second or less: the data can be
-    read, infinite values are handled as data.non_finite says, data.ood_classes are labels in it."""
+    read, infinite values are handled as data.non_finite says, data.ood_classes are labels in it and
+    leave two classes or more, and the first stratified split can be made."""
     from dl_uncertainty.config.schema import IMAGE_SOURCES
 
     frame, labels, _ = load_raw(cfg)
     if cfg.source not in IMAGE_SOURCES:
         frame, labels = _non_finite(frame, labels, cfg)
-        check_ood_classes(labels, [str(c) for c in cfg.ood_classes])
+    if len(labels):  # a benchmark's labels come with its files, in the task
+        ood = [str(c) for c in cfg.ood_classes]
+        class_names(labels, ood)
+        check_splittable(labels[~np.isin(labels, ood)], cfg.val_fraction, cfg.test_fraction)
 
 
 def _fit_cleaning(train: pd.DataFrame, cfg: DictConfig) -> dict:
@@ -247,29 +252,21 @@ def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
     elif cfg.missing == "ffill":
         frame = frame.ffill().bfill()
     if len(frame) == 0:
-        raise UserError("no rows left after dropping rows with missing values")
+        raise UserError(f"every row of {cfg.path or cfg.source} has a missing value, so data.missing=drop leaves "
+                        "none; fill the gaps, or set data.missing=median (or mean, ffill)")
 
-    ood_names = check_ood_classes(labels, [str(c) for c in cfg.ood_classes])
+    ood_names = [str(c) for c in cfg.ood_classes]
+    names = class_names(labels, ood_names)
     is_ood = np.isin(labels, ood_names)
-    class_names = sorted(set(labels[~is_ood]), key=_natural_key)
-    if len(class_names) < 2:
-        raise UserError("need at least two in-distribution classes after removing data.ood_classes")
 
-    from sklearn.model_selection import train_test_split  # 0.6 s that loading a split never needs
-
-    index = {name: i for i, name in enumerate(class_names)}
+    index = {name: i for i, name in enumerate(names)}
     y_in = np.array([index[v] for v in labels[~is_ood]], dtype=np.int64)
     rows = np.flatnonzero(~is_ood)
-    try:
-        rest, test = train_test_split(
-            rows, test_size=cfg.test_fraction, stratify=y_in, random_state=seed
-        )
-        val_share = cfg.val_fraction / (1 - cfg.test_fraction)
-        train, val = train_test_split(
-            rest, test_size=val_share, stratify=y_in[np.searchsorted(rows, rest)], random_state=seed
-        )
-    except ValueError as err:
-        raise UserError(f"cannot make a stratified split: {err}") from None
+    rest, test = stratified(rows, y_in, cfg.test_fraction, seed, "data.test_fraction", cfg.test_fraction, "test")
+    train, val = stratified(rest, y_in[np.searchsorted(rows, rest)], cfg.val_fraction / (1 - cfg.test_fraction),
+                            seed, "data.val_fraction", cfg.val_fraction, "validation")
+    warn_missing_classes(names, {part: y_in[np.searchsorted(rows, r)] for part, r in
+                                 (("train", train), ("val", val), ("test", test))}, cfg.val_fraction, cfg.test_fraction)
 
     stats = _fit_cleaning(frame.iloc[train], cfg)
     stats.update(blank_labels=cfg.blank_labels, non_finite=cfg.non_finite,
@@ -291,7 +288,7 @@ def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
                 f"the {name} split has {int((~np.isfinite(x)).sum())} non-finite values after cleaning "
                 f"(data.missing={cfg.missing}); choose another data.missing or data.scaling"
             )
-        schema = Schema(feature_shape, class_names, ood_names, cfg.source, {**stats, **counts},
+        schema = Schema(feature_shape, names, ood_names, cfg.source, {**stats, **counts},
                         feature_names=[str(c) for c in frame.columns])
         splits[name] = Split(x, y, schema)
     return splits
