@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from dl_uncertainty.data.numbers import mark, not_numeric
 from dl_uncertainty.data.s3 import read_bytes
 from dl_uncertainty.data.splits import Schema, Split
 from dl_uncertainty.data.stratify import check_splittable, class_names, stratified, warn_missing_classes
@@ -51,13 +52,17 @@ def _separator(text: str, separator: str | None) -> str:
 def _read_csv(path: str, cfg: DictConfig) -> tuple[pd.DataFrame, pd.Series]:
     text = _decode(read_bytes(path), path, cfg.encoding)
     sep = _separator(text, cfg.separator)
+    decimal, thousands = mark(cfg.decimal), mark(cfg.thousands)
     try:
         header = next(csv.reader(io.StringIO(text), delimiter=sep), [])
-        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype={cfg.label_column: str})
+        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype={cfg.label_column: str}, decimal=decimal,
+                            thousands=thousands)
     except pd.errors.EmptyDataError:
         raise UserError(f"{path} is empty") from None
     except (pd.errors.ParserError, csv.Error) as err:
-        raise UserError(f"{path} is not a valid CSV: {str(err).splitlines()[0]}") from None
+        hint = ("; a value holding the separator (1,5 or 1,234 in a comma-separated file) must be quoted, or set "
+                "data.separator to the file's own") if "Expected" in str(err) else ""
+        raise UserError(f"{path} is not a valid CSV: {str(err).strip().splitlines()[0]}{hint}") from None
     duplicated = sorted({c for c in header if header.count(c) > 1})
     if duplicated:
         raise UserError(f"{path} has duplicated column names {duplicated}; rename them")
@@ -77,14 +82,15 @@ def _read_csv(path: str, cfg: DictConfig) -> tuple[pd.DataFrame, pd.Series]:
                 f"{int(blank.sum())} rows of {path} have a blank {label_column!r} (first on line "
                 f"{int(np.flatnonzero(blank)[0]) + 2}); fill them or set data.blank_labels=drop"
             )
-        frame, labels = frame[~blank].reset_index(drop=True), labels[~blank].reset_index(drop=True)
-    frame.attrs["dropped"] = {"blank_labels": int(blank.sum())}
+        frame, labels = frame[~blank], labels[~blank]  # the index keeps each row's line for the errors below
     bad = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if bad:
-        raise UserError(f"feature column {bad[0]!r} in {path} is not numeric")
+        raise not_numeric(frame, bad[0], path, decimal, thousands)
     if frame.shape[1] == 0:
         raise UserError(f"{path} has no feature columns besides {label_column!r}")
-    return frame.astype("float64"), labels
+    frame, labels = frame.reset_index(drop=True).astype("float64"), labels.reset_index(drop=True)
+    frame.attrs["dropped"] = {"blank_labels": int(blank.sum())}
+    return frame, labels
 
 
 def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
@@ -109,42 +115,9 @@ def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
     if cfg.source == "csv":
         frame, labels = _read_csv(cfg.path, cfg)
         return frame, labels.astype(str).to_numpy(), list(cfg.image_shape or [frame.shape[1]])
-    try:
-        with np.load(io.BytesIO(read_bytes(cfg.path)), allow_pickle=False) as npz:
-            x, y = npz["x"], npz["y"]
-    except KeyError as err:
-        raise UserError(f"{cfg.path} must contain arrays 'x' and 'y' (missing {err})") from None
-    except ValueError as err:
-        raise UserError(f"{cfg.path} is not a valid .npz file: {err}") from None
-    if len(x) != len(y) or len(x) == 0:
-        raise UserError(f"{cfg.path}: x has {len(x)} rows but y has {len(y)}")
-    if not np.issubdtype(x.dtype, np.number):
-        raise UserError(f"{cfg.path}: x must be numeric, got dtype {x.dtype}")
-    if y.ndim != 1:
-        raise UserError(f"{cfg.path}: y must hold one label per row, got shape {y.shape}")
-    if np.issubdtype(y.dtype, np.floating):
-        blank = np.isnan(y)
-    elif y.dtype.kind in "US":
-        blank = np.char.strip(y.astype(str)) == ""
-    else:
-        blank = np.zeros(len(y), dtype=bool)
-    if blank.any():  # the same rule as a CSV's blank labels, before NaN can become a class 'nan'
-        if cfg.blank_labels == "error":
-            raise UserError(
-                f"{int(blank.sum())} labels in {cfg.path}'s y are blank (NaN or empty; first at row "
-                f"{int(np.flatnonzero(blank)[0])}); fill them or set data.blank_labels=drop"
-            )
-        x, y = x[~blank], y[~blank]
-        if len(y) == 0:
-            raise UserError(f"{cfg.path}: every label in y is blank")
-    if np.issubdtype(y.dtype, np.floating) and np.all(y % 1 == 0):  # label 2.0 is class '2', not '2.0'
-        y = y.astype(np.int64)
-    shape = list(x.shape[1:]) if x.ndim != 3 else [1, *x.shape[1:]]
-    flat = x.reshape(len(x), -1).astype("float64")
-    columns = [f"feature_{i}" for i in range(flat.shape[1])]
-    frame = pd.DataFrame(flat, columns=columns)
-    frame.attrs["dropped"] = {"blank_labels": int(blank.sum())}
-    return frame, y.astype(str), list(cfg.image_shape or shape)
+    from dl_uncertainty.data.npz import read_npz
+
+    return read_npz(cfg)
 
 
 # ---------------------------------------------------------------- cleaning
