@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from dl_uncertainty.errors import Interrupted, check_writable
+from dl_uncertainty.errors import Interrupted, UserError, check_writable
 
 if TYPE_CHECKING:  # torch and MLflow load only when there is work: --help and bad input stay fast
     from torch import nn
@@ -60,13 +60,19 @@ def train_and_log(
         with tracking.start_run(cfg, continue_run_id=resumed and resumed.get("mlflow_run_id")) as run:
             if resumed:
                 _log_resumed(resumed, run.info.run_id, Path(checkpoint_dir) / "last.pt")
-            result = train_model(
-                cfg, train, val,
-                # queued and sent in batches (flushed when the run ends): one round trip per epoch cost ~1 s
-                on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch, synchronous=False),
-                checkpoint_dir=checkpoint_dir,
-                checkpoint_meta={"mlflow_run_id": run.info.run_id, **data_meta(train.schema)},
-            )
+            try:
+                result = train_model(
+                    cfg, train, val,
+                    # queued and sent in batches (flushed when the run ends): one round trip per epoch cost ~1 s
+                    on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch, synchronous=False),
+                    checkpoint_dir=checkpoint_dir,
+                    checkpoint_meta={"mlflow_run_id": run.info.run_id, **data_meta(train.schema)},
+                )
+            except ValueError as err:  # the validation pass refuses NaN outputs: the weights went NaN
+                if "contains NaN" not in str(err):
+                    raise
+                raise UserError(f"training diverged: the model's outputs became NaN or infinite; lower train.lr "
+                                f"(now {cfg.train.lr:g}), or rescale data that holds huge values") from None
             mlflow.log_metrics({
                 "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                 "best_val_acc": result.best["val_acc"], "best_val_nll": result.best["val_nll"],

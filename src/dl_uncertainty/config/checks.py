@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import math
 import re
 from typing import Any
 
@@ -137,6 +138,11 @@ def validate(cfg: DictConfig) -> None:
     _check(all(h >= 1 for h in m.hidden_sizes), "model.hidden_sizes must all be >= 1")
     _check(all(c >= 1 for c in m.conv_channels), "model.conv_channels must all be >= 1")
     _one_of(t.optimizer, "train.optimizer", ("adam", "adamw", "sgd"))
+    for key in ("lr", "weight_decay", "momentum", "focal_gamma", "focal_alpha", "mixup_alpha", "cutmix_alpha"):
+        _check(math.isfinite(t[key]), f"train.{key} must be a finite number, got {t[key]}")
+    _check(math.isfinite(d.outlier_threshold), f"data.outlier_threshold must be a finite number, got "
+           f"{d.outlier_threshold} (data.outliers=none turns clipping off)")
+    _check(0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32), got {cfg.seed}")
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _check(t.weight_decay >= 0, "train.weight_decay must be >= 0")
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")

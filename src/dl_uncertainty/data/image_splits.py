@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from omegaconf import DictConfig
 
-from dl_uncertainty.data.images import conform_array, decode_all, list_images
+from dl_uncertainty.data.images import check_memory, conform_array, decode_all, list_images
 from dl_uncertainty.data.splits import Schema, Split
 from dl_uncertainty.data.stratify import class_names as in_distribution, stratified, warn_missing_classes
 from dl_uncertainty.errors import UserError
@@ -95,6 +95,7 @@ def prepare_images(cfg: DictConfig, seed: int) -> dict[str, Split]:
     """``data.source`` image_folder | mnist | fashion_mnist | cifar10 -> the four splits."""
     if cfg.source == "image_folder":
         files = list_images(cfg)
+        check_memory(len(files), cfg)
         pixels = decode_all([f for f, _ in files], cfg)
         return make_splits(pixels, np.array([label for _, label in files]), cfg, seed)
     from dl_uncertainty.data.downloads import BENCHMARKS, load_benchmark

@@ -101,11 +101,12 @@ def check_source(cfg: DictConfig) -> np.ndarray:
     benchmark files fetched. What a run checks before any task starts."""
     if cfg.source == "image_folder":
         files = list_images(cfg)
+        check_memory(len(files), cfg)
         labels = np.array([label for _, label in files])
         ood = [str(c) for c in cfg.ood_classes]
         class_names(labels, ood)
-        check_splittable(labels[~np.isin(labels, ood)], cfg.val_fraction, cfg.test_fraction)
         _check_headers([f for f, _ in files if not f.startswith("s3://")], resizing=bool(cfg.image_size))
+        check_splittable(labels[~np.isin(labels, ood)], cfg.val_fraction, cfg.test_fraction)
         return labels
     from dl_uncertainty.data.downloads import fetch_all
 
@@ -115,6 +116,23 @@ def check_source(cfg: DictConfig) -> np.ndarray:
     return np.array([], dtype=str)
 
 
+def check_memory(count: int, cfg: DictConfig) -> None:
+    """Refuse a data.image_size whose pixels (1 byte each, then 4 in the float32 splits) could not fit in
+    this machine's memory, before decoding starts and the system kills the process."""
+    import os
+
+    if not cfg.image_size:
+        return
+    need = count * (cfg.channels or 3) * cfg.image_size[0] * cfg.image_size[1] * 5
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise UserError(f"data.image_size={list(cfg.image_size)} for {count} images needs about {need / 2**30:.0f} GiB "
+                        f"of memory, more than this machine's {have / 2**30:.0f} GiB; lower data.image_size")
+
+
 # ---------------------------------------------------------------- decoding
 
 
@@ -122,17 +140,25 @@ def _unreadable(path: str, err: Exception) -> UserError:
     if "truncated" in str(err).lower():  # Pillow: "Truncated File Read", "image file is truncated (n bytes ...)"
         return UserError(f"{path} is truncated: the file ends before its image does (an interrupted copy or "
                          "download?); copy it again or remove it")
-    why = "" if isinstance(err, UnidentifiedImageError) else f": {err}"  # that one names a BytesIO object
-    return UserError(f"{path} is not a readable image (PNG/JPEG){why}")
+    if isinstance(err, Image.DecompressionBombError):
+        return UserError(f"{path} is too large to decode safely ({err}); shrink it or remove it")
+    why = "" if isinstance(err, UnidentifiedImageError) else f" ({err})"  # that one names a BytesIO object
+    return UserError(f"{path} is not a readable image (PNG/JPEG){why}; remove it or replace it")
 
 
 def _open(raw: bytes, path: str) -> Image.Image:
+    if not raw:
+        raise _empty(path)
     try:
         image = Image.open(io.BytesIO(raw))
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise _unreadable(path, err) from None
     return _eight_bit(image, path)
+
+
+def _empty(path: str) -> UserError:
+    return UserError(f"{path} is an empty file (0 bytes); copy it again or remove it")
 
 
 def _eight_bit(image: Image.Image, path: str) -> Image.Image:
@@ -163,10 +189,14 @@ def _check_headers(files: list[str], resizing: bool) -> None:
     first = None
     for path in files:
         try:
+            if Path(path).stat().st_size == 0:
+                raise _empty(path)
             with Image.open(path) as image:
                 size = image.size
                 image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        except FileNotFoundError:
+            raise UserError(f"image file not found: {path}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise _unreadable(path, err) from None
         first = first or (path, size)
         if not resizing and size != first[1]:

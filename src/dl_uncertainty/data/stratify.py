@@ -42,7 +42,7 @@ def class_names(labels: np.ndarray, ood_names: list[str], order: list[str] | Non
     if len(names) >= 2:
         return names
     if ood_names and len(set(labels)) >= 2:
-        raise UserError(f"data.ood_classes={ood_names} leaves {len(names)} class to train on, and a classifier "
+        raise UserError(f"data.ood_classes={ood_names} leaves {len(names) or 'no'} class to train on, and a classifier "
                         f"needs at least two classes besides data.ood_classes, found: {_counted(labels)}; "
                         "hold out fewer classes")
     raise UserError(f"the data needs at least two classes, found: {_counted(labels)}; check data.label_column "

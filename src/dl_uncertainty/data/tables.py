@@ -90,7 +90,35 @@ def _read_csv(path: str, cfg: DictConfig) -> tuple[pd.DataFrame, pd.Series]:
         raise UserError(f"{path} has no feature columns besides {label_column!r}")
     frame, labels = frame.reset_index(drop=True).astype("float64"), labels.reset_index(drop=True)
     frame.attrs["dropped"] = {"blank_labels": int(blank.sum())}
-    return frame, labels
+    return frame, _same_number_same_class(labels)
+
+
+def _same_number_same_class(labels: pd.Series) -> pd.Series:
+    """Numeric labels written two ways ("1" and "1.0") as one class, written as an NPZ's would be."""
+    numbers = pd.to_numeric(labels, errors="coerce")
+    if numbers.isna().any() or labels.nunique() == numbers.nunique():
+        return labels
+    whole = bool((numbers % 1 == 0).all())
+    return numbers.map(lambda v: str(int(v)) if whole else str(float(v)))
+
+
+FLOAT32_MAX = 3.4e38
+
+
+def _check_columns(frame: pd.DataFrame, where: str) -> None:
+    """Columns that hold no value at all, or values too large for float32 features."""
+    empty = [str(c) for c in frame.columns[frame.isna().all().to_numpy()]]
+    if empty:
+        one = len(empty) == 1
+        raise UserError(f"column{'' if one else 's'} {empty[:5]} of {where} {'is' if one else 'are'} empty (or NaN) "
+                        f"in every row; remove {'it' if one else 'them'}"
+                        + (" (a separator at the end of every line makes such a column)" if where.endswith(".csv") else ""))
+    with np.errstate(invalid="ignore"):
+        biggest = frame.abs().max()
+    if (biggest > FLOAT32_MAX).any():
+        column = biggest.idxmax()
+        raise UserError(f"column {str(column)!r} of {where} holds {float(biggest[column]):g}, beyond what float32 "
+                        f"features hold (about {FLOAT32_MAX:g}); rescale it")
 
 
 def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
@@ -151,6 +179,7 @@ def check_raw(cfg: DictConfig) -> None:
     frame, labels, _ = load_raw(cfg)
     if cfg.source not in IMAGE_SOURCES:
         frame, labels = _non_finite(frame, labels, cfg)
+        _check_columns(frame, cfg.path or cfg.source)
     if len(labels):  # a benchmark's labels come with its files, in the task
         ood = [str(c) for c in cfg.ood_classes]
         class_names(labels, ood)
@@ -165,11 +194,11 @@ def _fit_cleaning(train: pd.DataFrame, cfg: DictConfig) -> dict:
     if cfg.outliers == "iqr":
         q1, q3 = train.quantile(0.25), train.quantile(0.75)
         k = cfg.outlier_threshold * (q3 - q1)
-        stats["clip_low"], stats["clip_high"] = (q1 - k).tolist(), (q3 + k).tolist()
+        stats["clip_low"], stats["clip_high"] = (q1 - k).fillna(-np.inf).tolist(), (q3 + k).fillna(np.inf).tolist()
     elif cfg.outliers == "zscore":
         mean, std = train.mean(), train.std(ddof=0)
         k = cfg.outlier_threshold * std
-        stats["clip_low"], stats["clip_high"] = (mean - k).tolist(), (mean + k).tolist()
+        stats["clip_low"], stats["clip_high"] = (mean - k).fillna(-np.inf).tolist(), (mean + k).fillna(np.inf).tolist()
     return stats
 
 
@@ -216,6 +245,7 @@ def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
     before = len(frame)
     frame, labels = _non_finite(frame, labels, cfg)
     dropped["non_finite"] = before - len(frame)
+    _check_columns(frame, cfg.path or cfg.source)
     if int(np.prod(feature_shape)) != frame.shape[1]:
         raise UserError(f"data.image_shape={feature_shape} does not match {frame.shape[1]} features")
     if cfg.missing == "drop":
