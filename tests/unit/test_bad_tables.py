@@ -210,3 +210,48 @@ def test_preprocess_says_a_decimal_comma_in_one_line_and_writes_nothing(tmp_path
              cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert sorted(p.name for p in (tmp_path / "out").glob("*.npz")) == ["ood.npz", "test.npz", "train.npz", "val.npz"]
+
+
+# ---------------------------------------------------------------- a corpus of other first-day files
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("a,b,c,label\n" + "".join(f"{i},,{i},{i % 3}\n" for i in range(30)),
+     r"^column \['b'\] of .*t.csv is empty \(or NaN\) in every row; remove it \(a separator at the end of every line"),
+    ("a,b,label,\n" + "".join(f"{i},{i},{i % 3},\n" for i in range(30)), r"column \['Unnamed: 3'\] .* is empty"),
+    ("a,b,label\n" + "".join(f"{1e308 if i % 2 else -1e308},{i},{i % 3}\n" for i in range(30)),
+     r"^column 'a' of .*t.csv holds 1e\+308, beyond what float32 features hold \(about 3.4e\+38\); rescale it$"),
+])
+def test_columns_no_model_can_use_are_named(tmp_path, text, message):
+    cfg = csv_cfg(table(tmp_path, text))
+    for step in (check_raw, lambda c: prepare(c, seed=0)):
+        with pytest.raises(UserError, match=message):
+            step(cfg)
+
+
+def test_an_npz_of_nan_features_is_refused_not_trained_on_zeros(tmp_path):
+    with pytest.raises(UserError, match=r"columns \['feature_0', 'feature_1'\] of .*d.npz are empty \(or NaN\) in "
+                                        r"every row; remove them$"):
+        prepare(npz_cfg(save_npz(tmp_path, x=np.full((30, 2), np.nan), y=np.arange(30) % 2)), seed=0)
+
+
+def test_numeric_labels_written_two_ways_are_one_class(tmp_path):
+    text = "a,label\n" + "".join(f"{i},{'1.0' if i % 4 == 1 else i % 2}\n" for i in range(40))
+    assert prepare(csv_cfg(table(tmp_path, text)), seed=0)["train"].schema.class_names == ["0", "1"]
+
+
+def test_a_folder_as_data_path_says_it_is_a_folder(tmp_path):
+    (tmp_path / "t.csv").mkdir()
+    with pytest.raises(UserError, match=r"t.csv is a folder, not a file$"):
+        check_raw(csv_cfg(tmp_path / "t.csv"))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["seed=-1"], r"^seed must be in \[0, 2\*\*32\), got -1$"),
+    (["train.lr=inf"], r"^train.lr must be a finite number, got inf$"),
+    (["train.weight_decay=inf"], r"^train.weight_decay must be a finite number, got inf$"),
+    (["data.outlier_threshold=inf"], r"^data.outlier_threshold must be a finite number, got inf \(data.outliers=none"),
+])
+def test_config_values_that_would_fail_deep_inside_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(overrides)
