@@ -7,7 +7,8 @@ from omegaconf import DictConfig
 
 from dl_uncertainty.data.images import check_memory, conform_array, decode_all, list_images
 from dl_uncertainty.data.splits import Schema, Split
-from dl_uncertainty.data.stratify import class_names as in_distribution, stratified, warn_missing_classes
+from dl_uncertainty.data.stratify import class_names as in_distribution
+from dl_uncertainty.data.stratify import stratified, warn_missing_classes
 from dl_uncertainty.errors import UserError
 
 # ---------------------------------------------------------------- splits

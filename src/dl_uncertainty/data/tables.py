@@ -20,7 +20,12 @@ from omegaconf import DictConfig
 from dl_uncertainty.data.numbers import mark, not_numeric
 from dl_uncertainty.data.s3 import read_bytes
 from dl_uncertainty.data.splits import Schema, Split
-from dl_uncertainty.data.stratify import check_splittable, class_names, stratified, warn_missing_classes
+from dl_uncertainty.data.stratify import (
+    check_splittable,
+    class_names,
+    stratified,
+    warn_missing_classes,
+)
 from dl_uncertainty.errors import UserError
 
 
