@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from dl_uncertainty.errors import Interrupted, check_writable
+from dl_uncertainty.errors import Interrupted, UserError, check_writable
 
 if TYPE_CHECKING:  # torch and MLflow load only when there is work: --help and bad input stay fast
     from torch import nn
@@ -46,7 +46,7 @@ def train_and_log(
     from dl_uncertainty.families.predict import served_log_probs
     from dl_uncertainty.reports.plots import training_curves
     from dl_uncertainty.tracking import runs as tracking
-    from dl_uncertainty.training.checkpoints import Checkpointer
+    from dl_uncertainty.training.checkpoints import Checkpointer, check_resumable, data_meta
     from dl_uncertainty.training.loop import train_model
     from dl_uncertainty.uncertainty import calibration
     from dl_uncertainty.uncertainty.conformal import check_alpha
@@ -61,18 +61,26 @@ def train_and_log(
     check_alpha(len(calib.y), cfg.evaluate.alpha)  # before training: the calibration split must be large enough
     # a resumed training continues its MLflow run if the store still has it, so that one run holds every epoch
     resumed = Checkpointer(checkpoint_dir).load() if cfg.train.resume else None
+    if resumed:  # refused here, before its MLflow run is reopened: a refused resume leaves that run as it was
+        check_resumable(resumed, Path(checkpoint_dir) / "last.pt", cfg, train.schema)
     result = None
     try:
         with tracking.start_run(cfg, continue_run_id=resumed and resumed.get("mlflow_run_id")) as run:
             if resumed:
                 _log_resumed(resumed, run.info.run_id, Path(checkpoint_dir) / "last.pt")
-            result = train_model(
-                cfg, train, val,
-                # queued and sent in batches (flushed when the run ends): one round trip per epoch cost ~1 s
-                on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch, synchronous=False),
-                checkpoint_dir=checkpoint_dir,
-                checkpoint_meta={"mlflow_run_id": run.info.run_id},
-            )
+            try:
+                result = train_model(
+                    cfg, train, val,
+                    # queued and sent in batches (flushed when the run ends): one round trip per epoch cost ~1 s
+                    on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch, synchronous=False),
+                    checkpoint_dir=checkpoint_dir,
+                    checkpoint_meta={"mlflow_run_id": run.info.run_id, **data_meta(train.schema)},
+                )
+            except ValueError as err:  # the validation pass refuses NaN outputs: the weights went NaN
+                if "contains NaN" not in str(err):
+                    raise
+                raise UserError(f"training diverged: the model's outputs became NaN or infinite; lower train.lr "
+                                f"(now {cfg.train.lr:g}), or rescale data that holds huge values") from None
             mlflow.log_metrics({
                 "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                 "best_val_acc": result.best["val_acc"], "best_val_nll": result.best["val_nll"],

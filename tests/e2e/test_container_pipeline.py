@@ -112,16 +112,16 @@ def test_missing_image_is_one_line_naming_the_fix(container_env, tmp_path):
 
 
 def test_a_task_dying_in_its_container_is_one_line_naming_task_and_cause(container_env, tmp_path):
-    # passes run-local's checks, but holding out class 1 leaves one class: preprocess fails in its
-    # container; the file is under the pipeline root, which the containers mount
+    # passes run-local's checks, but every row misses a value and data.missing=drop: preprocess fails
+    # in its container; the file is under the pipeline root, which the containers mount
     table = tmp_path / "t.csv"
-    table.write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
-    out = run_pipeline(*RUN_OVERRIDES, "data=csv", f"data.path={table}", "data.ood_classes=[1]",
+    table.write_text("a,b,label\n" + "".join(f"{i},,{i % 2}\n" for i in range(40)))
+    out = run_pipeline(*RUN_OVERRIDES, "data=csv", f"data.path={table}", "data.missing=drop",
                        env=container_env, root=tmp_path)
     assert out.returncode == 2
     error = out.stderr.strip()
     assert error.count("\n") == 0 and "preprocess" in error
-    assert "Cause: need at least two in-distribution classes" in error
+    assert "data.missing=drop leaves none" in error
     assert not list(tmp_path.rglob("model"))  # nothing downstream ran
 
 

@@ -137,4 +137,7 @@ def test_ctrl_c_ends_the_run_killed_and_resuming_on_other_data_is_one_line(tmp_p
     (tmp_path / "t.csv").write_text(_csv(features=3))
     other = run_module("dl_uncertainty.train", *args, "train.resume=true", "data=csv", "data.path=t.csv",
                        cwd=tmp_path, timeout=120)
-    assert "was written for data with other features or classes" in _one_line_error(other)
+    refused = _one_line_error(other)
+    assert "was written for data with features" in refused and "this data has [3]" in refused
+    assert [r.info.status for r in mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
+        ["0", "1"])] == ["KILLED"]  # the refused resume left the interrupted run as it was

@@ -39,5 +39,5 @@ def test_a_corrupt_image_stops_run_local_in_one_line_before_any_task(tmp_path):
                       "--pipeline-root", "out", cwd=tmp_path, env={"PYTHONPATH": f"{REPO / 'src'}:{REPO}"}, timeout=120)
     assert proc.returncode != 0
     assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [
-        f"error: {shapes / 'circle' / 'notes.png'} is not a readable image (PNG/JPEG)"]
+        f"error: {shapes / 'circle' / 'notes.png'} is not a readable image (PNG/JPEG); remove it or replace it"]
     assert not (tmp_path / "out").exists()

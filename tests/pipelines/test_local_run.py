@@ -47,13 +47,13 @@ def test_whole_pipeline_runs_locally_and_lands_in_mlflow(mlflow_server, tmp_path
 def test_a_failing_task_fails_the_run_naming_the_task_and_nothing_after_it_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    table = tmp_path / "t.csv"  # readable, but holding out class 1 leaves one class: preprocess fails
-    table.write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
+    table = tmp_path / "t.csv"  # readable, but every row misses a value and data.missing=drop: preprocess fails
+    table.write_text("a,b,label\n" + "".join(f"{i},,{i % 2}\n" for i in range(40)))
     with pytest.raises(UserError, match="preprocess") as info:
-        run_local([*TINY, "data=csv", f"data.path={table}", "data.ood_classes=[1]"], tmp_path / "out")
+        run_local([*TINY, "data=csv", f"data.path={table}", "data.missing=drop"], tmp_path / "out")
     assert "\n" not in str(info.value)
-    assert "Cause: need at least two in-distribution classes" in str(info.value)
-    assert "need at least two in-distribution classes" in capsys.readouterr().out  # and the task's own log
+    assert "Cause: every row of" in str(info.value) and "data.missing=drop leaves none" in str(info.value)
+    assert "data.missing=drop leaves none" in capsys.readouterr().out  # and the task's own log
     run_dir = next((tmp_path / "out").glob("uncertainty-pipeline-*"))
     assert not list(run_dir.rglob("model.pt")) and not list(run_dir.rglob("predictions"))
 
@@ -63,6 +63,15 @@ def test_a_failing_task_fails_the_run_naming_the_task_and_nothing_after_it_runs(
     ("a,label\n" + "1,0\ninf,1\n" * 20, [], "t.csv has 20 infinite values (column 'a' has 20); fix the data or "
                                                "set data.non_finite=drop or data.non_finite=as_missing"),
     ("a,label\n" + "1,0\n2,1\n" * 20, ["data.ood_classes=[7]"], "data.ood_classes ['7'] are not labels in the data"),
+    ("a,label\n" + "1,0\n2,1\n" * 20, ["data.ood_classes=[1]"], "data.ood_classes=['1'] leaves 1 class to train on, "
+     "and a classifier needs at least two classes besides data.ood_classes, found: 0 (20 rows), 1 (20 rows); "
+     "hold out fewer classes"),
+    ("a,label\n" + "1,0\n" * 20, [], "the data needs at least two classes, found: 0 (20 rows); check "
+     "data.label_column (or the class sub-folders), or add rows of another class"),
+    ("a,label\n" + "".join(f"{i},{i}\n" for i in range(20)), [], "every label occurs once (20 rows, 20 classes), so "
+     "no split can hold rows of the same class; check that data.label_column is the label, or add rows"),
+    ("a,label\n" + "".join(f"{i},{i % 5}\n" for i in range(10)), [], "data.test_fraction=0.2 gives the test split 2 "
+     "of 10 rows, fewer than the 5 classes it must hold one row of; raise data.test_fraction or add rows"),
 ])
 def test_bad_data_fails_before_any_task_starts(tmp_path, table, overrides, cause):
     if table:

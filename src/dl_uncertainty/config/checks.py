@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import codecs
+import math
+import re
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,6 +17,10 @@ from dl_uncertainty.errors import UserError
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
+
+
+def _mark(value: str) -> str:
+    return {"comma": ",", "point": ".", "space": " ", "apostrophe": "'", "underscore": "_"}.get(value, value)
 
 
 def _one_of(value: Any, key: str, allowed: tuple) -> None:
@@ -50,6 +56,11 @@ def _validate_images(d: DictConfig) -> None:
     _check(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
     _check(d.far_ood in (None, "mnist", "fashion_mnist", "cifar10"),
            f"data.far_ood={d.far_ood!r} is not mnist, fashion_mnist, cifar10 or null (uniform noise)")
+    for key, md5 in d.checksums.items():
+        _check(str(key).split("/")[0] in IMAGE_SOURCES[1:] and "/" in str(key),
+               f"data.checksums key {key!r} must be <benchmark>/<file>, e.g. mnist/train-images-idx3-ubyte.gz")
+        _check(isinstance(md5, str) and re.fullmatch(r"[0-9a-fA-F]{32}", md5) is not None,
+               f"data.checksums[{key!r}] must be an MD5 (32 hex digits), got {md5!r}")
     unknown = sorted(set(d.urls) - set(IMAGE_SOURCES[1:]))
     _check(not unknown, f"data.urls names {unknown}; its keys are benchmarks: mnist, fashion_mnist, cifar10")
     _check(d.far_ood is None or d.source in IMAGE_SOURCES[1:],
@@ -104,6 +115,13 @@ def validate(cfg: DictConfig) -> None:
     _check(d.in_memory_max_mb >= 0, f"data.in_memory_max_mb must be >= 0, got {d.in_memory_max_mb}")
     _check(d.separator in (None, "comma", "semicolon", "tab") or len(d.separator) == 1,
            f"data.separator must be comma, semicolon, tab or one character, got {d.separator!r}")
+    marks = ("comma", "point", "space", "apostrophe", "underscore")
+    _check(d.decimal in marks or len(d.decimal) == 1,
+           f"data.decimal must be point, comma or one character, got {d.decimal!r}")
+    _check(d.thousands is None or d.thousands in marks or len(d.thousands) == 1,
+           f"data.thousands must be null, comma, point, space, apostrophe or one character, got {d.thousands!r}")
+    _check(d.thousands is None or _mark(d.thousands) != _mark(d.decimal),
+           f"data.thousands and data.decimal must differ, both are {d.decimal!r}")
     try:
         codecs.lookup(d.encoding)
     except LookupError:
@@ -123,6 +141,11 @@ def validate(cfg: DictConfig) -> None:
     _check(all(h >= 1 for h in m.hidden_sizes), "model.hidden_sizes must all be >= 1")
     _check(all(c >= 1 for c in m.conv_channels), "model.conv_channels must all be >= 1")
     _one_of(t.optimizer, "train.optimizer", ("adam", "adamw", "sgd"))
+    for key in ("lr", "weight_decay", "momentum", "focal_gamma", "focal_alpha", "mixup_alpha", "cutmix_alpha"):
+        _check(math.isfinite(t[key]), f"train.{key} must be a finite number, got {t[key]}")
+    _check(math.isfinite(d.outlier_threshold), f"data.outlier_threshold must be a finite number, got "
+           f"{d.outlier_threshold} (data.outliers=none turns clipping off)")
+    _check(0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32), got {cfg.seed}")
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _check(t.weight_decay >= 0, "train.weight_decay must be >= 0")
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")

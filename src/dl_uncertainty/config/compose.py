@@ -28,7 +28,7 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     An override of a key that only other families have (``model.ensemble_size=10`` while composing
     the BNN) is dropped: one list of overrides reaches every family of a pipeline or a sweep.
     """
-    overrides = list(overrides or [])
+    overrides = [_mapping_override(o) for o in overrides or []]
     while True:
         try:
             with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -41,6 +41,20 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
             overrides = [o for o in overrides if _override_key(o) != key]
     validate(cfg)
     return cfg
+
+
+MAPPINGS = ("data.checksums", "data.urls")  # free-form keys: "mnist/train-images-idx3-ubyte.gz"
+
+
+def _mapping_override(override: str) -> str:
+    """``data.checksums={mnist/a.gz:<md5>}`` (or with quoted keys, which Hydra's grammar refuses) as
+    ``++data.checksums={mnist/a.gz:<md5>}``: a plain override would merge into the typed empty mapping,
+    which refuses new keys. Keys hold "/" and ".", so they cannot be set one by one."""
+    key, sep, value = override.partition("=")
+    if not sep or key.startswith("~") or key.lstrip("+") not in MAPPINGS:
+        return override
+    value = re.sub(r"""(["'])([^"'{}:,\s]+)\1(\s*:)""", r"\2\3", value)
+    return f"++{key.lstrip('+')}={value}"
 
 
 def _other_family_key(error: str, overrides: list[str]) -> str | None:

@@ -28,6 +28,8 @@ class DataConfig:
     label_column: str = "label"
     encoding: str = "utf-8"  # csv: the file's text encoding, e.g. latin-1
     separator: str | None = None  # csv: comma | semicolon | tab | one character; null = sniffed from the header
+    decimal: str = "point"  # csv: point | comma | one character: the decimal mark of the numbers
+    thousands: str | None = None  # csv: null | comma | point | space | apostrophe | one character
     blank_labels: str = "error"  # csv/npz: error | drop (rows without a label: blank, NaN)
     non_finite: str = "error"  # error | drop (rows) | as_missing (handled by data.missing)
     ood_classes: list[str] = field(default_factory=lambda: ["8", "9"])

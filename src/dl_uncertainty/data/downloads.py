@@ -87,6 +87,11 @@ def fetch(name: str, file: str, cfg: DictConfig) -> Path:
 
 
 def fetch_all(name: str, cfg: DictConfig) -> list[Path]:
+    known = [f"{n}/{file}" for n, benchmark in BENCHMARKS.items() for file in benchmark["md5"]]
+    unknown = sorted(set(cfg.checksums) - set(known))
+    if unknown:  # a misspelt key would leave the published MD5 in force, and the mirror's file refused
+        raise UserError(f"data.checksums names {unknown}, which is no benchmark file; its keys are "
+                        f"<benchmark>/<file>, one of: {', '.join(known)}")
     return [fetch(name, file, cfg) for file in BENCHMARKS[name]["md5"]]
 
 

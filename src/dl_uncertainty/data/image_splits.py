@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 from omegaconf import DictConfig
 
-from dl_uncertainty.data.images import conform_array, decode_all, list_images
-from dl_uncertainty.data.splits import Schema, Split, _class_names, stratified_parts
+from dl_uncertainty.data.images import check_memory, conform_array, decode_all, list_images
+from dl_uncertainty.data.splits import Schema, Split
+from dl_uncertainty.data.stratify import class_names as in_distribution
+from dl_uncertainty.data.stratify import stratified_parts, warn_missing_classes
 from dl_uncertainty.errors import UserError
 
 # ---------------------------------------------------------------- splits
@@ -54,7 +56,7 @@ def make_splits(pixels: np.ndarray, labels: np.ndarray, cfg: DictConfig, seed: i
     if test is not None:
         is_test[len(labels) - len(test[1]):] = True
     ood_names = [str(c) for c in cfg.ood_classes]
-    class_names = _class_names(labels, ood_names, order)
+    class_names = in_distribution(labels, ood_names, order)
     is_ood = np.isin(labels, ood_names)
     inside = np.flatnonzero(~is_ood & ~is_test)
     positions = stratified_parts(labels[inside], cfg, seed, with_test=test is None)
@@ -68,8 +70,11 @@ def make_splits(pixels: np.ndarray, labels: np.ndarray, cfg: DictConfig, seed: i
     shape = list(pixels.shape[1:])
     cleaning = {"scaling": how, "center": center.tolist(), "scale": scale.tolist()}
     source = cfg.source if cfg.source != "image_folder" else f"image_folder {cfg.path}"
-    index = {name: i for i, name in enumerate(class_names)}
     far_name = far_ood[1] if far_ood is not None else Schema.far_ood
+    index = {name: i for i, name in enumerate(class_names)}
+    warn_missing_classes(class_names, {p: np.array([index[v] for v in labels[parts[p]]], dtype=np.int64)
+                                       for p in ("train", "val", "test")},
+                         cfg.val_fraction, cfg.test_fraction if test is None else None)
     splits = {}
     for name, rows in parts.items():
         lookup = index if name != "ood" else {n: i for i, n in enumerate(ood_names)}
@@ -86,6 +91,7 @@ def prepare_images(cfg: DictConfig, seed: int) -> dict[str, Split]:
     """``data.source`` image_folder | mnist | fashion_mnist | cifar10 -> the four splits."""
     if cfg.source == "image_folder":
         files = list_images(cfg)
+        check_memory(len(files), cfg)
         pixels = decode_all([f for f, _ in files], cfg)
         return make_splits(pixels, np.array([label for _, label in files]), cfg, seed)
     from dl_uncertainty.data.downloads import BENCHMARKS, load_benchmark

@@ -24,10 +24,10 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
 from dl_uncertainty.data.s3 import read_bytes, split_s3_uri
-from dl_uncertainty.data.splits import _class_names
+from dl_uncertainty.data.stratify import check_splittable, class_names
 from dl_uncertainty.errors import UserError
 
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 # ---------------------------------------------------------------- listing files
 
@@ -101,9 +101,12 @@ def check_source(cfg: DictConfig) -> np.ndarray:
     benchmark files fetched. What a run checks before any task starts."""
     if cfg.source == "image_folder":
         files = list_images(cfg)
+        check_memory(len(files), cfg)
         labels = np.array([label for _, label in files])
-        _class_names(labels, [str(c) for c in cfg.ood_classes])
+        ood = [str(c) for c in cfg.ood_classes]
+        class_names(labels, ood)
         _check_headers([f for f, _ in files if not f.startswith("s3://")], resizing=bool(cfg.image_size))
+        check_splittable(labels[~np.isin(labels, ood)], cfg.val_fraction, cfg.test_fraction)
         return labels
     from dl_uncertainty.data.downloads import fetch_all
 
@@ -113,21 +116,71 @@ def check_source(cfg: DictConfig) -> np.ndarray:
     return np.array([], dtype=str)
 
 
+def check_memory(count: int, cfg: DictConfig) -> None:
+    """Refuse a data.image_size whose pixels (1 byte each, then 4 in the float32 splits) could not fit in
+    this machine's memory, before decoding starts and the system kills the process."""
+    import os
+
+    if not cfg.image_size:
+        return
+    need = count * (cfg.channels or 3) * cfg.image_size[0] * cfg.image_size[1] * 5
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise UserError(f"data.image_size={list(cfg.image_size)} for {count} images needs about {need / 2**30:.0f} GiB "
+                        f"of memory, more than this machine's {have / 2**30:.0f} GiB; lower data.image_size")
+
+
 # ---------------------------------------------------------------- decoding
 
 
 def _unreadable(path: str, err: Exception) -> UserError:
-    why = "" if isinstance(err, UnidentifiedImageError) else f": {err}"  # that one names a BytesIO object
-    return UserError(f"{path} is not a readable image (PNG/JPEG){why}")
+    if "truncated" in str(err).lower():  # Pillow: "Truncated File Read", "image file is truncated (n bytes ...)"
+        return UserError(f"{path} is truncated: the file ends before its image does (an interrupted copy or "
+                         "download?); copy it again or remove it")
+    if isinstance(err, Image.DecompressionBombError):
+        return UserError(f"{path} is too large to decode safely ({err}); shrink it or remove it")
+    why = "" if isinstance(err, UnidentifiedImageError) else f" ({err})"  # that one names a BytesIO object
+    return UserError(f"{path} is not a readable image (PNG/JPEG){why}; remove it or replace it")
 
 
 def _open(raw: bytes, path: str) -> Image.Image:
+    if not raw:
+        raise _empty(path)
     try:
         image = Image.open(io.BytesIO(raw))
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise _unreadable(path, err) from None
-    return image
+    return _eight_bit(image, path)
+
+
+def _empty(path: str) -> UserError:
+    return UserError(f"{path} is an empty file (0 bytes); copy it again or remove it")
+
+
+def _eight_bit(image: Image.Image, path: str) -> Image.Image:
+    """A grayscale image of more than 8 bits as 8-bit "L", scaled by its bit depth (Pillow's own
+    conversion clips at 255). 16-bit: / 257. 32-bit integer ("I", e.g. a TIFF): values must lie in
+    0..65535 and are scaled as 16-bit. Float ("F"): values must lie in [0, 1]."""
+    mode = image.mode
+    if not (mode.startswith("I") or mode == "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode == "F":
+        if not (np.isfinite(values).all() and low >= 0 and high <= 1):
+            raise UserError(f"{path} is a floating-point image with values from {low:g} to {high:g}; "
+                            "save it with values in [0, 1], or as an 8- or 16-bit PNG")
+        scaled = values * 255
+    else:
+        if low < 0 or high > 65535:
+            raise UserError(f"{path} is a 32-bit integer image with values from {low:g} to {high:g}, beyond "
+                            "16 bits (0..65535); save it as an 8- or 16-bit PNG")
+        scaled = values / 257  # 65535 -> 255: the full 16-bit range onto the full 8-bit range
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
 def _check_headers(files: list[str], resizing: bool) -> None:
@@ -136,10 +189,14 @@ def _check_headers(files: list[str], resizing: bool) -> None:
     first = None
     for path in files:
         try:
+            if Path(path).stat().st_size == 0:
+                raise _empty(path)
             with Image.open(path) as image:
                 size = image.size
                 image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        except FileNotFoundError:
+            raise UserError(f"image file not found: {path}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise _unreadable(path, err) from None
         first = first or (path, size)
         if not resizing and size != first[1]:

@@ -43,9 +43,14 @@ def read_bytes(path: str) -> bytes:
         except (BotoCoreError, ClientError) as err:
             raise UserError(f"cannot read {path}: {err}") from None
     file = Path(path)
+    if file.is_dir():
+        raise UserError(f"{path} is a folder, not a file")
     if not file.is_file():
         raise UserError(f"data file not found: {path}")
-    return file.read_bytes()
+    try:
+        return file.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err})") from None
 
 
 def upload_file(local: str, uri: str) -> None:

@@ -17,13 +17,14 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from dl_uncertainty.data.numbers import mark, not_numeric
 from dl_uncertainty.data.s3 import read_bytes
-from dl_uncertainty.data.splits import (
-    Schema,
-    Split,
-    _natural_key,
-    check_ood_classes,
+from dl_uncertainty.data.splits import Schema, Split
+from dl_uncertainty.data.stratify import (
+    check_splittable,
+    class_names,
     stratified_parts,
+    warn_missing_classes,
 )
 from dl_uncertainty.errors import UserError
 
@@ -56,13 +57,17 @@ def _separator(text: str, separator: str | None) -> str:
 def _read_csv(path: str, cfg: DictConfig) -> tuple[pd.DataFrame, pd.Series]:
     text = _decode(read_bytes(path), path, cfg.encoding)
     sep = _separator(text, cfg.separator)
+    decimal, thousands = mark(cfg.decimal), mark(cfg.thousands)
     try:
         header = next(csv.reader(io.StringIO(text), delimiter=sep), [])
-        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype={cfg.label_column: str})
+        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype={cfg.label_column: str}, decimal=decimal,
+                            thousands=thousands)
     except pd.errors.EmptyDataError:
         raise UserError(f"{path} is empty") from None
     except (pd.errors.ParserError, csv.Error) as err:
-        raise UserError(f"{path} is not a valid CSV: {str(err).splitlines()[0]}") from None
+        hint = ("; a value holding the separator (1,5 or 1,234 in a comma-separated file) must be quoted, or set "
+                "data.separator to the file's own") if "Expected" in str(err) else ""
+        raise UserError(f"{path} is not a valid CSV: {str(err).strip().splitlines()[0]}{hint}") from None
     duplicated = sorted({c for c in header if header.count(c) > 1})
     if duplicated:
         raise UserError(f"{path} has duplicated column names {duplicated}; rename them")
@@ -82,14 +87,43 @@ def _read_csv(path: str, cfg: DictConfig) -> tuple[pd.DataFrame, pd.Series]:
                 f"{int(blank.sum())} rows of {path} have a blank {label_column!r} (first on line "
                 f"{int(np.flatnonzero(blank)[0]) + 2}); fill them or set data.blank_labels=drop"
             )
-        frame, labels = frame[~blank].reset_index(drop=True), labels[~blank].reset_index(drop=True)
-    frame.attrs["dropped"] = {"blank_labels": int(blank.sum())}
+        frame, labels = frame[~blank], labels[~blank]  # the index keeps each row's line for the errors below
     bad = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if bad:
-        raise UserError(f"feature column {bad[0]!r} in {path} is not numeric")
+        raise not_numeric(frame, bad[0], path, decimal, thousands)
     if frame.shape[1] == 0:
         raise UserError(f"{path} has no feature columns besides {label_column!r}")
-    return frame.astype("float64"), labels
+    frame, labels = frame.reset_index(drop=True).astype("float64"), labels.reset_index(drop=True)
+    frame.attrs["dropped"] = {"blank_labels": int(blank.sum())}
+    return frame, _same_number_same_class(labels)
+
+
+def _same_number_same_class(labels: pd.Series) -> pd.Series:
+    """Numeric labels written two ways ("1" and "1.0") as one class, written as an NPZ's would be."""
+    numbers = pd.to_numeric(labels, errors="coerce")
+    if numbers.isna().any() or labels.nunique() == numbers.nunique():
+        return labels
+    whole = bool((numbers % 1 == 0).all())
+    return numbers.map(lambda v: str(int(v)) if whole else str(float(v)))
+
+
+FLOAT32_MAX = 3.4e38
+
+
+def _check_columns(frame: pd.DataFrame, where: str) -> None:
+    """Columns that hold no value at all, or values too large for float32 features."""
+    empty = [str(c) for c in frame.columns[frame.isna().all().to_numpy()]]
+    if empty:
+        one = len(empty) == 1
+        raise UserError(f"column{'' if one else 's'} {empty[:5]} of {where} {'is' if one else 'are'} empty (or NaN) "
+                        f"in every row; remove {'it' if one else 'them'}"
+                        + (" (a separator at the end of every line makes such a column)" if where.endswith(".csv") else ""))
+    with np.errstate(invalid="ignore"):
+        biggest = frame.abs().max()
+    if (biggest > FLOAT32_MAX).any():
+        column = biggest.idxmax()
+        raise UserError(f"column {str(column)!r} of {where} holds {float(biggest[column]):g}, beyond what float32 "
+                        f"features hold (about {FLOAT32_MAX:g}); rescale it")
 
 
 def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
@@ -114,42 +148,9 @@ def load_raw(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
     if cfg.source == "csv":
         frame, labels = _read_csv(cfg.path, cfg)
         return frame, labels.astype(str).to_numpy(), list(cfg.image_shape or [frame.shape[1]])
-    try:
-        with np.load(io.BytesIO(read_bytes(cfg.path)), allow_pickle=False) as npz:
-            x, y = npz["x"], npz["y"]
-    except KeyError as err:
-        raise UserError(f"{cfg.path} must contain arrays 'x' and 'y' (missing {err})") from None
-    except ValueError as err:
-        raise UserError(f"{cfg.path} is not a valid .npz file: {err}") from None
-    if len(x) != len(y) or len(x) == 0:
-        raise UserError(f"{cfg.path}: x has {len(x)} rows but y has {len(y)}")
-    if not np.issubdtype(x.dtype, np.number):
-        raise UserError(f"{cfg.path}: x must be numeric, got dtype {x.dtype}")
-    if y.ndim != 1:
-        raise UserError(f"{cfg.path}: y must hold one label per row, got shape {y.shape}")
-    if np.issubdtype(y.dtype, np.floating):
-        blank = np.isnan(y)
-    elif y.dtype.kind in "US":
-        blank = np.char.strip(y.astype(str)) == ""
-    else:
-        blank = np.zeros(len(y), dtype=bool)
-    if blank.any():  # the same rule as a CSV's blank labels, before NaN can become a class 'nan'
-        if cfg.blank_labels == "error":
-            raise UserError(
-                f"{int(blank.sum())} labels in {cfg.path}'s y are blank (NaN or empty; first at row "
-                f"{int(np.flatnonzero(blank)[0])}); fill them or set data.blank_labels=drop"
-            )
-        x, y = x[~blank], y[~blank]
-        if len(y) == 0:
-            raise UserError(f"{cfg.path}: every label in y is blank")
-    if np.issubdtype(y.dtype, np.floating) and np.all(y % 1 == 0):  # label 2.0 is class '2', not '2.0'
-        y = y.astype(np.int64)
-    shape = list(x.shape[1:]) if x.ndim != 3 else [1, *x.shape[1:]]
-    flat = x.reshape(len(x), -1).astype("float64")
-    columns = [f"feature_{i}" for i in range(flat.shape[1])]
-    frame = pd.DataFrame(flat, columns=columns)
-    frame.attrs["dropped"] = {"blank_labels": int(blank.sum())}
-    return frame, y.astype(str), list(cfg.image_shape or shape)
+    from dl_uncertainty.data.npz import read_npz
+
+    return read_npz(cfg)
 
 
 # ---------------------------------------------------------------- cleaning
@@ -176,13 +177,18 @@ def _non_finite(frame: pd.DataFrame, labels: np.ndarray, cfg: DictConfig) -> tup
 
 def check_raw(cfg: DictConfig) -> None:
     """The checks worth making before a pipeline starts tasks, in a second or less: the data can be
-    read, infinite values are handled as data.non_finite says, data.ood_classes are labels in it."""
+    read, infinite values are handled as data.non_finite says, data.ood_classes are labels in it and
+    leave two classes or more, and the first stratified split can be made."""
     from dl_uncertainty.config.schema import IMAGE_SOURCES
 
     frame, labels, _ = load_raw(cfg)
     if cfg.source not in IMAGE_SOURCES:
         frame, labels = _non_finite(frame, labels, cfg)
-        check_ood_classes(labels, [str(c) for c in cfg.ood_classes])
+        _check_columns(frame, cfg.path or cfg.source)
+    if len(labels):  # a benchmark's labels come with its files, in the task
+        ood = [str(c) for c in cfg.ood_classes]
+        class_names(labels, ood)
+        check_splittable(labels[~np.isin(labels, ood)], cfg.val_fraction, cfg.test_fraction)
 
 
 def _fit_cleaning(train: pd.DataFrame, cfg: DictConfig) -> dict:
@@ -193,11 +199,11 @@ def _fit_cleaning(train: pd.DataFrame, cfg: DictConfig) -> dict:
     if cfg.outliers == "iqr":
         q1, q3 = train.quantile(0.25), train.quantile(0.75)
         k = cfg.outlier_threshold * (q3 - q1)
-        stats["clip_low"], stats["clip_high"] = (q1 - k).tolist(), (q3 + k).tolist()
+        stats["clip_low"], stats["clip_high"] = (q1 - k).fillna(-np.inf).tolist(), (q3 + k).fillna(np.inf).tolist()
     elif cfg.outliers == "zscore":
         mean, std = train.mean(), train.std(ddof=0)
         k = cfg.outlier_threshold * std
-        stats["clip_low"], stats["clip_high"] = (mean - k).tolist(), (mean + k).tolist()
+        stats["clip_low"], stats["clip_high"] = (mean - k).fillna(-np.inf).tolist(), (mean + k).fillna(np.inf).tolist()
     return stats
 
 
@@ -244,6 +250,7 @@ def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
     before = len(frame)
     frame, labels = _non_finite(frame, labels, cfg)
     dropped["non_finite"] = before - len(frame)
+    _check_columns(frame, cfg.path or cfg.source)
     if int(np.prod(feature_shape)) != frame.shape[1]:
         raise UserError(f"data.image_shape={feature_shape} does not match {frame.shape[1]} features")
     if cfg.missing == "drop":
@@ -253,18 +260,19 @@ def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
     elif cfg.missing == "ffill":
         frame = frame.ffill().bfill()
     if len(frame) == 0:
-        raise UserError("no rows left after dropping rows with missing values")
+        raise UserError(f"every row of {cfg.path or cfg.source} has a missing value, so data.missing=drop leaves "
+                        "none; fill the gaps, or set data.missing=median (or mean, ffill)")
 
-    ood_names = check_ood_classes(labels, [str(c) for c in cfg.ood_classes])
+    ood_names = [str(c) for c in cfg.ood_classes]
+    names = class_names(labels, ood_names)
     is_ood = np.isin(labels, ood_names)
-    class_names = sorted(set(labels[~is_ood]), key=_natural_key)
-    if len(class_names) < 2:
-        raise UserError("need at least two in-distribution classes after removing data.ood_classes")
 
-    index = {name: i for i, name in enumerate(class_names)}
+    index = {name: i for i, name in enumerate(names)}
     y_in = np.array([index[v] for v in labels[~is_ood]], dtype=np.int64)
     rows = np.flatnonzero(~is_ood)
-    positions = stratified_parts(y_in, cfg, seed, names=class_names)
+    positions = stratified_parts(y_in, cfg, seed, names=names)
+    warn_missing_classes(names, {part: y_in[positions[part]] for part in ("train", "val", "test")},
+                         cfg.val_fraction, cfg.test_fraction)
     train = rows[positions["train"]]
 
     stats = _fit_cleaning(frame.iloc[train], cfg)
@@ -288,7 +296,7 @@ def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
                 f"the {name} split has {int((~np.isfinite(x)).sum())} non-finite values after cleaning "
                 f"(data.missing={cfg.missing}); choose another data.missing or data.scaling"
             )
-        schema = Schema(feature_shape, class_names, ood_names, cfg.source, {**stats, **counts},
+        schema = Schema(feature_shape, names, ood_names, cfg.source, {**stats, **counts},
                         feature_names=[str(c) for c in frame.columns])
         splits[name] = Split(x, y, schema)
     return splits

@@ -65,4 +65,33 @@ class Checkpointer:
         try:
             return torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file is the same user problem
-            raise UserError(f"cannot read checkpoint {self.path}: {err}") from None
+            raise UserError(f"cannot read checkpoint {self.path}: damaged, or not written by dl_uncertainty "
+                            f"({type(err).__name__}); delete it or set train.resume=false") from None
+
+
+def data_meta(schema) -> dict:
+    """What a checkpoint records of the data it was trained on, so a resume can be refused early."""
+    return {"feature_shape": [int(n) for n in schema.feature_shape], "class_names": [str(c) for c in schema.class_names]}
+
+
+def check_resumable(state: dict, path: Path, cfg, schema) -> None:
+    """Refuse, before anything else is touched (the MLflow run it continues above all), a checkpoint
+    written for another model config, other features or other classes."""
+    from omegaconf import OmegaConf
+
+    from dl_uncertainty.families.base import build_model
+
+    fix = f"delete {path}, set train.checkpoint_dir to another folder, or set train.resume=false"
+    if state.get("model_config") != OmegaConf.to_container(cfg.model, resolve=True):
+        raise UserError(f"checkpoint {path} was written for a different model config; {fix}")
+    was = {k: state[k] for k in ("feature_shape", "class_names") if k in state}
+    now = data_meta(schema)
+    if was and was != {k: now[k] for k in was}:
+        raise UserError(f"checkpoint {path} was written for data with features {was.get('feature_shape')} and "
+                        f"classes {was.get('class_names')}, this data has {now['feature_shape']} and "
+                        f"{now['class_names']}; {fix}")
+    model = build_model(cfg.model, schema.feature_shape, len(schema.class_names))
+    try:  # a checkpoint from before the data was recorded: its weights must fit this data's model
+        model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError, KeyError):
+        raise UserError(f"checkpoint {path} was written for data with other features or classes; {fix}") from None
