@@ -169,15 +169,19 @@ def fit(val_log_probs: np.ndarray, val_labels: np.ndarray, cfg: DictConfig, rows
     return cal
 
 
-def decide(log_probs: np.ndarray, calibration: Calibration, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def decide(log_probs: np.ndarray, calibration: Calibration, rows: np.ndarray | None = None,
+           density: np.ndarray | None = None, density_threshold: float | None = None) -> dict[str, np.ndarray]:
     """From MC samples ``[T, N, K]`` of inputs ``rows``: calibrated probabilities, the served set and
     abstain, with the MC samples' own uncertainty (total = entropy, epistemic = mutual information).
-    ``rows`` key the randomised scores' uniforms; without them, the MC-averaged log-probabilities do."""
+    ``rows`` key the randomised scores' uniforms; without them, the MC-averaged log-probabilities do.
+    With ``density`` (feature log-density per row) and its threshold, a row abstains below that
+    threshold instead of above the entropy threshold (``evaluate.abstain_on=density``)."""
     mean = M.mean_log_probs(log_probs)
     probs = np.exp(calibrated_log_probs(mean, calibration.temperature))
     entropy = M.predictive_entropy(log_probs)
     u = calibration.uniforms(mean if rows is None else rows)
     sets = calibration.sets(probs, u)
-    abstain = (sets.sum(1) != 1) | (entropy > calibration.max_entropy)
+    unsure = entropy > calibration.max_entropy if density is None else density < density_threshold
+    abstain = (sets.sum(1) != 1) | unsure
     return {"probs": probs, "entropy": entropy, "mutual_info": M.mutual_information(log_probs),
             "sets": sets, "abstain": abstain, "u": u}
