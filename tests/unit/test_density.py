@@ -5,8 +5,8 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 from torch import nn
 
-from dl_uncertainty.uncertainty.density import ClassGaussianDensity, energy_score, fit_threshold
 from dl_uncertainty.errors import UserError
+from dl_uncertainty.uncertainty.density import ClassGaussianDensity, energy_score, fit_threshold
 
 
 def test_log_density_is_the_class_weighted_gaussian_mixture():

@@ -2,7 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-from dl_uncertainty.families.spectral import apply_spectral_norm, lipschitz_bound, spectral_normalize
+from dl_uncertainty.families.spectral import (
+    apply_spectral_norm,
+    lipschitz_bound,
+    spectral_normalize,
+)
 
 
 def _train_steps(layer, x, steps=30):
