@@ -11,7 +11,7 @@ on the same split and goes through the same evaluation (MC-Dropout, its own feat
 Prints one table: accuracy, NLL, ECE, far-OOD AUROC per generated kind by entropy / mutual
 information / feature density / energy, training seconds, and ratios against the textbook CNN.
 
-    python benchmarks/image_uncertainty.py [--data digits shapes] [--families bnn ...] [--epochs N] [overrides]
+    python benchmarks/image_uncertainty.py [--data digits shapes] [--families bnn ...] [--epochs N] [-- overrides]
 """
 
 from __future__ import annotations
