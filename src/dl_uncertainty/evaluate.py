@@ -2,8 +2,8 @@
 
     python -m dl_uncertainty.evaluate run_id=<MLflow run id> [evaluate.mc_samples=100]
 
-The calibration (evaluate.calibration, alpha, conformal_method, target_risk, conformal_nonempty, raps_*) is the one fitted after
-training and bundled with the model; setting one of them to another value here is refused.
+The calibration (evaluate.calibration, alpha, conformal_method, target_risk, conformal_nonempty, raps_*) and the
+feature density (evaluate.abstain_on, density_target_rate, density_ridge) are the ones fitted after training and bundled with the model; setting one of them to another value here is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dl_uncertainty.errors import UserError
 
 # fitted after training on the calibration split and bundled with the model: fixed once trained
 BUNDLED = ("calibration", "alpha", "conformal_method", "target_risk", "conformal_nonempty", "raps_k_reg",
-           "raps_lambda")
+           "raps_lambda", "abstain_on", "density_target_rate", "density_ridge")
 
 
 def _check_bundled(given: DictConfig, trained: DictConfig, run_id: str) -> None:

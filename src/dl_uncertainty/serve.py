@@ -12,9 +12,11 @@ POST /invocations                  MLflow's JSON formats: {"dataframe_split": {"
 POST /v1/models/<name>:predict     KServe's v1 protocol: {"instances": [[...]]}
     -> {"predictions": [{"prob_<class>": ..., "predicted_class": ..., "predictive_entropy": ...,
                          "expected_entropy": ..., "mutual_information": ..., "prediction_set": [...],
-                         "set_size": ..., "abstain": ...}]}
+                         "set_size": ..., "abstain": ...,
+                         "feature_density": ...}]}   (log-density of the features; low = far from the data)
 GET  /health, /v1/models/<name>    ready?        GET /info   the columns it takes (and their range: [0, 1]
-                                   for an image model's pixels), its classes, its calibration
+                                   for an image model's pixels), its classes, its calibration, and
+                                   feature_density: its abstain threshold and whether it decides abstaining
 
 Bad input gets a 400 whose body is one sentence: {"error": "..."}; a failure of the server itself a 500
 of the same shape (its traceback goes to the server's log). Every answer is strict JSON: a number that is
@@ -199,6 +201,17 @@ def json_safe(value, path: str = "", non_finite: dict[str, str] | None = None):
     return value
 
 
+def _density_info(wrapper) -> dict[str, Any] | None:
+    """The served ``feature_density`` column's abstain threshold, and whether it decides abstaining."""
+    from dl_uncertainty.families.feature_density import density_of
+
+    fitted = density_of(wrapper.model)
+    if fitted is None:
+        return None
+    return {"threshold": fitted.threshold, "target_rate": fitted.target_rate,
+            "abstain_on": wrapper.cfg.evaluate.get("abstain_on", "entropy")}
+
+
 def info(wrapper) -> dict[str, Any]:
     schema, cal = wrapper.schema, wrapper.calibration
     from dl_uncertainty.data.rows import input_range
@@ -210,6 +223,7 @@ def info(wrapper) -> dict[str, Any]:
         "input_range": input_range(schema),  # [0, 1] for images: pixels / 255; null: any finite number
         "classes": schema.class_names, "mc_samples": wrapper.cfg.evaluate.mc_samples,
         "calibration": cal.to_dict() if cal else None,
+        "feature_density": _density_info(wrapper),
         # the MC draws kept for reuse (a BNN's weight sets, dropout masks): bytes held, the bound, samples held
         "sample_cache": {"bytes": cache.bytes, "max_bytes": cache.max_bytes, "samples": len(cache)} if cache is not None else None,
     }, non_finite=non_finite)

@@ -81,6 +81,8 @@ def test_raw_inputs_get_the_offline_evaluations_calibrated_probabilities(served,
     probs = np.array([[r[f"prob_{c}"] for c in names] for r in rows])
     np.testing.assert_allclose(probs, offline.predictions["calibrated_probs"], atol=1e-6)
     assert [r["abstain"] for r in rows] == offline.predictions["abstain"].tolist()
+    # the feature density over HTTP is the one evaluation scored (stored there as float32)
+    np.testing.assert_allclose([r["feature_density"] for r in rows], offline.predictions["feature_density"], rtol=1e-5)
     assert all(r["predicted_class"] == names[int(np.argmax(p))] for r, p in zip(rows, probs, strict=True))
     # the served uncertainty is that of the served (temperature-scaled) probabilities
     entropy = -(probs * np.log(np.maximum(probs, 1e-300))).sum(1)
@@ -106,6 +108,9 @@ def test_kserve_v1_protocol_and_info(served, digits_splits):
     assert again == body  # seeded MC sampling: the same request, the same answer
     info = json.loads(urllib.request.urlopen(f"{url}/info", timeout=10).read())
     assert info["columns"] == test.schema.feature_names and info["calibration"]["alpha"] == cfg.evaluate.alpha
+    density = info["feature_density"]
+    assert density["abstain_on"] == "entropy" and density["target_rate"] == 0.95
+    assert isinstance(density["threshold"], float)
 
 
 @pytest.mark.parametrize(("body", "says"), [

@@ -67,11 +67,14 @@ def test_pyfunc_takes_raw_named_columns_and_rejects_bad_input_in_one_sentence(se
     raw = pd.DataFrame(unscaled(test.x[:4], test.schema).round(), columns=test.schema.feature_names)
     assert list(model.metadata.get_input_schema().input_names()) == test.schema.feature_names
     out = model.predict(raw)
-    assert list(out.columns[-7:]) == ["predicted_class", "predictive_entropy", "expected_entropy",
-                                      "mutual_information", "prediction_set", "set_size", "abstain"]
+    assert list(out.columns[-8:]) == ["predicted_class", "predictive_entropy", "expected_entropy",
+                                      "mutual_information", "prediction_set", "set_size", "abstain",
+                                      "feature_density"]
     # the bundled scaling is applied: the same answer as the network on the split's scaled rows
     direct = model.unwrap_python_model().predict_rows(test.x[:4])
     np.testing.assert_allclose(out.filter(like="prob_").to_numpy(), direct.filter(like="prob_").to_numpy(), atol=1e-6)
+    # the feature density fitted after training travels with the logged model
+    np.testing.assert_allclose(out["feature_density"], direct["feature_density"], rtol=1e-6)
     bad = raw.copy()
     bad.iloc[1, 3] = np.nan
     with pytest.raises(MlflowException, match="row 1 column 'pixel_3' is nan") as err:

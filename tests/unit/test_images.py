@@ -169,9 +169,9 @@ def test_resnet_learns_mnist_files_and_reports_grad_cam_and_far_ood(tmp_path):
     md5s = {"mnist": write_idx_mirror(tmp_path / "mnist", 0),
             "fashion_mnist": write_idx_mirror(tmp_path / "fashion_mnist", 1)}
     cfg = load_config([*benchmark_overrides(tmp_path, "mnist", md5s),
-                       "model=mc_dropout_dnn", "model.conv_channels=[8,8]", "train.epochs=2",
+                       "model=mc_dropout_dnn", "model.arch=resnet", "model.conv_channels=[8,8]", "train.epochs=2",
                        "train.lr=0.01", "train.batch_size=8", "evaluate.mc_samples=4", "train.val_mc_samples=2"])
-    assert cfg.model.arch == "resnet"
+    assert cfg.model.arch == "resnet" and load_config(benchmark_overrides(tmp_path, "mnist", md5s)).model.arch == "cnn"
     splits = prepare(cfg.data, cfg.seed)
     result = train_model(cfg, splits["train"], splits["val"], quiet=True)
     ev = evaluate_model(result.model, cfg, splits["test"], splits["ood"], splits["val"])

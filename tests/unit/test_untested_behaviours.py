@@ -97,9 +97,12 @@ def test_far_ood_and_shifted_inputs_reach_the_model_scaled_like_the_training_dat
     model = _Recorder(test.x.shape[1], len(test.schema.class_names))
     cfg = tiny_cfg()
     result = evaluate_model(model, cfg, test, ood, with_figures=False)
-    shifted = len(M.CORRUPTIONS) * 5
-    # test, far-OOD, OOD and every shifted set, each T times: a network no family declares deterministic
-    assert len(model.seen) == (3 + shifted) * cfg.evaluate.mc_samples
+    from dl_uncertainty.uncertainty.far_ood import FAR_KINDS
+
+    sets = 3 + len(M.CORRUPTIONS) * 5 + len(FAR_KINDS)
+    # test, far-OOD, OOD, every shifted set and every generated far-OOD kind, each T times (a network no
+    # family declares deterministic), plus one point-estimate pass each for the energy score
+    assert len(model.seen) == sets * (cfg.evaluate.mc_samples + 1)
     for rows in model.seen:  # un-scaled with the training scaler, every input is a digits image (pixels 0..16)
         pixels = rows * scale + center
         assert pixels.min() >= -1e-3 and pixels.max() <= 16 + 1e-3

@@ -140,6 +140,11 @@ def validate(cfg: DictConfig) -> None:
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(all(h >= 1 for h in m.hidden_sizes), "model.hidden_sizes must all be >= 1")
     _check(all(c >= 1 for c in m.conv_channels), "model.conv_channels must all be >= 1")
+    sn = m.get("spectral_norm")
+    _check(sn is None or sn > 0, f"model.spectral_norm must be > 0 (a Lipschitz coefficient) or null, got {sn}")
+    _one_of(t.lr_schedule, "train.lr_schedule", ("none", "cosine", "onecycle"))
+    _check(0 <= t.warmup_fraction < 1, f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
+    _check(t.accumulate_grad_batches >= 1, f"train.accumulate_grad_batches must be >= 1, got {t.accumulate_grad_batches}")
     _one_of(t.optimizer, "train.optimizer", ("adam", "adamw", "sgd"))
     for key in ("lr", "weight_decay", "momentum", "focal_gamma", "focal_alpha", "mixup_alpha", "cutmix_alpha"):
         _check(math.isfinite(t[key]), f"train.{key} must be a finite number, got {t[key]}")
@@ -178,6 +183,9 @@ def validate(cfg: DictConfig) -> None:
     slack = e.champion_gate.coverage_slack
     _check(slack is None or 0 <= slack < 1 - e.alpha, "evaluate.champion_gate.coverage_slack must be in "
            f"[0, 1 - alpha = {1 - e.alpha:g}) (the gate needs coverage >= 1 - alpha - slack), or null, got {slack}")
+    _one_of(e.abstain_on, "evaluate.abstain_on", ("entropy", "density"))
+    _check(0 < e.density_target_rate <= 1, f"evaluate.density_target_rate must be in (0, 1], got {e.density_target_rate}")
+    _check(e.density_ridge >= 0, f"evaluate.density_ridge must be >= 0, got {e.density_ridge}")
     _check(0 <= e.target_risk < 1, f"evaluate.target_risk must be in [0, 1), got {e.target_risk}")
     _check(cfg.num_threads >= 0, f"num_threads must be >= 0, got {cfg.num_threads}")
     _check(len(cfg.pipeline.models) >= 1, "pipeline.models must name at least one model")

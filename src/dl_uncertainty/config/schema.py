@@ -42,6 +42,9 @@ class DataConfig:
     outlier_threshold: float = 1.5  # IQR multiplier, or z-score limit
     scaling: str = "standard"  # none | standard | minmax | global
     model_arch: str = "mlp"  # the model.arch the model configs use unless model.arch is given
+    # defaults this data suggests for other keys: {model: {...}, train: {...}, <family>: {...}}; the
+    # model and train configs read them (configs/model/shared/architecture.yaml); an override still wins
+    recipe: dict[str, Any] = field(default_factory=dict)
     # images (image_folder, mnist, fashion_mnist, cifar10)
     image_size: list[int] | None = None  # [H, W] to resize every image to; null = keep (all must match)
     channels: int | None = None  # 1 (grayscale) | 3 (RGB); null = as the first image
@@ -70,6 +73,8 @@ class ModelConfig:
     res_blocks: int = 1  # resnet: residual blocks per stage
     activation: str = "relu"  # relu | gelu | tanh | silu
     dropout: float = 0.0
+    conv_dropout: bool = True  # cnn/resnet: dropout in the conv layers too; false: only in the fully connected part
+    spectral_norm: float | None = None  # spectral normalisation of the feature extractor with this coefficient; null = off
 
 
 @dataclass
@@ -94,6 +99,9 @@ class TrainConfig:
     resume: bool = False
     checkpoint_every_s: float = 10.0  # at most one checkpoint per this many seconds, and the last epoch's
     amp: bool = True  # mixed precision, used on CUDA only
+    lr_schedule: str = "none"  # none | cosine | onecycle, stepped once per optimizer step
+    warmup_fraction: float = 0.0  # cosine: linear warm-up over this share of the optimizer steps
+    accumulate_grad_batches: int = 1  # batches whose gradients add up before one optimizer step
 
 
 @dataclass
@@ -120,6 +128,9 @@ class EvaluateConfig:
     raps_k_reg: int = 1  # RAPS: ranks up to this are not penalised
     raps_lambda: float = 0.01  # RAPS: penalty per rank beyond raps_k_reg
     target_risk: float = 0.01  # abstain above the entropy where validation error exceeds this
+    abstain_on: str = "entropy"  # entropy | density: which score decides abstaining (besides set size)
+    density_target_rate: float = 0.95  # the feature-density threshold keeps this share of held-out inputs
+    density_ridge: float = 1e-3  # added to the feature covariance's diagonal (share of the mean variance)
     champion_gate: ChampionGate = field(default_factory=lambda: ChampionGate())
 
 

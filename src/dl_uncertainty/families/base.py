@@ -72,6 +72,17 @@ class Family:
         """Penultimate features ``[N, F]``: the input of the last linear layer, in eval mode."""
         return penultimate(model, x)
 
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[M, N, K]`` of the point estimate, one per network (eval mode: no dropout), for the energy score."""
+        out = []
+        for net in self.networks(model):
+            was_training = net.training
+            net.eval()
+            with torch.inference_mode():
+                out.append(net(x).float())
+            net.train(was_training)
+        return torch.stack(out)
+
 
 def family_of(model: nn.Module) -> Family:
     """The family a built model belongs to; any other network is sampled by the engine as it is."""

@@ -6,6 +6,9 @@ reparameterisation trick where it is exact and cheaper).
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
+
 import torch
 import torchbnn
 from omegaconf import DictConfig
@@ -14,7 +17,7 @@ from torch import nn
 from dl_uncertainty.errors import UserError
 from dl_uncertainty.families.base import Family
 from dl_uncertainty.families.losses import Mix, mixed_loss
-from dl_uncertainty.families.networks import build_network
+from dl_uncertainty.families.networks import build_network, penultimate
 
 BAYES_LAYERS = (torchbnn.BayesLinear, torchbnn.BayesConv2d)
 
@@ -34,10 +37,33 @@ def init_posterior_scale(model: nn.Module, log_sigma: float) -> None:
                 nn.init.constant_(module.bias_log_sigma, log_sigma)
 
 
+@contextmanager
+def posterior_mean(model: nn.Module):
+    """Every Bayesian weight at its posterior mean (sigma 0) inside the block, restored after it."""
+    saved = []
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, BAYES_LAYERS):
+                for name in ("weight_log_sigma", "bias_log_sigma"):
+                    param = getattr(module, name, None)
+                    if param is not None:
+                        saved.append((param, param.detach().clone()))
+                        param.fill_(-math.inf)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for param, value in saved:
+                param.copy_(value)
+
+
 class BNN(Family):
     name = "bnn"
 
     def check(self, cfg: DictConfig) -> None:
+        if cfg.get("spectral_norm"):
+            raise UserError("model.spectral_norm applies to deterministic networks, not the BNN's torchbnn "
+                            "layers; set model.spectral_norm=null")
         if cfg.prior_sigma <= 0:
             raise UserError(f"model.prior_sigma must be > 0, got {cfg.prior_sigma}")
         if cfg.kl_weight < 0:
@@ -56,6 +82,15 @@ class BNN(Family):
         nll = mixed_loss(model(x if mix is None else mix.x).float(), y, mix, cfg.train)
         kl = kl_divergence(model).squeeze()
         return {"loss": nll + kl_w * kl, "nll": nll, "kl": kl}
+
+    def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features at the posterior mean: one deterministic answer per input."""
+        with posterior_mean(model):
+            return penultimate(model, x)
+
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with posterior_mean(model):
+            return super().logits(model, x)
 
 
 FAMILY = BNN()

@@ -15,10 +15,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dl_uncertainty.errors import UserError
+from dl_uncertainty.families.spectral import apply_spectral_norm
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
+def _conv_dropout(cfg: DictConfig) -> float:
+    """The dropout rate of conv layers: ``model.dropout``, or 0 with ``model.conv_dropout=false``."""
+    return cfg.dropout if cfg.get("conv_dropout", True) else 0.0
 
 
 def _linear(bayesian: bool, cfg: DictConfig, n_in: int, n_out: int) -> nn.Module:
@@ -52,7 +56,7 @@ class ResidualBlock(nn.Module):
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(_conv(bayesian, cfg, c_in, c_out, kernel=1, stride=stride),
                                           nn.BatchNorm2d(c_out))
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(_conv_dropout(cfg)) if _conv_dropout(cfg) > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))
@@ -77,7 +81,10 @@ class ResNet(nn.Module):
                 blocks.append(ResidualBlock(bayesian, cfg, channels, width, stride))
                 channels = width
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), _linear(bayesian, cfg, channels, num_classes))
+        # without dropout in the blocks (model.conv_dropout=false), one dropout before the last layer
+        drop = [nn.Dropout(cfg.dropout)] if cfg.dropout > 0 and not _conv_dropout(cfg) else []
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *drop,
+                                  _linear(bayesian, cfg, channels, num_classes))
 
     @property
     def cam_layer(self) -> nn.Module:
@@ -89,7 +96,23 @@ class ResNet(nn.Module):
 
 
 def build_network(cfg: DictConfig, feature_shape: list[int], num_classes: int, bayesian: bool) -> nn.Module:
-    """An MLP, small CNN or ResNet (``cfg.arch``) from flat rows to logits; torchbnn layers if ``bayesian``."""
+    """An MLP, small CNN or ResNet (``cfg.arch``) from flat rows to logits; torchbnn layers if ``bayesian``;
+    with ``model.spectral_norm``, every layer but the last spectrally normalised to that coefficient."""
+    net = _build(cfg, feature_shape, num_classes, bayesian)
+    coeff = cfg.get("spectral_norm")
+    if coeff:
+        if bayesian:
+            raise UserError("model.spectral_norm applies to deterministic networks, not the BNN's "
+                            "torchbnn layers; set model.spectral_norm=null")
+        apply_spectral_norm(net, float(coeff))
+        net.eval()  # one pass fixes every conv's input shape, so its power-iteration state is in the state_dict
+        with torch.no_grad():
+            net(torch.zeros(1, math.prod(feature_shape)))
+        net.train()
+    return net
+
+
+def _build(cfg: DictConfig, feature_shape: list[int], num_classes: int, bayesian: bool) -> nn.Module:
     act = ACTIVATIONS[cfg.activation]
     layers: list[nn.Module] = []
     if cfg.arch != "mlp" and len(feature_shape) != 3:
@@ -110,7 +133,7 @@ def build_network(cfg: DictConfig, feature_shape: list[int], num_classes: int, b
             if min(height, width) >= 2:
                 layers.append(nn.MaxPool2d(2))
                 height, width = height // 2, width // 2
-            if cfg.dropout > 0:
+            if _conv_dropout(cfg) > 0:
                 layers.append(nn.Dropout(cfg.dropout))
             channels = out_channels
         layers.append(nn.Flatten())
@@ -125,8 +148,6 @@ def build_network(cfg: DictConfig, feature_shape: list[int], num_classes: int, b
         width_in = hidden
     layers.append(_linear(bayesian, cfg, width_in, num_classes))
     return nn.Sequential(*layers)
-
-
 
 
 def last_linear(model: nn.Module) -> nn.Module:

@@ -23,6 +23,7 @@ from torch import nn
 
 from dl_uncertainty.data.rows import to_images, to_rows
 from dl_uncertainty.data.splits import Split
+from dl_uncertainty.families.feature_density import abstain_rule, feature_scores
 from dl_uncertainty.families.predict import served_log_probs
 from dl_uncertainty.reports import calibration_plots, plots
 from dl_uncertainty.reports.saliency import grad_cam
@@ -30,9 +31,11 @@ from dl_uncertainty.training.loop import set_threads
 from dl_uncertainty.uncertainty import calibration as C
 from dl_uncertainty.uncertainty import conformal as CF
 from dl_uncertainty.uncertainty import metrics as M
+from dl_uncertainty.uncertainty.far_ood import FAR_KINDS, far_ood
 from dl_uncertainty.uncertainty.metrics import TABLE_METRICS
 
 ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)  # the conformal figure's x-axis
+OOD_SCORES = ("entropy", "mutual_info", "density", "energy")  # every OOD table's columns
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Evaluation:
     conformal_classes: list[dict] = field(default_factory=list)  # the served sets' coverage per true class
     conformal_sizes: list[dict] = field(default_factory=list)  # ... per set size
     calibration: dict = field(default_factory=dict)  # the Calibration applied, as a dict
+    far_kinds: list[dict] = field(default_factory=list)  # AUROC per generated far-OOD kind and score
     figures: dict[str, Figure] = field(default_factory=dict)
 
 
@@ -89,8 +93,16 @@ def evaluate_model(
     if calibration is None and fit_on in lp:
         held = calib if fit_on == "calib" else val
         calibration = C.fit(lp[fit_on], held.y, e, rows=held.x, seed=cfg.seed, split=fit_on)
-    served = ({name: C.decide(log_probs, calibration, rows=rows[name]) for name, log_probs in lp.items()}
-              if calibration else {})
+    feats = {name: feature_scores(model, x) for name, x in rows.items()}
+    scores = {name: ood_scores(lp[name], feats[name]) for name in rows}
+    for prefix, name in (("", "ood"), ("far_", "far_ood")):
+        for score in ("density", "energy"):
+            if name in scores and score in scores[name]:
+                for metric, value in M.ood_metrics(scores["test"][score], scores[name][score]).items():
+                    result[f"{prefix}{metric}_{score}"] = value
+    served = ({name: C.decide(log_probs, calibration, rows=rows[name],
+                              **abstain_rule(model, cfg, feats[name]["density"] if len(feats[name]["density"]) else None))
+               for name, log_probs in lp.items()} if calibration else {})
     if served:
         result.update(_calibration_metrics(calibration, served["test"], test.y))
         result.update({f"{name}_abstain_rate": float(served[name]["abstain"].mean())
@@ -103,22 +115,37 @@ def evaluate_model(
         for kind in M.CORRUPTIONS:
             for severity in range(1, 6):
                 key = f"shift_{kind}_{severity}"
-                shifted[key] = predict(to_rows(M.corrupt(images, kind, severity, seed=cfg.seed), test.schema))
+                x_shift = to_rows(M.corrupt(images, kind, severity, seed=cfg.seed), test.schema)
+                shifted[key] = predict(x_shift)
                 s = M.summarize(shifted[key], test.y)
+                found = ood_scores(shifted[key], feature_scores(model, x_shift))  # shifted told from clean
                 shift.append({"model": cfg.model.name, "kind": kind, "severity": severity,
-                              **{k: s[k] for k in ("acc", "nll", "ece", "entropy")}})
+                              **{k: s[k] for k in ("acc", "nll", "ece", "entropy")},
+                              **{f"auroc_{k}": M.ood_metrics(scores["test"][k], v)["auroc"] for k, v in found.items()}})
         for row in shift:
             result[f"{row['kind']}_s{row['severity']}_acc"] = row["acc"]
             result[f"{row['kind']}_s{row['severity']}_ece"] = row["ece"]
 
+    far_kinds = []
+    if images is not None:  # generated far-OOD kinds, each with its own AUROC per score
+        for kind in FAR_KINDS:
+            x_kind = to_rows(far_ood(kind, images, seed=cfg.seed), test.schema)
+            found = ood_scores(predict(x_kind), feature_scores(model, x_kind))
+            row = {"kind": kind, **{score: M.ood_metrics(scores["test"][score], v)["auroc"] for score, v in found.items()}}
+            far_kinds.append(row)
+            result.update({f"far_{kind}_auroc_{score}": row[score] for score in found})
+
     predictions = _predictions(lp, shifted, test, ood if has_ood else None, val if "val" in lp else None, far,
                                calib if "calib" in lp else None)
+    for name, found in feats.items():
+        prefix = "" if name == "test" else f"{name}_"
+        predictions.update({f"{prefix}feature_{k}": v.astype(np.float32) for k, v in found.items() if len(v)})
     for name, out in served.items():
         prefix = "" if name == "test" else f"{name}_"
         predictions[f"{prefix}calibrated_probs"] = out["probs"].astype(np.float32)
         predictions[f"{prefix}prediction_sets"] = out["sets"]
         predictions[f"{prefix}abstain"] = out["abstain"]
-    evaluation = Evaluation(cfg.model.name, result, predictions, shift)
+    evaluation = Evaluation(cfg.model.name, result, predictions, shift, far_kinds=far_kinds)
     if served:
         evaluation.calibration = calibration.to_dict()
         evaluation.conformal_classes = CF.per_class(served["test"]["sets"], test.y, test.schema.class_names)
@@ -133,6 +160,15 @@ def evaluate_model(
 
 def _prefixed(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}_{k}": v for k, v in metrics.items() if k not in ("test_accuracy", "avg_test_uncertainty")}
+
+
+def ood_scores(log_probs: np.ndarray, feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per row, higher = more out-of-distribution: entropy and MI of the MC prediction, and the
+    negated feature log-density and energy (``feats``; density only when the model has one)."""
+    out = dict(M.uncertainty_scores(log_probs))
+    out = {k: out[k] for k in ("entropy", "mutual_info")}
+    out.update({k: -feats[k] for k in ("density", "energy") if len(feats.get(k, ())) == log_probs.shape[1]})
+    return out
 
 
 def _calibration_metrics(cal: C.Calibration, out: dict, y: np.ndarray) -> dict:

@@ -90,7 +90,9 @@ def html_page(ev: Evaluation, title: str | None = None) -> str:
             f"Test accuracy {m['acc']:.4f}, NLL {m['nll']:.4f}, ECE {m['ece']:.4f} (15 bins), "
             f"mean predictive entropy {m['avg_test_uncertainty']:.4f}, on {m['test_examples']} test examples.",
             *([f"OOD detection AUROC by entropy {m['auroc_entropy']:.4f}, by mutual information "
-               f"{m['auroc_mutual_info']:.4f}."] if "auroc_entropy" in m else []),
+               f"{m['auroc_mutual_info']:.4f}"
+               + (f", by feature density {m['auroc_density']:.4f}" if "auroc_density" in m else "") + "."]
+              if "auroc_entropy" in m else []),
             "↑: higher is better, ↓: lower is better.",
         ], table=headline_rows(m)),
         Section("Calibration", text=calibration_text(m), figures={"Reliability diagram": f("reliability")}),
@@ -105,6 +107,11 @@ def html_page(ev: Evaluation, title: str | None = None) -> str:
                 table=ev.conformal or None, figures={"Coverage and set size": f("conformal")}),
         Section("Selective prediction", figures={"Risk-coverage": f("risk_coverage")}),
         Section("Out-of-distribution detection", figures={"Uncertainty histograms": f("uncertainty_histograms")}),
+        Section("Generated far-OOD inputs: AUROC per kind and score", table=ev.far_kinds or None,
+                text="Entropy and mutual information of the MC prediction; density: the class-conditional "
+                     "Gaussian of the penultimate features fitted on the training split; energy: logsumexp "
+                     "of the logits. 1.0: every generated input scores as more out-of-distribution than "
+                     "every test input; below 0.5: inverted." if ev.far_kinds else ()),
         Section("Distribution shift", table=ev.shift or None, figures={"Shift": f("shift")}),
         Section("Most uncertain test inputs", figures={"Inputs": f("most_uncertain"), "Grad-CAM": f("saliency")}),
         Section("Confusion matrix", figures={"Confusion": f("confusion_matrix")}),

@@ -15,6 +15,7 @@ _RULES: tuple[tuple[str, str, str], ...] = (  # (pattern, group, better)
     (r"^(gaussian_noise|rotation|shift)_.*_acc$", "shift", UP),
     (r"^(gaussian_noise|rotation|shift)_.*_ece$", "shift", DOWN),
     (r"^(far_)?(auroc|aupr)_", "OOD detection", UP),
+    (r"^far_[a-z]+_auroc_", "OOD detection", UP),  # per generated far-OOD kind
     (r"^(far_)?fpr95_", "OOD detection", DOWN),
     (r"^(ood|far_ood)_abstain_rate$", "OOD detection", UP),
     (r"^coverage_band_", "conformal", NEITHER),

@@ -73,7 +73,8 @@ def start_run(cfg: DictConfig, continue_run_id: str | None = None):
 
 class UncertaintyModel(mlflow.pyfunc.PythonModel):
     """predict(raw features) -> calibrated class probabilities, predicted class, predictive entropy,
-    mutual information, the conformal prediction set and whether to abstain.
+    mutual information, the conformal prediction set, whether to abstain, and the feature log-density
+    (``feature_density``: low = far from the training data) when the model has one.
 
     Inputs are what the user's data holds (named columns, or rows of values in that order): the
     cleaning and scaling fitted on the training split are applied here. MC sampling is seeded per
@@ -104,11 +105,14 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
 
     def predict_rows(self, x: np.ndarray) -> pd.DataFrame:
         """The same answer for rows that are already cleaned and scaled (as the split files hold them)."""
+        from dl_uncertainty.families.feature_density import abstain_rule, log_density
         from dl_uncertainty.families.predict import served_log_probs
         from dl_uncertainty.uncertainty.calibration import Calibration, decide
 
         log_probs = served_log_probs(self.model, x, self.cfg, cache=getattr(self, "sample_cache", None)).numpy()
-        out = decide(log_probs, self.calibration or Calibration.identity(), rows=x)
+        density = log_density(self.model, x)
+        out = decide(log_probs, self.calibration or Calibration.identity(), rows=x,
+                     **abstain_rule(self.model, self.cfg, density))
         names = np.asarray(self.schema.class_names)
         return pd.DataFrame({
             **{f"prob_{c}": out["probs"][:, k] for k, c in enumerate(names)},
@@ -119,6 +123,7 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
             "prediction_set": [names[row].tolist() for row in out["sets"]],
             "set_size": out["sets"].sum(1),
             "abstain": out["abstain"],
+            **({"feature_density": density} if density is not None else {}),
         })
 
 

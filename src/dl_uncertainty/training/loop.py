@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from dl_uncertainty.data.splits import Split
 from dl_uncertainty.errors import UserError
 from dl_uncertainty.families.base import build_model, family_of
+from dl_uncertainty.families.feature_density import fit_feature_density
 from dl_uncertainty.families.losses import Mix, mix_batch
 from dl_uncertainty.families.networks import (
     resolve_device,
@@ -34,6 +35,7 @@ from dl_uncertainty.families.networks import (
 from dl_uncertainty.families.predict import predict_log_probs
 from dl_uncertainty.training.augment import augment
 from dl_uncertainty.training.checkpoints import Checkpointer, TrainingInterrupted
+from dl_uncertainty.training.schedule import make_scheduler, step_groups
 from dl_uncertainty.uncertainty import metrics
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -159,12 +161,14 @@ class _Run:
     best: dict = field(default_factory=dict)
     bad_epochs: int = 0
     start_epoch: int = 1
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
     def state(self, cfg: DictConfig, epoch: int) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
                 "model_config": OmegaConf.to_container(cfg.model, resolve=True),
                 "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
-                "rng": torch.get_rng_state(), "shuffle_rng": self.shuffle.get_state()}
+                "rng": torch.get_rng_state(), "shuffle_rng": self.shuffle.get_state(),
+                **({"scheduler": self.scheduler.state_dict()} if self.scheduler else {})}
 
     def resume(self, state: dict, checkpoints: Checkpointer, cfg: DictConfig) -> None:
         if state["model_config"] != OmegaConf.to_container(cfg.model, resolve=True):
@@ -177,6 +181,8 @@ class _Run:
                 f"checkpoint {checkpoints.path} was written for data with other features or classes; "
                 "delete it or set train.resume=false"
             ) from None
+        if self.scheduler and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.history, self.best, self.bad_epochs = state["history"], state["best"], state["bad_epochs"]
         self.start_epoch = state["epoch"] + 1
         checkpoints.first_epoch, checkpoints.saved_epoch = self.start_epoch, state["epoch"]
@@ -229,21 +235,31 @@ def _train_epoch(run: _Run, data: _Data, cfg: DictConfig, epoch: int, scaler: to
     kl_w = kl_scale(cfg.model, epoch, data.n)
     sums: dict[str, float] = {}
     order = torch.randperm(data.n, generator=run.shuffle)
-    bar = tqdm(data.batches(order), desc=f"{cfg.model.name} epoch {epoch}/{cfg.train.epochs}",
-               total=-(-data.n // cfg.train.batch_size), leave=False, disable=not interactive, unit="batch")
-    for xb, yb in bar:
+    accumulate = cfg.train.get("accumulate_grad_batches", 1)
+    group_rows = step_groups(data.n, cfg.train.batch_size, accumulate)
+    # a bar (rows/s, time left) on a terminal, for epochs still running after a few seconds
+    bar = tqdm(total=data.n, desc=f"{cfg.model.name} epoch {epoch}/{cfg.train.epochs}", leave=False,
+               disable=not interactive, unit="row", unit_scale=True, delay=5)
+    run.optimizer.zero_grad(set_to_none=True)
+    for i, (xb, yb) in enumerate(data.batches(order)):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         if augmenting:
             xb = augment(xb, shape, cfg.data.hflip, cfg.data.crop_padding)
         mix = mix_batch(xb, yb, cfg.train, shape)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             terms = loss_terms(model, xb, yb, cfg, kl_w, mix)
-        run.optimizer.zero_grad(set_to_none=True)
-        scaler.scale(terms["loss"]).backward()
-        scaler.step(run.optimizer)
-        scaler.update()
+        # the step's loss is the mean over its rows: each batch weighted by its share of them
+        scaler.scale(terms["loss"] * (len(yb) / group_rows[i])).backward()
+        if (i + 1) % accumulate == 0 or i + 1 == len(group_rows):
+            scaler.step(run.optimizer)
+            scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
+            if run.scheduler:
+                run.scheduler.step()
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach()) * len(yb)
+        bar.update(len(yb))
+    bar.close()
     return sums, kl_w
 
 
@@ -267,6 +283,7 @@ def _train_model(cfg: DictConfig, train: Split, val: Split, on_epoch: EpochCallb
     model = build_model(cfg.model, train.schema.feature_shape, len(train.schema.class_names)).to(device)
     family = family_of(model)
     run = _Run(model, make_optimizer(cfg.train, model.parameters()), torch.Generator().manual_seed(cfg.seed))
+    run.scheduler = make_scheduler(cfg.train, run.optimizer, len(train.y))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and device.type == "cuda")
     data = _Data(cfg, train, device)
     run.best = {"nll": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
@@ -302,5 +319,6 @@ def _train_model(cfg: DictConfig, train: Split, val: Split, on_epoch: EpochCallb
 
     model.load_state_dict(run.best["state"])
     family.after_training(model, train, val, cfg)
+    fit_feature_density(model, train, val, cfg)  # the distance-aware score, on the final weights
     rate = seen / busy if busy else 0.0
     return TrainResult(model, run.history, best_epoch=run.best["epoch"], epochs_run=epoch, samples_per_second=rate)

@@ -185,12 +185,15 @@ def fit(val_log_probs: np.ndarray, val_labels: np.ndarray, cfg: DictConfig, rows
     return cal
 
 
-def decide(log_probs: np.ndarray, calibration: Calibration, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def decide(log_probs: np.ndarray, calibration: Calibration, rows: np.ndarray | None = None,
+           density: np.ndarray | None = None, density_threshold: float | None = None) -> dict[str, np.ndarray]:
     """From MC samples ``[T, N, K]`` of inputs ``rows``: the served (temperature-scaled) probabilities,
     set and abstain flag, and the uncertainty of that same served distribution: total = entropy of
     the served probabilities, aleatoric = expected entropy of the scaled samples, epistemic = mutual
     information, their difference. ``rows`` key the randomised scores' uniforms; without them, the
-    MC-averaged (unscaled) log-probabilities do."""
+    MC-averaged (unscaled) log-probabilities do. With ``density`` (feature log-density per row) and its
+    threshold, a row abstains below that threshold instead of above the entropy threshold
+    (``evaluate.abstain_on=density``)."""
     samples = served_samples(log_probs, calibration.temperature)
     mean = M.mean_log_probs(samples)
     probs = np.exp(mean)
@@ -198,6 +201,7 @@ def decide(log_probs: np.ndarray, calibration: Calibration, rows: np.ndarray | N
     expected = M.expected_entropy(samples)
     u = calibration.uniforms(M.mean_log_probs(log_probs) if rows is None else rows)
     sets = calibration.sets(probs, u)
-    abstain = (sets.sum(1) != 1) | (entropy > calibration.max_entropy)
+    unsure = entropy > calibration.max_entropy if density is None else density < density_threshold
+    abstain = (sets.sum(1) != 1) | unsure
     return {"probs": probs, "entropy": entropy, "expected_entropy": expected,
             "mutual_info": np.maximum(entropy - expected, 0.0), "sets": sets, "abstain": abstain, "u": u}

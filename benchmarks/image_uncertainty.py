@@ -1,0 +1,160 @@
+"""Image uncertainty: every registered family with its data config's defaults, beside a textbook CNN.
+
+Two data sets every machine can make: (a) the generated shapes (``dl_uncertainty.data.shapes``,
+300 images 32x32 RGB, ``data=image_folder`` defaults) and (b) scikit-learn's 1,797 real 8x8 handwritten
+digits written as PNGs and read back at 28x28 (``data=image_folder data.image_size=[28,28]``, no
+flips or crops, as for MNIST). Each family trains with the project's loop and is evaluated by the
+project's ``evaluate_model``; the textbook CNN (conv 32 - pool - conv 64 - pool - dropout - fc 128 -
+dropout - fc, Adam 1e-3, batch 64, constant lr, the last epoch's weights) trains in the same process
+on the same split and goes through the same evaluation (MC-Dropout, its own feature density).
+
+Prints one table: accuracy, NLL, ECE, far-OOD AUROC per generated kind by entropy / mutual
+information / feature density / energy, training seconds, and ratios against the textbook CNN.
+
+    python benchmarks/image_uncertainty.py [--data digits shapes] [--families bnn ...] [--epochs N] [-- overrides]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from dl_uncertainty.config.compose import load_config  # noqa: E402
+from dl_uncertainty.data.image_splits import prepare_images  # noqa: E402
+from dl_uncertainty.data.shapes import make_shapes  # noqa: E402
+from dl_uncertainty.families.feature_density import fit_feature_density  # noqa: E402
+from dl_uncertainty.families.registry import NAMES  # noqa: E402
+from dl_uncertainty.reports.evaluation import evaluate_model  # noqa: E402
+from dl_uncertainty.training.augment import augment  # noqa: E402
+from dl_uncertainty.training.loop import seed_everything, set_threads, train_model  # noqa: E402
+from dl_uncertainty.uncertainty.far_ood import FAR_KINDS  # noqa: E402
+
+SCORES = ("entropy", "mutual_info", "density", "energy")
+
+
+def digits_folder(root: Path) -> Path:
+    """scikit-learn's 8x8 digits as PNG files, one folder per class (pixels 0-16 scaled to 0-255)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).round().astype(np.uint8)).save(root / str(label) / f"{i:04d}.png")
+    return root
+
+
+def data_overrides(name: str, root: Path) -> list[str]:
+    if name == "digits":
+        return ["data=image_folder", f"data.path={digits_folder(root / 'digits')}", "data.image_size=[28,28]",
+                "data.hflip=false", "data.crop_padding=0"]
+    return ["data=image_folder", f"data.path={make_shapes(root / 'shapes')}"]
+
+
+def textbook_cnn(shape: list[int], classes: int) -> nn.Sequential:
+    channels, height, width = shape
+    return nn.Sequential(
+        nn.Unflatten(1, tuple(shape)),
+        nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten(),
+        nn.Linear(64 * (height // 4) * (width // 4), 128), nn.ReLU(), nn.Dropout(0.25),
+        nn.Linear(128, classes),
+    )
+
+
+def train_textbook(cfg, train, epochs: int) -> nn.Module:
+    seed_everything(cfg.seed)
+    shape = train.schema.feature_shape
+    model = textbook_cnn(shape, len(train.schema.class_names))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.as_tensor(train.x), torch.as_tensor(train.y)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(y), generator=shuffle).split(64):
+            xb = x[idx]
+            if cfg.data.hflip or cfg.data.crop_padding:
+                xb = augment(xb, shape, cfg.data.hflip, cfg.data.crop_padding)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(xb), y[idx]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def row(data: str, name: str, ev, seconds: float) -> dict:
+    m = ev.metrics
+    out = {"data": data, "model": name, "acc": m["acc"], "nll": m["nll"], "ece": m["ece"], "train_s": seconds}
+    for kind in FAR_KINDS:
+        out[kind] = [m.get(f"far_{kind}_auroc_{s}", float("nan")) for s in SCORES]
+    out["mean_auroc"] = [float(np.mean([out[k][i] for k in FAR_KINDS])) for i in range(len(SCORES))]
+    return out
+
+
+def run(data: str, families: list[str], root: Path, extra: list[str], epochs: int | None) -> list[dict]:
+    base = data_overrides(data, root) + ["num_threads=1", *extra] + ([f"train.epochs={epochs}"] if epochs else [])
+    rows, splits = [], None
+    for family in families:
+        cfg = load_config(base + [f"model={family}"])
+        splits = splits or prepare_images(cfg.data, cfg.seed)
+        tic = time.perf_counter()
+        result = train_model(cfg, splits["train"], splits["val"], quiet=True)
+        seconds = time.perf_counter() - tic
+        ev = evaluate_model(result.model, cfg, splits["test"], splits["ood"], splits["val"], with_figures=False)
+        rows.append(row(data, family, ev, seconds))
+        print(f"  {data} {family}: acc {ev.metrics['acc']:.4f}  {seconds:.0f} s", flush=True)
+    cfg = load_config(base + ["model=mc_dropout_dnn"])
+    tic = time.perf_counter()
+    model = train_textbook(cfg, splits["train"], cfg.train.epochs)
+    seconds = time.perf_counter() - tic
+    fit_feature_density(model, splits["train"], splits["val"], cfg)
+    ev = evaluate_model(model, cfg, splits["test"], splits["ood"], splits["val"], with_figures=False)
+    rows.append(row(data, "textbook CNN", ev, seconds))
+    print(f"  {data} textbook CNN: acc {ev.metrics['acc']:.4f}  {seconds:.0f} s", flush=True)
+    n = {k: len(splits[k].y) for k in ("train", "val", "test")}
+    print(f"  {data}: {n['train']} train / {n['val']} val / {n['test']} test images, "
+          f"shape {splits['train'].schema.feature_shape}", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    cells = "H/MI/D/En"  # entropy, mutual information, feature density, energy
+    head = (["data", "model", "acc", "NLL", "ECE", *[f"{k} AUROC {cells}" for k in FAR_KINDS],
+             f"mean AUROC {cells}", "train s", "acc / tb", "NLL / tb", "ECE / tb", "time / tb"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        tb = next(t for t in rows if t["data"] == r["data"] and t["model"] == "textbook CNN")
+        quad = [" / ".join(f"{v:.2f}" for v in r[k]) for k in (*FAR_KINDS, "mean_auroc")]
+        ratios = [r["acc"] / tb["acc"], r["nll"] / tb["nll"], r["ece"] / tb["ece"], r["train_s"] / tb["train_s"]]
+        lines.append("| " + " | ".join([r["data"], r["model"], f"{r['acc']:.4f}", f"{r['nll']:.3f}", f"{r['ece']:.3f}",
+                                        *quad, f"{r['train_s']:.0f}", *(f"{v:.2f}x" for v in ratios)]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", nargs="+", default=["shapes", "digits"], choices=["shapes", "digits"])
+    parser.add_argument("--families", nargs="+", default=list(NAMES), choices=list(NAMES))
+    parser.add_argument("--epochs", type=int, default=None, help="train.epochs for every model (default: the recipe's)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every family, e.g. evaluate.mc_samples=20")
+    args = parser.parse_args()
+    set_threads(1)
+    print(f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; torch {torch.__version__}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for data in args.data:
+            rows += run(data, args.families, Path(tmp), args.overrides, args.epochs)
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

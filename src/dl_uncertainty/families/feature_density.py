@@ -1,0 +1,102 @@
+"""The distance-aware score every family gets: a class-conditional Gaussian of its penultimate
+features (``family.features``) fitted on the training split after training, and the energy of its
+point-estimate logits (``family.logits``).
+
+The fitted density rides on the model (``model.dlu_density``), so the bundle saves it
+(``density.npz``), the MLflow pyfunc serves it (``feature_density`` column) and evaluation scores
+with the same numbers. Its abstain threshold keeps ``evaluate.density_target_rate`` of the
+validation inputs; ``evaluate.abstain_on=density`` makes it the abstain rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from dl_uncertainty.families.base import family_of
+from dl_uncertainty.uncertainty.density import ClassGaussianDensity, energy_score, fit_threshold
+
+if TYPE_CHECKING:
+    from dl_uncertainty.data.splits import Split
+
+DENSITY_ATTR = "dlu_density"
+BATCH = 1024
+
+
+@dataclass
+class FeatureDensity:
+    density: ClassGaussianDensity
+    threshold: float  # abstain below this log-density
+    target_rate: float  # the share of validation inputs at or above it
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {**self.density.state_dict(), "threshold": np.array(self.threshold),
+                "target_rate": np.array(self.target_rate)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> FeatureDensity:
+        return cls(ClassGaussianDensity.from_state(state), float(np.asarray(state["threshold"])),
+                   float(np.asarray(state["target_rate"])))
+
+
+def density_of(model: nn.Module) -> FeatureDensity | None:
+    return getattr(model, DENSITY_ATTR, None)
+
+
+def _batches(model: nn.Module, x, fn) -> np.ndarray:
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(x), BATCH):
+        rows = torch.as_tensor(np.array(x[start : start + BATCH], np.float32), device=device)
+        out.append(fn(rows).detach().float().cpu().numpy())
+    return out
+
+
+def features(model: nn.Module, x) -> np.ndarray:
+    family = family_of(model)
+    return np.concatenate(_batches(model, x, lambda rows: family.features(model, rows)))
+
+
+def energy(model: nn.Module, x) -> np.ndarray:
+    """Energy ``logsumexp`` of the point-estimate logits, the networks' mean: higher = more in-distribution."""
+    family = family_of(model)
+    return np.concatenate([energy_score(chunk) for chunk in _batches(model, x, lambda rows: family.logits(model, rows))])
+
+
+def fit_feature_density(model: nn.Module, train: Split, val: Split | None, cfg: DictConfig) -> FeatureDensity:
+    """Fit on the training split's features, threshold on the held-out ``val``; attach it to ``model``."""
+    e = cfg.evaluate
+    density = ClassGaussianDensity("shared", e.get("density_ridge", 1e-3))
+    density.fit(features(model, train.x), train.y, num_classes=len(train.schema.class_names))
+    held_out = val.x if val is not None and len(val.y) else train.x
+    rate = e.get("density_target_rate", 0.95)
+    fitted = FeatureDensity(density, fit_threshold(density.log_density(features(model, held_out)), rate), rate)
+    setattr(model, DENSITY_ATTR, fitted)
+    return fitted
+
+
+def feature_scores(model: nn.Module, x) -> dict[str, np.ndarray]:
+    """Per row: ``density`` (log-density of the features; empty without a fitted density) and ``energy``."""
+    dens = log_density(model, x)
+    return {"density": np.zeros(0) if dens is None else dens, "energy": energy(model, x) if len(x) else np.zeros(0)}
+
+
+def log_density(model: nn.Module, x) -> np.ndarray | None:
+    """The feature log-density per row (higher = more in-distribution); None without a fitted density."""
+    fitted = density_of(model)
+    if fitted is None:
+        return None
+    return fitted.density.log_density(features(model, x)) if len(x) else np.zeros(0)
+
+
+def abstain_rule(model: nn.Module, cfg: DictConfig, density: np.ndarray | None) -> dict:
+    """``calibration.decide``'s density arguments when ``evaluate.abstain_on=density``, else none."""
+    fitted = density_of(model)
+    if density is None or fitted is None or cfg.evaluate.get("abstain_on", "entropy") != "density":
+        return {}
+    return {"density": density, "density_threshold": fitted.threshold}
