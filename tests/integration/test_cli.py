@@ -135,7 +135,7 @@ def test_ctrl_c_ends_the_run_killed_and_resuming_on_other_data_is_one_line(tmp_p
     assert [r.info.status for r in runs] == ["KILLED"]
 
     (tmp_path / "t.csv").write_text(_csv(features=3))
-    other = run_module("dl_uncertainty.train", *args, "train.resume=true", "data=csv", "data.path=t.csv",
+    other = run_module("dl_uncertainty.train", *args, "train.resume=true", "data=csv", "data.path=t.csv", "data.calib_fraction=0.3",
                        cwd=tmp_path, timeout=120)
     refused = _one_line_error(other)
     assert "was written for data with features" in refused and "this data has [3]" in refused

@@ -152,4 +152,4 @@ def test_down_stops_everything_and_deletes_the_state(tmp_path):
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(env["STACK_MLFLOW_PORT"])), timeout=2)
     status = _stack("status", env)
-    assert status.returncode != 0 and "mlflow not running" in status.stdout and uri not in status.stdout
+    assert status.returncode == 0 and "stack: down" in status.stdout and "mlflow not running" in status.stdout and uri not in status.stdout

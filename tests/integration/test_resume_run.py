@@ -36,17 +36,17 @@ def test_a_refused_resume_leaves_the_earlier_run_finished_and_untagged(tiny_cfg,
     from dl_uncertainty.data.splits import Schema, Split
     from dl_uncertainty.errors import UserError
 
-    train, val = digits_splits["train"], digits_splits["val"]
+    train, val, calib = digits_splits["train"], digits_splits["val"], digits_splits["calib"]
     ck, store = tmp_path / "ck", f"sqlite:///{tmp_path / 'a.db'}"
     first = train_and_log(tiny_cfg("model=mc_dropout_dnn", "train.epochs=1", f"tracking_uri={store}"),
-                          train, val, checkpoint_dir=ck)
+                          train, val, calib, checkpoint_dir=ck)
 
     def narrower(split: Split) -> Split:
         return Split(split.x[:, :40], split.y, Schema([40], split.schema.class_names, [], "npz", split.schema.cleaning))
 
     with pytest.raises(UserError, match=r"written for data with features \[1, 8, 8\].*this data has \[40\]"):
         train_and_log(tiny_cfg("model=mc_dropout_dnn", "train.epochs=2", "train.resume=true", f"tracking_uri={store}"),
-                      narrower(train), narrower(val), checkpoint_dir=ck)
+                      narrower(train), narrower(val), narrower(calib), checkpoint_dir=ck)
     run = mlflow.MlflowClient(store).get_run(first.run_id)
     assert run.info.status == "FINISHED"
     assert "resumed_from" not in run.data.tags
@@ -61,5 +61,5 @@ def test_an_unreadable_checkpoint_is_one_line_naming_it(tiny_cfg, digits_splits,
     (ck / "last.pt").write_text("not a checkpoint")
     with pytest.raises(UserError, match=r"cannot read checkpoint .*last.pt: damaged.*train.resume=false") as err:
         train_and_log(tiny_cfg("train.resume=true", f"tracking_uri=sqlite:///{tmp_path / 'a.db'}"),
-                      digits_splits["train"], digits_splits["val"], checkpoint_dir=ck)
+                      digits_splits["train"], digits_splits["val"], digits_splits["calib"], checkpoint_dir=ck)
     assert "\n" not in str(err.value)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+import torch
 
 from dl_uncertainty.data.rows import unscaled
 from dl_uncertainty.reports.evaluation import evaluate_model
@@ -254,7 +255,7 @@ def test_an_image_model_refuses_pixels_outside_0_1_and_says_so(tmp_path):
         raw_to_rows(parse(json.dumps({"inputs": [[0.5] * 5 + [255] + [0.5] * (n - 6)]}).encode()), schema)
     with pytest.raises(UserError, match="is -0.5, but this image model"):
         raw_to_rows(parse(json.dumps({"inputs": [[-0.5] + [0.5] * (n - 1)]}).encode()), schema)
-    wrapper = types.SimpleNamespace(schema=schema, calibration=None,
+    wrapper = types.SimpleNamespace(schema=schema, calibration=None, model=torch.nn.Identity(),
                                     cfg=load_config(["data=image_folder", f"data.path={folder}"]))
     assert info(wrapper)["input_range"] == [0.0, 1.0]
 

@@ -48,7 +48,7 @@ def test_a_failing_task_fails_the_run_naming_the_task_and_nothing_after_it_runs(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     table = tmp_path / "t.csv"  # readable, but every row misses a value and data.missing=drop: preprocess fails
-    table.write_text("a,b,label\n" + "".join(f"{i},,{i % 2}\n" for i in range(40)))
+    table.write_text("a,b,label\n" + "".join(f"{i},,{i % 2}\n" if i % 2 else f",{i},{i % 2}\n" for i in range(40)))
     with pytest.raises(UserError, match="preprocess") as info:
         run_local([*TINY, "data=csv", f"data.path={table}", "data.missing=drop"], tmp_path / "out")
     assert "\n" not in str(info.value)

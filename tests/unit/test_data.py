@@ -327,7 +327,7 @@ def test_digits_has_four_disjoint_stratified_splits_and_preprocess_writes_calib(
     assert '<td>calib</td><td class="num">217</td><td>15.0%</td>' in report and ROLES["calib"] in report and ROLES["test"] in report
     _task(cfg)
     assert len(load_split(tmp_path / "calib.npz").y) == 217
-    assert any(line.startswith("calib") and "217" in line for line in capsys.readouterr().out.splitlines())
+    assert any("calib" in line and " 217 examples" in line for line in capsys.readouterr().out.splitlines())
 
 
 def test_splits_are_disjoint_by_row(tmp_path):

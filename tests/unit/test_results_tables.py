@@ -36,7 +36,7 @@ def test_the_real_files_change_only_between_their_markers(tmp_path):
     after = [c.read_text() for c in copies]
     for old, new in zip(before, after, strict=True):
         assert _outside(old, list(tables)) == _outside(new, list(tables))
-    assert "| `mc_dropout_dnn` | **0.9550 ± 0.0050** | **0.0350 ± 0.0050** |" in after[0]
+    assert "| `mc_dropout_dnn` | - | **0.9550 ± 0.0050** | **0.0350 ± 0.0050** |" in after[0]
     assert "is `mc_dropout_dnn`; the registered champion is its median seed, 44" in after[0]
     assert "| `mc_dropout_dnn` | `bnn` | 0.0250 |" in after[1] and "| 3 of 3 | beyond seed noise |" in after[1]
     assert results.write_tables(tables, copies) and [c.read_text() for c in copies] == after  # idempotent

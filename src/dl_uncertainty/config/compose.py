@@ -145,7 +145,7 @@ def config_from_json(text: str) -> DictConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), json.loads(text))
     except (ValueError, OmegaConfBaseException) as err:
         raise UserError(f"invalid configuration JSON: {_first_line(err)}") from None
-    validate(cfg)
+    validate(cfg, family_types=False)  # its types were checked when it was composed
     return cfg
 
 
