@@ -39,22 +39,22 @@ def init_posterior_scale(model: nn.Module, log_sigma: float) -> None:
 
 @contextmanager
 def posterior_mean(model: nn.Module):
-    """Every Bayesian weight at its posterior mean (sigma 0) inside the block, restored after it."""
-    saved = []
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, BAYES_LAYERS):
-                for name in ("weight_log_sigma", "bias_log_sigma"):
-                    param = getattr(module, name, None)
-                    if param is not None:
-                        saved.append((param, param.detach().clone()))
-                        param.fill_(-math.inf)
+    """Every Bayesian weight at its posterior mean (sigma 0) inside the block. Zero-sigma copies are
+    swapped in and the trained parameters put back untouched, so a served model's sample cache,
+    keyed on those parameters, stays valid."""
+    swapped = []
+    for module in model.modules():
+        if isinstance(module, BAYES_LAYERS):
+            for name in ("weight_log_sigma", "bias_log_sigma"):
+                param = module._parameters.get(name)
+                if param is not None:
+                    swapped.append((module, name, param))
+                    module._parameters[name] = nn.Parameter(torch.full_like(param, -math.inf), requires_grad=False)
     try:
         yield model
     finally:
-        with torch.no_grad():
-            for param, value in saved:
-                param.copy_(value)
+        for module, name, param in swapped:
+            module._parameters[name] = param
 
 
 class BNN(Family):

@@ -110,11 +110,12 @@ class ClassGaussianDensity:
         x = _as_2d(features, "features")
         if x.shape[1] != self.means.shape[1]:
             raise ValueError(f"features have {x.shape[1]} columns, the density was fitted on {self.means.shape[1]}")
+        if getattr(self, "_whiten_of", None) is not self.chol:  # L^-1 once per fit: a served row costs a matmul
+            self._whiten, self._whiten_of = np.linalg.inv(self.chol), self.chol
         out = np.empty((len(x), len(self.means)))
         for c, mean in enumerate(self.means):
-            lower = self.chol[c if len(self.chol) > 1 else 0]
-            z = np.linalg.solve(lower, (x - mean).T)  # triangular, small D: plain solve is fine
-            out[:, c] = (z * z).sum(axis=0)
+            z = (x - mean) @ self._whiten[c if len(self._whiten) > 1 else 0].T
+            out[:, c] = (z * z).sum(axis=1)
         return out
 
     def class_log_densities(self, features) -> np.ndarray:
