@@ -115,7 +115,7 @@ def test_a_task_dying_in_its_container_is_one_line_naming_task_and_cause(contain
     # passes run-local's checks, but every row misses a value and data.missing=drop: preprocess fails
     # in its container; the file is under the pipeline root, which the containers mount
     table = tmp_path / "t.csv"
-    table.write_text("a,b,label\n" + "".join(f"{i},,{i % 2}\n" for i in range(40)))
+    table.write_text("a,b,label\n" + "".join(f"{i},,{i % 2}\n" if i % 2 else f",{i},{i % 2}\n" for i in range(40)))
     out = run_pipeline(*RUN_OVERRIDES, "data=csv", f"data.path={table}", "data.missing=drop",
                        env=container_env, root=tmp_path)
     assert out.returncode == 2
