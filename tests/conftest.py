@@ -89,10 +89,10 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 @contextmanager
-def model_server(env: dict, cwd: Path | None = None, timeout: float = 180):
-    """``python -m dl_uncertainty.serve`` (the champion, by default) in a fresh process; yields its URL."""
+def model_server(env: dict, cwd: Path | None = None, timeout: float = 180, args: tuple[str, ...] = ()):
+    """``python -m dl_uncertainty.serve *args`` (the champion, by default) in a fresh process; yields its URL."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "dl_uncertainty.serve", "--port", str(port)], cwd=cwd, env=env,
+    server = subprocess.Popen([sys.executable, "-m", "dl_uncertainty.serve", "--port", str(port), *args], cwd=cwd, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

@@ -8,7 +8,6 @@ import math
 import os
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -297,32 +296,11 @@ def test_a_row_gets_the_same_answer_alone_or_anywhere_in_a_batch(served, digits_
                 assert a[key] == pytest.approx(b[key], abs=1e-6)
 
 
-@contextmanager
 def serving(env: dict, cwd, *args: str):
-    """``python -m dl_uncertainty.serve *args`` in a fresh process; yields its URL (like conftest's model_server)."""
-    import subprocess
-    import sys
-    import time
+    """``python -m dl_uncertainty.serve *args`` in a fresh process; yields its URL."""
+    from tests.conftest import model_server
 
-    from tests.conftest import free_port
-
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "dl_uncertainty.serve", "--port", str(port), *args], cwd=cwd,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).read()
-                break
-            except OSError:
-                if server.poll() is not None:
-                    pytest.fail(f"the model server did not start: {server.stdout.read()[-2000:]}")
-                time.sleep(0.3)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    return model_server(env, cwd, args=args)
 
 
 MC_SAMPLES = 20

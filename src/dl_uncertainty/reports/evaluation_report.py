@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dl_uncertainty.reports import metric_catalog
 from dl_uncertainty.reports.render import Section, html_report
 from dl_uncertainty.uncertainty.calibration import CONFORMAL_METHODS
 from dl_uncertainty.uncertainty.metrics import TABLE_METRICS
-
-if TYPE_CHECKING:
-    from dl_uncertainty.reports.evaluation import Evaluation
 
 
 def headline_rows(m: dict) -> list[dict]:
@@ -77,7 +72,8 @@ def conformal_rows(m: dict, served: str) -> list[dict]:
     return rows
 
 
-def html_page(ev: Evaluation, title: str | None = None) -> str:
+def html_page(ev, title: str | None = None) -> str:
+    """The evaluation report page of ``ev`` (a ``reports.evaluation.Evaluation``; not imported: that module imports this one)."""
     m = dict(ev.metrics)
     m["test_examples"] = len(ev.predictions["labels"])
     cal = ev.calibration or {}
