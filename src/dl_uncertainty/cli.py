@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from dl_uncertainty.config.compose import load_config
+from dl_uncertainty.config.compose import load_config, mapping_override
 from dl_uncertainty.config.schema import config_dir
 from dl_uncertainty.errors import UserError, exit_on_user_error
 
@@ -72,7 +72,8 @@ def run(command: str, doc: str, task: Callable[[DictConfig], object], argv: list
     unknown = set(flags) - {"--multirun", "-m", "--cfg"}
     if unknown:
         raise UserError(f"unknown option {sorted(unknown)[0]}; see --help")
-    overrides = [a for a in args if not a.startswith("-")]
+    # before the sweep parser, which refuses the quoted keys a mapping may hold
+    overrides = [mapping_override(a) for a in args if not a.startswith("-")]
     jobs = expand_sweeps(overrides) if multirun else [overrides]
     configs = [load_config(job) for job in jobs]  # every job checked before any work starts
     for index, (job, cfg) in enumerate(zip(jobs, configs, strict=True)):

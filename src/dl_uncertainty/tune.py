@@ -31,6 +31,9 @@ def _jobs(overrides: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from dl_uncertainty.config.compose import mapping_override
+
+    overrides = [mapping_override(o) for o in overrides]  # quoted mapping keys, which the parser refuses
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from typing import Any
@@ -16,6 +17,7 @@ from dl_uncertainty.config.schema import (
     IMAGE_SOURCES,
     MODEL_NAMES,
     Config,
+    ModelConfig,
     config_dir,
     family_defaults,
 )
@@ -28,7 +30,7 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     An override of a key that only other families have (``model.ensemble_size=10`` while composing
     the BNN) is dropped: one list of overrides reaches every family of a pipeline or a sweep.
     """
-    overrides = [_mapping_override(o) for o in overrides or []]
+    overrides = [mapping_override(o) for o in overrides or []]
     while True:
         try:
             with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -39,6 +41,7 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
             if key is None:
                 raise UserError(f"invalid configuration: {_first_line(err)}") from None
             overrides = [o for o in overrides if _override_key(o) != key]
+    _check_added_keys(overrides, cfg)
     validate(cfg)
     return cfg
 
@@ -46,15 +49,54 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
 MAPPINGS = ("data.checksums", "data.urls")  # free-form keys: "mnist/train-images-idx3-ubyte.gz"
 
 
-def _mapping_override(override: str) -> str:
-    """``data.checksums={mnist/a.gz:<md5>}`` (or with quoted keys, which Hydra's grammar refuses) as
-    ``++data.checksums={mnist/a.gz:<md5>}``: a plain override would merge into the typed empty mapping,
-    which refuses new keys. Keys hold "/" and ".", so they cannot be set one by one."""
+def mapping_override(override: str) -> str:
+    """``data.checksums={mnist/a.gz:<md5>}`` as ``++data.checksums={mnist/a.gz:'<md5>'}``: a plain override
+    would merge into the typed empty mapping, which refuses new keys. Keys hold "/" and ".", so they cannot
+    be set one by one; Hydra's grammar refuses quoted keys, so quotes around keys are dropped. Checksums may
+    also be given as a list, ``[mnist/a.gz:<md5>,...]``, or one ``file:<md5>`` pair; their values are
+    quoted, so an MD5 that reads as a number (all digits, or digits around one ``e``) stays text."""
     key, sep, value = override.partition("=")
-    if not sep or key.startswith("~") or key.lstrip("+") not in MAPPINGS:
+    name = key.lstrip("+")
+    if not sep or key.startswith("~") or name not in MAPPINGS:
         return override
-    value = re.sub(r"""(["'])([^"'{}:,\s]+)\1(\s*:)""", r"\2\3", value)
-    return f"++{key.lstrip('+')}={value}"
+    value = re.sub(r"""(["'])([^"'{}:,\s]+)\1(\s*:)""", r"\2\3", value.strip())
+    if name == "data.checksums":
+        if value.startswith("[") and value.endswith("]"):
+            value = "{" + value[1:-1] + "}"
+        elif value and not value.startswith("{"):
+            value = "{" + value + "}"
+        value = re.sub(r"""([{,]\s*[^"'{}:,\s]+\s*:\s*)(["']?)([^"'{}:,\s]*)\2(?=\s*[,}])""", r"\1'\3'", value)
+    return f"++{name}={value}"
+
+
+def _check_added_keys(overrides: list[str], cfg: DictConfig) -> None:
+    """``+trian.epochs=3`` adds a key nothing reads: refused, naming the key, as a typo without ``+`` is."""
+    groups = {p.name for p in config_dir().iterdir() if p.is_dir()}
+    for override in (o for o in overrides if o.startswith("+")):
+        key = _override_key(override)
+        if key in groups or _is_schema_key(key, cfg):
+            continue
+        if key == "tuned":
+            raise UserError(f"{override}: there is no {config_dir() / 'tuned'} folder yet; "
+                            "`make tune` (python -m dl_uncertainty.tune) writes the tuned configs there")
+        parent, _, leaf = key.rpartition(".")
+        if key.split(".")[0] not in Config.__dataclass_fields__:  # a typo in the first part: compare it there
+            parent, leaf = "", key.split(".")[0]
+        node = OmegaConf.select(cfg, parent) if parent else OmegaConf.structured(Config)
+        known = [k for k in node if k != leaf] if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.7)
+        hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+        raise UserError(f"{override} adds {key}, which is not a config key{hint}; --cfg prints every key")
+
+
+def _is_schema_key(key: str, cfg: DictConfig) -> bool:
+    """A key the typed config or the model family declares (or one inside a free-form mapping)."""
+    first, _, rest = key.partition(".")
+    if key in MAPPINGS or any(key.startswith(f"{m}.") for m in MAPPINGS) or first == "tune":
+        return True
+    if first == "model":
+        return rest.split(".")[0] in {*ModelConfig.__dataclass_fields__, *family_defaults(cfg.model.name)}
+    return OmegaConf.select(OmegaConf.structured(Config), key, default="<absent>") != "<absent>"
 
 
 def _other_family_key(error: str, overrides: list[str]) -> str | None:
