@@ -124,15 +124,18 @@ def test_an_image_size_beyond_memory_is_refused_before_decoding(tmp_path):
             step(cfg)
 
 
-def test_a_truncated_jpeg_is_named_as_truncated_by_preprocess(tmp_path):
+def test_a_truncated_jpeg_is_named_as_truncated_before_any_task_and_by_preprocess(tmp_path):
     root = folder_of(tmp_path, lambda d, i: Image.fromarray(
         np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / f"{i}.jpg"))
     raw = (root / "a" / "0.jpg").read_bytes()
     (root / "a" / "0.jpg").write_bytes(raw[: len(raw) - 2000])  # its headers whole, its pixels cut
-    check_source(image_cfg(root))  # headers only: a JPEG's verify() reads no pixels
-    with pytest.raises(UserError, match=r"0.jpg is truncated: the file ends before its image does .*; copy it again or "
-                                        r"remove it$"):
-        prepare(image_cfg(root), seed=0)
+    (root / "b" / "7.jpg").write_bytes((root / "b" / "7.jpg").read_bytes() + b"\0" * 300)  # padded after its end: valid
+    for step in (check_source, lambda c: prepare(c, seed=0)):  # run-local's pre-check, and preprocess itself
+        with pytest.raises(UserError, match=r"0.jpg is truncated: the file ends before its image does .*; copy it "
+                                            r"again or remove it$"):
+            step(image_cfg(root))
+    (root / "a" / "0.jpg").write_bytes(raw)
+    assert len(check_source(image_cfg(root))) == 12
 
 
 # ---------------------------------------------------------------- data.checksums from the command line

@@ -28,6 +28,12 @@ from dl_uncertainty.data.stratify import check_splittable, class_names
 from dl_uncertainty.errors import UserError
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# files a file manager leaves beside images (besides hidden ones): never images, so never listed
+NOT_IMAGES = ("thumbs.db", "desktop.ini")
+
+
+def _listed(file: Path) -> bool:
+    return file.is_file() and not file.name.startswith(".") and file.name.lower() not in NOT_IMAGES
 
 # ---------------------------------------------------------------- listing files
 
@@ -44,7 +50,7 @@ def _list_folder(root: str) -> list[tuple[str, str]]:
         raise UserError(f"{root} has no class sub-folders; put each class's images in {root}/<class name>/")
     files = []
     for folder in classes:
-        found = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+        found = sorted(f for f in folder.rglob("*") if _listed(f))
         if not found:
             raise UserError(f"class folder {folder} has no images")
         files += [(str(f), folder.name) for f in found]
@@ -63,7 +69,7 @@ def _list_s3(uri: str) -> list[tuple[str, str]]:
         for page in _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", []):
                 parts = PurePosixPath(item["Key"][len(prefix):]).parts
-                if len(parts) >= 2 and not parts[-1].startswith("."):
+                if len(parts) >= 2 and not parts[-1].startswith(".") and parts[-1].lower() not in NOT_IMAGES:
                     files.append((f"s3://{bucket}/{item['Key']}", parts[0]))
     except (BotoCoreError, ClientError) as err:
         raise UserError(f"cannot list {uri}: {err}") from None
@@ -185,22 +191,36 @@ def _eight_bit(image: Image.Image, path: str) -> Image.Image:
 
 def _check_headers(files: list[str], resizing: bool) -> None:
     """Each file opens as an image and passes ``verify()`` (PNG: every chunk's checksum), without
-    decoding pixels; unless ``resizing``, all have the first one's size."""
+    decoding pixels; unless ``resizing``, all have the first one's size. A JPEG is decoded only when
+    it does not end with its end-of-image marker: that is how a truncated one looks (verify reads
+    only its header)."""
     first = None
     for path in files:
         try:
             if Path(path).stat().st_size == 0:
                 raise _empty(path)
             with Image.open(path) as image:
-                size = image.size
+                size, kind = image.size, image.format
                 image.verify()
+            if kind == "JPEG" and not _ends_like_jpeg(path):
+                with Image.open(path) as image:
+                    image.load()
         except FileNotFoundError:
             raise UserError(f"image file not found: {path}") from None
+        except PermissionError:
+            raise UserError(f"{path} cannot be read (permission denied); make it readable (chmod +r) or remove it") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise _unreadable(path, err) from None
         first = first or (path, size)
         if not resizing and size != first[1]:
             raise _sizes_differ(first[0], first[1], path, size)
+
+
+def _ends_like_jpeg(path: str) -> bool:
+    """The file's last bytes hold the end-of-image marker FF D9 (some cameras pad after it)."""
+    with open(path, "rb") as fh:
+        fh.seek(max(0, fh.seek(0, 2) - 64))
+        return b"\xff\xd9" in fh.read()
 
 
 def _sizes_differ(first: str, first_size: tuple[int, int], other: str, size: tuple[int, int]) -> UserError:

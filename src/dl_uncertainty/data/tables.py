@@ -59,9 +59,13 @@ def _read_csv(path: str, cfg: DictConfig) -> tuple[pd.DataFrame, pd.Series]:
     sep = _separator(text, cfg.separator)
     decimal, thousands = mark(cfg.decimal), mark(cfg.thousands)
     try:
-        header = next(csv.reader(io.StringIO(text), delimiter=sep), [])
-        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype={cfg.label_column: str}, decimal=decimal,
-                            thousands=thousands)
+        # spaces around names and values are not part of them: "a, b, label" is a common header
+        names = [c.lstrip(" ") for c in next(csv.reader(io.StringIO(text), delimiter=sep), [])]
+        label = next((c for c in names if c.strip() == cfg.label_column), cfg.label_column)
+        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype={label: str}, decimal=decimal, thousands=thousands,
+                            skipinitialspace=True)
+        frame.columns = [c.strip() if isinstance(c, str) else c for c in frame.columns]
+        header = [c.strip() for c in names]
     except pd.errors.EmptyDataError:
         raise UserError(f"{path} is empty") from None
     except (pd.errors.ParserError, csv.Error) as err:
