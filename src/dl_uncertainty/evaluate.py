@@ -32,6 +32,17 @@ def _check_bundled(given: DictConfig, trained: DictConfig, run_id: str) -> None:
                         f"`python -m dl_uncertainty.train {' '.join(changed)}` (or `make run OVERRIDES=...`)")
 
 
+def _run_id(given: str) -> str:
+    """A run id, also when given as the ``runs:/<id>/model`` URI MLflow shows beside a logged model."""
+    given = given.strip()
+    if given.startswith("runs:/"):
+        return given[len("runs:/"):].strip("/").split("/")[0]
+    if ":/" in given:
+        raise UserError(f"run_id={given} is a URI, not a run id; give the run's id (32 hex characters, printed by "
+                        "dl_uncertainty.train and shown in `make mlflow-ui`) or runs:/<id>/model")
+    return given
+
+
 def evaluate_run(cfg: DictConfig):
     """Evaluate run ``cfg.run_id``'s model on the data it was trained on, log to that run."""
     import mlflow
@@ -41,9 +52,11 @@ def evaluate_run(cfg: DictConfig):
     from dl_uncertainty.steps import evaluate_and_log
     from dl_uncertainty.tracking import runs as tracking
     from dl_uncertainty.tracking import store
+    from dl_uncertainty.train import check_mc_memory
 
     if not cfg.run_id:
         raise UserError("set run_id=<MLflow run id> (printed by dl_uncertainty.train, or see `make mlflow-ui`)")
+    cfg.run_id = _run_id(str(cfg.run_id))
     store.setup(cfg)
     try:
         mlflow.get_run(cfg.run_id)
@@ -57,6 +70,7 @@ def evaluate_run(cfg: DictConfig):
         evaluate[key] = logged.cfg.evaluate.get(key, getattr(EvaluateConfig(), key))
     run_cfg.evaluate = evaluate
     splits = prepare(run_cfg.data, run_cfg.seed)
+    check_mc_memory(run_cfg, list(splits.values()), len(splits["train"].schema.class_names))
     return evaluate_and_log(logged.model, run_cfg, splits, logged.calibration, cfg.run_id)
 
 

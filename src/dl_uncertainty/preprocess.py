@@ -10,11 +10,13 @@ from omegaconf import DictConfig
 
 from dl_uncertainty.data.splits import dropped_rows_line, save_splits
 from dl_uncertainty.data.tables import prepare
-from dl_uncertainty.errors import check_writable
+from dl_uncertainty.errors import UserError, check_writable
 from dl_uncertainty.uncertainty.conformal import check_alpha
 
 
 def _task(cfg: DictConfig) -> None:
+    if not str(cfg.data_dir or "").strip():
+        raise UserError("data_dir is empty; set it to the folder the split files go to, e.g. data_dir=data/processed")
     check_writable(cfg.data_dir, "data_dir")  # before any work
     splits = prepare(cfg.data, cfg.seed)
     check_alpha(len(splits["calib"].y), cfg.evaluate.alpha)

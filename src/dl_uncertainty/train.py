@@ -59,11 +59,15 @@ def train_and_log(
     elif train is None or val is None or calib is None:
         raise TypeError("train_and_log takes the train, val and calib splits together, or none of them")
     check_alpha(len(calib.y), cfg.evaluate.alpha)  # before training: the calibration split must be large enough
+    check_mc_memory(cfg, [train, val, calib], len(train.schema.class_names))
     # a resumed training continues its MLflow run if the store still has it, so that one run holds every epoch
     resumed = Checkpointer(checkpoint_dir).load() if cfg.train.resume else None
     if resumed:  # refused here, before its MLflow run is reopened: a refused resume leaves that run as it was
         check_resumable(resumed, Path(checkpoint_dir) / "last.pt", cfg, train.schema)
     result = None
+    continued = resumed.get("mlflow_run_id") if resumed else None
+    was_finished = continued is not None and tracking.live_run(continued) and \
+        mlflow.get_run(continued).info.status == "FINISHED"
     try:
         with tracking.start_run(cfg, continue_run_id=resumed and resumed.get("mlflow_run_id")) as run:
             if resumed:
@@ -93,8 +97,35 @@ def train_and_log(
             example = pd.DataFrame(unscaled(train.x[:5], train.schema).round(6), columns=train.schema.feature_names or None)
             tracking.log_model(result.model, cfg, train.schema, example, fitted)
     except KeyboardInterrupt as err:  # the MLflow run ended KILLED; one line instead of a traceback
+        if was_finished:
+            mlflow.MlflowClient().set_terminated(continued, "FINISHED")
         raise Interrupted(_interrupted(err, result, Path(checkpoint_dir) / "last.pt")) from None
+    except BaseException as err:
+        if was_finished:  # a resume that failed leaves the run it continued as successful as it was
+            mlflow.MlflowClient().set_terminated(continued, "FINISHED")
+        if isinstance(err, RuntimeError) and "can't allocate memory" in str(err):
+            raise UserError(f"out of memory ({str(err).split(': ', 1)[-1][:120]}); lower evaluate.mc_samples "
+                            f"(now {cfg.evaluate.mc_samples}), train.val_mc_samples or train.batch_size") from None
+        raise
     return TrainedRun(run.info.run_id, result.model, result, fitted)
+
+
+def check_mc_memory(cfg: DictConfig, splits: list[Split], classes: int) -> None:
+    """Refuse MC sample counts whose probabilities ([samples, rows, classes] float32, twice: log and
+    plain) could not fit in this machine's memory, before any work (allocating them fails after training)."""
+    import os
+
+    samples = max(cfg.evaluate.mc_samples, cfg.train.val_mc_samples)
+    rows = max(len(split.y) for split in splits)
+    need = samples * rows * classes * 4 * 2
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        key = "evaluate.mc_samples" if cfg.evaluate.mc_samples >= cfg.train.val_mc_samples else "train.val_mc_samples"
+        raise UserError(f"{key}={samples} needs about {need / 2**30:,.0f} GiB for the MC samples of {rows} rows x "
+                        f"{classes} classes, more than this machine's {have / 2**30:.0f} GiB; lower {key} (e.g. 100)")
 
 
 def _log_resumed(resumed: dict, run_id: str, path: Path) -> None:
