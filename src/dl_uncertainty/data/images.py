@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
-from dl_uncertainty.data.s3 import read_bytes, split_s3_uri
+from dl_uncertainty.data.s3 import local_kind, read_bytes, split_s3_uri
 from dl_uncertainty.data.stratify import check_splittable, class_names
 from dl_uncertainty.errors import UserError
 
@@ -43,7 +43,7 @@ def _list_folder(root: str) -> list[tuple[str, str]]:
     if root.startswith("s3://"):
         return _list_s3(root)
     base = Path(root)
-    if not base.is_dir():
+    if local_kind(root) != "folder":
         raise UserError(f"image folder not found: {root}")
     classes = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:

@@ -42,15 +42,26 @@ def read_bytes(path: str) -> bytes:
             return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
         except (BotoCoreError, ClientError) as err:
             raise UserError(f"cannot read {path}: {err}") from None
+    if "://" in path:
+        raise UserError(f"cannot read {path}: only local paths and s3://bucket/key URIs are read; download it first")
     file = Path(path)
-    if file.is_dir():
+    if local_kind(path) == "folder":
         raise UserError(f"{path} is a folder, not a file")
-    if not file.is_file():
-        raise UserError(f"data file not found: {path}")
+    if local_kind(path) != "file":
+        raise UserError(f"data file not found: {path}" + (" (a symbolic link to nothing, or a loop of links)"
+                                                          if file.is_symlink() else ""))
     try:
         return file.read_bytes()
     except OSError as err:
         raise UserError(f"cannot read {path} ({err.strerror or err})") from None
+
+
+def local_kind(path: str) -> str:
+    """"file", "folder" or "missing"; a path the system refuses (a name too long) is an error naming it."""
+    try:
+        return "folder" if Path(path).is_dir() else "file" if Path(path).is_file() else "missing"
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err}); check data.path") from None
 
 
 def upload_file(local: str, uri: str) -> None:
