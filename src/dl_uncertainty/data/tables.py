@@ -10,6 +10,7 @@ Imputation, outlier bounds and scaling are fitted on the training split only.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 
@@ -30,11 +31,13 @@ from dl_uncertainty.errors import UserError
 
 
 def _decode(raw: bytes, path: str, encoding: str) -> str:
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and codecs.lookup(encoding).name == "utf-8":
+        encoding = "utf-16"  # its byte order mark says so (spreadsheets' "Unicode text")
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as err:
         if b"\0" in raw[:4096]:
-            raise UserError(f"{path} is a binary file, not a CSV") from None
+            raise UserError(f"{path} is a binary file, not a CSV (or set data.encoding, e.g. utf-16)") from None
         raise UserError(
             f"{path} is not {encoding} text (byte {err.start}); set data.encoding, e.g. data.encoding=latin-1"
         ) from None
