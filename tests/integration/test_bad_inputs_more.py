@@ -58,6 +58,17 @@ def jpeg_bytes(size: int = 48) -> bytes:
     return buffer.getvalue()
 
 
+def parquet_file(truncate: bool = False, **columns):
+    def make(tmp):
+        import pandas as pd
+
+        pd.DataFrame(columns).to_parquet(tmp / "t.parquet")
+        if truncate:
+            (tmp / "t.parquet").write_bytes((tmp / "t.parquet").read_bytes()[:200])
+        return ["data=csv", "data.path=t.parquet"]
+    return make
+
+
 def given(*overrides: str):
     return lambda tmp: list(overrides)
 
@@ -110,6 +121,11 @@ BAD = [
      r"l1.csv \(a symbolic link to nothing, or a loop of links\)$"),
     ("http-url", "preprocess", given("data=csv", "data.path=https://example.com/t.csv"),
      r"only local paths and s3://bucket/key URIs are read"),
+    ("parquet-blank-label", "preprocess", parquet_file(a=X[:, 0], label=np.where(np.arange(ROWS) == 4, None, Y.astype(str))),
+     r"1 rows of t.parquet have a blank 'label' \(first on row 4\)"),
+    ("parquet-text-feature", "preprocess", parquet_file(a=X[:, 0], s=["q"] * ROWS, label=Y),
+     r"feature column 's' in t.parquet is not numeric: row 0 holds 'q'"),
+    ("parquet-truncated", "preprocess", parquet_file(True, a=X[:, 0], label=Y), r"t.parquet is not a readable Parquet file"),
     # ---- NPZ archives
     ("npz-wrong-keys", "preprocess", npz_file(X=X, labels=Y), r"holds the arrays 'X', 'labels' but needs 'x' .*np.savez"),
     ("npz-object-arrays", "preprocess", npz_file(x=np.array([{"a": 1}] * ROWS, dtype=object), y=Y),
@@ -211,6 +227,7 @@ GOOD = [
     ("unicode-class-names", csv_file("a,b,label\n" + rows_csv(lambda i: "猫" if i % 2 else "čaj"))),
     ("decimal-comma-set", lambda tmp: [*csv_file("a;b;label\n" + "".join(f"{i},5;{i};{i % 2}\n" for i in range(ROWS)))(tmp),
                                        "data.decimal=comma"]),
+    ("parquet-float-labels", parquet_file(a=X[:, 0], b=X[:, 1], label=Y.astype(float))),
     ("npz-float-labels-that-are-integers", npz_file(x=X, y=Y.astype(float))),
     ("npz-string-labels", npz_file(x=X, y=np.array(["no", "yes"])[Y])),
     ("npz-compressed-int8", lambda tmp: (np.savez_compressed(tmp / "d.npz", x=(X * 10).astype(np.int8), y=Y),

@@ -109,11 +109,13 @@ def _other_family_key(error: str, overrides: list[str]) -> str | None:
 
 def data_source_overrides(source: str) -> list[str]:
     """The pipeline's ``data_source`` -> data overrides: ``digits``, a benchmark's name, a ``.csv`` /
-    ``.npz`` path or ``s3://`` URI, else a folder (or ``s3://`` prefix) of class sub-folders of images."""
+    ``.parquet`` / ``.npz`` path or ``s3://`` URI, else a folder (or ``s3://`` prefix) of class sub-folders of images."""
     if not source or source == "digits":
         return []
     if source in IMAGE_SOURCES[1:]:
         return [f"data={source}"]
+    if source.lower().endswith((".parquet", ".pq")):  # a table, read by the csv source
+        return ["data=csv", f"data.path={source}"]
     for suffix in ("csv", "npz"):
         if source.lower().endswith(f".{suffix}"):
             return [f"data={suffix}", f"data.path={source}"]

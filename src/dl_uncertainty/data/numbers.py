@@ -50,7 +50,8 @@ def _hint(values: list[str], decimal: str, thousands: str | None) -> str:
             "if this is the label")
 
 
-def not_numeric(frame: pd.DataFrame, column: str, path: str, decimal: str, thousands: str | None) -> UserError:
+def not_numeric(frame: pd.DataFrame, column: str, path: str, decimal: str, thousands: str | None,
+                first_line: int = 2) -> UserError:
     """The error for a feature column that did not parse as numbers: the first offending value, its
     line in the file, how many there are, and the setting (or fix) that would read them."""
     values = frame[column]
@@ -60,5 +61,6 @@ def not_numeric(frame: pd.DataFrame, column: str, path: str, decimal: str, thous
     if len(rows) == 0:  # e.g. mixed types pandas kept as objects but every value converts
         return UserError(f"feature column {column!r} in {path} is not numeric; every feature column must hold numbers")
     first, sample = rows[0], [str(v) for v in text[rows[:200]]]
-    return UserError(f"feature column {column!r} in {path} is not numeric: line {int(first) + 2} holds "
+    return UserError(f"feature column {column!r} in {path} is not numeric: "
+                     f"{'line' if first_line else 'row'} {int(first) + first_line} holds "
                      f"{str(text[first])!r} ({len(rows)} such value{'s' if len(rows) > 1 else ''}); {_hint(sample, decimal, thousands)}")

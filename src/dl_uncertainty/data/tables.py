@@ -57,8 +57,31 @@ def _separator(text: str, separator: str | None) -> str:
     return max((",", ";", "\t"), key=header.count)
 
 
+def _read_parquet(raw: bytes, path: str, label_column: str) -> tuple[pd.DataFrame, pd.Series]:
+    """A Parquet table: its label column as text (whole numbers without a ".0"), NaN kept as missing."""
+    try:
+        frame = pd.read_parquet(io.BytesIO(raw))
+    except Exception as err:  # pyarrow's errors share no base class but Exception
+        raise UserError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0][:200]})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if frame.empty:
+        raise UserError(f"{path} has columns but no rows" if len(frame.columns) else f"{path} is empty")
+    if label_column not in frame.columns:
+        raise UserError(f"label column {label_column!r} not in {path} (columns: "
+                        f"{', '.join(map(str, frame.columns[:10]))}); set data.label_column")
+    labels = frame.pop(label_column)
+    if pd.api.types.is_float_dtype(labels) and bool((labels.dropna() % 1 == 0).all()):
+        labels = labels.astype("Int64")
+    text = labels.astype("string").astype(object)
+    return frame, text.where(labels.notna(), None)
+
+
 def _read_csv(path: str, cfg: DictConfig) -> tuple[pd.DataFrame, pd.Series]:
-    text = _decode(read_bytes(path), path, cfg.encoding)
+    raw = read_bytes(path)
+    if raw.startswith(b"PAR1"):  # Parquet's magic number: a table in columns, read as one
+        frame, labels = _read_parquet(raw, path, cfg.label_column)
+        return _checked_table(frame, labels, path, cfg, mark(cfg.decimal), mark(cfg.thousands), first_line=0)
+    text = _decode(raw, path, cfg.encoding)
     sep = _separator(text, cfg.separator)
     decimal, thousands = mark(cfg.decimal), mark(cfg.thousands)
     try:
@@ -86,18 +109,27 @@ def _read_csv(path: str, cfg: DictConfig) -> tuple[pd.DataFrame, pd.Series]:
             f"label column {label_column!r} not in {path} (columns found with separator {sep!r}: "
             f"{', '.join(map(str, frame.columns[:10]))}); set data.label_column or data.separator"
         )
-    labels = frame.pop(label_column).str.strip()
+    return _checked_table(frame, frame.pop(label_column), path, cfg, decimal, thousands)
+
+
+def _checked_table(frame: pd.DataFrame, labels: pd.Series, path: str, cfg: DictConfig, decimal: str,
+                   thousands: str | None, first_line: int = 2) -> tuple[pd.DataFrame, pd.Series]:
+    """Rows without a label (an error or dropped), then every feature column must be numeric. Rows are
+    named by their line in a CSV (``first_line`` 2: after the header), else by their row number."""
+    label_column = cfg.label_column
+    labels = labels.str.strip()
     blank = labels.isna() | (labels == "")
     if blank.any():
         if cfg.blank_labels == "error":
             raise UserError(
-                f"{int(blank.sum())} rows of {path} have a blank {label_column!r} (first on line "
-                f"{int(np.flatnonzero(blank)[0]) + 2}); fill them or set data.blank_labels=drop"
+                f"{int(blank.sum())} rows of {path} have a blank {label_column!r} (first on "
+                f"{'line' if first_line else 'row'} {int(np.flatnonzero(blank)[0]) + first_line}); fill them or set "
+                "data.blank_labels=drop"
             )
         frame, labels = frame[~blank], labels[~blank]  # the index keeps each row's line for the errors below
     bad = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if bad:
-        raise not_numeric(frame, bad[0], path, decimal, thousands)
+        raise not_numeric(frame, bad[0], path, decimal, thousands, first_line)
     if frame.shape[1] == 0:
         raise UserError(f"{path} has no feature columns besides {label_column!r}")
     frame, labels = frame.reset_index(drop=True).astype("float64"), labels.reset_index(drop=True)
