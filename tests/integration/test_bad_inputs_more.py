@@ -286,3 +286,25 @@ def test_the_real_command_lines_say_it_in_one_line(tmp_path, module, args, env, 
     proc = run_module(module, *args, cwd=tmp_path, env=env, timeout=120)
     assert_one_error_line(proc.returncode, proc.stderr, message)
     assert not list(tmp_path.glob("out/*.npz")) and finished_runs(tmp_path) == []
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("1,5", r"is '1,5'; .*send '1,5' as a JSON number with a decimal point .*1.5 for '1,5'"),
+    ("1,234", r"is '1,234'; .*no thousands separators, e.g. .*1234 for '1,234'\)$"),
+    ("x,y", r"is 'x,y'; every feature must be a finite number$"),
+])
+def test_a_served_number_written_with_commas_says_how_to_send_it(in_tmp, value, message):
+    """The body a request brings, parsed and turned into rows as the server does (no model needed)."""
+    import json
+
+    from dl_uncertainty.config.compose import load_config
+    from dl_uncertainty.data.rows import raw_to_rows
+    from dl_uncertainty.data.tables import prepare
+    from dl_uncertainty.errors import UserError
+    from dl_uncertainty.serve import parse
+
+    csv_file("a,b,label\n" + rows_csv())(in_tmp)
+    schema = prepare(load_config(["data=csv", "data.path=t.csv"]).data, seed=0)["train"].schema
+    assert raw_to_rows(parse(json.dumps({"inputs": [["7", 2]]}).encode()), schema).shape == (1, 2)
+    with pytest.raises(UserError, match=message):
+        raw_to_rows(parse(json.dumps({"inputs": [[value, 2]]}).encode()), schema)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
@@ -61,7 +63,8 @@ def raw_to_rows(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
         given = frame.iloc[row, col]
         given = given.item() if isinstance(given, np.generic) else given
         what = "is empty" if given is None else f"is {given!r}"
-        raise UserError(f"row {row} column {names[col]!r} {what}; every feature must be a finite number")
+        raise UserError(f"row {row} column {names[col]!r} {what}; every feature must be a finite number"
+                        + _number_hint(given))
     if input_range(schema) is not None:
         outside = (values < -PIXEL_TOLERANCE) | (values > 1 + PIXEL_TOLERANCE)
         if outside.any():
@@ -76,6 +79,14 @@ def raw_to_rows(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
         raise UserError(f"row {row} column {names[col]!r} is {float(values[row, col])!r}, too large to scale; "
                         f"every feature must be a number of the size the training data held")
     return x
+
+
+def _number_hint(given) -> str:
+    """A number written with a decimal comma or thousands separators, as text: what to send instead."""
+    if not isinstance(given, str) or not re.fullmatch(r"\s*[-+]?\d[\d.,' ]*\s*", given) or "," not in given:
+        return ""
+    return (f" (send {given.strip()!r} as a JSON number with a decimal point and no thousands separators, "
+            "e.g. 1.5 for '1,5' and 1234 for '1,234')")
 
 
 def to_rows(images: np.ndarray, schema: Schema) -> np.ndarray:
