@@ -59,9 +59,12 @@ def evaluate_run(cfg: DictConfig):
     cfg.run_id = _run_id(str(cfg.run_id))
     store.setup(cfg)
     try:
-        mlflow.get_run(cfg.run_id)
+        found = mlflow.get_run(cfg.run_id)
     except mlflow.exceptions.MlflowException:
         raise UserError(f"no MLflow run {cfg.run_id} at {store.tracking_uri(cfg)}") from None
+    if found.info.lifecycle_stage == "deleted":
+        raise UserError(f"MLflow run {cfg.run_id} is deleted; restore it first (`mlflow runs restore --run-id "
+                        f"{cfg.run_id}` with MLFLOW_TRACKING_URI={store.tracking_uri(cfg)}) or evaluate another run")
     logged = tracking.load_logged_model(cfg.run_id)
     _check_bundled(cfg.evaluate, logged.cfg.evaluate, cfg.run_id)
     run_cfg = logged.cfg.copy()

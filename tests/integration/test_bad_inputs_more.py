@@ -69,6 +69,16 @@ def parquet_file(truncate: bool = False, **columns):
     return make
 
 
+def deleted_run(tmp):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("other"))
+    client.set_terminated(run.info.run_id, "FAILED")
+    client.delete_run(run.info.run_id)
+    return [f"run_id={run.info.run_id}"]
+
+
 def given(*overrides: str):
     return lambda tmp: list(overrides)
 
@@ -173,6 +183,7 @@ BAD = [
     # ---- MLflow run ids
     ("run-id-missing", "evaluate", given(), r"set run_id=<MLflow run id>"),
     ("run-id-unknown", "evaluate", given("run_id=0123456789abcdef0123456789abcdef"), r"no MLflow run 0123456789abcdef"),
+    ("run-id-deleted", "evaluate", deleted_run, r"MLflow run \w+ is deleted; restore it first"),
     ("run-id-models-uri", "evaluate", given("run_id=models:/dl-uncertainty-digits-1x8x8@champion"),
      r"is a URI, not a run id"),
 ]
