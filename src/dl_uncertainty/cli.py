@@ -52,7 +52,11 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     for override in parsed:
         if override.is_sweep_override():
             prefix = override.get_key_element()
-            choices.append([f"{prefix}={value}" for value in override.sweep_string_iterator()])
+            try:
+                choices.append([f"{prefix}={value}" for value in override.sweep_string_iterator()])
+            except HydraException:  # interval(): a range of values to sample, not a list to run
+                raise UserError(f"{override.input_line}: --multirun runs lists (a,b,c) and range(start, stop); "
+                                "interval() is sampled by python -m dl_uncertainty.tune") from None
         else:
             choices.append([override.input_line])
     return [list(combo) for combo in itertools.product(*choices)]

@@ -163,6 +163,10 @@ BAD = [
     # ---- config values and overrides
     ("typo-key", "preprocess", given("trian.epochs=3"), r"Key 'trian' not in 'Config'"),
     ("typo-added-key", "preprocess", given("+train.epochz=3"), r"adds train.epochz, .*did you mean train.epochs\?"),
+    ("interval-under-multirun", "train", given("--multirun", "train.lr=interval(0.001,0.1)"),
+     r"--multirun runs lists \(a,b,c\) and range\(start, stop\); interval\(\) is sampled by .*dl_uncertainty.tune$"),
+    ("interpolation-of-no-key", "train", given("train.epochs=${nope}"), r"Interpolation key 'nope' not found"),
+    ("sweep-without-multirun", "train", given("train.lr=0.1,0.01"), r"Ambiguous value for argument 'train.lr=0.1,0.01'"),
     ("epochs-zero", "train", given("train.epochs=0"), r"train.epochs must be >= 1, got 0$"),
     ("epochs-negative", "train", given("train.epochs=-1"), r"train.epochs must be >= 1, got -1$"),
     ("batch-size-zero", "train", given("train.batch_size=0"), r"train.batch_size must be >= 1"),

@@ -42,7 +42,10 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
                 raise UserError(f"invalid configuration: {_first_line(err)}") from None
             overrides = [o for o in overrides if _override_key(o) != key]
     _check_added_keys(overrides, cfg)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except OmegaConfBaseException as err:  # e.g. ${nope}: an interpolation of no key, found when read
+        raise UserError(f"invalid configuration: {_first_line(err)}") from None
     return cfg
 
 
