@@ -79,6 +79,18 @@ def deleted_run(tmp):
     return [f"run_id={run.info.run_id}"]
 
 
+def paths_csv(extra: str = "", header: str = "path,label", sep: str = ","):
+    """A CSV of image paths (relative to its folder) and labels, 40 images per class, then ``extra`` rows."""
+    def make(tmp):
+        (tmp / "pics").mkdir()
+        for i in range(80):
+            Image.new("RGB", (10, 10), (i * 3, 0, 0)).save(tmp / "pics" / f"{i}.png")
+        rows = "".join(f"pics/{i}.png{sep}{'a' if i % 2 else 'b'}\n" for i in range(80))
+        (tmp / "pics.csv").write_text(f"{header}\n{rows}{extra}")
+        return ["data=image_folder", "data.path=pics.csv", "data.image_size=[8,8]"]
+    return make
+
+
 def given(*overrides: str):
     return lambda tmp: list(overrides)
 
@@ -159,6 +171,11 @@ BAD = [
         r / "b" / "wide.png"))(tmp), "data.image_size=null"], r"images differ in size: .* set data.image_size"),
     ("no-class-folders", "preprocess", lambda tmp: ((tmp / "flat").mkdir(), Image.new("RGB", (8, 8)).save(tmp / "flat" / "a.png"),
                                                    ["data=image_folder", "data.path=flat"])[2], r"flat has no class sub-folders"),
+    ("paths-csv-missing-image", "preprocess", paths_csv("pics/nope.png,a\n"),
+     r"pics.csv line 82: image ./pics/nope.png not found \(relative paths start at the CSV's folder, .\)"),
+    ("paths-csv-folder-as-image", "preprocess", paths_csv("pics,a\n"), r"line 82: image ./pics is a folder, not an image"),
+    ("paths-csv-no-path-column", "preprocess", paths_csv(header="file,label"),
+     r"needs a header with columns 'path' and 'label' .*\(found: file, label\)"),
     ("image-folder-missing", "preprocess", given("data=image_folder", "data.path=nowhere"), r"image folder not found: nowhere$"),
     # ---- config values and overrides
     ("typo-key", "preprocess", given("trian.epochs=3"), r"Key 'trian' not in 'Config'"),
@@ -247,6 +264,7 @@ GOOD = [
     ("npz-string-labels", npz_file(x=X, y=np.array(["no", "yes"])[Y])),
     ("npz-compressed-int8", lambda tmp: (np.savez_compressed(tmp / "d.npz", x=(X * 10).astype(np.int8), y=Y),
                                          ["data=npz", "data.path=d.npz"])[1]),
+    ("paths-csv-semicolons-and-spaces", paths_csv(header="path; label", sep="; ")),
     ("hidden-and-system-files", image_folder(lambda r: [(r / "a" / n).write_bytes(b"\0junk")
                                                         for n in (".DS_Store", "Thumbs.db", "desktop.ini")])),
     ("mixed-modes-and-sizes", image_folder(lambda r: [Image.new(m, (10 + i, 9), 1).save(r / "b" / f"m{i}.png")

@@ -81,9 +81,14 @@ def _list_s3(uri: str) -> list[tuple[str, str]]:
 def _list_csv(path: str, label_column: str) -> list[tuple[str, str]]:
     """Rows of a CSV with a ``path`` column (relative to the CSV's folder) and a label column."""
     text = read_bytes(path).decode("utf-8-sig", errors="replace")
-    rows = list(csv.DictReader(io.StringIO(text)))
+    separator = max((",", ";", "\t"), key=text.split("\n", 1)[0].count)  # as for tables: what the header holds most
+    rows = [{str(k).strip(): v for k, v in row.items()}
+            for row in csv.DictReader(io.StringIO(text), delimiter=separator, skipinitialspace=True)]
     if not rows or "path" not in rows[0] or label_column not in rows[0]:
-        raise UserError(f"{path} needs a header with columns 'path' and {label_column!r} and at least one row")
+        found = f" (found: {', '.join(list(rows[0])[:10])})" if rows else " (it has no rows)" if text.strip() else \
+            " (it is empty)"
+        raise UserError(f"{path} needs a header with columns 'path' and {label_column!r} and at least one row{found}; "
+                        "set data.label_column if the labels are in another column")
     base = path.rsplit("/", 1)[0] if "/" in path else "."
     files = []
     for line, row in enumerate(rows, start=2):
@@ -91,7 +96,13 @@ def _list_csv(path: str, label_column: str) -> list[tuple[str, str]]:
         if not file or not label:
             raise UserError(f"{path} line {line}: empty path or {label_column!r}")
         absolute = file.startswith(("/", "s3://"))
-        files.append((file if absolute else f"{base}/{file}", label))
+        found = file if absolute else f"{base}/{file}"
+        kind = "file" if found.startswith("s3://") else local_kind(found)
+        if kind != "file":
+            where = "" if absolute else f" (relative paths start at the CSV's folder, {base})"
+            what = "is a folder, not an image file" if kind == "folder" else "not found"
+            raise UserError(f"{path} line {line}: image {found} {what}{where}; fix the path or remove the row")
+        files.append((found, label))
     return files
 
 
