@@ -282,6 +282,17 @@ def test_an_odd_but_valid_input_is_read(in_tmp, capsys, make):
                                                                          "val.npz"]
 
 
+def test_channels_last_images_in_an_npz_become_channels_first(in_tmp):
+    from dl_uncertainty.config.compose import load_config
+    from dl_uncertainty.data.npz import read_npz
+
+    images = np.random.default_rng(0).integers(0, 255, (ROWS, 8, 6, 3), dtype=np.uint8)  # N, H, W, C
+    npz_file(x=images, y=Y)(in_tmp)
+    frame, _, shape = read_npz(load_config(["data=npz", "data.path=d.npz"]).data)
+    assert shape == [3, 8, 6]
+    assert np.array_equal(frame.to_numpy()[5].reshape(3, 8, 6), images[5].transpose(2, 0, 1))
+
+
 def test_checksums_as_a_list_of_file_md5_pairs_with_a_quoted_key_under_multirun(in_tmp, capsys):
     md5 = "12345678901234567890123456789012"  # digits only: still read as text
     code, err, out = run_in_process("preprocess", ["--multirun", "--cfg", "data=mnist", "seed=1,2",

@@ -83,6 +83,8 @@ def read_npz(cfg: DictConfig) -> tuple[pd.DataFrame, np.ndarray, list[int]]:
             raise UserError(f"{cfg.path}: every label in y is blank")
     if np.issubdtype(y.dtype, np.floating) and np.all(y % 1 == 0):  # label 2.0 is class '2', not '2.0'
         y = y.astype(np.int64)
+    if x.ndim == 4 and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3) and not cfg.image_shape:
+        x = x.transpose(0, 3, 1, 2)  # channels last (N, H, W, C), as Pillow, TensorFlow and Keras save images
     shape = list(x.shape[1:]) if x.ndim != 3 else [1, *x.shape[1:]]
     flat = x.reshape(len(x), -1).astype("float64")
     frame = pd.DataFrame(flat, columns=[f"feature_{i}" for i in range(flat.shape[1])])
