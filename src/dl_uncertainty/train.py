@@ -46,6 +46,7 @@ def train_and_log(
     from dl_uncertainty.families.predict import served_log_probs
     from dl_uncertainty.reports.plots import training_curves
     from dl_uncertainty.tracking import runs as tracking
+    from dl_uncertainty.tracking import store
     from dl_uncertainty.training.checkpoints import Checkpointer, check_resumable, data_meta
     from dl_uncertainty.training.loop import train_model
     from dl_uncertainty.uncertainty import calibration
@@ -66,7 +67,9 @@ def train_and_log(
         check_resumable(resumed, Path(checkpoint_dir) / "last.pt", cfg, train.schema)
     result = None
     continued = resumed.get("mlflow_run_id") if resumed else None
-    was_finished = continued is not None and tracking.live_run(continued) and \
+    if continued:  # its status, read in its store before start_run sets it RUNNING
+        store.setup(cfg)
+    was_finished = bool(continued) and tracking.live_run(continued) and \
         mlflow.get_run(continued).info.status == "FINISHED"
     try:
         with tracking.start_run(cfg, continue_run_id=resumed and resumed.get("mlflow_run_id")) as run:

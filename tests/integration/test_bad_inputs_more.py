@@ -221,8 +221,8 @@ def run_in_process(command: str, argv: list[str], capsys) -> tuple[int, str, str
     return code, captured.err, captured.out
 
 
-def finished_runs(folder) -> list[str]:
-    db = folder / "mlflow.db"
+def finished_runs(folder, db: str = "mlflow.db") -> list[str]:
+    db = folder / db
     if not db.exists():
         return []
     with sqlite3.connect(db) as con:
@@ -308,14 +308,16 @@ def test_a_failed_resume_leaves_the_earlier_successful_run_finished(in_tmp, caps
     feature density): one error line, and the earlier run is still FINISHED."""
     x = np.random.default_rng(0).normal(size=(80, 3))
     (in_tmp / "t.csv").write_text("a,b,c,label\n" + "".join(f"{a:.3f},{b:.3f},{c:.3f},{int(a > 0)}\n" for a, b, c in x))
-    base = ["data=csv", "data.path=t.csv", "data.calib_fraction=0.2", "model=mc_dropout_dnn"]
+    base = ["data=csv", "data.path=t.csv", "data.calib_fraction=0.2", "model=mc_dropout_dnn",
+            "tracking_uri=sqlite:///runs.db"]  # not MLflow's default store: the resume must read this one
     code, stderr, _ = run_in_process("train", [*base, "train.epochs=1"], capsys)
     assert code == 0, stderr
-    (first,) = finished_runs(in_tmp)
-    code, stderr, _ = run_in_process("train", [*base, "train.epochs=2", "train.resume=true", "evaluate.density_ridge=0"],
-                                  capsys)
-    assert_one_error_line(code, stderr, r"cannot fit the feature density.*evaluate.density_ridge")
-    assert finished_runs(in_tmp) == [first]
+    (first,) = finished_runs(in_tmp, "runs.db")
+    # a fresh process: the continued run's status is read from its store before anything set MLflow up
+    proc = run_module("dl_uncertainty.train", *base, "train.epochs=2", "train.resume=true", "evaluate.density_ridge=0",
+                      cwd=in_tmp, timeout=180)
+    assert_one_error_line(proc.returncode, proc.stderr, r"cannot fit the feature density.*evaluate.density_ridge")
+    assert finished_runs(in_tmp, "runs.db") == [first]
 
 
 @pytest.mark.parametrize(("module", "args", "env", "message"), [
