@@ -75,8 +75,22 @@ _NEEDS_EAGER: weakref.WeakSet = weakref.WeakSet()  # models whose forward reject
 
 
 
-def _sigma(log_sigma: torch.Tensor | None) -> torch.Tensor | None:
-    return None if log_sigma is None else torch.exp(log_sigma)
+def _lazy(fn):
+    """``fn()`` computed on first use: a replayed weight set needs no sigma (an exp over every weight)."""
+    box: list = []
+
+    def get():
+        if not box:
+            box.append(fn())
+        return box[0]
+
+    return get
+
+
+def _sigmas(m: nn.Module):
+    """Lazy (weight sigma, bias sigma or None) of a torchbnn layer."""
+    return _lazy(lambda: (torch.exp(m.weight_log_sigma),
+                          torch.exp(m.bias_log_sigma) if m.bias else None))
 
 
 def _dropout_forward(m: nn.Dropout, lay: _Layout):
@@ -110,51 +124,59 @@ def _generic_dropout_forward(m: nn.Module, lay: _Layout):
 
 
 def _bayes_linear_forward(m: nn.Module, lay: _Layout):
-    mu, sigma = m.weight_mu, _sigma(m.weight_log_sigma)
-    b_mu = m.bias_mu if m.bias else None
-    b_sigma = _sigma(m.bias_log_sigma) if m.bias else None
-    sigma2 = sigma * sigma
-    b_sigma2 = None if b_sigma is None else b_sigma * b_sigma
+    mu, b_mu = m.weight_mu, (m.bias_mu if m.bias else None)
+    sigmas = _sigmas(m)
+    squares = _lazy(lambda: tuple(None if s is None else s * s for s in sigmas()))
     n_w = mu.numel()
 
     def use_lrt(rows_per_sample: int, shared: bool) -> bool:
-        if lay.seeded:  # LRT draws noise per row: per-row seeding needs whole weight sets
-            return False
         if lay.mode != "auto":
             return lay.mode == "lrt"
         return _lrt_cheaper(lay.costs, n_w, m.out_features, rows_per_sample,
                             lay.tc if shared else 1)
 
-    def sample_weight(t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if lay.seeded:
-            kw = {"dtype": mu.dtype, "device": mu.device}
-
-            def make(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-                w = torch.randn(mu.shape, generator=g, **kw).mul_(sigma).add_(mu)
-                b = None if b_mu is None else torch.randn(b_mu.shape, generator=g, **kw).mul_(b_sigma).add_(b_mu)
-                return w, b
-
-            return lay.sampled(t, make)
-        w = torch.randn_like(mu).mul_(sigma).add_(mu)
-        b = None if b_mu is None else torch.randn_like(b_mu).mul_(b_sigma).add_(b_mu)
-        return w, b
+    def sample(g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        sigma, b_sigma = sigmas()
+        w = torch.randn(mu.shape, generator=g, dtype=mu.dtype, device=mu.device).mul_(sigma).add_(mu)
+        if b_mu is None:
+            return w, None
+        return w, torch.randn(b_mu.shape, generator=g, dtype=mu.dtype, device=mu.device).mul_(b_sigma).add_(b_mu)
 
     def forward(inp: torch.Tensor) -> torch.Tensor:
         shared = lay.shared(inp)
         tc, nc = lay.tc, lay.nc
         per_row = inp[0].numel() // m.in_features  # extra (non-batch) leading dims of F.linear
+        if lay.seeded and per_row == 1 and lay.mode != "repeat":
+            # local reparameterization with one noise vector per MC sample, drawn from (row_seed, t) and
+            # shared by every row: each row's pre-activation is exactly N(x mu + b_mu, x^2 sigma^2 + b_sigma^2)
+            # and does not depend on the batch; only whole weight sets would also tie rows together
+            eps = lay.draw(torch.randn, (m.out_features,), mu).unsqueeze(1)
+            sigma2, b_sigma2 = squares()
+            mean = F.linear(inp, mu, b_mu)
+            std = F.linear(inp * inp, sigma2, b_sigma2).sqrt_()
+            if not shared:
+                mean, std = mean.view(tc, nc, -1), std.view(tc, nc, -1)
+            return torch.addcmul(mean, eps, std).view(tc * nc, m.out_features)
+        if lay.seeded:  # the tc weight sets as one stack: one batched matmul for the chunk
+            w, b = lay.stacked(sample)
+            x = inp.reshape(1, nc * per_row, m.in_features).expand(tc, -1, -1) if shared else \
+                inp.reshape(tc, nc * per_row, m.in_features)
+            y = torch.bmm(x, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+            return y.view(tc * nc, *inp.shape[1:-1], m.out_features)
         if use_lrt(nc * per_row, shared):
+            sigma2, b_sigma2 = squares()
             mean = F.linear(inp, mu, b_mu)
             std = F.linear(inp * inp, sigma2, b_sigma2).sqrt_()
             if shared:
                 eps = torch.randn((tc, *mean.shape), dtype=mean.dtype, device=mean.device)
                 return eps.mul_(std).add_(mean).view(tc * nc, *mean.shape[1:])
             return torch.randn_like(mean).mul_(std).add_(mean)
-        # one weight set per MC sample, shared by that sample's rows (torchbnn's own sampling)
+        # one weight set per MC sample, shared by that sample's rows (torchbnn's own sampling), drawn one
+        # at a time so memory stays at one weight set
         out = inp.new_empty((tc, nc, *inp.shape[1:-1], m.out_features))
         xs = inp if shared else inp.reshape(tc, nc, *inp.shape[1:])
         for t in range(tc):
-            w, b = sample_weight(t)
+            w, b = sample()
             x_t = xs if shared else xs[t]
             if x_t.dim() == 2 and b is not None:
                 torch.addmm(b, x_t, w.t(), out=out[t])
@@ -175,18 +197,17 @@ def _conv(m: nn.Module, inp: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
 
 
 def _bayes_conv_forward(m: nn.Module, lay: _Layout):
-    mu, sigma = m.weight_mu, _sigma(m.weight_log_sigma)
-    b_mu = m.bias_mu if m.bias else None
-    b_sigma = _sigma(m.bias_log_sigma) if m.bias else None
+    mu, b_mu = m.weight_mu, (m.bias_mu if m.bias else None)
+    sigmas = _sigmas(m)
 
     def forward(inp: torch.Tensor) -> torch.Tensor:
         shared = lay.shared(inp)
         tc, nc = lay.tc, lay.nc
         # one kernel set per MC sample (kernels are shared across positions: LRT is not exact)
-        w = lay.draw(torch.randn, tuple(mu.shape), mu, lambda r: r.mul_(sigma).add_(mu))
+        w = lay.draw(torch.randn, tuple(mu.shape), mu, lambda r: r.mul_(sigmas()[0]).add_(mu))
         b = None
         if b_mu is not None:
-            b = lay.draw(torch.randn, tuple(b_mu.shape), mu, lambda r: r.mul_(b_sigma).add_(b_mu))
+            b = lay.draw(torch.randn, tuple(b_mu.shape), mu, lambda r: r.mul_(sigmas()[1]).add_(b_mu))
         if shared and m.groups == 1:
             # all tc kernel sets in one convolution of the shared input
             y = _conv(m, inp, w.flatten(0, 1), None if b is None else b.flatten(), 1)
@@ -203,7 +224,7 @@ def _bayes_conv_forward(m: nn.Module, lay: _Layout):
 
 
 def _bayes_bn_forward(m: nn.Module, lay: _Layout):
-    w_sigma, b_sigma = _sigma(m.weight_log_sigma), _sigma(m.bias_log_sigma)
+    sigmas = _lazy(lambda: (torch.exp(m.weight_log_sigma), torch.exp(m.bias_log_sigma)))
 
     def forward(inp: torch.Tensor) -> torch.Tensor:
         x = lay.widen(inp)
@@ -211,8 +232,8 @@ def _bayes_bn_forward(m: nn.Module, lay: _Layout):
         y = F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
         tc = lay.tc
         shape = (tc, 1, m.num_features) + (1,) * (y.dim() - 2)
-        w = lay.draw(torch.randn, (m.num_features,), y, lambda r: r.mul_(w_sigma).add_(m.weight_mu)).view(shape)
-        b = lay.draw(torch.randn, (m.num_features,), y, lambda r: r.mul_(b_sigma).add_(m.bias_mu)).view(shape)
+        w = lay.draw(torch.randn, (m.num_features,), y, lambda r: r.mul_(sigmas()[0]).add_(m.weight_mu)).view(shape)
+        b = lay.draw(torch.randn, (m.num_features,), y, lambda r: r.mul_(sigmas()[1]).add_(m.bias_mu)).view(shape)
         yv = y.view(tc, -1, *y.shape[1:])
         return yv.mul_(w).add_(b).view_as(y)
 
@@ -268,10 +289,7 @@ def _run_batched(model: nn.Module, x: torch.Tensor, samples: int, plan: Plan,
                               [cache.get(k) for k in keys] if cache is not None else [None] * tc)
                 logits = model(lay.widen(xc) if eager else xc)
                 if cache is not None:  # only a forward call that completed records its draws
-                    for i, key in enumerate(keys):
-                        tape = lay.recorded(i)
-                        if tape:
-                            cache.put(key, tape)
+                    cache.put_all([(key, lay.recorded(i)) for i, key in enumerate(keys)])
                 if logits.shape[0] == nc and tc > 1:  # nothing stochastic was reached
                     logits = logits.unsqueeze(0).expand(tc, *logits.shape)
                 else:
