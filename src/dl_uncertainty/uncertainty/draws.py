@@ -141,14 +141,17 @@ class _LayoutError(RuntimeError):
 
 
 class SampleCache:
-    """The per-row-seeded draws (sampled weight sets, dropout masks) of one model, kept for reuse.
+    """The per-row-seeded draws (Bayesian noise vectors or weight sets, dropout masks) of one model,
+    kept for reuse.
 
     With ``row_seed``, what MC sample t draws depends only on (row_seed, t), the model's parameters
     and the per-example input shape, never on the rows: a server can draw it once and replay it for
     every request. Replayed tensors are the very tensors drawn the first time, so answers with the
     cache equal answers without it, bit for bit. At most ``max_bytes`` are held: an MC sample whose
     draws do not fit is drawn anew on every call (a model too big for the cache is never cached).
-    Any change to the model's parameters (or a dropout's p) empties the cache.
+    Any change to the model's parameters (or a dropout's p) empties the cache. The draws of the MC
+    samples of one forward call are held as one stack per layer (``[T, ...]``), which a call with the
+    same samples gets back without a copy; the bytes counted are the bytes held.
     """
 
     def __init__(self, max_bytes: int) -> None:
