@@ -304,13 +304,13 @@ def serving(env: dict, cwd, *args: str):
 
 
 MC_SAMPLES = 20
-SMALL_CACHE_MB = 0.05  # about two of the tiny BNN's 20 weight sets (18.7 KB each)
+SMALL_CACHE_MB = 0.0006  # 629 bytes: two of the tiny BNN's 20 samples (a noise vector per unit, 288 bytes each)
 
 
 @pytest.fixture(scope="module")
 def served_bnn(tmp_path_factory, digits_splits):
     """A BNN whose abstain threshold is infinite (so few validation errors that every entropy is kept),
-    served three times: with the default sample cache, with none, and with one too small for its weight sets."""
+    served three times: with the default sample cache, with none, and with one too small for its draws."""
     import dataclasses
 
     import pandas as pd
@@ -362,7 +362,7 @@ def test_served_answers_with_the_sample_cache_equal_answers_without_it_exactly(s
         assert not any(p["abstain"] for p in predictions if p["set_size"] == 1)  # no entropy threshold
 
 
-def test_the_sample_cache_holds_every_weight_set_or_as_many_as_its_bound_allows(served_bnn):
+def test_the_sample_cache_holds_every_sample_or_as_many_as_its_bound_allows(served_bnn):
     def cache(url: str) -> dict:
         return strict_json(urllib.request.urlopen(f"{url}/info", timeout=10).read())["sample_cache"]
 
