@@ -105,8 +105,11 @@ def _bayes_linear_forward(m: nn.Module, lay: _Layout):
             return torch.addcmul(mean, eps, std).view(tc * nc, m.out_features)
         if lay.seeded:  # the tc weight sets as one stack: one batched matmul for the chunk
             w, b = lay.stacked(sample)
-            x = inp.reshape(1, nc * per_row, m.in_features).expand(tc, -1, -1) if shared else \
-                inp.reshape(tc, nc * per_row, m.in_features)
+            if shared:  # one matmul of the shared rows with all tc weight sets side by side
+                y = F.linear(inp, w.flatten(0, 1), None if b is None else b.flatten())
+                y = y.view(nc, *inp.shape[1:-1], tc, m.out_features).movedim(-2, 0)
+                return y.reshape(tc * nc, *inp.shape[1:-1], m.out_features)
+            x = inp.reshape(tc, nc * per_row, m.in_features)
             y = torch.bmm(x, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
             return y.view(tc * nc, *inp.shape[1:-1], m.out_features)
         if use_lrt(nc * per_row, shared):
