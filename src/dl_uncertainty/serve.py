@@ -22,7 +22,7 @@ Bad input gets a 400 whose body is one sentence: {"error": "..."}; more rows tha
 an unknown path a 404 and a wrong method a 405, of the same shape; a failure of the server itself a 500
 of the same shape (its traceback goes to the server's log). Every answer is strict JSON: a number that is
 infinite or undefined (an abstain threshold of inf) is null, and /info's "non_finite" object maps its
-dotted path to "inf", "-inf" or "nan". The seeded MC draws (a BNN's weight sets) are drawn once and kept
+dotted path to "inf", "-inf" or "nan". The seeded MC draws (a BNN's noise vectors, dropout masks) are drawn once and kept
 in a sample cache of at most --sample-cache-mb (256) per model. The model is any MLflow model URI
 this package logged (``models:/<name>@<alias>``, ``runs:/<id>/model``, a local folder), on the store
 MLFLOW_TRACKING_URI points at (default ``sqlite:///mlflow.db``).
@@ -235,7 +235,7 @@ def info(wrapper) -> dict[str, Any]:
         "classes": schema.class_names, "mc_samples": wrapper.cfg.evaluate.mc_samples,
         "calibration": cal.to_dict() if cal else None,
         "feature_density": _density_info(wrapper),
-        # the MC draws kept for reuse (a BNN's weight sets, dropout masks): bytes held, the bound, samples held
+        # the MC draws kept for reuse (a BNN's noise vectors or weight sets, dropout masks): bytes held, the bound, samples held
         "sample_cache": {"bytes": cache.bytes, "max_bytes": cache.max_bytes, "samples": len(cache)} if cache is not None else None,
     }, non_finite=non_finite)
     return {**answer, "non_finite": non_finite}
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=5001, help="port (default 5001)")
     parser.add_argument("--name", default="dl-uncertainty", help="model name in KServe's /v1/models/<name> paths")
     parser.add_argument("--sample-cache-mb", type=float, default=None, metavar="MB",
-                        help="memory for the model's seeded MC draws (a BNN's weight sets), drawn once and reused; "
+                        help="memory for the model's seeded MC draws (a BNN's noise vectors, dropout masks), drawn once and reused; "
                              "0 draws them on every request (default 256)")
     parser.add_argument("--max-rows", type=int, default=MAX_ROWS, metavar="N",
                         help=f"rows one request may hold; more get a 413 (default {MAX_ROWS})")
