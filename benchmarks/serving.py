@@ -105,7 +105,8 @@ def _request(model: dict, batch: int) -> urllib.request.Request:
 
 def measure(models: dict[str, dict], requests: int, p50s: dict) -> list[str]:
     """Table rows: per batch size and model, the naive loop vs the served request. The models' requests
-    take turns (one to each server, round after round), so a change of the machine's load hits all alike."""
+    take turns (one to each server, round after round, the first of a round rotating), so a change of the
+    machine's load hits all alike."""
     from dl_uncertainty.families.deep_ensemble import Ensemble
 
     rows: dict[tuple[str, int], str] = {}
@@ -115,8 +116,10 @@ def measure(models: dict[str, dict], requests: int, p50s: dict) -> list[str]:
             for _ in range(5):
                 urllib.request.urlopen(r, timeout=60).read()
         times: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(requests):
-            for name, r in sent.items():
+        order = list(sent)
+        for i in range(requests):
+            for name in order[i % len(order):] + order[:i % len(order)]:  # who goes first rotates: no order bias
+                r = sent[name]
                 tic = time.perf_counter()
                 urllib.request.urlopen(r, timeout=60).read()
                 times[name].append(1000 * (time.perf_counter() - tic))
