@@ -183,7 +183,7 @@ def check_cells(frame: pd.DataFrame, names: list[str]) -> None:
         return str(frame.columns[col]) if not isinstance(frame.columns, pd.RangeIndex) else (
             names[col] if col < len(names) else str(col))
 
-    suspect = [col for col, dtype in enumerate(frame.dtypes) if dtype == bool or dtype == object]
+    suspect = [col for col, dtype in enumerate(frame.dtypes) if dtype.kind in ("b", "O")]
     for col in suspect:  # a numeric column holds numbers only: reading each column costs ~20 us
         series = frame.iloc[:, col]
         if series.dtype == bool:
