@@ -159,6 +159,8 @@ def test_kserve_v1_protocol_and_info(served, digits_splits):
     (b'{"dataframe_split": {"columns": ["\\ud800"], "data": [[1]]}}', "missing columns"),
     (b'{"inputs": [["\\ud800",' + b"0," * 62 + b"0]]}", "row 0 column 'pixel_0' is '\\ud800'"),
     (b"\xff\xfe{", "not JSON"),
+    ({"dataframe_split": {"columns": "pixel_0", "data": [[0] * 64]}},
+     "'dataframe_split' columns must be a list of column names"),
 ])
 def test_bad_input_is_a_400_with_one_sentence(served, body, says):
     url = served[0]
@@ -177,6 +179,35 @@ def test_content_types(served):
     assert all(status == 200 for status, _ in answers.values()) and len({json.dumps(a) for _, a in answers.values()}) == 1
     status, answer = post(f"{url}/invocations", b"pixel_0,pixel_1\n1,2\n", "text/csv")
     assert status == 400 and answer["error"].startswith("the body is not JSON (Content-Type: text/csv); send {")
+
+
+def test_more_rows_than_the_server_takes_is_a_413_with_one_sentence(served):
+    from dl_uncertainty.serve import MAX_ROWS
+
+    status, answer = post(f"{served[0]}/invocations", {"inputs": [[0] * 64] * (MAX_ROWS + 1)})
+    assert status == 413 and list(answer) == ["error"] and "\n" not in answer["error"]
+    assert answer["error"].startswith(f"the request has {MAX_ROWS + 1} rows; this server takes at most {MAX_ROWS}")
+
+
+def test_an_unknown_path_or_a_wrong_method_is_a_404_or_405_with_one_json_sentence(served):
+    url = served[0]
+    for method, path, code, says in (("GET", "/invocations", 405, "GET is not allowed here (GET /invocations)"),
+                                     ("POST", "/info", 405, "POST is not allowed here (POST /info)"),
+                                     ("POST", "/predict", 404, "no such path (POST /predict)"),
+                                     ("GET", "/v1/models/other", 404, "no such path (GET /v1/models/other)")):
+        request = urllib.request.Request(f"{url}{path}", data=b"{}" if method == "POST" else None, method=method)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        answer = strict_json(refused.value.read())
+        assert refused.value.code == code and list(answer) == ["error"], answer
+        assert answer["error"].startswith(says) and "POST /invocations" in answer["error"], answer
+
+
+def test_a_row_limit_below_one_is_refused_in_one_line(tmp_path):
+    from tests.conftest import run_module
+
+    out = run_module("dl_uncertainty.serve", "--max-rows", "0", cwd=tmp_path, timeout=60)
+    assert out.returncode == 2 and out.stderr.strip() == "error: --max-rows must be at least 1, got 0"
 
 
 def test_serving_a_model_that_is_not_there_is_one_line_naming_the_fix(tmp_path):
@@ -304,13 +335,13 @@ def serving(env: dict, cwd, *args: str):
 
 
 MC_SAMPLES = 20
-SMALL_CACHE_MB = 0.05  # about two of the tiny BNN's 20 weight sets (18.7 KB each)
+SMALL_CACHE_MB = 0.0006  # 629 bytes: two of the tiny BNN's 20 samples (a noise vector per unit, 288 bytes each)
 
 
 @pytest.fixture(scope="module")
 def served_bnn(tmp_path_factory, digits_splits):
     """A BNN whose abstain threshold is infinite (so few validation errors that every entropy is kept),
-    served three times: with the default sample cache, with none, and with one too small for its weight sets."""
+    served three times: with the default sample cache, with none, and with one too small for its draws."""
     import dataclasses
 
     import pandas as pd
@@ -362,7 +393,7 @@ def test_served_answers_with_the_sample_cache_equal_answers_without_it_exactly(s
         assert not any(p["abstain"] for p in predictions if p["set_size"] == 1)  # no entropy threshold
 
 
-def test_the_sample_cache_holds_every_weight_set_or_as_many_as_its_bound_allows(served_bnn):
+def test_the_sample_cache_holds_every_sample_or_as_many_as_its_bound_allows(served_bnn):
     def cache(url: str) -> dict:
         return strict_json(urllib.request.urlopen(f"{url}/info", timeout=10).read())["sample_cache"]
 

@@ -279,12 +279,14 @@ def test_row_seed_gives_each_row_its_answer_alone_or_anywhere_in_any_batch(model
         assert ((batch[1:] - batch[:-1]).abs().amax(-1) > 0).all()  # the T samples still differ
 
 
-@pytest.mark.parametrize("model", [_bnn, _conv_bnn, _dropout_dnn])
-def test_row_seed_samples_the_same_distribution_per_example(model) -> None:
+@pytest.mark.parametrize(("model", "strategy"), [(_bnn, "auto"), (_bnn, "repeat"), (_conv_bnn, "auto"),
+                                               (_dropout_dnn, "auto")])
+def test_row_seed_samples_the_same_distribution_per_example(model, strategy: str) -> None:
+    """auto: the BNN's linear layers by one noise vector per sample; repeat: by whole weight sets."""
     net = model()
     x = torch.randn(4, 72 if model is _conv_bnn else 6) * 2
     ref = mc_log_probs(net, x, 3000, strategy="loop", generator=torch.Generator().manual_seed(8))
-    _assert_same_distribution(ref, mc_log_probs(net, x, 3000, row_seed=8))
+    _assert_same_distribution(ref, mc_log_probs(net, x, 3000, strategy=strategy, row_seed=8))
 
 
 class _SelfSampling(nn.Module):

@@ -25,7 +25,7 @@ def predict_log_probs(
     """Per-sample log-softmax outputs [T, N, K] on the CPU, drawn the way the model's family samples.
 
     With ``seed``, the MC samples are reproducible, row by row: MC sample t uses the same dropout
-    masks and weights for every row, so a row gets the same answer alone or anywhere in any batch;
+    masks and Bayesian noise for every row, so a row gets the same answer alone or anywhere in any batch;
     ``cache`` then keeps those draws for the next call (the same answers, bit for bit, drawn once).
     No rows: a ``[T, 0, K]`` tensor.
     """

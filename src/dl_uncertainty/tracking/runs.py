@@ -78,7 +78,7 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
 
     Inputs are what the user's data holds (named columns, or rows of values in that order): the
     cleaning and scaling fitted on the training split are applied here. MC sampling is seeded per
-    row, so a row gets the same answer alone or anywhere in any batch; the draws (a BNN's weight sets,
+    row, so a row gets the same answer alone or anywhere in any batch; the draws (a BNN's noise vectors,
     dropout masks) depend only on the seed and the sample, so they are drawn once and kept in
     ``sample_cache`` (at most SAMPLE_CACHE_MB; None draws them on every call, with the same answers).
     """

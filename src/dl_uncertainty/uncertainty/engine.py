@@ -30,6 +30,15 @@ Strategies (``STRATEGIES``):
     reports). Models whose modules couple examples of a batch (BatchNorm using batch statistics)
     fall back to ``"loop"``; models with nothing stochastic are run once and expanded.
 
+Per-row seeding (``row_seed``): MC sample t draws from a generator seeded by (row_seed, t), and its
+draws are shared by every row, so a row's answer does not depend on its batch. Dropout draws one mask
+per sample; ``BayesLinear`` on 2-D inputs (under ``"auto"`` and ``"lrt"``) draws one noise vector per
+sample and output unit and applies it by local reparameterization: each row's pre-activation is
+exactly its Gaussian, and the batch cannot change it. Under ``"repeat"`` (and on inputs with extra
+dims) it draws whole weight sets, stacked ``[T, out, in]``, one batched matmul per layer. Those draws
+can be kept in a :class:`SampleCache` and replayed: a cached BNN then reads T noise vectors per layer
+(T x out floats) instead of T weight sets (T x out x in).
+
 Two exact savings apply to every batched strategy: (1) everything before the first stochastic
 module is computed once per example, not once per MC sample — modules see the un-repeated
 batch until a stochastic module widens it to ``T_chunk * N_chunk`` rows; (2) dropout masks come
@@ -43,21 +52,15 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dl_uncertainty.uncertainty.draws import SampleCache, _Layout, _LayoutError
+from dl_uncertainty.uncertainty.mc_layers import _patched
 from dl_uncertainty.uncertainty.mc_plan import (
-    _BAYES_BN,
-    _BAYES_CONV,
-    _BAYES_LINEAR,
     Plan,
-    _is_stochastic,
-    _lrt_cheaper,
     _machine_costs,
     mc_mode,
     mc_plan,
@@ -68,184 +71,6 @@ _NEEDS_EAGER: weakref.WeakSet = weakref.WeakSet()  # models whose forward reject
 
 
 # ----------------------------------------------------------------------------- batched engine
-
-
-
-
-
-
-
-def _sigma(log_sigma: torch.Tensor | None) -> torch.Tensor | None:
-    return None if log_sigma is None else torch.exp(log_sigma)
-
-
-def _dropout_forward(m: nn.Dropout, lay: _Layout):
-    def forward(inp: torch.Tensor) -> torch.Tensor:
-        if not m.training or m.p == 0:
-            return inp
-        if m.p >= 1:
-            return torch.zeros_like(lay.widen(inp))
-        scale = 1.0 / (1.0 - m.p)
-        if lay.seeded:  # per-row seeding: sample t's mask is shared by every row of the batch
-            mask = lay.draw(torch.rand, (1, *inp.shape[1:]), inp, lambda r: r.ge_(m.p).mul_(scale))
-            rows = inp.unsqueeze(0) if lay.shared(inp) else inp.view(lay.tc, lay.nc, *inp.shape[1:])
-            return (mask * rows).view(lay.tc * lay.nc, *inp.shape[1:])
-        if lay.shared(inp):
-            mask = torch.rand((lay.tc, *inp.shape), dtype=inp.dtype, device=inp.device)
-            out = mask.ge_(m.p).mul_(scale).mul_(inp)
-            return out.view(lay.tc * lay.nc, *inp.shape[1:])
-        mask = torch.rand_like(inp)
-        return mask.ge_(m.p).mul_(scale).mul_(inp)
-
-    return forward
-
-
-def _generic_dropout_forward(m: nn.Module, lay: _Layout):
-    orig = type(m).forward
-
-    def forward(inp: torch.Tensor) -> torch.Tensor:
-        return orig(m, lay.widen(inp))
-
-    return forward
-
-
-def _bayes_linear_forward(m: nn.Module, lay: _Layout):
-    mu, sigma = m.weight_mu, _sigma(m.weight_log_sigma)
-    b_mu = m.bias_mu if m.bias else None
-    b_sigma = _sigma(m.bias_log_sigma) if m.bias else None
-    sigma2 = sigma * sigma
-    b_sigma2 = None if b_sigma is None else b_sigma * b_sigma
-    n_w = mu.numel()
-
-    def use_lrt(rows_per_sample: int, shared: bool) -> bool:
-        if lay.seeded:  # LRT draws noise per row: per-row seeding needs whole weight sets
-            return False
-        if lay.mode != "auto":
-            return lay.mode == "lrt"
-        return _lrt_cheaper(lay.costs, n_w, m.out_features, rows_per_sample,
-                            lay.tc if shared else 1)
-
-    def sample_weight(t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if lay.seeded:
-            kw = {"dtype": mu.dtype, "device": mu.device}
-
-            def make(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-                w = torch.randn(mu.shape, generator=g, **kw).mul_(sigma).add_(mu)
-                b = None if b_mu is None else torch.randn(b_mu.shape, generator=g, **kw).mul_(b_sigma).add_(b_mu)
-                return w, b
-
-            return lay.sampled(t, make)
-        w = torch.randn_like(mu).mul_(sigma).add_(mu)
-        b = None if b_mu is None else torch.randn_like(b_mu).mul_(b_sigma).add_(b_mu)
-        return w, b
-
-    def forward(inp: torch.Tensor) -> torch.Tensor:
-        shared = lay.shared(inp)
-        tc, nc = lay.tc, lay.nc
-        per_row = inp[0].numel() // m.in_features  # extra (non-batch) leading dims of F.linear
-        if use_lrt(nc * per_row, shared):
-            mean = F.linear(inp, mu, b_mu)
-            std = F.linear(inp * inp, sigma2, b_sigma2).sqrt_()
-            if shared:
-                eps = torch.randn((tc, *mean.shape), dtype=mean.dtype, device=mean.device)
-                return eps.mul_(std).add_(mean).view(tc * nc, *mean.shape[1:])
-            return torch.randn_like(mean).mul_(std).add_(mean)
-        # one weight set per MC sample, shared by that sample's rows (torchbnn's own sampling)
-        out = inp.new_empty((tc, nc, *inp.shape[1:-1], m.out_features))
-        xs = inp if shared else inp.reshape(tc, nc, *inp.shape[1:])
-        for t in range(tc):
-            w, b = sample_weight(t)
-            x_t = xs if shared else xs[t]
-            if x_t.dim() == 2 and b is not None:
-                torch.addmm(b, x_t, w.t(), out=out[t])
-            else:
-                out[t] = F.linear(x_t, w, b)
-        return out.view(tc * nc, *out.shape[2:])
-
-    return forward
-
-
-def _conv(m: nn.Module, inp: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-          groups: int) -> torch.Tensor:
-    """torchbnn's BayesConv2d.conv2d_forward with the weight and bias given."""
-    if m.padding_mode == "circular":
-        pad = ((m.padding[1] + 1) // 2, m.padding[1] // 2, (m.padding[0] + 1) // 2, m.padding[0] // 2)
-        return F.conv2d(F.pad(inp, pad, mode="circular"), w, b, m.stride, 0, m.dilation, groups)
-    return F.conv2d(inp, w, b, m.stride, m.padding, m.dilation, groups)
-
-
-def _bayes_conv_forward(m: nn.Module, lay: _Layout):
-    mu, sigma = m.weight_mu, _sigma(m.weight_log_sigma)
-    b_mu = m.bias_mu if m.bias else None
-    b_sigma = _sigma(m.bias_log_sigma) if m.bias else None
-
-    def forward(inp: torch.Tensor) -> torch.Tensor:
-        shared = lay.shared(inp)
-        tc, nc = lay.tc, lay.nc
-        # one kernel set per MC sample (kernels are shared across positions: LRT is not exact)
-        w = lay.draw(torch.randn, tuple(mu.shape), mu, lambda r: r.mul_(sigma).add_(mu))
-        b = None
-        if b_mu is not None:
-            b = lay.draw(torch.randn, tuple(b_mu.shape), mu, lambda r: r.mul_(b_sigma).add_(b_mu))
-        if shared and m.groups == 1:
-            # all tc kernel sets in one convolution of the shared input
-            y = _conv(m, inp, w.flatten(0, 1), None if b is None else b.flatten(), 1)
-            y = y.view(nc, tc, m.out_channels, *y.shape[2:]).transpose(0, 1)
-            return y.reshape(tc * nc, m.out_channels, *y.shape[3:])
-        # sample-specific inputs: one grouped convolution, sample t's channels meet kernel set t
-        x = lay.widen(inp)
-        x = x.view(tc, nc, *x.shape[1:]).transpose(0, 1).reshape(nc, tc * x.shape[1], *x.shape[2:])
-        y = _conv(m, x, w.flatten(0, 1), None if b is None else b.flatten(), tc * m.groups)
-        y = y.view(nc, tc, m.out_channels, *y.shape[2:]).transpose(0, 1)
-        return y.reshape(tc * nc, m.out_channels, *y.shape[3:])
-
-    return forward
-
-
-def _bayes_bn_forward(m: nn.Module, lay: _Layout):
-    w_sigma, b_sigma = _sigma(m.weight_log_sigma), _sigma(m.bias_log_sigma)
-
-    def forward(inp: torch.Tensor) -> torch.Tensor:
-        x = lay.widen(inp)
-        m._check_input_dim(x)
-        y = F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
-        tc = lay.tc
-        shape = (tc, 1, m.num_features) + (1,) * (y.dim() - 2)
-        w = lay.draw(torch.randn, (m.num_features,), y, lambda r: r.mul_(w_sigma).add_(m.weight_mu)).view(shape)
-        b = lay.draw(torch.randn, (m.num_features,), y, lambda r: r.mul_(b_sigma).add_(m.bias_mu)).view(shape)
-        yv = y.view(tc, -1, *y.shape[1:])
-        return yv.mul_(w).add_(b).view_as(y)
-
-    return forward
-
-
-@contextmanager
-def _patched(model: nn.Module, lay: _Layout) -> Iterator[None]:
-    """Give stochastic modules a forward that understands the engine's row layout."""
-    patched: list[tuple[nn.Module, object]] = []
-    try:
-        for m in model.modules():
-            if not _is_stochastic(m):
-                continue
-            if isinstance(m, _BAYES_LINEAR):
-                fwd = _bayes_linear_forward(m, lay)
-            elif isinstance(m, _BAYES_CONV):
-                fwd = _bayes_conv_forward(m, lay)
-            elif isinstance(m, _BAYES_BN):
-                fwd = _bayes_bn_forward(m, lay)
-            elif type(m) is nn.Dropout:
-                fwd = _dropout_forward(m, lay)
-            else:
-                fwd = _generic_dropout_forward(m, lay)
-            patched.append((m, m.__dict__.get("forward")))
-            m.__dict__["forward"] = fwd  # instance attribute shadows the class's forward
-        yield
-    finally:
-        for m, prev in patched:
-            if prev is None:
-                del m.__dict__["forward"]
-            else:
-                m.__dict__["forward"] = prev
 
 
 def _run_batched(model: nn.Module, x: torch.Tensor, samples: int, plan: Plan,
@@ -268,10 +93,7 @@ def _run_batched(model: nn.Module, x: torch.Tensor, samples: int, plan: Plan,
                               [cache.get(k) for k in keys] if cache is not None else [None] * tc)
                 logits = model(lay.widen(xc) if eager else xc)
                 if cache is not None:  # only a forward call that completed records its draws
-                    for i, key in enumerate(keys):
-                        tape = lay.recorded(i)
-                        if tape:
-                            cache.put(key, tape)
+                    cache.put_all([(key, lay.recorded(i)) for i, key in enumerate(keys)])
                 if logits.shape[0] == nc and tc > 1:  # nothing stochastic was reached
                     logits = logits.unsqueeze(0).expand(tc, *logits.shape)
                 else:
@@ -322,10 +144,10 @@ def mc_log_probs(model: nn.Module, x: torch.Tensor, samples: int, *, strategy: s
     docstring); every strategy draws from the same per-example predictive distribution.
     ``chunk_size`` bounds the rows (MC samples x examples) of one forward call; by default it
     comes from a memory model. ``generator`` makes the draws reproducible. ``row_seed`` makes each
-    row's answer its own: MC sample t uses the same dropout masks and weights for every row, drawn
-    from a generator seeded by (row_seed, t), so a row gets the same answer alone or in any batch, at
-    any position (LRT is not used; the loop strategy and dropout types other than ``nn.Dropout``
-    still draw per row). ``cache`` (with ``row_seed``) keeps those per-sample draws for the next call
+    row's answer its own: MC sample t uses the same dropout masks and Bayesian noise (a noise vector
+    per ``BayesLinear``, whole weight sets under ``"repeat"``) for every row, drawn from a generator
+    seeded by (row_seed, t), so a row gets the same answer alone or in any batch, at any position
+    (the loop strategy and dropout types other than ``nn.Dropout`` still draw per row). ``cache`` (with ``row_seed``) keeps those per-sample draws for the next call
     with the same seed and input shape (see :class:`SampleCache`). ``deterministic=True`` declares
     that one pass is every sample: the result is then that pass expanded T times (a view). Without
     it, a model the engine finds nothing stochastic in is run T times (see :func:`mc_plan`). The
