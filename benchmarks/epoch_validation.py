@@ -1,6 +1,6 @@
 """Per-epoch cost of the training loop's validation on images, against a bare optimizer loop.
 
-scikit-learn's 1,797 real 8x8 digits read at 28x28 (1,167 training and 270 validation images, the
+scikit-learn's 1,797 real 8x8 digits read at 28x28 (897 training and 270 validation images, the
 image CNN defaults of ``data=image_folder``): ``train_model`` runs a few epochs with each per-epoch
 validation setting (``train.val_mc_samples``), and a bare loop runs the same optimizer steps on the
 same model (forward, backward, step; no validation, no bookkeeping). Both run in this process,
