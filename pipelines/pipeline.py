@@ -16,7 +16,7 @@ from components.images import CPU_IMAGE
 from components.preprocess import preprocess
 from components.train import train
 from dl_uncertainty.config.compose import without_keys
-from dl_uncertainty.config.parameters import TYPED, TYPED_KEYS, typed_values
+from dl_uncertainty.config.parameters import TYPED, TYPED_KEYS, typed_defaults
 
 PIPELINE_NAME = "uncertainty-pipeline"
 
@@ -101,12 +101,13 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
             predictions=dsl.Collected(evaluated.outputs["predictions"]))).set_display_name("compare")
 
     # The signature KFP reads: the run's models, data and store, then one typed parameter per row of
-    # dl_uncertainty.config.parameters.TYPED, each with its default from the configs.
+    # dl_uncertainty.config.parameters.TYPED, each with its default from the configs (0 where they derive it
+    # from the run's data: config.parameters.FROM_CONFIGS).
     param = inspect.Parameter
     signature = inspect.Signature([
         param("models", param.POSITIONAL_OR_KEYWORD, annotation=list, default=list(p.models)),
         *(param(name, param.POSITIONAL_OR_KEYWORD, annotation=kind, default=default)
-          for (name, _, kind), default in zip(TYPED, typed_values(cfg).values(), strict=True)),
+          for (name, _, kind), default in zip(TYPED, typed_defaults(cfg).values(), strict=True)),
         param("data_source", param.POSITIONAL_OR_KEYWORD, annotation=str, default=str(cfg.data.path or cfg.data.source)),
         param("mlflow_tracking_uri", param.POSITIONAL_OR_KEYWORD, annotation=str, default=""),
         param("overrides", param.POSITIONAL_OR_KEYWORD, annotation=list, default=other_overrides),

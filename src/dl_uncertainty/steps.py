@@ -11,9 +11,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 
-def evaluate_and_log(model: nn.Module, cfg: DictConfig, splits: dict, calibration, run_id: str):
+def evaluate_and_log(model: nn.Module, cfg: DictConfig, splits: dict, calibration, run_id: str,
+                     predictions_path: str | None = None):
     """Evaluate ``model`` on ``splits`` (test, ood, val, calib) and log everything to MLflow run
-    ``run_id``, whatever experiment it is in."""
+    ``run_id``, whatever experiment it is in (``predictions_path``: predictions.npz written there too)."""
     import mlflow
 
     from dl_uncertainty.reports.evaluation import evaluate_model
@@ -25,13 +26,14 @@ def evaluate_and_log(model: nn.Module, cfg: DictConfig, splits: dict, calibratio
     store.setup(cfg)
     mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id):
-        tracking.log_evaluation(evaluation)
+        tracking.log_evaluation(evaluation, predictions_path)
     return evaluation
 
 
-def evaluate_bundle(bundle: str, val: str, calib: str, test: str, ood: str):
+def evaluate_bundle(bundle: str, val: str, calib: str, test: str, ood: str, predictions_path: str | None = None):
     """The pipeline's evaluate step: the model bundle and split files in, the logged evaluation out,
-    with its confusion matrix and the record the compare step reads."""
+    with its confusion matrix and the record the compare step reads; the predictions also go to
+    ``predictions_path``."""
     from sklearn.metrics import confusion_matrix
 
     from dl_uncertainty.data.splits import load_split
@@ -43,7 +45,7 @@ def evaluate_bundle(bundle: str, val: str, calib: str, test: str, ood: str):
     splits = {"val": load_split(val, expect=schema, mmap=True), "calib": load_split(calib, expect=schema, mmap=True),
               "test": load_split(test, expect=schema, mmap=True), "ood": load_split(ood, mmap=True)}
     calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
-    evaluation = evaluate_and_log(net, cfg, splits, calibration, meta["run_id"])
+    evaluation = evaluate_and_log(net, cfg, splits, calibration, meta["run_id"], predictions_path)
     matrix = confusion_matrix(evaluation.predictions["labels"], evaluation.predictions["probs"].argmax(1),
                               labels=list(range(len(schema.class_names))))
     record = {"model": cfg.model.name, "seed": cfg.seed, "run_id": meta["run_id"], "metrics": evaluation.metrics,

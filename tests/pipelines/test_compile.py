@@ -178,3 +178,17 @@ def test_seeds_make_the_parallel_for_cover_every_family_times_every_seed(tmp_pat
 def test_the_default_is_one_seed_per_family(compiled):
     _, spec, _ = compiled
     assert spec["root"]["inputDefinitions"]["parameters"]["seeds"]["defaultValue"] == 1
+
+
+def test_the_data_recipe_sets_epochs_unless_the_compile_overrides_do(tmp_path):
+    from dl_uncertainty.config.compose import with_typed
+    from dl_uncertainty.config.parameters import TYPED, typed_overrides
+
+    spec = next(yaml.safe_load_all(compile_pipeline(["data=mnist"], tmp_path / "p.yaml").read_text()))
+    params = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    params.update({name: kind(params[name]) for name, _, kind in TYPED})  # the YAML writes integers as 50.0
+    assert params["epochs"] == 0  # not digits' 60 baked in: the configs decide when the run composes them
+    assert params["overrides"] == ["data=mnist"]
+    run = load_config(with_typed(typed_overrides(params), params["overrides"]))  # what the configure step composes
+    assert run.train.epochs == load_config(["data=mnist"]).data.recipe.train.epochs == 20
+    assert load_config(with_typed(typed_overrides({**params, "epochs": 7}), params["overrides"])).train.epochs == 7

@@ -4,9 +4,12 @@ import pytest
 import torch
 import torchbnn
 
+from dl_uncertainty.config.compose import load_config
+from dl_uncertainty.errors import UserError
 from dl_uncertainty.families.base import build_model as get_model
 from dl_uncertainty.families.bnn import kl_divergence
-from dl_uncertainty.training.loop import kl_scale, loss_terms, train_model
+from dl_uncertainty.training.loop import kl_scale, loss_terms, train_model, val_log_probs
+from dl_uncertainty.uncertainty import metrics
 
 
 @pytest.mark.parametrize("model", ["bnn", "mc_dropout_dnn"])
@@ -161,3 +164,24 @@ def test_mc_dropout_cnn_and_bnn_cnn_build_for_images(tiny_cfg, digits_splits):
         cfg = tiny_cfg(f"model={name}", "model.arch=cnn")
         model = get_model(cfg.model, [1, 8, 8], 8)
         assert model(x).shape == (4, 8)
+
+
+def test_per_epoch_validation_defaults_to_one_point_estimate_pass(tiny_cfg, digits_splits):
+    val = digits_splits["val"]
+    cfg = tiny_cfg("model=mc_dropout_dnn", "train.epochs=3", "train.val_mc_samples=0")
+    result = train_model(cfg, digits_splits["train"], val)
+    net = result.model.eval()
+    with torch.no_grad():
+        point = torch.log_softmax(net(torch.as_tensor(val.x)), -1)[None]
+    assert torch.allclose(val_log_probs(result.model, val.x, 0), point, atol=1e-6)
+    assert result.best["val_nll"] == pytest.approx(metrics.nll(point, val.y), rel=1e-5)
+    assert load_config([]).train.val_mc_samples == 0  # the documented default
+
+
+def test_per_epoch_validation_samples_an_ensemble_by_its_members_and_refuses_negative_counts(tiny_cfg, digits_splits):
+    schema = digits_splits["val"].schema
+    model = get_model(tiny_cfg("model=deep_ensemble", "model.ensemble_size=3").model, schema.feature_shape,
+                      len(schema.class_names))
+    assert val_log_probs(model, digits_splits["val"].x[:5], 0).shape == (3, 5, len(schema.class_names))
+    with pytest.raises(UserError, match="train.val_mc_samples must be >= 0"):
+        tiny_cfg("train.val_mc_samples=-1")

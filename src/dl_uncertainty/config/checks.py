@@ -171,7 +171,7 @@ def validate(cfg: DictConfig, family_types: bool = True) -> None:
     _check(t.cutmix_prob == 0 or bool(d.image_shape) or d.source in IMAGE_SOURCES or m.arch != "mlp",
            "train.cutmix_prob > 0 needs image data: set data.image_shape (or model.arch=cnn on images), "
            "or use train.mixup_prob")
-    _check(t.val_mc_samples >= 1, f"train.val_mc_samples must be >= 1, got {t.val_mc_samples}")
+    _check(t.val_mc_samples >= 0, f"train.val_mc_samples must be >= 0, got {t.val_mc_samples}")
     _check(e.mc_samples >= 1, f"evaluate.mc_samples must be >= 1, got {e.mc_samples}")
     _one_of(e.strategy, "evaluate.strategy", ("auto", "loop", "repeat", "lrt"))
     _one_of(e.winner_mode, "evaluate.winner_mode", ("min", "max"))

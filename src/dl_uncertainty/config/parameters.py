@@ -16,6 +16,11 @@ TYPED = (  # parameter name, the config key it sets, its type
     ("experiment_name", "experiment_name", str),
 )
 TYPED_KEYS = [key for _, key, _ in TYPED]
+# Typed parameters a run may leave to the configs, and the value that says so (one the checks refuse):
+# a compiled pipeline's default where the configs derive the key from another choice, as train.epochs
+# from the data config's recipe, so the run's data decides (20 for an image recipe) and not the data the
+# pipeline was compiled with.
+FROM_CONFIGS = {"epochs": 0, "learning_rate": 0.0, "mc_samples": 0}
 
 
 def typed_values(cfg: DictConfig) -> dict[str, Any]:
@@ -23,6 +28,20 @@ def typed_values(cfg: DictConfig) -> dict[str, Any]:
     return {name: kind(OmegaConf.select(cfg, key)) for name, key, kind in TYPED}
 
 
+def typed_defaults(cfg: DictConfig) -> dict[str, Any]:
+    """The compiled pipeline's defaults: each typed parameter's value in ``cfg``, but ``FROM_CONFIGS``'s
+    value where ``cfg`` derives the key (an interpolation no override replaced)."""
+    values = typed_values(cfg)
+    for name, key, _ in TYPED:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if name in FROM_CONFIGS and OmegaConf.is_interpolation(node, leaf):
+            values[name] = FROM_CONFIGS[name]
+    return values
+
+
 def typed_overrides(values: dict[str, Any]) -> list[str]:
-    """The overrides a run's typed parameter values stand for (``values`` may hold other names too)."""
-    return [f"{key}={values[name]}" for name, key, _ in TYPED]
+    """The overrides a run's typed parameter values stand for (``values`` may hold other names too);
+    a parameter left at its ``FROM_CONFIGS`` value stands for none."""
+    return [f"{key}={values[name]}" for name, key, _ in TYPED
+            if name not in FROM_CONFIGS or values[name] != FROM_CONFIGS[name]]

@@ -94,7 +94,7 @@ class TrainConfig:
     mixup_alpha: float = 0.2  # mixup: Beta(a, a) mixing weight of two examples
     cutmix_prob: float = 0.0  # share of batches cutmixed (images only), never the same as mixup's; 0 = off
     cutmix_alpha: float = 1.0  # cutmix: Beta(a, a) share of an image kept when pasting a box of another
-    val_mc_samples: int = 10
+    val_mc_samples: int = 0
     checkpoint_dir: str | None = None  # default: checkpoints/<model name>
     resume: bool = False
     checkpoint_every_s: float = 10.0  # at most one checkpoint per this many seconds, and the last epoch's

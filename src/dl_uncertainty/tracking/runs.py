@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 import warnings
@@ -170,8 +171,9 @@ def log_model(model: nn.Module, cfg: DictConfig, schema: Schema, example: pd.Dat
     return info.model_uri
 
 
-def log_evaluation(evaluation) -> None:
-    """Metrics, figures, the HTML report and predictions.npz into the active run."""
+def log_evaluation(evaluation, predictions_path: str | Path | None = None) -> None:
+    """Metrics, figures, the HTML report and predictions.npz into the active run (``predictions_path``:
+    also a copy there, so that the compressed file is written once)."""
     from dl_uncertainty.reports.evaluation import html, save_predictions
     from dl_uncertainty.reports.render import figure_png
 
@@ -194,6 +196,8 @@ def log_evaluation(evaluation) -> None:
         path = Path(tmp) / "predictions.npz"
         save_predictions(evaluation, path)
         mlflow.log_artifact(str(path), "predictions")
+        if predictions_path is not None:
+            shutil.copyfile(path, predictions_path)
 
 
 def load_logged_model(run_id: str) -> UncertaintyModel:

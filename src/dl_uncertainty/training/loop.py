@@ -39,6 +39,7 @@ from dl_uncertainty.training.schedule import make_scheduler, step_groups
 from dl_uncertainty.uncertainty import metrics
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+VAL_BATCH = 1024  # validation rows per forward pass
 
 
 @dataclass
@@ -116,9 +117,22 @@ def loss_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConf
     return family_of(model).loss_terms(model, x, y, cfg, kl_w, mix)
 
 
+def val_log_probs(model: nn.Module, x, samples: int) -> torch.Tensor:
+    """Log-probabilities ``[T, N, K]`` for per-epoch validation: ``samples`` MC draws, or with 0 the
+    point estimate, one eval-mode pass per network (no dropout, a BNN's posterior mean, each
+    ensemble member: its members are its samples either way)."""
+    if samples > 0:
+        return predict_log_probs(model, x, samples)
+    family, device = family_of(model), next(model.parameters()).device
+    chunks = [torch.log_softmax(family.logits(model, torch.as_tensor(np.array(x[i : i + VAL_BATCH], np.float32),
+                                                                      device=device)), -1).float().cpu()
+              for i in range(0, max(len(x), 1), VAL_BATCH)]
+    return torch.cat(chunks, dim=1)
+
+
 def evaluate_split(model: nn.Module, split: Split, samples: int) -> dict[str, float]:
-    """MC-averaged NLL and accuracy on a split."""
-    log_probs = predict_log_probs(model, split.x, samples)
+    """NLL and accuracy on a split (MC-averaged over ``samples`` draws; 0: the point estimate)."""
+    log_probs = val_log_probs(model, split.x, samples)
     return {"nll": metrics.nll(log_probs, split.y), "acc": metrics.accuracy(log_probs, split.y)}
 
 

@@ -284,10 +284,10 @@ def objective_values(cfg: DictConfig, result, val) -> dict[str, float]:
     """Every objective of a trained trial: the best epoch's val NLL/accuracy, the best model's val ECE."""
     values = {"val_nll": result.best["val_nll"], "val_acc": result.best["val_acc"]}
     if "val_ece" in cfg.tune.objectives:
-        from dl_uncertainty.families.predict import predict_log_probs
+        from dl_uncertainty.training.loop import val_log_probs
         from dl_uncertainty.uncertainty import metrics
 
-        values["val_ece"] = metrics.ece(predict_log_probs(result.model, val.x, cfg.train.val_mc_samples), val.y)
+        values["val_ece"] = metrics.ece(val_log_probs(result.model, val.x, cfg.train.val_mc_samples), val.y)
     return values
 
 

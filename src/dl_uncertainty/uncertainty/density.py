@@ -113,8 +113,13 @@ class ClassGaussianDensity:
         if getattr(self, "_whiten_of", None) is not self.chol:  # L^-1 once per fit: a served row costs a matmul
             self._whiten, self._whiten_of = np.linalg.inv(self.chol), self.chol
         out = np.empty((len(x), len(self.means)))
+        if len(self._whiten) == 1:  # shared covariance: whiten the rows once, not once per class
+            z, centres = x @ self._whiten[0].T, self.means @ self._whiten[0].T
+            for c, centre in enumerate(centres):
+                out[:, c] = np.square(z - centre).sum(axis=1)
+            return out
         for c, mean in enumerate(self.means):
-            z = (x - mean) @ self._whiten[c if len(self._whiten) > 1 else 0].T
+            z = (x - mean) @ self._whiten[c].T
             out[:, c] = (z * z).sum(axis=1)
         return out
 
