@@ -32,6 +32,19 @@ def _check_bundled(given: DictConfig, trained: DictConfig, run_id: str) -> None:
                         f"`python -m dl_uncertainty.train {' '.join(changed)}` (or `make run OVERRIDES=...`)")
 
 
+def _check_calibration_split(run, run_id: str) -> None:
+    """A run trained before the calibration split existed fitted its temperature, conformal and abstain
+    thresholds on validation, which now picks and gates models: refused, rather than evaluated on a
+    split layout it was not trained with."""
+    params = run.data.params
+    if "data.calib_fraction" in params:
+        return
+    model = params.get("model.name") or run.data.tags.get("model_type") or "<family>"
+    raise UserError(f"run {run_id} was trained before the calibration split existed (it has no data.calib_fraction "
+                    "param): its calibration and abstain thresholds were fitted on validation; retrain it with "
+                    f"`python -m dl_uncertainty.train model={model}` (or `make run`) and evaluate the new run")
+
+
 def evaluate_run(cfg: DictConfig):
     """Evaluate run ``cfg.run_id``'s model on the data it was trained on, log to that run."""
     import mlflow
@@ -46,9 +59,10 @@ def evaluate_run(cfg: DictConfig):
         raise UserError("set run_id=<MLflow run id> (printed by dl_uncertainty.train, or see `make mlflow-ui`)")
     store.setup(cfg)
     try:
-        mlflow.get_run(cfg.run_id)
+        run = mlflow.get_run(cfg.run_id)
     except mlflow.exceptions.MlflowException:
         raise UserError(f"no MLflow run {cfg.run_id} at {store.tracking_uri(cfg)}") from None
+    _check_calibration_split(run, cfg.run_id)
     logged = tracking.load_logged_model(cfg.run_id)
     _check_bundled(cfg.evaluate, logged.cfg.evaluate, cfg.run_id)
     run_cfg = logged.cfg.copy()

@@ -129,7 +129,9 @@ def test_evaluate_outputs_and_predictions_recompute_every_reported_number(chain)
         sets = 1 - np.exp(calibrated) <= scores[rank - 1] + 1e-12
         np.testing.assert_array_equal(p["prediction_sets"], sets)
         coverage = sets[np.arange(len(p["labels"])), p["labels"]].mean()
-        val = M.summarize(p["val_log_probs"], p["val_labels"], p["ood_log_probs"])
+        # the gate reads one half of the OOD rows, the test report the other
+        assert p["ood_gate_log_probs"].shape[1] + p["ood_log_probs"].shape[1] == len(np.load(chain["splits"]["ood"].path)["y"])
+        val = M.summarize(p["val_log_probs"], p["val_labels"], p["ood_gate_log_probs"])
         val_calibrated = np.exp(M.mean_log_probs(M.apply_temperature(p["val_log_probs"], temperature)))
         val_sets = 1 - val_calibrated <= scores[rank - 1] + 1e-12
         val_coverage = val_sets[np.arange(len(p["val_labels"])), p["val_labels"]].mean()
@@ -239,10 +241,10 @@ def test_gate_fails_a_missing_metric_and_names_the_one_it_may_skip():
         "validation conformal coverage was not measured (val_coverage missing)"]
     no_ood = {"val_ece_ts": 0.01, "val_coverage": 0.9}
     assert gate_failures(no_ood, gate, 0.1) == []
-    assert gate_skipped(no_ood, gate) == ["OOD AUROC (entropy, validation vs OOD) not checked (no OOD split)"]
+    assert gate_skipped(no_ood, gate) == ["OOD AUROC (entropy, validation vs the OOD gate half) not checked (no OOD split)"]
     assert gate_skipped({**no_ood, "val_auroc_entropy": 0.9}, gate) == []
     assert gate_verdict("bnn", [], gate_skipped(no_ood, gate)) == (
-        "bnn passes the champion gate (OOD AUROC (entropy, validation vs OOD) not checked (no OOD split)) and becomes champion.")
+        "bnn passes the champion gate (OOD AUROC (entropy, validation vs the OOD gate half) not checked (no OOD split)) and becomes champion.")
 
 
 def test_gate_coverage_follows_alpha():
