@@ -18,7 +18,7 @@ from dl_uncertainty.uncertainty import metrics as M
 from tests.conftest import LOOSE_GATE, TINY
 
 NAME = "dl-uncertainty-digits-1x8x8"  # the registered model of digits: data source and input shape
-PARAMS = dict(epochs=3, learning_rate=0.001, mc_samples=8, seed=3, seeds=1, data_source="digits",
+PARAMS = dict(epochs=3, learning_rate=0.001, mc_samples=8, seed=3, seeds=1, folds=0, data_source="digits",
               experiment_name="component-test", mlflow_tracking_uri="")
 
 
@@ -43,8 +43,8 @@ def chain(tmp_path_factory):
     out["evaluated"] = {}
     for name in ("bnn", "mc_dropout_dnn"):
         model = art(dsl.Model, tmp, f"model-{name}")
-        train.python_func(config=out["config"], model_name=name, seed=PARAMS["seed"], train=splits["train"],
-                          val=splits["val"], calib=splits["calib"], model=model)
+        train.python_func(config=out["config"], model_name=name, seed=PARAMS["seed"], fold=-1, train=splits["train"],
+                          val=splits["val"], calib=splits["calib"], model=model, val_rows=art(dsl.Dataset, tmp, f"val-{name}"))
         outputs = {k: art(cls, tmp, f"{k}-{name}") for k, cls in (
             ("metrics", dsl.Metrics), ("confusion", dsl.ClassificationMetrics), ("report", dsl.HTML),
             ("predictions", dsl.Dataset))}
@@ -277,8 +277,9 @@ def test_train_on_a_corrupt_dataset_artifact_fails_clearly(chain, tmp_path):
     bad = art(dsl.Dataset, tmp_path, "train")
     (tmp_path / "train").write_bytes(b"\x00garbage")
     with pytest.raises(UserError, match="is not a dataset"):
-        train.python_func(config=chain["config"], model_name="bnn", seed=3, train=bad, val=chain["splits"]["val"],
-                          calib=chain["splits"]["calib"], model=art(dsl.Model, tmp_path, "m"))
+        train.python_func(config=chain["config"], model_name="bnn", seed=3, fold=-1, train=bad, val=chain["splits"]["val"],
+                          calib=chain["splits"]["calib"], model=art(dsl.Model, tmp_path, "m"),
+                          val_rows=art(dsl.Dataset, tmp_path, "v"))
 
 
 def test_the_components_run_as_kfp_local_tasks(tmp_path, monkeypatch):
@@ -298,7 +299,7 @@ def test_the_components_run_as_kfp_local_tasks(tmp_path, monkeypatch):
         config = configure(models=["mc_dropout_dnn"], overrides=without_keys(TINY, ["train.epochs"]),
                            **{**PARAMS, "epochs": 1})
         data = preprocess(config=config.outputs["config"])
-        model = train(config=config.outputs["config"], model_name="mc_dropout_dnn", seed=3, train=data.outputs["train"],
+        model = train(config=config.outputs["config"], model_name="mc_dropout_dnn", seed=3, fold=-1, train=data.outputs["train"],
                       val=data.outputs["val"], calib=data.outputs["calib"])
         return evaluate(model=model.outputs["model"], val=data.outputs["val"], calib=data.outputs["calib"],
                         test=data.outputs["test"],
