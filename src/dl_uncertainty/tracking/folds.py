@@ -63,16 +63,16 @@ def cross_validation(entries: list[dict]) -> dict[str, dict]:
 
 def cv_markdown(found: dict[str, dict]) -> str:
     """The cross-validation section of the comparison: four rows per family."""
+    def row(name: str, what: str, n, values: dict) -> dict:
+        return {"model": name, "scored on": what, "rows": n,
+                **{k: (v.cell() if isinstance(v, Spread) else format_value(v)) for k, v in values.items()}}
+
     rows = []
     for name, cv in found.items():
-        def row(what: str, n, values: dict) -> dict:
-            return {"model": name, "scored on": what, "rows": n,
-                    **{k: (v.cell() if isinstance(v, Spread) else format_value(v)) for k, v in values.items()}}
-
-        rows += [row("out of fold, pooled", cv["rows"], cv["out_of_fold"]),
-                 row("each fold (mean ± std)", f"~{cv['rows'] // cv['folds']}", cv["per_fold"]),
-                 row(f"test, the {cv['folds']} fold models as one ensemble", cv["test_rows"], cv["ensemble"]),
-                 row("test, one fold model (mean ± std)", cv["test_rows"], cv["single"])]
+        rows += [row(name, "out of fold, pooled", cv["rows"], cv["out_of_fold"]),
+                 row(name, "each fold (mean ± std)", f"~{cv['rows'] // cv['folds']}", cv["per_fold"]),
+                 row(name, f"test, the {cv['folds']} fold models as one ensemble", cv["test_rows"], cv["ensemble"]),
+                 row(name, "test, one fold model (mean ± std)", cv["test_rows"], cv["single"])]
     columns = list(dict.fromkeys(k for r in rows for k in r))
     table = markdown_table([{c: r.get(c, "-") for c in columns} for r in rows])
     folds = max(cv["folds"] for cv in found.values())
