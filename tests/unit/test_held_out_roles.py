@@ -52,10 +52,10 @@ def test_the_density_threshold_is_fitted_on_the_calibration_split(tiny_cfg, digi
 
 
 def test_evaluating_a_run_from_before_the_calibration_split_says_what_is_missing(tmp_path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run() as run:  # what such a run logged: its config, without data.calib_fraction
-        mlflow.log_params({"model.name": "bnn", "data.val_fraction": 0.15, "data.test_fraction": 0.2})
-    mlflow.set_tracking_uri("")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("before-calib"))
+    for key, value in {"model.name": "bnn", "data.val_fraction": 0.15, "data.test_fraction": 0.2}.items():
+        client.log_param(run.info.run_id, key, value)  # what such a run logged: its config, without data.calib_fraction
     proc = run_module("dl_uncertainty.evaluate", f"run_id={run.info.run_id}", cwd=tmp_path, timeout=120)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
