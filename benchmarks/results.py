@@ -127,6 +127,8 @@ def coverage_table(records: list[dict]) -> str:
     inside_all = []
     for name, runs in S.by_family(records).items():
         m = runs[0]["metrics"]
+        if "calibration_examples" not in m:  # evaluated without a calibration: no sets
+            continue
         alpha, n = m.get("alpha", 0.1), int(m["calibration_examples"])
         tests = runs[0].get("test_rows")
         for method in ("lac", "aps", "raps"):
