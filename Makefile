@@ -18,6 +18,7 @@ VERBOSE ?=
 MODELS ?= bnn,mc_dropout_dnn,deep_ensemble
 TUNE_MODELS ?= bnn,mc_dropout_dnn
 SEEDS ?=
+FOLDS ?=
 # torch comes first and alone: a wheel already on this machine (pip's find-links) wins, else this
 # index. The CPU build is what a laptop wants; PyPI's default torch is a multi-GB CUDA build.
 # On a GPU machine: TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
@@ -54,8 +55,8 @@ lint: $(INSTALLED) ## ruff on the whole tree; the core's shape: no import cycle,
 	$(VENV)/bin/ruff check src components pipelines tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_layout.py
 
-run: $(INSTALLED) ## run the whole pipeline locally (kfp.local); SEEDS=3: every family with 3 model seeds; RUNNER=docker: every task in the image; VERBOSE=1: every task's log
-	@$(WITH_STACK) $(PY) -m pipelines run-local --runner $(RUNNER) $(if $(VERBOSE),--verbose) $(OVERRIDES) $(if $(SEEDS),pipeline.seeds=$(SEEDS))
+run: $(INSTALLED) ## run the whole pipeline locally (kfp.local); SEEDS=3: every family with 3 model seeds; FOLDS=5: 5-fold cross-validation; RUNNER=docker: every task in the image; VERBOSE=1: every task's log
+	@$(WITH_STACK) $(PY) -m pipelines run-local --runner $(RUNNER) $(if $(VERBOSE),--verbose) $(OVERRIDES) $(if $(SEEDS),pipeline.seeds=$(SEEDS)) $(if $(FOLDS),pipeline.folds=$(FOLDS))
 
 results: $(INSTALLED) ## regenerate the results tables in README.md and BENCHMARKS.md (3 seeds on digits, a few minutes)
 	$(PY) benchmarks/results.py

@@ -109,7 +109,40 @@ def tables(records: list[dict], winner_metric: str, winner_mode: str, note: str)
                      f"{p.wins} of {p.n} | {verdict} |")
     seeds = (f"{note}\n\nEvery seed's run ({winner_metric} picks the winner; lead = the rival's "
              f"{winner_metric} minus the winner's, per seed):\n\n" + "\n".join(per_seed) + "\n\n" + "\n".join(leads))
-    return {"comparison": comparison, "seeds": seeds}
+    return {"comparison": comparison, "seeds": seeds, "coverage": coverage_table(records)}
+
+
+def coverage_table(records: list[dict]) -> str:
+    """Test coverage of every family's LAC/APS/RAPS sets (thresholds fitted on the calibration split),
+    averaged over seeds, against split conformal's band [1 - alpha, 1 - alpha + 1/(n+1)] widened by
+    2 standard errors. One split serves every seed, so averaging seeds does not average out the
+    calibration draw: the standard error is one split's, sqrt(alpha (1 - alpha) / (n + 2) + c (1 - c) / m)
+    (the spread of the calibrated coverage, a Beta law, plus the m test rows' binomial noise)."""
+    import math
+
+    from dl_uncertainty.uncertainty.conformal import coverage_band
+
+    rows = ["| model | method | coverage (mean over seeds) | per seed | band ± 2 SE | inside |",
+            "|---|---|---:|---|---|---|"]
+    inside_all = []
+    for name, runs in S.by_family(records).items():
+        m = runs[0]["metrics"]
+        if "calibration_examples" not in m:  # evaluated without a calibration: no sets
+            continue
+        alpha, n = m.get("alpha", 0.1), int(m["calibration_examples"])
+        tests = runs[0].get("test_rows")
+        for method in ("lac", "aps", "raps"):
+            values = [r["metrics"][f"coverage_{method}"] for r in runs if f"coverage_{method}" in r["metrics"]]
+            if not values:
+                continue
+            c = sum(values) / len(values)
+            low, high = coverage_band(alpha, n)
+            se = math.sqrt(alpha * (1 - alpha) / (n + 2) + (c * (1 - c) / tests if tests else 0.0))
+            inside = low - 2 * se <= c <= high + 2 * se
+            inside_all.append(inside)
+            rows.append(f"| `{name}` | {method.upper()} | {c:.3f} | {', '.join(f'{v:.3f}' for v in values)} | "
+                        f"[{low - 2 * se:.3f}, {high + 2 * se:.3f}] | {'yes' if inside else '**no**'} |")
+    return "\n".join(rows) + f"\n\n{sum(inside_all)} of {len(inside_all)} inside the band."
 
 
 def pick(means: dict[str, dict[str, float]], metric: str) -> str | None:
@@ -123,7 +156,16 @@ def pick(means: dict[str, dict[str, float]], metric: str) -> str | None:
 
 
 def records_of(run_dir: Path) -> list[dict]:
-    found = [json.loads(p.read_text()) for p in sorted(run_dir.rglob("evaluate/metrics")) if p.is_file()]
+    """Every evaluate record of a run, with ``test_rows``, its test split's size, from its predictions."""
+    import numpy as np
+
+    found = []
+    for path in sorted(run_dir.rglob("evaluate/metrics")):
+        if path.is_file():
+            found.append(json.loads(path.read_text()))
+            if (path.parent / "predictions").is_file():
+                with np.load(path.parent / "predictions") as npz:
+                    found[-1]["test_rows"] = len(npz["labels"])
     if not found:
         raise SystemExit(f"no evaluate records under {run_dir}")
     return found

@@ -13,6 +13,7 @@ def configure(
     mc_samples: int,
     seed: int,
     seeds: int,
+    folds: int,
     data_source: str,
     experiment_name: str,
     mlflow_tracking_uri: str,
@@ -23,8 +24,8 @@ def configure(
 
     An artifact, not a string output: kfp.local (2.17.0) hands a ParallelFor task the loop item in
     place of any upstream *parameter* output, while artifacts arrive intact. Returns the branches,
-    ``[{"model": ..., "seed": ...}]`` (every model x ``seeds`` model seeds), which only the
-    ParallelFor reads.
+    ``[{"model": ..., "seed": ..., "fold": ...}]`` (every model x ``seeds`` model seeds, or x ``folds``
+    folds with K-fold cross-validation; fold -1: none), which only the ParallelFor reads.
     """
     from dl_uncertainty.config.compose import (
         branches,
@@ -40,4 +41,4 @@ def configure(
     with open(config.path, "w") as fh:
         fh.write(model_configs(list(models), with_typed(typed, list(overrides))))
     config.metadata["models"] = list(models)
-    return branches(list(models), seeds, seed)
+    return branches(list(models), seeds, seed, folds)

@@ -16,6 +16,7 @@ def preprocess(
 ):
     """Load, clean and split the data; write the five splits (train, val, calib, test, ood) and the EDA report."""
     from dl_uncertainty.config.compose import pick_config
+    from dl_uncertainty.data.folds import check_folds, pooled_labels
     from dl_uncertainty.data.splits import dropped_rows_line, save_split
     from dl_uncertainty.data.tables import prepare as prepare_splits
     from dl_uncertainty.reports.eda import eda_html
@@ -24,6 +25,7 @@ def preprocess(
     cfg = pick_config(open(config.path).read())
     splits = prepare_splits(cfg.data, cfg.seed)
     check_alpha(len(splits["calib"].y), cfg.evaluate.alpha)
+    check_folds(pooled_labels(splits["train"], splits["val"]), cfg.pipeline.folds, splits["train"].schema.class_names)
     if dropped := dropped_rows_line(splits["train"].schema):
         print(dropped)
     report = eda_html(splits)  # before any split is written: a failure leaves no split behind

@@ -49,8 +49,8 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs",
         cfg, PIPELINE_NAME, pipeline_root, verbose, runner,
         lambda task_uri, image: build_pipeline(cfg, cluster=False, mlflow_tracking_uri=task_uri,
                                                default_overrides=overrides, image=image),
-        labels=[branch_label(b["model"], b["seed"], cfg.pipeline.seeds)
-                for b in branches(list(cfg.pipeline.models), cfg.pipeline.seeds, cfg.seed)],
+        labels=[branch_label(b["model"], b["seed"], cfg.pipeline.seeds, b["fold"])
+                for b in branches(list(cfg.pipeline.models), cfg.pipeline.seeds, cfg.seed, cfg.pipeline.folds)],
         at_once=len(cfg.pipeline.models))  # one branch per family at a time; further seeds queue
     _summary(run_dir, uri, seconds, log.task_times())
     return run_dir
@@ -264,7 +264,7 @@ def _collect_reports(run_dir: Path) -> dict[str, Path]:
         name = report.parent.name
         record = records.get(report.parent / "metrics")
         if record:  # one report per family, or per (family, seed) when a family has several
-            name = f"{name}-{branch_label(record['model'], record.get('seed', 0), seeds[record['model']])}"
+            name = f"{name}-{branch_label(record['model'], record.get('seed', 0), seeds[record['model']], record.get('fold', -1))}"
         found[name] = out / f"{name}.html"
         shutil.copyfile(report, found[name])
     return found

@@ -1,4 +1,4 @@
-"""``uncertainty-pipeline``: preprocess -> ParallelFor(models x seeds: train -> evaluate) -> compare.
+"""``uncertainty-pipeline``: preprocess -> ParallelFor(models x seeds or folds: train -> evaluate) -> compare.
 
 Parameter defaults are composed from ``configs/`` with Hydra when the pipeline is built, so the
 compiled YAML and the configs never drift.
@@ -81,19 +81,21 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
         params = dict(zip(signature.parameters, args, strict=True))  # KFP passes the parameters in order
         config = configure_task(configure(**params)).set_display_name("configure")
         data = configure_task(preprocess(config=config.outputs["config"])).set_display_name("preprocess")
-        # One branch per (model family, model seed): configure lists them, every model x pipeline.seeds
-        # (seeds seed, seed+1, ...; one data split, made with seed). Their tasks cannot be named after the
+        # One branch per (model family, model seed, fold): configure lists them, every model x pipeline.seeds
+        # (seeds seed, seed+1, ...; one data split, made with seed), or every model x pipeline.folds (K-fold
+        # cross-validation over train + val: each model early-stops on, and is validated on, its own fold,
+        # which train hands evaluate as val_rows; calib and test stay fixed). Their tasks cannot be named after the
         # model: KFP leaves a loop item in a display name as its raw placeholder ("train {{channel:...}}");
         # the branch's inputs name it. Nor can the loop be named: its display name would no longer match
         # the key dsl.Collected reads its outputs under, and the KFP backend fails to find them
         # (kubeflow/pipelines#13239).
         with dsl.ParallelFor(config.outputs["Output"]) as branch:
             trained = configure_task(train(
-                config=config.outputs["config"], model_name=branch.model, seed=branch.seed,
+                config=config.outputs["config"], model_name=branch.model, seed=branch.seed, fold=branch.fold,
                 train=data.outputs["train"], val=data.outputs["val"], calib=data.outputs["calib"]),
                 kind="train").set_display_name("train")
             evaluated = configure_task(evaluate(
-                model=trained.outputs["model"], val=data.outputs["val"], calib=data.outputs["calib"],
+                model=trained.outputs["model"], val=trained.outputs["val_rows"], calib=data.outputs["calib"],
                 test=data.outputs["test"],
                 ood=data.outputs["ood"])).set_display_name("evaluate")
         configure_task(compare(

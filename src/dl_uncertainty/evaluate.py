@@ -43,6 +43,19 @@ def _run_id(given: str) -> str:
     return given
 
 
+def _check_calibration_split(run, run_id: str) -> None:
+    """A run trained before the calibration split existed fitted its temperature, conformal and abstain
+    thresholds on validation, which now picks and gates models: refused, rather than evaluated on a
+    split layout it was not trained with."""
+    params = run.data.params
+    if "data.calib_fraction" in params:
+        return
+    model = params.get("model.name") or run.data.tags.get("model_type") or "<family>"
+    raise UserError(f"run {run_id} was trained before the calibration split existed (it has no data.calib_fraction "
+                    "param): its calibration and abstain thresholds were fitted on validation; retrain it with "
+                    f"`python -m dl_uncertainty.train model={model}` (or `make run`) and evaluate the new run")
+
+
 def evaluate_run(cfg: DictConfig):
     """Evaluate run ``cfg.run_id``'s model on the data it was trained on, log to that run."""
     import mlflow
@@ -65,6 +78,7 @@ def evaluate_run(cfg: DictConfig):
     if found.info.lifecycle_stage == "deleted":
         raise UserError(f"MLflow run {cfg.run_id} is deleted; restore it first (`mlflow runs restore --run-id "
                         f"{cfg.run_id}` with MLFLOW_TRACKING_URI={store.tracking_uri(cfg)}) or evaluate another run")
+    _check_calibration_split(found, cfg.run_id)
     logged = tracking.load_logged_model(cfg.run_id)
     _check_bundled(cfg.evaluate, logged.cfg.evaluate, cfg.run_id)
     run_cfg = logged.cfg.copy()

@@ -49,6 +49,7 @@ def evaluate_bundle(bundle: str, val: str, calib: str, test: str, ood: str, pred
     matrix = confusion_matrix(evaluation.predictions["labels"], evaluation.predictions["probs"].argmax(1),
                               labels=list(range(len(schema.class_names))))
     record = {"model": cfg.model.name, "seed": cfg.seed, "run_id": meta["run_id"], "metrics": evaluation.metrics,
+              **({"fold": cfg.pipeline.fold} if cfg.pipeline.fold >= 0 else {}),
               "registered_model_name": registered_name(cfg.data, schema.feature_shape, cfg.evaluate.registered_model_name)}
     return evaluation, list(schema.class_names), matrix.tolist(), record
 
@@ -70,6 +71,7 @@ def compare_models(config_json: str, records: list[str], predictions: list[str])
     gate the winner's median-seed run on validation metrics and register it under its data's name."""
     from dl_uncertainty.config.compose import pick_config
     from dl_uncertainty.tracking import compare as C
+    from dl_uncertainty.tracking import folds as F
     from dl_uncertainty.tracking import seeds as S
     from dl_uncertainty.tracking import store
     from dl_uncertainty.uncertainty.metrics import TABLE_METRICS
@@ -93,12 +95,15 @@ def compare_models(config_json: str, records: list[str], predictions: list[str])
     store.setup(cfg)
     name = registered.get("registered_model_name") or C.registered_name(cfg.data, [], cfg.evaluate.registered_model_name)
     verdict = C.gate_verdict(winner, failures, C.gate_skipped(registered["metrics"], gate), C.current_champion(name))
-    noise = S.noise_verdict(winner, metric, S.leads(entries, winner, metric, mode))
+    over = S.axis(entries)  # seed, or fold under cross-validation
+    noise = S.noise_verdict(winner, metric, S.leads(entries, winner, metric, mode), over=over)
     columns = [c for c in TABLE_METRICS if any(c in m for m in results.values())]
     note = f"{C.selection_note(metric)}. {noise}"
-    markdown = S.spread_markdown(spreads, columns, winner, metric, mode, registered, note, verdict)
+    markdown = S.spread_markdown(spreads, columns, winner, metric, mode, registered, note, verdict, axis=over)
+    if F.has_folds(entries):
+        markdown += "\n" + F.cv_markdown(F.cross_validation(entries))
     tuning = C.tuning_section({family: entry["run_id"] for family, entry in chosen.items()})
     html = C.comparison_html(results, columns, winner, metric, mode, preds, f"{note} {verdict}", tuning,
-                             seeds=S.spread_rows(spreads, columns))
+                             seeds=S.spread_rows(spreads, columns, over))
     version = C.register_champion(registered["run_id"], name, promote=not failures)
     return Comparison(winner, markdown, html, verdict, version, not failures, name)

@@ -43,6 +43,7 @@ def train_and_log(
 
     from dl_uncertainty.data.rows import unscaled
     from dl_uncertainty.data.tables import prepare
+    from dl_uncertainty.families.feature_density import threshold_on
     from dl_uncertainty.families.predict import served_log_probs
     from dl_uncertainty.reports.plots import training_curves
     from dl_uncertainty.tracking import runs as tracking
@@ -94,6 +95,7 @@ def train_and_log(
                 "train_samples_per_second": result.samples_per_second,
             })
             mlflow.log_figure(training_curves(result.history), "figures/training_curves.png")
+            threshold_on(result.model, calib.x, cfg)  # the density's abstain threshold, like the calibration: on calib
             fitted = calibration.fit(served_log_probs(result.model, calib.x, cfg).numpy(), calib.y, cfg.evaluate,
                                      rows=calib.x, seed=cfg.seed)
             mlflow.log_dict(fitted.to_dict(), "calibration.json")

@@ -18,7 +18,7 @@ from dl_uncertainty.uncertainty import metrics as M
 from tests.conftest import LOOSE_GATE, TINY
 
 NAME = "dl-uncertainty-digits-1x8x8"  # the registered model of digits: data source and input shape
-PARAMS = dict(epochs=3, learning_rate=0.001, mc_samples=8, seed=3, seeds=1, data_source="digits",
+PARAMS = dict(epochs=3, learning_rate=0.001, mc_samples=8, seed=3, seeds=1, folds=0, data_source="digits",
               experiment_name="component-test", mlflow_tracking_uri="")
 
 
@@ -43,8 +43,8 @@ def chain(tmp_path_factory):
     out["evaluated"] = {}
     for name in ("bnn", "mc_dropout_dnn"):
         model = art(dsl.Model, tmp, f"model-{name}")
-        train.python_func(config=out["config"], model_name=name, seed=PARAMS["seed"], train=splits["train"],
-                          val=splits["val"], calib=splits["calib"], model=model)
+        train.python_func(config=out["config"], model_name=name, seed=PARAMS["seed"], fold=-1, train=splits["train"],
+                          val=splits["val"], calib=splits["calib"], model=model, val_rows=art(dsl.Dataset, tmp, f"val-{name}"))
         outputs = {k: art(cls, tmp, f"{k}-{name}") for k, cls in (
             ("metrics", dsl.Metrics), ("confusion", dsl.ClassificationMetrics), ("report", dsl.HTML),
             ("predictions", dsl.Dataset))}
@@ -129,7 +129,9 @@ def test_evaluate_outputs_and_predictions_recompute_every_reported_number(chain)
         sets = 1 - np.exp(calibrated) <= scores[rank - 1] + 1e-12
         np.testing.assert_array_equal(p["prediction_sets"], sets)
         coverage = sets[np.arange(len(p["labels"])), p["labels"]].mean()
-        val = M.summarize(p["val_log_probs"], p["val_labels"], p["ood_log_probs"])
+        # the gate reads one half of the OOD rows, the test report the other
+        assert p["ood_gate_log_probs"].shape[1] + p["ood_log_probs"].shape[1] == len(np.load(chain["splits"]["ood"].path)["y"])
+        val = M.summarize(p["val_log_probs"], p["val_labels"], p["ood_gate_log_probs"])
         val_calibrated = np.exp(M.mean_log_probs(M.apply_temperature(p["val_log_probs"], temperature)))
         val_sets = 1 - val_calibrated <= scores[rank - 1] + 1e-12
         val_coverage = val_sets[np.arange(len(p["val_labels"])), p["val_labels"]].mean()
@@ -239,10 +241,10 @@ def test_gate_fails_a_missing_metric_and_names_the_one_it_may_skip():
         "validation conformal coverage was not measured (val_coverage missing)"]
     no_ood = {"val_ece_ts": 0.01, "val_coverage": 0.9}
     assert gate_failures(no_ood, gate, 0.1) == []
-    assert gate_skipped(no_ood, gate) == ["OOD AUROC (entropy, validation vs OOD) not checked (no OOD split)"]
+    assert gate_skipped(no_ood, gate) == ["OOD AUROC (entropy, validation vs the OOD gate half) not checked (no OOD split)"]
     assert gate_skipped({**no_ood, "val_auroc_entropy": 0.9}, gate) == []
     assert gate_verdict("bnn", [], gate_skipped(no_ood, gate)) == (
-        "bnn passes the champion gate (OOD AUROC (entropy, validation vs OOD) not checked (no OOD split)) and becomes champion.")
+        "bnn passes the champion gate (OOD AUROC (entropy, validation vs the OOD gate half) not checked (no OOD split)) and becomes champion.")
 
 
 def test_gate_coverage_follows_alpha():
@@ -275,8 +277,9 @@ def test_train_on_a_corrupt_dataset_artifact_fails_clearly(chain, tmp_path):
     bad = art(dsl.Dataset, tmp_path, "train")
     (tmp_path / "train").write_bytes(b"\x00garbage")
     with pytest.raises(UserError, match="is not a dataset"):
-        train.python_func(config=chain["config"], model_name="bnn", seed=3, train=bad, val=chain["splits"]["val"],
-                          calib=chain["splits"]["calib"], model=art(dsl.Model, tmp_path, "m"))
+        train.python_func(config=chain["config"], model_name="bnn", seed=3, fold=-1, train=bad, val=chain["splits"]["val"],
+                          calib=chain["splits"]["calib"], model=art(dsl.Model, tmp_path, "m"),
+                          val_rows=art(dsl.Dataset, tmp_path, "v"))
 
 
 def test_the_components_run_as_kfp_local_tasks(tmp_path, monkeypatch):
@@ -296,7 +299,7 @@ def test_the_components_run_as_kfp_local_tasks(tmp_path, monkeypatch):
         config = configure(models=["mc_dropout_dnn"], overrides=without_keys(TINY, ["train.epochs"]),
                            **{**PARAMS, "epochs": 1})
         data = preprocess(config=config.outputs["config"])
-        model = train(config=config.outputs["config"], model_name="mc_dropout_dnn", seed=3, train=data.outputs["train"],
+        model = train(config=config.outputs["config"], model_name="mc_dropout_dnn", seed=3, fold=-1, train=data.outputs["train"],
                       val=data.outputs["val"], calib=data.outputs["calib"])
         return evaluate(model=model.outputs["model"], val=data.outputs["val"], calib=data.outputs["calib"],
                         test=data.outputs["test"],

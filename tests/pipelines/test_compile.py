@@ -99,7 +99,7 @@ def test_parameter_defaults_equal_the_composed_config(compiled):
     params = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
     assert params == {
         "models": list(cfg.pipeline.models), "epochs": 11, "learning_rate": cfg.train.lr,
-        "mc_samples": cfg.evaluate.mc_samples, "seed": cfg.seed, "seeds": 1, "data_source": "digits",
+        "mc_samples": cfg.evaluate.mc_samples, "seed": cfg.seed, "seeds": 1, "folds": 0, "data_source": "digits",
         "mlflow_tracking_uri": "", "experiment_name": cfg.experiment_name,
         "overrides": ["model.dropout=0.3"],  # train.epochs=11 is the typed epochs: in one place only
     }
@@ -169,7 +169,7 @@ def test_seeds_make_the_parallel_for_cover_every_family_times_every_seed(tmp_pat
 
     config = dsl.Artifact(name="config", uri=str(tmp_path / "config"), metadata={})
     found = configure.python_func(models=["bnn", "mc_dropout_dnn", "deep_ensemble"], overrides=[], epochs=1,
-                                  learning_rate=0.001, mc_samples=4, seed=7, seeds=3, data_source="digits",
+                                  learning_rate=0.001, mc_samples=4, seed=7, seeds=3, folds=0, data_source="digits",
                                   experiment_name="x", mlflow_tracking_uri="", config=config)
     assert sorted((b["model"], b["seed"]) for b in found) == [
         (m, s) for m in ("bnn", "deep_ensemble", "mc_dropout_dnn") for s in (7, 8, 9)]

@@ -110,7 +110,7 @@ def test_run_sends_the_composed_config_to_the_latest_version_and_waits(kfp, pack
     [req] = kfp.calls("POST", f"{API}/runs")
     assert req.json["runtime_config"]["parameters"] == {
         "models": list(cfg.pipeline.models), "epochs": 7, "learning_rate": cfg.train.lr, "mc_samples": 3,
-        "seed": cfg.seed, "seeds": cfg.pipeline.seeds, "data_source": "digits", "experiment_name": cfg.experiment_name,
+        "seed": cfg.seed, "seeds": cfg.pipeline.seeds, "folds": cfg.pipeline.folds, "data_source": "digits", "experiment_name": cfg.experiment_name,
         "overrides": overrides}
     assert req.json["pipeline_version_reference"] == {"pipeline_id": latest["pipeline_id"],
                                                       "pipeline_version_id": latest["version_id"]}

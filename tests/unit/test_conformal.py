@@ -143,3 +143,24 @@ def test_bad_options_are_user_errors_naming_the_key():
         CF.class_scores(probs, "thr")
     with pytest.raises(UserError, match="evaluate.raps_k_reg"):
         load_config(["evaluate.raps_lambda=-1"])
+
+
+def test_lac_scores_of_confident_rows_do_not_round_to_ties_so_sets_do_not_over_cover():
+    """A sharp model's top class has 1 - p below float64's resolution: computed as 1 - p, most
+    calibration scores tie at 0 and every confident row is covered; summed from the other classes,
+    they stay apart and fresh exchangeable rows are covered about 1 - alpha of the time."""
+    from dl_uncertainty.uncertainty.conformal import class_scores, sets_from_scores, threshold
+
+    rng = np.random.default_rng(0)
+    n, k = 4000, 4
+    margins = rng.uniform(40, 80, n)  # log-odds of the top class against the rest: p_top rounds to 1
+    rest = np.exp(-margins)[:, None] * rng.dirichlet(np.ones(k - 1), n)
+    probs = np.concatenate([1 - rest.sum(1, keepdims=True), rest], axis=1)
+    assert (1 - probs[:, 0] == 0).mean() > 0.9  # the rounding this is about
+    scores = class_scores(probs, "lac")
+    np.testing.assert_allclose(scores[:, 0], rest.sum(1), rtol=1e-12)
+    calib, test = np.arange(n // 2), np.arange(n // 2, n)
+    tau = threshold(scores[calib, 0], 0.1)
+    assert len(np.unique(scores[calib, 0])) == len(calib)
+    coverage = sets_from_scores(scores[test], tau, probs[test])[:, 0].mean()
+    assert 0.87 <= coverage <= 0.93  # 1 - alpha, within the sampling noise of 2000 rows

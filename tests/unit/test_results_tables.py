@@ -13,7 +13,9 @@ spec.loader.exec_module(results)
 
 def _records():
     table = {"bnn": [0.05, 0.06, 0.07], "mc_dropout_dnn": [0.03, 0.04, 0.035]}
-    return [{"model": m, "seed": 42 + i, "run_id": f"{m}{i}", "metrics": {"nll": v, "acc": 0.99 - v}}
+    return [{"model": m, "seed": 42 + i, "run_id": f"{m}{i}", "test_rows": 289,
+             "metrics": {"nll": v, "acc": 0.99 - v, "alpha": 0.1, "calibration_examples": 217,
+                         "coverage_lac": 0.85 + v, "coverage_aps": 0.9}}
             for m, values in table.items() for i, v in enumerate(values)]
 
 
@@ -32,7 +34,7 @@ def test_the_real_files_change_only_between_their_markers(tmp_path):
         copies.append(tmp_path / name)
     before = [c.read_text() for c in copies]
     tables = results.tables(_records(), "nll", "min", "a note")
-    assert set(results.write_tables(tables, copies)) == {"comparison", "seeds"}
+    assert set(results.write_tables(tables, copies)) == {"comparison", "seeds", "coverage"}
     after = [c.read_text() for c in copies]
     for old, new in zip(before, after, strict=True):
         assert _outside(old, list(tables)) == _outside(new, list(tables))
@@ -40,6 +42,15 @@ def test_the_real_files_change_only_between_their_markers(tmp_path):
     assert "is `mc_dropout_dnn`; the registered champion is its median seed, 44" in after[0]
     assert "| `mc_dropout_dnn` | `bnn` | 0.0250 |" in after[1] and "| 3 of 3 | beyond seed noise |" in after[1]
     assert results.write_tables(tables, copies) and [c.read_text() for c in copies] == after  # idempotent
+
+
+def test_the_coverage_table_checks_each_mean_against_the_band_widened_by_two_standard_errors():
+    text = results.coverage_table(_records())
+    # n = 217: band [0.9, 0.9 + 1/218]; one split's SE: sqrt(0.09 / 219 + c (1 - c) / 289)
+    se = (0.09 / 219 + 0.885 * 0.115 / 289) ** 0.5
+    assert f"| `mc_dropout_dnn` | LAC | 0.885 | 0.880, 0.890, 0.885 | [{0.9 - 2 * se:.3f}, {0.9 + 1 / 218 + 2 * se:.3f}] | yes |" in text
+    assert "| `bnn` | APS | 0.900 |" in text and "RAPS" not in text
+    assert text.endswith("4 of 4 inside the band.")
 
 
 def test_a_missing_or_doubled_marker_is_refused(tmp_path):

@@ -83,7 +83,7 @@ def test_the_markdown_shows_mean_and_std_and_the_registered_seed():
 
 def test_branches_cover_every_family_times_every_seed():
     found = branches(["bnn", "mc_dropout_dnn"], 3, 42)
-    assert found == [{"model": m, "seed": s} for m in ("bnn", "mc_dropout_dnn") for s in (42, 43, 44)]
+    assert found == [{"model": m, "seed": s, "fold": -1} for m in ("bnn", "mc_dropout_dnn") for s in (42, 43, 44)]
     assert branch_label("bnn", 43, 3) == "bnn-seed43" and branch_label("bnn", 42, 1) == "bnn"
 
 

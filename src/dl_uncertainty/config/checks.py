@@ -193,9 +193,19 @@ def validate(cfg: DictConfig, family_types: bool = True) -> None:
     for name in cfg.pipeline.models:
         _one_of(name, "pipeline.models[]", MODEL_NAMES)
     _check(cfg.pipeline.seeds >= 1, f"pipeline.seeds must be >= 1 (model seeds per family), got {cfg.pipeline.seeds}")
+    _check_folds(cfg.pipeline)
     _check(cfg.pipeline.retries >= 0, "pipeline.retries must be >= 0")
     _validate_tune(cfg.tune)
     _check(
         cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
         f"device={cfg.device!r} is not auto, cpu, cuda or cuda:N",
     )
+
+
+def _check_folds(p) -> None:
+    _check(p.folds == 0 or p.folds >= 2, f"pipeline.folds must be 0 (no cross-validation) or at least 2 "
+           f"(K-fold cross-validation), got {p.folds}")
+    _check(p.folds == 0 or p.seeds == 1, f"pipeline.folds={p.folds} with pipeline.seeds={p.seeds}: cross-validation "
+           "trains one model seed per fold; set pipeline.seeds=1 or pipeline.folds=0")
+    _check(p.fold == -1 or 0 <= p.fold < p.folds,
+           f"pipeline.fold must be -1 (none) or a fold 0 .. pipeline.folds - 1 (pipeline.folds={p.folds}), got {p.fold}")

@@ -161,28 +161,37 @@ def model_configs(models: list[str], overrides: list[str]) -> str:
     return json.dumps({name: OmegaConf.to_container(cfg, resolve=True) for name, cfg in configs.items()})
 
 
-def branches(models: list[str], seeds: int, seed: int) -> list[dict[str, Any]]:
-    """The pipeline's (family, model seed) branches: every family with seeds ``seed`` .. ``seed + seeds - 1``.
-    The data split is made once, with ``seed``, so the families' k-th seeds are paired on the same data."""
+def branches(models: list[str], seeds: int, seed: int, folds: int = 0) -> list[dict[str, Any]]:
+    """The pipeline's (family, model seed, fold) branches: every family with seeds ``seed`` .. ``seed + seeds - 1``,
+    or, with ``folds`` (K-fold cross-validation, one seed), every family x fold 0 .. folds - 1 (fold -1: none).
+    The data split is made once, with ``seed``, so the families' k-th seeds (or folds) are paired on the same data."""
     if seeds < 1:
         raise UserError(f"pipeline.seeds must be >= 1 (model seeds per family), got {seeds}")
-    return [{"model": name, "seed": seed + i} for name in models for i in range(seeds)]
+    if folds:
+        return [{"model": name, "seed": seed, "fold": k} for name in models for k in range(folds)]
+    return [{"model": name, "seed": seed + i, "fold": -1} for name in models for i in range(seeds)]
 
 
-def branch_label(model: str, seed: int, seeds: int) -> str:
-    """How a branch is named in progress lines and report files: the family, plus its seed when there are several."""
+def branch_label(model: str, seed: int, seeds: int, fold: int = -1) -> str:
+    """How a branch is named in progress lines and report files: the family, plus its seed when there are
+    several, or its fold."""
+    if fold >= 0:
+        return f"{model}-fold{fold}"
     return model if seeds == 1 else f"{model}-seed{seed}"
 
 
-def pick_config(model_configs_json: str, model_name: str | None = None, seed: int | None = None) -> DictConfig:
+def pick_config(model_configs_json: str, model_name: str | None = None, seed: int | None = None,
+                fold: int | None = None) -> DictConfig:
     """One model's config from ``model_configs`` output (the first one when no name is given), with
-    ``seed`` as its seed when given (a pipeline branch's model seed)."""
+    ``seed`` as its seed and ``fold`` as the fold it holds out when given (a pipeline branch's)."""
     configs = json.loads(model_configs_json)
     if model_name is not None and model_name not in configs:
         raise UserError(f"no config for model {model_name!r}; configured models: {', '.join(configs)}")
     cfg = config_from_json(json.dumps(configs[model_name or next(iter(configs))]))
     if seed is not None:
         cfg.seed = int(seed)
+    if fold is not None:
+        cfg.pipeline.fold = int(fold)
     return cfg
 
 

@@ -13,6 +13,7 @@ TYPED = (  # parameter name, the config key it sets, its type
     ("mc_samples", "evaluate.mc_samples", int),
     ("seed", "seed", int),
     ("seeds", "pipeline.seeds", int),
+    ("folds", "pipeline.folds", int),
     ("experiment_name", "experiment_name", str),
 )
 TYPED_KEYS = [key for _, key, _ in TYPED]

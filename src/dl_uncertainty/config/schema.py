@@ -156,6 +156,8 @@ class TuneConfig:
 class PipelineConfig:
     models: list[str] = field(default_factory=lambda: ["bnn", "mc_dropout_dnn", "deep_ensemble"])
     seeds: int = 1  # model seeds per family: branches train with seed, seed+1, ...; the data split keeps `seed`
+    folds: int = 0  # K-fold cross-validation over train+val (0: off, else >= 2): one branch per family x fold
+    fold: int = -1  # the fold a model holds out (0 .. folds-1), set per branch by the pipeline; -1: none
     gpu: bool = True  # training tasks request nvidia.com/gpu
     gpu_limit: int = 1
     gpu_node_selector: dict[str, str] = field(default_factory=dict)

@@ -148,3 +148,19 @@ def warn_missing_classes(names: list[str], y: dict[str, np.ndarray], val_fractio
             f"{'its' if len(missing) == 1 else 'their'} rows from the data")
     print(line, file=sys.stderr, flush=True)
     return line
+
+
+def ood_parts(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions into the OOD split's ``labels`` as two disjoint halves, stratified by held-out class:
+    (gate, report). The champion gate reads the gate half (against validation), the test report the
+    other, so no OOD row both chooses the champion and reports its quality. A class with a single
+    row goes to the report half."""
+    rng = np.random.default_rng([seed, 0x00D])
+    gate, report = [], []
+    for value in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == value))
+        gate.append(rows[: len(rows) // 2])
+        report.append(rows[len(rows) // 2 :])
+    empty = np.zeros(0, dtype=np.int64)
+    return (np.sort(np.concatenate([empty, *gate])).astype(np.int64),
+            np.sort(np.concatenate([empty, *report])).astype(np.int64))

@@ -5,7 +5,8 @@ point-estimate logits (``family.logits``).
 The fitted density rides on the model (``model.dlu_density``), so the bundle saves it
 (``density.npz``), the MLflow pyfunc serves it (``feature_density`` column) and evaluation scores
 with the same numbers. Its abstain threshold keeps ``evaluate.density_target_rate`` of the
-validation inputs; ``evaluate.abstain_on=density`` makes it the abstain rule.
+calibration inputs (``threshold_on``, after training; validation only picks and gates models);
+``evaluate.abstain_on=density`` makes it the abstain rule.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ BATCH = 1024
 class FeatureDensity:
     density: ClassGaussianDensity
     threshold: float  # abstain below this log-density
-    target_rate: float  # the share of validation inputs at or above it
+    target_rate: float  # the share of held-out (calibration) inputs at or above it
 
     def state(self) -> dict[str, np.ndarray]:
         return {**self.density.state_dict(), "threshold": np.array(self.threshold),
@@ -77,6 +78,17 @@ def fit_feature_density(model: nn.Module, train: Split, val: Split | None, cfg: 
     rate = e.get("density_target_rate", 0.95)
     fitted = FeatureDensity(density, fit_threshold(density.log_density(features(model, held_out)), rate), rate)
     setattr(model, DENSITY_ATTR, fitted)
+    return fitted
+
+
+def threshold_on(model: nn.Module, x, cfg: DictConfig) -> FeatureDensity | None:
+    """Refit the abstain threshold of ``model``'s density on held-out inputs ``x`` (the calibration
+    split), keeping the Gaussian fitted on the training split; None without a density."""
+    fitted = density_of(model)
+    if fitted is None or not len(x):
+        return fitted
+    fitted.target_rate = cfg.evaluate.get("density_target_rate", 0.95)
+    fitted.threshold = fit_threshold(fitted.density.log_density(features(model, x)), fitted.target_rate)
     return fitted
 
 

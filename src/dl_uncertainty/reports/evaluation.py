@@ -23,6 +23,7 @@ from torch import nn
 
 from dl_uncertainty.data.rows import to_images, to_rows
 from dl_uncertainty.data.splits import Split
+from dl_uncertainty.data.stratify import ood_parts
 from dl_uncertainty.families.feature_density import abstain_rule, feature_scores
 from dl_uncertainty.families.predict import served_log_probs
 from dl_uncertainty.reports import calibration_plots, plots
@@ -80,13 +81,18 @@ def evaluate_model(
     lp["far_ood"] = predict(far)
     rows = {"test": test.x, "far_ood": far}
     has_ood = ood is not None and len(ood.y) > 0
+    gate_ood = None  # the OOD rows the champion gate reads; the test report reads the other, disjoint half
     if has_ood:
-        lp["ood"], rows["ood"] = predict(ood.x), ood.x
+        gate, report = ood_parts(ood.y, cfg.seed)
+        ood_lp = predict(ood.x)
+        gate_ood = ood_lp[:, gate] if len(gate) else None
+        ood = Split(ood.x[report], ood.y[report], ood.schema)
+        lp["ood"], rows["ood"] = ood_lp[:, report], ood.x
     result = M.summarize(lp["test"], test.y, lp.get("ood"), lp["far_ood"])
 
     if val is not None and len(val.y):
         lp["val"], rows["val"] = predict(val.x), val.x
-        result.update(_prefixed("val", M.summarize(lp["val"], val.y, lp.get("ood"))))
+        result.update(_prefixed("val", M.summarize(lp["val"], val.y, gate_ood)))
     if calib is not None and len(calib.y):
         lp["calib"], rows["calib"] = predict(calib.x), calib.x
     fit_on = "calib" if "calib" in lp else "val"
@@ -137,6 +143,8 @@ def evaluate_model(
 
     predictions = _predictions(lp, shifted, test, ood if has_ood else None, val if "val" in lp else None, far,
                                calib if "calib" in lp else None)
+    if gate_ood is not None:  # the champion gate's OOD rows, so its val_auroc_* can be recomputed
+        predictions["ood_gate_log_probs"] = gate_ood.astype(np.float32)
     for name, found in feats.items():
         prefix = "" if name == "test" else f"{name}_"
         predictions.update({f"{prefix}feature_{k}": v.astype(np.float32) for k, v in found.items() if len(v)})

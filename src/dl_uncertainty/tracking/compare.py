@@ -60,7 +60,7 @@ def pick_winner(results: dict[str, dict[str, float]], metric: str, mode: str) ->
 # gate key -> (metric, direction, what it means); coverage is checked against 1 - alpha - coverage_slack
 GATE = {
     "max_ece": ("val_ece_ts", "max", "validation ECE (calibrated)"),
-    "min_ood_auroc": ("val_auroc_entropy", "min", "OOD AUROC (entropy, validation vs OOD)"),
+    "min_ood_auroc": ("val_auroc_entropy", "min", "OOD AUROC (entropy, validation vs the OOD gate half)"),
     "coverage_slack": ("val_coverage", "min", "validation conformal coverage"),
 }
 OPTIONAL = {"val_auroc_entropy": "no OOD split"}  # the only metric a model may lack: then it is not checked

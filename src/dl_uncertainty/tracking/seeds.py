@@ -44,13 +44,24 @@ class Spread:
         return f"{format_value(self.mean)} ± {format_value(self.std)}"
 
 
+def replicate(entry: dict) -> int:
+    """What pairs a family's runs with another's: the fold under cross-validation, else the model seed
+    (a record without one, an older pipeline's, counts as seed 0)."""
+    return entry["fold"] if "fold" in entry else entry.get("seed", 0)
+
+
+def axis(entries: list[dict]) -> str:
+    """What a family's runs differ by: "fold" under cross-validation, else "seed"."""
+    return "fold" if any("fold" in e for e in entries) else "seed"
+
+
 def by_family(entries: list[dict]) -> dict[str, list[dict]]:
-    """Evaluate records (``{"model", "seed", "run_id", "metrics"}``) grouped by family, each sorted by seed.
-    A record without a seed (an older pipeline's) counts as seed 0."""
+    """Evaluate records (``{"model", "seed", "run_id", "metrics"}``, and ``"fold"`` under cross-validation)
+    grouped by family, each sorted by fold or seed."""
     families: dict[str, list[dict]] = {}
     for entry in entries:
         families.setdefault(entry["model"], []).append(entry)
-    return {name: sorted(runs, key=lambda e: e.get("seed", 0)) for name, runs in families.items()}
+    return {name: sorted(runs, key=replicate) for name, runs in families.items()}
 
 
 def aggregate(entries: list[dict]) -> dict[str, dict[str, Spread]]:
@@ -112,10 +123,10 @@ def paired(winner_runs: list[dict], other_runs: list[dict], other: str, metric: 
     mean's two-sided Student t interval at ``level``."""
     from scipy import stats
 
-    theirs = {e.get("seed", 0): e["metrics"].get(metric) for e in other_runs}
+    theirs = {replicate(e): e["metrics"].get(metric) for e in other_runs}
     diffs = []
     for entry in winner_runs:
-        mine, their = entry["metrics"].get(metric), theirs.get(entry.get("seed", 0))
+        mine, their = entry["metrics"].get(metric), theirs.get(replicate(entry))
         if _finite(mine) and _finite(their):
             diffs.append(float(their - mine) if mode == "min" else float(mine - their))
     n = len(diffs)
@@ -134,40 +145,43 @@ def leads(entries: list[dict], winner: str, metric: str, mode: str) -> list[Pair
     return sorted(found, key=lambda p: p.mean if math.isfinite(p.mean) else math.inf)
 
 
-def noise_verdict(winner: str, metric: str, found: list[Paired], level: float = LEVEL) -> str:
-    """One sentence per rival: the lead, its interval, the sign count, and whether it is beyond seed noise."""
+def noise_verdict(winner: str, metric: str, found: list[Paired], level: float = LEVEL, over: str = "seed") -> str:
+    """One sentence per rival: the lead, its interval, the sign count, and whether it is beyond seed
+    (``over="fold"``: fold-to-fold) noise."""
     if not found:
         return f"{winner} is the only family: nothing to compare."
     if found[0].n < 2:
         return "One seed: noise not measured (pipeline.seeds=1; with 3 or more the lead is tested over seeds)."
     lines = []
     for p in found:
-        judged = "beyond seed noise" if p.beyond_noise else "within seed noise (the interval includes 0)"
-        lines.append(f"{winner} vs {p.other}: {metric} better by {p.mean:.4f} on average over {p.n} paired seeds, "
-                     f"{level:.0%} t-interval [{p.low:.4f}, {p.high:.4f}], better on {p.wins} of {p.n} seeds: {judged}.")
+        judged = f"beyond {over} noise" if p.beyond_noise else f"within {over} noise (the interval includes 0)"
+        lines.append(f"{winner} vs {p.other}: {metric} better by {p.mean:.4f} on average over {p.n} paired {over}s, "
+                     f"{level:.0%} t-interval [{p.low:.4f}, {p.high:.4f}], better on {p.wins} of {p.n} {over}s: {judged}.")
+    if over == "fold":  # fold models share most of their training rows: their differences are correlated
+        lines.append("Folds share training rows, so this interval is narrower than an independent one would be.")
     return " ".join(lines)
 
 
-def spread_rows(spreads: dict[str, dict[str, Spread]], columns: list[str]) -> list[dict]:
-    """One row per family: its number of seeds and each column's mean ± std."""
+def spread_rows(spreads: dict[str, dict[str, Spread]], columns: list[str], over: str = "seed") -> list[dict]:
+    """One row per family: its number of seeds (or folds) and each column's mean ± std."""
     rows = []
     for name, metrics in spreads.items():
         n = max((s.n for s in metrics.values()), default=0)
-        row = {"model": name, **({"seeds": n} if n > 1 else {})}
+        row = {"model": name, **({f"{over}s": n} if n > 1 else {})}
         row.update({c: metrics[c].cell() if c in metrics else format_value(float("nan")) for c in columns})
         rows.append(row)
     return rows
 
 
 def spread_markdown(spreads: dict[str, dict[str, Spread]], columns: list[str], winner: str, metric: str,
-                    mode: str, representative: dict, noise: str, verdict: str = "") -> str:
+                    mode: str, representative: dict, noise: str, verdict: str = "", axis: str = "seed") -> str:
     """The comparison: mean ± std per metric per family, the winner on the mean, the run registered
-    for it, the noise verdict and the gate's."""
+    for it, the noise verdict and the gate's. ``axis``: what the runs of a family differ by (seed or fold)."""
     spread = spreads[winner][metric]
-    over = f" over {spread.n} seeds" if spread.n > 1 else ""
-    which = (f" Registered: its median seed, {representative.get('seed')} (run {representative['run_id']})."
+    over = f" over {spread.n} {axis}s" if spread.n > 1 else ""
+    which = (f" Registered: its median {axis}, {representative.get(axis)} (run {representative['run_id']})."
              if spread.n > 1 else "")
-    return (f"# Model comparison\n\n{markdown_table(spread_rows(spreads, columns))}\n\n"
+    return (f"# Model comparison\n\n{markdown_table(spread_rows(spreads, columns, axis))}\n\n"
             f"**Winner: {winner}** ({'lowest' if mode == 'min' else 'highest'} {metric}: "
             f"{spread.mean:.4f}{' mean' if over else ''}{over}).{which} {noise} {verdict}\n")
 

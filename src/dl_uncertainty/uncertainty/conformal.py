@@ -8,7 +8,7 @@ exchangeable data, and at most 1 - alpha + 1/(n+1) when the scores have no ties.
 Scores of class y for probabilities p (higher = less plausible), with o(y) the 1-based rank of y
 when the classes are sorted by decreasing p, and u in (0, 1] one uniform per row:
 
-- LAC (Sadinle et al. 2019): 1 - p_y.
+- LAC (Sadinle et al. 2019): 1 - p_y (summed from the other classes' p, so that it does not round to 0).
 - APS (Romano, Sesia & Candès 2020): the mass of the classes ranked above y, plus u * p_y.
 - RAPS (Angelopoulos et al. 2021): APS + lambda * max(0, o(y) - k_reg): deep ranks pay a penalty,
   so sets stay small when the tail of p is long and flat.
@@ -57,7 +57,7 @@ def class_scores(probs: np.ndarray, method: str, u: np.ndarray | None = None, k_
     """``[N, K]`` non-conformity of every class, as if it were the label; ``u``: ``[N]`` (None = 1)."""
     probs = np.asarray(probs, dtype=np.float64)
     if method == "lac":
-        return 1.0 - probs
+        return _rest_mass(probs)
     if method not in METHODS:
         raise UserError(f"evaluate.conformal_method={method!r} is not one of {', '.join(METHODS)}")
     u = np.ones(len(probs)) if u is None else np.asarray(u, dtype=np.float64)
@@ -70,6 +70,19 @@ def class_scores(probs: np.ndarray, method: str, u: np.ndarray | None = None, k_
         sorted_scores = sorted_scores + lam * np.maximum(0, rank - k_reg)
     scores = np.empty_like(probs)
     np.put_along_axis(scores, order, sorted_scores, axis=1)
+    return scores
+
+
+def _rest_mass(probs: np.ndarray) -> np.ndarray:
+    """``[N, K]``: 1 - p_k as the sum of the other classes' probabilities. Computed as 1 - p_k, a
+    confident row's top class scores exactly 0 once p_k rounds to 1 (a sharp temperature does that
+    to most rows of an accurate model): the calibration scores tie at 0 and the sets over-cover.
+    Summing the small probabilities keeps them apart; only the top class can have p > 1/2, so the
+    other classes' 1 - p_k lose nothing to rounding."""
+    scores = probs.sum(1, keepdims=True) - probs
+    top = probs.argmax(1)
+    others = np.sort(probs, axis=1)[:, :-1].sum(1)  # every class but the largest
+    scores[np.arange(len(probs)), top] = others
     return scores
 
 
@@ -98,8 +111,9 @@ def true_class_scores(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def sets_from_scores(scores: np.ndarray, tau: float, probs: np.ndarray, nonempty: bool = False) -> np.ndarray:
-    """Boolean ``[N, K]``: class k is in row n's set (1e-12: float noise in the cumulative sums)."""
-    sets = scores <= tau + 1e-12
+    """Boolean ``[N, K]``: class k is in row n's set (a relative 1e-12: float noise in the cumulative
+    sums; relative, so that LAC's tiny scores of confident rows are not all taken as ties)."""
+    sets = scores <= tau + 1e-12 * abs(tau)
     if nonempty:
         sets[np.arange(len(sets)), np.asarray(probs).argmax(1)] = True
     return sets

@@ -1,0 +1,42 @@
+"""K-fold cross-validation through the real pipeline (kfp.local): families x folds, scored together."""
+
+import json
+import re
+
+import numpy as np
+
+from dl_uncertainty.data.splits import load_split
+from pipelines.local import run_local
+from tests.conftest import LOOSE_GATE, TINY
+
+
+def test_two_folds_train_on_each_other_and_are_scored_out_of_fold(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_dir = run_local([*TINY, *LOOSE_GATE, "train.epochs=2", "pipeline.models=[mc_dropout_dnn]", "pipeline.folds=2"],
+                        tmp_path / "out")
+    printed = capsys.readouterr().out
+    for fold in (0, 1):
+        assert re.search(rf"^  done  train mc_dropout_dnn-fold{fold} +\d+\.\d s$", printed, re.M)
+
+    data = {name: load_split(next(run_dir.rglob(f"preprocess/{name}"))) for name in ("train", "val", "calib", "test")}
+    pooled = {r.tobytes() for r in np.concatenate([data["train"].x, data["val"].x])}
+    held = {}
+    for record_path in run_dir.rglob("evaluate/metrics"):
+        record = json.loads(record_path.read_text())
+        branch = record_path.parent.parent
+        val_rows = load_split(branch / "train" / "val_rows")
+        held[record["fold"]] = [r.tobytes() for r in val_rows.x]
+        with np.load(branch / "evaluate" / "predictions") as p:  # validated on its own fold; calib and test fixed
+            np.testing.assert_array_equal(p["val_labels"], val_rows.y)
+            np.testing.assert_array_equal(p["calib_labels"], data["calib"].y)
+            np.testing.assert_array_equal(p["labels"], data["test"].y)
+    assert sorted(held) == [0, 1]
+    assert not set(held[0]) & set(held[1]) and len(held[0]) + len(held[1]) == len(pooled)
+    assert set(held[0]) | set(held[1]) == pooled  # every training row held out exactly once
+
+    assert "## 2-fold cross-validation" in printed and "median fold" in printed
+    # one set of metrics over every training row, beside the per-fold mean ± std
+    assert re.search(rf"^\| mc_dropout_dnn \| out of fold, pooled \| {len(pooled)} \| [\d.]+ \|", printed, re.M)
+    assert re.search(r"^\| mc_dropout_dnn \| each fold \(mean ± std\) \| ~\d+ \| [\d.]+ ± [\d.]+ \|", printed, re.M)
+    assert "| mc_dropout_dnn | test, the 2 fold models as one ensemble | 289 | " in printed

@@ -1,0 +1,105 @@
+"""K-fold cross-validation: the folds, their bad inputs, and the fold models scored together."""
+
+import numpy as np
+import pytest
+
+from dl_uncertainty.config.compose import branch_label, branches, load_config
+from dl_uncertainty.data.folds import check_folds, fold_positions, fold_splits, pooled_labels
+from dl_uncertainty.errors import UserError
+from dl_uncertainty.tracking import folds as F
+from dl_uncertainty.tracking import seeds as S
+from dl_uncertainty.uncertainty import metrics as M
+
+
+def test_folds_are_disjoint_stratified_and_hold_out_every_training_row_exactly_once(digits_splits):
+    train, val = digits_splits["train"], digits_splits["val"]
+    labels = pooled_labels(train, val)
+    held = fold_positions(labels, 5, seed=42)
+    counted = np.bincount(np.concatenate(held), minlength=len(labels))
+    assert len(held) == 5 and (counted == 1).all()  # disjoint, and together every row once
+    per_class = np.array([np.bincount(labels[h], minlength=labels.max() + 1) for h in held])
+    assert (per_class.max(0) - per_class.min(0) <= 1).all()  # stratified: each class spread evenly
+    pooled = np.concatenate([train.x, val.x])
+    seen = []
+    for k in range(5):
+        fold_train, fold_val = fold_splits(train, val, 5, k, seed=42)
+        assert len(fold_train.y) + len(fold_val.y) == len(labels)
+        np.testing.assert_array_equal(fold_val.x, pooled[held[k]])
+        rows = {r.tobytes() for r in fold_val.x}
+        assert not rows & {r.tobytes() for r in fold_train.x}  # no held-out row is trained on
+        seen.extend(fold_val.x)
+    assert sorted(r.tobytes() for r in seen) == sorted(r.tobytes() for r in pooled)
+    assert not all(np.array_equal(a, b) for a, b in zip(held, fold_positions(labels, 5, seed=7), strict=True))
+
+
+def test_more_folds_than_rows_of_the_smallest_class_is_one_line_naming_the_key():
+    labels = np.array([0] * 10 + [1] * 3)
+    check_folds(labels, 3, ["cat", "dog"])
+    with pytest.raises(UserError, match=r"^pipeline.folds=4 is more than the 3 training rows .* of class 'dog'.*"
+                                        r"lower pipeline.folds to at most 3$"):
+        check_folds(labels, 4, ["cat", "dog"])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["pipeline.folds=1"], "pipeline.folds must be 0 (no cross-validation) or at least 2 (K-fold cross-validation), got 1"),
+    (["pipeline.folds=-2"], "pipeline.folds must be 0"),
+    (["pipeline.folds=5", "pipeline.seeds=3"], "pipeline.folds=5 with pipeline.seeds=3: cross-validation trains one "
+                                               "model seed per fold; set pipeline.seeds=1 or pipeline.folds=0"),
+    (["pipeline.folds=2", "pipeline.fold=2"], "pipeline.fold must be -1 (none) or a fold 0 .. pipeline.folds - 1"),
+])
+def test_bad_fold_settings_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(UserError) as info:
+        load_config(overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_branches_cover_every_family_times_every_fold():
+    found = branches(["bnn", "mc_dropout_dnn"], 1, 42, folds=3)
+    assert found == [{"model": m, "seed": 42, "fold": k} for m in ("bnn", "mc_dropout_dnn") for k in range(3)]
+    assert branch_label("bnn", 42, 1, fold=2) == "bnn-fold2"
+
+
+def _fold_predictions(tmp_path, rng, name, k, val_rows, test_labels, ood_n):
+    def probs(n):
+        p = rng.dirichlet(np.ones(3), size=n)
+        return p.astype(np.float32)
+
+    pred = {"val_probs": probs(len(val_rows)), "val_labels": val_rows, "probs": probs(len(test_labels)),
+            "labels": test_labels, "ood_probs": probs(ood_n)}
+    path = tmp_path / f"{name}-{k}.npz"
+    np.savez(path, **pred)
+    log = {key: np.log(pred[key])[None] for key in ("val_probs", "probs")}
+    metrics = {**M.summarize(log["probs"], test_labels, np.log(pred["ood_probs"])[None]),
+               **{f"val_{m}": v for m, v in M.summarize(log["val_probs"], val_rows).items()}}
+    return {"model": name, "seed": 42, "fold": k, "run_id": f"{name}-{k}", "metrics": metrics,
+            "predictions": str(path)}, pred
+
+
+def test_out_of_fold_metrics_pool_every_fold_and_the_fold_ensemble_averages_on_test(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 30)
+    held = fold_positions(labels, 3, seed=1)
+    test_labels = rng.integers(0, 3, 12)
+    made = [_fold_predictions(tmp_path, rng, "a", k, labels[h], test_labels, 8) for k, h in enumerate(held)]
+    entries = [e for e, _ in made]
+    (found,) = F.cross_validation(entries).values()
+    pooled = np.concatenate([p["val_probs"] for _, p in made])
+    assert found["rows"] == 30 and found["folds"] == 3
+    assert found["out_of_fold"]["nll"] == pytest.approx(-np.mean(np.log(pooled[np.arange(30), labels[np.concatenate(held)]])),
+                                                        rel=1e-5)
+    assert found["per_fold"]["nll"].mean == pytest.approx(np.mean([e["metrics"]["val_nll"] for e in entries]))
+    ensemble = np.mean([p["probs"] for _, p in made], axis=0)
+    assert found["ensemble"]["acc"] == pytest.approx(np.mean(ensemble.argmax(1) == test_labels))
+    assert 0 <= found["ensemble"]["auroc_entropy"] <= 1
+    text = F.cv_markdown({"a": found})
+    assert "## 3-fold cross-validation" in text and "| a | out of fold, pooled | 30 | " in text
+    assert "| a | test, the 3 fold models as one ensemble | 12 | " in text
+
+
+def test_folds_pair_the_families_fold_by_fold():
+    entries = [{"model": m, "seed": 42, "fold": k, "run_id": f"{m}{k}", "metrics": {"nll": v}}
+               for m, values in {"a": [0.1, 0.2, 0.3], "b": [0.2, 0.4, 0.3]}.items() for k, v in enumerate(values)]
+    (lead,) = S.leads(entries, "a", "nll", "min")
+    assert lead.differences == pytest.approx([0.1, 0.2, 0.0])  # with one seed, only folds tell them apart
+    verdict = S.noise_verdict("a", "nll", [lead], over=S.axis(entries))
+    assert "3 paired folds" in verdict and "Folds share training rows" in verdict
