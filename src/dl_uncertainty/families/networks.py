@@ -180,3 +180,22 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={name} but CUDA is not available here; use device=auto or cpu")
     return torch.device(name)
+
+
+def image_shape_of(model: nn.Module) -> list[int] | None:
+    """The [C, H, W] a CNN/ResNet unflattens its rows to; None for an MLP."""
+    for module in model.modules():
+        if isinstance(module, nn.Unflatten):
+            return list(module.unflattened_size)
+    return None
+
+
+def bayesian_head(net: nn.Module, cfg: DictConfig) -> nn.Module:
+    """``net`` with every fully connected layer swapped for a torchbnn BayesLinear of the same shape
+    (a "last layers Bayesian" network: deterministic convolutions, BatchNorm kept)."""
+    for name, child in net.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(net, name, _linear(True, cfg, child.in_features, child.out_features))
+        else:
+            bayesian_head(child, cfg)
+    return net
