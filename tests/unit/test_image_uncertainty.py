@@ -99,6 +99,10 @@ def test_the_last_layers_bayesian_cnn_keeps_deterministic_convolutions_with_batc
     x = torch.as_tensor(np.asarray(digits_splits["test"].x[:6], np.float32))
     samples = predict_log_probs(model, x, 4, seed=0)
     assert samples.shape == (4, 6, 10) and not torch.allclose(samples[0], samples[1])  # weight draws differ
+    last = build_model(tiny_cfg("model=bnn", *CNN, "model.bayesian_layers=last").model, [1, 8, 8], 10)
+    kinds = [type(m) for m in last.modules()]
+    assert kinds.count(torchbnn.BayesLinear) == 1 and kinds.count(nn.Linear) == 1
+    assert isinstance(last[-1], torchbnn.BayesLinear)
     with pytest.raises(UserError, match="model.bayesian_layers"):
         build_model(tiny_cfg("model=bnn", "model.bayesian_layers=conv").model, [1, 8, 8], 10)
 

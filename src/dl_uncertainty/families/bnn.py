@@ -69,14 +69,16 @@ class BNN(Family):
             raise UserError(f"model.prior_sigma must be > 0, got {cfg.prior_sigma}")
         if cfg.kl_weight < 0:
             raise UserError(f"model.kl_weight must be >= 0, got {cfg.kl_weight}")
-        if cfg.get("bayesian_layers", "all") not in ("all", "head"):
-            raise UserError(f"model.bayesian_layers must be all or head, got {cfg.bayesian_layers!r}")
+        if cfg.get("bayesian_layers", "all") not in ("all", "head", "last"):
+            raise UserError(f"model.bayesian_layers must be all, head or last, got {cfg.bayesian_layers!r}")
         if cfg.kl_anneal_epochs < 0:
             raise UserError("model.kl_anneal_epochs must be >= 0")
 
     def build(self, cfg: DictConfig, feature_shape: list[int], num_classes: int) -> nn.Module:
-        if cfg.get("bayesian_layers", "all") == "head":
-            model = bayesian_head(build_network(cfg, feature_shape, num_classes, bayesian=False), cfg)
+        layers = cfg.get("bayesian_layers", "all")
+        if layers != "all":
+            model = bayesian_head(build_network(cfg, feature_shape, num_classes, bayesian=False), cfg,
+                                  last_only=layers == "last")
         else:
             model = build_network(cfg, feature_shape, num_classes, bayesian=True)
         init_posterior_scale(model, cfg.posterior_log_sigma_init)

@@ -190,12 +190,12 @@ def image_shape_of(model: nn.Module) -> list[int] | None:
     return None
 
 
-def bayesian_head(net: nn.Module, cfg: DictConfig) -> nn.Module:
-    """``net`` with every fully connected layer swapped for a torchbnn BayesLinear of the same shape
-    (a "last layers Bayesian" network: deterministic convolutions, BatchNorm kept)."""
-    for name, child in net.named_children():
-        if isinstance(child, nn.Linear):
-            setattr(net, name, _linear(True, cfg, child.in_features, child.out_features))
-        else:
-            bayesian_head(child, cfg)
+def bayesian_head(net: nn.Module, cfg: DictConfig, last_only: bool = False) -> nn.Module:
+    """``net`` with its fully connected layers (``last_only``: its output layer alone) swapped for
+    torchbnn BayesLinear layers of the same shapes: a "last layers Bayesian" network whose
+    convolutions stay deterministic, BatchNorm included."""
+    linears = [(parent, name, child) for parent in net.modules() for name, child in parent.named_children()
+               if isinstance(child, nn.Linear)]
+    for parent, name, child in linears[-1:] if last_only else linears:
+        setattr(parent, name, _linear(True, cfg, child.in_features, child.out_features))
     return net
