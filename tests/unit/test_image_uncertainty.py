@@ -149,3 +149,11 @@ def test_abstaining_on_density_without_a_fitted_density_is_one_clear_error(tiny_
     delattr(model, DENSITY_ATTR)
     with pytest.raises(UserError, match="abstain_on=density"):
         evaluate_model(model, cfg, test, digits_splits["ood"], val, with_figures=False)
+
+
+def test_auto_density_takes_the_gaussian_only_with_enough_rows_per_feature():
+    from dl_uncertainty.families.feature_density import ROWS_PER_FEATURE, density_kind
+
+    assert density_kind("auto", (ROWS_PER_FEATURE * 128, 128)) == "gaussian"
+    assert density_kind("auto", (195, 128)) == "knn"  # the generated shapes' training split
+    assert density_kind("knn", (10**6, 2)) == "knn" and density_kind("gaussian", (3, 128)) == "gaussian"

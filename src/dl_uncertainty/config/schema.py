@@ -132,7 +132,7 @@ class EvaluateConfig:
     abstain_on: str = "entropy"  # entropy | density: which score decides abstaining (besides set size)
     density_target_rate: float = 0.95  # the feature-density threshold keeps this share of held-out inputs
     density_ridge: float = 1e-3  # added to the feature covariance's diagonal (share of the mean variance)
-    density: str = "gaussian"  # gaussian (class-conditional, shared covariance) | knn (k-th neighbour, normalised)
+    density: str = "gaussian"  # gaussian (class-conditional, shared covariance) | knn (k-th neighbour) | auto
     champion_gate: ChampionGate = field(default_factory=lambda: ChampionGate())
 
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 DENSITY_ATTR = "dlu_density"
 BATCH = 1024
+ROWS_PER_FEATURE = 5  # evaluate.density=auto: fewer training rows per feature than this, and the kNN is used
 
 
 @dataclass
@@ -72,14 +73,24 @@ def energy(model: nn.Module, x) -> np.ndarray:
     return np.concatenate([energy_score(chunk) for chunk in _batches(model, x, lambda rows: family.logits(model, rows))])
 
 
+def density_kind(setting: str, shape: tuple[int, int]) -> str:
+    """``evaluate.density`` for features of ``shape`` [N, D]: ``auto`` is the Gaussian when there are at
+    least ROWS_PER_FEATURE training rows per feature (enough to estimate its covariance), else the kNN."""
+    if setting != "auto":
+        return setting
+    rows, dims = shape
+    return "gaussian" if rows >= ROWS_PER_FEATURE * dims else "knn"
+
+
 def fit_feature_density(model: nn.Module, train: Split, val: Split | None, cfg: DictConfig) -> FeatureDensity:
     """Fit on the training split's features, threshold on the held-out ``val``; attach it to ``model``."""
     e = cfg.evaluate
-    if e.get("density", "gaussian") == "knn":
+    train_features = features(model, train.x)
+    if density_kind(e.get("density", "gaussian"), train_features.shape) == "knn":
         density = KNNDensity(seed=cfg.get("seed", 0))
     else:
         density = ClassGaussianDensity("shared", e.get("density_ridge", 1e-3))
-    density.fit(features(model, train.x), train.y, num_classes=len(train.schema.class_names))
+    density.fit(train_features, train.y, num_classes=len(train.schema.class_names))
     held_out = val.x if val is not None and len(val.y) else train.x
     rate = e.get("density_target_rate", 0.95)
     fitted = FeatureDensity(density, fit_threshold(density.log_density(features(model, held_out)), rate), rate)
