@@ -14,7 +14,7 @@ from dl_uncertainty.errors import UserError
 
 # fitted after training on the calibration split and bundled with the model: fixed once trained
 BUNDLED = ("calibration", "alpha", "conformal_method", "target_risk", "conformal_nonempty", "raps_k_reg",
-           "raps_lambda", "abstain_on", "density_target_rate", "density_ridge")
+           "raps_lambda", "abstain_on", "density_target_rate", "density_ridge", "density")
 
 
 def _check_bundled(given: DictConfig, trained: DictConfig, run_id: str) -> None:

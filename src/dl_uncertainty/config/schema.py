@@ -75,6 +75,7 @@ class ModelConfig:
     dropout: float = 0.0
     conv_dropout: bool = True  # cnn/resnet: dropout in the conv layers too; false: only in the fully connected part
     spectral_norm: float | None = None  # spectral normalisation of the feature extractor with this coefficient; null = off
+    outlier_exposure: float = 0.0  # images: weight of the uniform-prediction loss on synthetic outliers; 0 = off
 
 
 @dataclass
@@ -131,6 +132,7 @@ class EvaluateConfig:
     abstain_on: str = "entropy"  # entropy | density: which score decides abstaining (besides set size)
     density_target_rate: float = 0.95  # the feature-density threshold keeps this share of held-out inputs
     density_ridge: float = 1e-3  # added to the feature covariance's diagonal (share of the mean variance)
+    density: str = "gaussian"  # gaussian (class-conditional, shared covariance) | knn (k-th neighbour) | auto
     champion_gate: ChampionGate = field(default_factory=lambda: ChampionGate())
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from dl_uncertainty.families.losses import Mix, mixed_loss
 from dl_uncertainty.families.networks import build_network, penultimate
+from dl_uncertainty.families.outliers import with_outlier_term, with_outliers
 from dl_uncertainty.families.registry import get_family
 from dl_uncertainty.uncertainty.draws import SampleCache
 from dl_uncertainty.uncertainty.engine import mc_log_probs
@@ -47,9 +48,10 @@ class Family:
     def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig,
                    kl_w: float, mix: Mix | None = None) -> dict[str, torch.Tensor]:
         """The training objective ``loss`` and its parts for one batch (``mix``: after mixup/cutmix)."""
-        logits = model(x if mix is None else mix.x).float()
-        nll = mixed_loss(logits, y, mix, cfg.train)
-        return {"loss": nll, "nll": nll}
+        rows, n = with_outliers(model, x if mix is None else mix.x, cfg)
+        logits = model(rows).float()
+        nll = mixed_loss(logits[:n], y, mix, cfg.train)
+        return with_outlier_term({"loss": nll, "nll": nll}, logits[n:], cfg)
 
     def sample(self, model: nn.Module, x: torch.Tensor, samples: int, *, strategy: str = "auto",
                seed: int | None = None, cache: SampleCache | None = None) -> torch.Tensor:

@@ -17,7 +17,8 @@ from torch import nn
 from dl_uncertainty.errors import UserError
 from dl_uncertainty.families.base import Family
 from dl_uncertainty.families.losses import Mix, mixed_loss
-from dl_uncertainty.families.networks import build_network, penultimate
+from dl_uncertainty.families.networks import bayesian_head, build_network, penultimate
+from dl_uncertainty.families.outliers import with_outlier_term, with_outliers
 
 BAYES_LAYERS = (torchbnn.BayesLinear, torchbnn.BayesConv2d)
 
@@ -68,20 +69,29 @@ class BNN(Family):
             raise UserError(f"model.prior_sigma must be > 0, got {cfg.prior_sigma}")
         if cfg.kl_weight < 0:
             raise UserError(f"model.kl_weight must be >= 0, got {cfg.kl_weight}")
+        if cfg.get("bayesian_layers", "all") not in ("all", "head", "last"):
+            raise UserError(f"model.bayesian_layers must be all, head or last, got {cfg.bayesian_layers!r}")
         if cfg.kl_anneal_epochs < 0:
             raise UserError("model.kl_anneal_epochs must be >= 0")
 
     def build(self, cfg: DictConfig, feature_shape: list[int], num_classes: int) -> nn.Module:
-        model = build_network(cfg, feature_shape, num_classes, bayesian=True)
+        layers = cfg.get("bayesian_layers", "all")
+        if layers != "all":
+            model = bayesian_head(build_network(cfg, feature_shape, num_classes, bayesian=False), cfg,
+                                  last_only=layers == "last")
+        else:
+            model = build_network(cfg, feature_shape, num_classes, bayesian=True)
         init_posterior_scale(model, cfg.posterior_log_sigma_init)
         return model
 
     def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig,
                    kl_w: float, mix: Mix | None = None) -> dict[str, torch.Tensor]:
         """The ELBO: the data term of every family plus the summed KL, weighted by ``kl_w``."""
-        nll = mixed_loss(model(x if mix is None else mix.x).float(), y, mix, cfg.train)
+        rows, n = with_outliers(model, x if mix is None else mix.x, cfg)
+        logits = model(rows).float()
+        nll = mixed_loss(logits[:n], y, mix, cfg.train)
         kl = kl_divergence(model).squeeze()
-        return {"loss": nll + kl_w * kl, "nll": nll, "kl": kl}
+        return with_outlier_term({"loss": nll + kl_w * kl, "nll": nll, "kl": kl}, logits[n:], cfg)
 
     def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features at the posterior mean: one deterministic answer per input."""

@@ -12,6 +12,7 @@ from dl_uncertainty.errors import UserError
 from dl_uncertainty.families.base import Family
 from dl_uncertainty.families.losses import Mix, mixed_loss
 from dl_uncertainty.families.networks import build_network, penultimate
+from dl_uncertainty.families.outliers import with_outlier_term, with_outliers
 
 
 class Ensemble(nn.Module):
@@ -44,12 +45,13 @@ class DeepEnsemble(Family):
 
     def loss_terms(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig,
                    kl_w: float, mix: Mix | None = None) -> dict[str, torch.Tensor]:
-        logits = model.member_logits(x if mix is None else mix.x)
-        members = logits.shape[0]
+        rows, n = with_outliers(model, x if mix is None else mix.x, cfg)
+        all_logits = model.member_logits(rows)
+        logits, members = all_logits[:, :n], all_logits.shape[0]
         partner = None if mix is None else Mix(mix.x, mix.y_partner.repeat(members), mix.lam)
         nll = mixed_loss(logits.reshape(-1, logits.shape[-1]).float(), y.repeat(members), partner,
                          cfg.train) * members  # sum of the members' mean losses: each learns as if alone
-        return {"loss": nll, "nll": nll / members}
+        return with_outlier_term({"loss": nll, "nll": nll / members}, all_logits[:, n:], cfg, scale=members)
 
     def sample(self, model: nn.Module, x: torch.Tensor, samples: int, *, strategy: str = "auto",
                seed: int | None = None, cache=None) -> torch.Tensor:

@@ -19,19 +19,22 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from dl_uncertainty.errors import UserError
 from dl_uncertainty.families.base import family_of
 from dl_uncertainty.uncertainty.density import ClassGaussianDensity, energy_score, fit_threshold
+from dl_uncertainty.uncertainty.knn_density import KNNDensity
 
 if TYPE_CHECKING:
     from dl_uncertainty.data.splits import Split
 
 DENSITY_ATTR = "dlu_density"
 BATCH = 1024
+ROWS_PER_FEATURE = 5  # evaluate.density=auto: fewer training rows per feature than this, and the kNN is used
 
 
 @dataclass
 class FeatureDensity:
-    density: ClassGaussianDensity
+    density: ClassGaussianDensity | KNNDensity
     threshold: float  # abstain below this log-density
     target_rate: float  # the share of held-out (calibration) inputs at or above it
 
@@ -41,7 +44,9 @@ class FeatureDensity:
 
     @classmethod
     def from_state(cls, state: dict) -> FeatureDensity:
-        return cls(ClassGaussianDensity.from_state(state), float(np.asarray(state["threshold"])),
+        kind = str(np.asarray(state["kind"])) if "kind" in state else "gaussian"  # bundles before knn: gaussian
+        density = KNNDensity.from_state(state) if kind == "knn" else ClassGaussianDensity.from_state(state)
+        return cls(density, float(np.asarray(state["threshold"])),
                    float(np.asarray(state["target_rate"])))
 
 
@@ -69,11 +74,24 @@ def energy(model: nn.Module, x) -> np.ndarray:
     return np.concatenate([energy_score(chunk) for chunk in _batches(model, x, lambda rows: family.logits(model, rows))])
 
 
+def density_kind(setting: str, shape: tuple[int, int]) -> str:
+    """``evaluate.density`` for features of ``shape`` [N, D]: ``auto`` is the Gaussian when there are at
+    least ROWS_PER_FEATURE training rows per feature (enough to estimate its covariance), else the kNN."""
+    if setting != "auto":
+        return setting
+    rows, dims = shape
+    return "gaussian" if rows >= ROWS_PER_FEATURE * dims else "knn"
+
+
 def fit_feature_density(model: nn.Module, train: Split, val: Split | None, cfg: DictConfig) -> FeatureDensity:
     """Fit on the training split's features, threshold on the held-out ``val``; attach it to ``model``."""
     e = cfg.evaluate
-    density = ClassGaussianDensity("shared", e.get("density_ridge", 1e-3))
-    density.fit(features(model, train.x), train.y, num_classes=len(train.schema.class_names))
+    train_features = features(model, train.x)
+    if density_kind(e.get("density", "gaussian"), train_features.shape) == "knn":
+        density = KNNDensity(seed=cfg.get("seed", 0))
+    else:
+        density = ClassGaussianDensity("shared", e.get("density_ridge", 1e-3))
+    density.fit(train_features, train.y, num_classes=len(train.schema.class_names))
     held_out = val.x if val is not None and len(val.y) else train.x
     rate = e.get("density_target_rate", 0.95)
     fitted = FeatureDensity(density, fit_threshold(density.log_density(features(model, held_out)), rate), rate)
@@ -109,6 +127,11 @@ def log_density(model: nn.Module, x) -> np.ndarray | None:
 def abstain_rule(model: nn.Module, cfg: DictConfig, density: np.ndarray | None) -> dict:
     """``calibration.decide``'s density arguments when ``evaluate.abstain_on=density``, else none."""
     fitted = density_of(model)
-    if density is None or fitted is None or cfg.evaluate.get("abstain_on", "entropy") != "density":
+    if cfg.evaluate.get("abstain_on", "entropy") != "density":
+        return {}
+    if fitted is None:
+        raise UserError("evaluate.abstain_on=density but this model carries no feature density (a bundle saved "
+                        "before densities were fitted after training): retrain it, or use evaluate.abstain_on=entropy")
+    if density is None:
         return {}
     return {"density": density, "density_threshold": fitted.threshold}

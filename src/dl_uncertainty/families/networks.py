@@ -180,3 +180,22 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={name} but CUDA is not available here; use device=auto or cpu")
     return torch.device(name)
+
+
+def image_shape_of(model: nn.Module) -> list[int] | None:
+    """The [C, H, W] a CNN/ResNet unflattens its rows to; None for an MLP."""
+    for module in model.modules():
+        if isinstance(module, nn.Unflatten):
+            return list(module.unflattened_size)
+    return None
+
+
+def bayesian_head(net: nn.Module, cfg: DictConfig, last_only: bool = False) -> nn.Module:
+    """``net`` with its fully connected layers (``last_only``: its output layer alone) swapped for
+    torchbnn BayesLinear layers of the same shapes: a "last layers Bayesian" network whose
+    convolutions stay deterministic, BatchNorm included."""
+    linears = [(parent, name, child) for parent in net.modules() for name, child in parent.named_children()
+               if isinstance(child, nn.Linear)]
+    for parent, name, child in linears[-1:] if last_only else linears:
+        setattr(parent, name, _linear(True, cfg, child.in_features, child.out_features))
+    return net
