@@ -22,8 +22,9 @@ COVARIANCES = ("shared", "per_class")
 RIDGE_KEY = "evaluate.density_ridge"
 
 
-def _as_2d(features, what: str) -> np.ndarray:
-    x = np.asarray(features, dtype=np.float64)
+def as_features(features, what: str, dtype=np.float64) -> np.ndarray:
+    """``features`` as a finite [N, D] array; non-finite values are a user-facing error."""
+    x = np.asarray(features, dtype=dtype)
     if x.ndim != 2:
         raise ValueError(f"{what} must be [N, D] features, got shape {x.shape}")
     if not np.isfinite(x).all():
@@ -57,7 +58,7 @@ class ClassGaussianDensity:
     # ------------------------------------------------------------------ fitting
 
     def fit(self, features, labels, num_classes: int | None = None) -> ClassGaussianDensity:
-        x = _as_2d(features, "training features")
+        x = as_features(features, "training features")
         y = np.asarray(labels).reshape(-1).astype(np.int64)
         if len(y) != len(x):
             raise ValueError(f"{len(x)} feature rows but {len(y)} labels")
@@ -107,7 +108,7 @@ class ClassGaussianDensity:
     def _mahalanobis_all(self, features) -> np.ndarray:
         """Squared Mahalanobis distance of every row to every class mean, [N, K]."""
         self._check_fitted()
-        x = _as_2d(features, "features")
+        x = as_features(features, "features")
         if x.shape[1] != self.means.shape[1]:
             raise ValueError(f"features have {x.shape[1]} columns, the density was fitted on {self.means.shape[1]}")
         if getattr(self, "_whiten_of", None) is not self.chol:  # L^-1 once per fit: a served row costs a matmul

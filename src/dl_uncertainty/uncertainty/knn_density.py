@@ -16,18 +16,14 @@ from __future__ import annotations
 import numpy as np
 
 from dl_uncertainty.errors import UserError
+from dl_uncertainty.uncertainty.density import as_features
 
 MAX_ROWS = 10_000  # stored training rows (a random subset beyond it): bounds the bundle and a served row's cost
 CHUNK = 2048
 
 
 def _normalised(features, what: str) -> np.ndarray:
-    x = np.asarray(features, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"{what} must be [N, D] features, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise UserError(f"{what} hold {int((~np.isfinite(x)).sum())} non-finite values; "
-                        "the model's features overflowed before the density was fitted")
+    x = as_features(features, what, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
