@@ -103,3 +103,20 @@ def test_folds_pair_the_families_fold_by_fold():
     assert lead.differences == pytest.approx([0.1, 0.2, 0.0])  # with one seed, only folds tell them apart
     verdict = S.noise_verdict("a", "nll", [lead], over=S.axis(entries))
     assert "3 paired folds" in verdict and "Folds share training rows" in verdict
+
+
+def test_a_plain_training_run_with_pipeline_fold_early_stops_on_that_fold(tiny_cfg, digits_splits, tmp_path):
+    from dl_uncertainty.data.folds import prepare_run_splits
+    from dl_uncertainty.train import train_and_log
+    from dl_uncertainty.training.loop import evaluate_split
+
+    cfg = tiny_cfg("model=mc_dropout_dnn", "train.epochs=1", "train.val_mc_samples=0", "pipeline.folds=3",
+                   "pipeline.fold=1", f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                   f"train.checkpoint_dir={tmp_path / 'ckpt'}")
+    splits = prepare_run_splits(cfg)
+    fold_val = fold_splits(digits_splits["train"], digits_splits["val"], 3, 1, cfg.seed)[1]
+    np.testing.assert_array_equal(splits["val"].x, fold_val.x)
+    trained = train_and_log(cfg)  # as `python -m dl_uncertainty.train pipeline.folds=3 pipeline.fold=1` does
+    epoch_nll = trained.result.history["val_nll"][0]
+    assert epoch_nll == pytest.approx(evaluate_split(trained.model, fold_val, 0)["nll"], abs=1e-6)
+    assert epoch_nll != pytest.approx(evaluate_split(trained.model, digits_splits["val"], 0)["nll"], abs=1e-6)

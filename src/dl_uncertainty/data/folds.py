@@ -8,10 +8,15 @@ every fold's positions, so out-of-fold predictions line up with ``pooled_labels`
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from dl_uncertainty.data.splits import Split
 from dl_uncertainty.errors import UserError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def pooled_labels(train: Split, val: Split) -> np.ndarray:
@@ -48,3 +53,16 @@ def fold_splits(train: Split, val: Split, folds: int, fold: int, seed: int) -> t
     inside[held] = True
     x = np.concatenate([np.asarray(train.x), np.asarray(val.x)])
     return (Split(x[~inside], labels[~inside], train.schema), Split(x[inside], labels[inside], train.schema))
+
+
+def prepare_run_splits(cfg: DictConfig) -> dict[str, Split]:
+    """The splits one run trains and evaluates on: ``cfg.data``'s, made with ``cfg.seed``, with train and
+    val replaced by fold ``pipeline.fold``'s when it is set, as the pipeline's branch for that fold has them."""
+    from dl_uncertainty.data.tables import prepare
+
+    splits = prepare(cfg.data, cfg.seed)
+    if cfg.pipeline.fold >= 0:
+        check_folds(pooled_labels(splits["train"], splits["val"]), cfg.pipeline.folds, splits["train"].schema.class_names)
+        splits["train"], splits["val"] = fold_splits(splits["train"], splits["val"], cfg.pipeline.folds,
+                                                     cfg.pipeline.fold, cfg.seed)
+    return splits
