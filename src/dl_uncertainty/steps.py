@@ -100,10 +100,12 @@ def compare_models(config_json: str, records: list[str], predictions: list[str])
     columns = [c for c in TABLE_METRICS if any(c in m for m in results.values())]
     note = f"{C.selection_note(metric)}. {noise}"
     markdown = S.spread_markdown(spreads, columns, winner, metric, mode, registered, note, verdict, axis=over)
-    if F.has_folds(entries):
-        markdown += "\n" + F.cv_markdown(F.cross_validation(entries))
+    folds = F.cross_validation(entries) if F.has_folds(entries) else None
+    if folds:
+        markdown += "\n" + F.cv_markdown(folds)
     tuning = C.tuning_section({family: entry["run_id"] for family, entry in chosen.items()})
     html = C.comparison_html(results, columns, winner, metric, mode, preds, f"{note} {verdict}", tuning,
-                             seeds=S.spread_rows(spreads, columns, over))
+                             seeds=S.spread_rows(spreads, columns, over),
+                             cross_validation=F.cv_section(folds) if folds else None)
     version = C.register_champion(registered["run_id"], name, promote=not failures)
     return Comparison(winner, markdown, html, verdict, version, not failures, name)

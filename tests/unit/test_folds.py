@@ -96,6 +96,24 @@ def test_out_of_fold_metrics_pool_every_fold_and_the_fold_ensemble_averages_on_t
     assert "| a | test, the 3 fold models as one ensemble | 12 | " in text
 
 
+def test_the_html_comparison_carries_the_cross_validation_table(tmp_path):
+    from dl_uncertainty.reports.render import format_value
+    from dl_uncertainty.tracking.compare import comparison_html
+
+    rng = np.random.default_rng(1)
+    labels, test_labels = rng.integers(0, 3, 30), rng.integers(0, 3, 12)
+    made = [_fold_predictions(tmp_path, rng, "a", k, labels[h], test_labels, 8)
+            for k, h in enumerate(fold_positions(labels, 3, seed=1))]
+    found = F.cross_validation([e for e, _ in made])
+    page = comparison_html({"a": {"val_nll": 0.5, "nll": 0.6}}, ["nll"], "a", "val_nll", "min",
+                           {"a": {"probs": made[0][1]["probs"], "labels": test_labels}},
+                           cross_validation=F.cv_section(found))
+    assert "<h2>3-fold cross-validation</h2>" in page and "not registered" in page
+    ensemble_acc = format_value(found["a"]["ensemble"]["acc"])
+    row = next(r for r in page.split("<tr>") if "fold models as one ensemble" in r)
+    assert f">{ensemble_acc}</td>" in row and ">12</td>" in row
+
+
 def test_folds_pair_the_families_fold_by_fold():
     entries = [{"model": m, "seed": 42, "fold": k, "run_id": f"{m}{k}", "metrics": {"nll": v}}
                for m, values in {"a": [0.1, 0.2, 0.3], "b": [0.2, 0.4, 0.3]}.items() for k, v in enumerate(values)]
