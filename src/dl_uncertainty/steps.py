@@ -1,5 +1,6 @@
-"""The evaluate and compare steps: what the KFP components run (each a few lines around one call
-here) and what ``python -m dl_uncertainty.evaluate`` runs, so the pipeline and the CLI share code."""
+"""The preprocess, evaluate and compare steps: what the KFP components run (each a few lines around one
+call here) and what ``python -m dl_uncertainty.preprocess`` and ``evaluate`` run, so the pipeline and the
+CLI share code."""
 
 from __future__ import annotations
 
@@ -9,6 +10,24 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import DictConfig
 from torch import nn
+
+
+def prepared_splits(cfg: DictConfig) -> dict:
+    """``cfg.data`` cleaned and split with ``cfg.seed``, refused before any split is written when the
+    calibration split is too small for ``evaluate.alpha`` or a class cannot be in every one of
+    ``pipeline.folds`` folds; prints how many rows cleaning dropped. The pipeline's preprocess step and
+    ``python -m dl_uncertainty.preprocess`` both run it."""
+    from dl_uncertainty.data.folds import check_folds, pooled_labels
+    from dl_uncertainty.data.splits import dropped_rows_line
+    from dl_uncertainty.data.tables import prepare
+    from dl_uncertainty.uncertainty.conformal import check_alpha
+
+    splits = prepare(cfg.data, cfg.seed)
+    check_alpha(len(splits["calib"].y), cfg.evaluate.alpha)
+    check_folds(pooled_labels(splits["train"], splits["val"]), cfg.pipeline.folds, splits["train"].schema.class_names)
+    if dropped := dropped_rows_line(splits["train"].schema):
+        print(dropped)
+    return splits
 
 
 def evaluate_and_log(model: nn.Module, cfg: DictConfig, splits: dict, calibration, run_id: str,

@@ -138,3 +138,11 @@ def test_a_plain_training_run_with_pipeline_fold_early_stops_on_that_fold(tiny_c
     epoch_nll = trained.result.history["val_nll"][0]
     assert epoch_nll == pytest.approx(evaluate_split(trained.model, fold_val, 0)["nll"], abs=1e-6)
     assert epoch_nll != pytest.approx(evaluate_split(trained.model, digits_splits["val"], 0)["nll"], abs=1e-6)
+
+
+def test_preprocess_refuses_more_folds_than_a_class_has_rows_as_the_pipeline_does(tmp_path):
+    from dl_uncertainty.preprocess import _task
+
+    with pytest.raises(UserError, match=r"^pipeline.folds=200 is more than the \d+ training rows"):
+        _task(load_config([f"data_dir={tmp_path}", "pipeline.folds=200"]))
+    assert not list(tmp_path.iterdir())  # refused before any split is written
