@@ -55,6 +55,7 @@ def evaluate_bundle(bundle: str, val: str, calib: str, test: str, ood: str, pred
     ``predictions_path``."""
     from sklearn.metrics import confusion_matrix
 
+    from dl_uncertainty.data.folds import rescaled
     from dl_uncertainty.data.splits import load_split
     from dl_uncertainty.tracking.bundle import load_bundle
     from dl_uncertainty.tracking.compare import registered_name
@@ -63,6 +64,7 @@ def evaluate_bundle(bundle: str, val: str, calib: str, test: str, ood: str, pred
     net, cfg, schema, meta = load_bundle(bundle)
     splits = {"val": load_split(val, expect=schema, mmap=True), "calib": load_split(calib, expect=schema, mmap=True),
               "test": load_split(test, expect=schema, mmap=True), "ood": load_split(ood, mmap=True)}
+    splits = {name: rescaled(split, schema) for name, split in splits.items()}  # a fold model's own scaling
     calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
     evaluation = evaluate_and_log(net, cfg, splits, calibration, meta["run_id"], predictions_path)
     matrix = confusion_matrix(evaluation.predictions["labels"], evaluation.predictions["probs"].argmax(1),
