@@ -125,7 +125,7 @@ def compare_models(config_json: str, records: list[str], predictions: list[str])
     if folds:
         markdown += "\n" + F.cv_markdown(folds)
     tuning = C.tuning_section({family: entry["run_id"] for family, entry in chosen.items()})
-    html = C.comparison_html(results, columns, winner, metric, mode, preds, f"{note} {verdict}", tuning,
+    html = C.comparison_html(results, columns, winner, metric, mode, preds, f"{noise} {verdict}", tuning,
                              seeds=S.spread_rows(spreads, columns, over),
                              cross_validation=F.cv_section(folds) if folds else None)
     version = C.register_champion(registered["run_id"], name, promote=not failures)

@@ -46,3 +46,4 @@ def test_two_folds_train_on_each_other_and_are_scored_out_of_fold(tmp_path, monk
     assert "| mc_dropout_dnn | test, the 2 fold models as one ensemble | 289 | " in printed
     report = next(run_dir.rglob("compare/report")).read_text()  # the HTML comparison carries the same table
     assert "<h2>2-fold cross-validation</h2>" in report and "test, the 2 fold models as one ensemble" in report
+    assert report.count("test numbers reported only") == 1  # the selection split said once, in the winner's line
