@@ -18,6 +18,7 @@ GET  /health, /v1/models/<name>    ready?        GET /info   the columns it take
                                    for an image model's pixels), its classes, its calibration, and
                                    feature_density: its abstain threshold and whether it decides abstaining
 
+A body may be gzip- or deflate-compressed (Content-Encoding), up to 256 MiB unpacked.
 Bad input gets a 400 whose body is one sentence: {"error": "..."}; more rows than --max-rows (10000) a 413,
 an unknown path a 404 and a wrong method a 405, of the same shape; a failure of the server itself a 500
 of the same shape (its traceback goes to the server's log). Every answer is strict JSON: a number that is
@@ -36,6 +37,7 @@ import logging
 import math
 import sys
 import threading
+import zlib
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,7 @@ from dl_uncertainty.errors import UserError
 REGISTERED_PREFIX = "dl-uncertainty-"  # tracking.compare.registered_name: dl-uncertainty-<data>-<input shape>
 INPUT_KEYS = ("dataframe_split", "dataframe_records", "inputs", "instances")
 MAX_INT_DIGITS = 300  # a longer integer is past float64's range (1.8e308) or close to it
+MAX_UNPACKED = 256 << 20  # bytes a gzip body may unpack to (a few bytes can unpack to gigabytes)
 MAX_ROWS = 10_000  # per request, by default: bounds one request's memory (its T x rows x classes samples)
 log = logging.getLogger("dl_uncertainty.serve")
 
@@ -104,8 +107,28 @@ class TooLarge(UserError):
     """A request with more rows than the server takes: a 413."""
 
 
-def parse(body: bytes, content_type: str | None = None, max_rows: int = MAX_ROWS) -> pd.DataFrame:
-    """A request body in one of MLflow's JSON formats as a DataFrame (columns named or positional)."""
+def decoded(body: bytes, encoding: str | None) -> bytes:
+    """The body as sent before its Content-Encoding (gzip or deflate), unpacked to at most MAX_UNPACKED bytes."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise UserError(f"Content-Encoding: {encoding} is not read; send the body uncompressed or with gzip")
+    unpack = zlib.decompressobj(wbits=47)  # gzip or zlib header, told apart by its first bytes
+    try:
+        out = unpack.decompress(body, MAX_UNPACKED)
+    except zlib.error:
+        raise UserError(f"the body is not {encoding} data, as its Content-Encoding says") from None
+    if unpack.unconsumed_tail:
+        raise TooLarge(f"the {encoding} body unpacks to more than {MAX_UNPACKED >> 20} MiB; send fewer rows per request")
+    if not unpack.eof:
+        raise UserError(f"the {encoding} body is cut short: it ends before its compressed data does")
+    return out
+
+
+def parse(body: bytes, content_type: str | None = None, max_rows: int = MAX_ROWS, schema=None) -> pd.DataFrame:
+    """A request body in one of MLflow's JSON formats as a DataFrame (columns named or positional);
+    with the model's ``schema``, rows nested as lists must have its input's shape."""
     example = 'send {"dataframe_split": {"columns": [...], "data": [[...]]}}'
     if not body.strip():
         raise UserError(f"the body is empty; {example}")
@@ -114,6 +137,9 @@ def parse(body: bytes, content_type: str | None = None, max_rows: int = MAX_ROWS
     except RecursionError:
         raise UserError("the request is nested too deeply to be a table of rows") from None
     except (ValueError, UnicodeDecodeError):
+        if body[:2] == b"\x1f\x8b":  # gzip's magic number
+            raise UserError("the body is gzip-compressed but says no Content-Encoding; send it with "
+                            "Content-Encoding: gzip") from None
         given = f" (Content-Type: {content_type})" if content_type and "json" not in content_type else ""
         raise UserError(f"the body is not JSON{given}; {example}") from None
     if not isinstance(payload, dict) or not any(k in payload for k in INPUT_KEYS):
@@ -129,7 +155,7 @@ def parse(body: bytes, content_type: str | None = None, max_rows: int = MAX_ROWS
     if isinstance(value, list | dict) and len(value) == 0:
         raise UserError(f"{key!r} holds no rows")
     try:
-        frame = _frame(key, value)
+        frame = _frame(key, value, schema)
     except RecursionError:
         raise UserError("the request is nested too deeply to be a table of rows") from None
     except UserError:
@@ -144,7 +170,7 @@ def parse(body: bytes, content_type: str | None = None, max_rows: int = MAX_ROWS
     return frame
 
 
-def _frame(key: str, value) -> pd.DataFrame:
+def _frame(key: str, value, schema=None) -> pd.DataFrame:
     if key == "dataframe_split":
         if not isinstance(value, dict) or "data" not in value:
             raise UserError('\'dataframe_split\' needs {"columns": [...], "data": [[...]]}')
@@ -164,10 +190,16 @@ def _frame(key: str, value) -> pd.DataFrame:
     if not isinstance(value, list):
         raise UserError(f"{key!r} must be a list of rows")
     try:
-        lengths = {len(np.ravel(row)) for row in value}
+        shapes = {np.shape(row) for row in value}
     except ValueError:  # ragged or too deep: not one number per cell
         raise UserError(f"the rows of {key!r} must be lists of numbers (an image's may be nested lists of one "
                         "shape)") from None
+    if schema is not None:
+        from dl_uncertainty.data.rows import check_row_shape
+
+        for shape in shapes:
+            check_row_shape(shape, schema, key, len(value))
+    lengths = {int(np.prod(shape)) for shape in shapes}
     if len(lengths) > 1:
         raise UserError(f"the rows of {key!r} have different lengths ({min(lengths)} to {max(lengths)} values)")
     from dl_uncertainty.tracking.runs import (
@@ -256,8 +288,8 @@ def create_app(wrapper, name: str = "dl-uncertainty", max_rows: int = MAX_ROWS):
     def error(message: str, status: int) -> Response:  # ASCII-escaped: any character a client sent survives
         return Response(json.dumps({"error": message}), status_code=status, media_type="application/json")
 
-    def predict(body: bytes, content_type: str | None) -> str:
-        frame = parse(body, content_type, max_rows)
+    def predict(body: bytes, content_type: str | None, encoding: str | None) -> str:
+        frame = parse(decoded(body, encoding), content_type, max_rows, wrapper.schema)
         check_cells(frame, names)
         x = raw_to_rows(frame, wrapper.schema)
         with lock:
@@ -267,7 +299,9 @@ def create_app(wrapper, name: str = "dl-uncertainty", max_rows: int = MAX_ROWS):
 
     async def answer(request: Request) -> Response:
         try:
-            content = await run_in_threadpool(predict, await request.body(), request.headers.get("content-type"))
+            headers = request.headers
+            content = await run_in_threadpool(predict, await request.body(), headers.get("content-type"),
+                                              headers.get("content-encoding"))
         except UserError as err:
             return error(str(err), 413 if isinstance(err, TooLarge) else 400)
         except Exception as err:  # a bug, not the client's input: one sentence out, the traceback in the log
