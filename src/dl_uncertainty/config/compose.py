@@ -39,7 +39,7 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
         except (HydraException, OmegaConfBaseException) as err:
             key = _other_family_key(str(err), overrides)
             if key is None:
-                raise UserError(f"invalid configuration: {_first_line(err)}") from None
+                raise UserError(f"invalid configuration: {_first_line(err)}{_hint(_first_line(err), overrides)}") from None
             overrides = [o for o in overrides if _override_key(o) != key]
     _check_added_keys(overrides, cfg)
     try:
@@ -90,6 +90,23 @@ def _check_added_keys(overrides: list[str], cfg: DictConfig) -> None:
         close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.7)
         hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
         raise UserError(f"{override} adds {key}, which is not a config key{hint}; --cfg prints every key")
+
+
+def _hint(error: str, overrides: list[str]) -> str:
+    """What to type instead, for the Hydra errors a new user meets first."""
+    missing = re.search(r"Could not find '([\w.]+)/([^']+)'\s+Available options in '[^']+':\s*(.*)", error)
+    if missing:
+        group, given, options = missing.group(1), missing.group(2), missing.group(3).split()
+        close = difflib.get_close_matches(given, options, n=1, cutoff=0.6)
+        return f" (did you mean {group}={close[0]}?)" if close else ""
+    scalar = re.search(r"Error merging override ([\w.]+)=(\S+) Invalid value assigned: \w+ is not a ListConfig", error)
+    if scalar:
+        key, value = scalar.groups()
+        return f" ({key} is a list: write {key}=[{value}])"
+    bare = re.search(r"Error parsing override '([^'=]+)' missing EQUAL", error)
+    if bare and bare.group(1) in overrides:
+        return f" (an override is key=value: write {bare.group(1)}=<value>)"
+    return ""
 
 
 def _is_schema_key(key: str, cfg: DictConfig) -> bool:

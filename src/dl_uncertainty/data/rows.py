@@ -105,11 +105,11 @@ def raw_to_rows(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
     bad = ~np.isfinite(x) | (np.abs(x) > LIMIT_SCALED if "center" in schema.cleaning else False)
     if bad.any():  # finite as given, too large once scaled to float32 (e.g. 1e300), or absurdly far (1e20 pixels)
         row, col = (int(i) for i in np.argwhere(bad)[0])
-        far = "" if not np.isfinite(x[row, col]) else f", {abs(float(x[row, col])):.2g} times the training data's spread " \
-            "from its centre"
-        raise UserError(f"row {row} column {names[col]!r} is {float(values[row, col]):g}{far}: too large to scale; "
+        far = "" if not np.isfinite(x[row, col]) else (
+            f" ({abs(float(x[row, col])):.2g} times the training data's spread from its centre)")
+        raise UserError(f"row {row} column {names[col]!r} is {float(values[row, col]):g}, too large to scale{far}; "
                         f"every feature must be a number of the size the training data held (at most "
-                        f"{LIMIT_SCALED:g} times its spread away)")
+                        f"{LIMIT_SCALED:g} times its spread from its centre)")
     return x
 
 
