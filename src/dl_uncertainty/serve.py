@@ -110,20 +110,25 @@ class TooLarge(UserError):
 def decoded(body: bytes, encoding: str | None) -> bytes:
     """The body as sent before its Content-Encoding (gzip or deflate), unpacked to at most MAX_UNPACKED bytes."""
     encoding = (encoding or "identity").strip().lower()
-    if encoding == "identity":
+    if encoding == "identity" or not body:
         return body
     if encoding not in ("gzip", "x-gzip", "deflate"):
         raise UserError(f"Content-Encoding: {encoding} is not read; send the body uncompressed or with gzip")
-    unpack = zlib.decompressobj(wbits=47)  # gzip or zlib header, told apart by its first bytes
-    try:
-        out = unpack.decompress(body, MAX_UNPACKED)
-    except zlib.error:
-        raise UserError(f"the body is not {encoding} data, as its Content-Encoding says") from None
-    if unpack.unconsumed_tail:
-        raise TooLarge(f"the {encoding} body unpacks to more than {MAX_UNPACKED >> 20} MiB; send fewer rows per request")
-    if not unpack.eof:
-        raise UserError(f"the {encoding} body is cut short: it ends before its compressed data does")
-    return out
+    out, rest = bytearray(), body
+    while True:  # one member after another: concatenated gzip files are one gzip stream
+        unpack = zlib.decompressobj(wbits=47)  # gzip or zlib header, told apart by its first bytes
+        try:
+            out += unpack.decompress(rest, MAX_UNPACKED + 1 - len(out))  # >= 1: 0 would mean no limit
+        except zlib.error:
+            raise UserError(f"the body is not {encoding} data, as its Content-Encoding says") from None
+        if len(out) > MAX_UNPACKED:
+            raise TooLarge(f"the {encoding} body unpacks to more than {MAX_UNPACKED >> 20} MiB; send fewer rows "
+                           "per request")
+        if not unpack.eof:
+            raise UserError(f"the {encoding} body is cut short: it ends before its compressed data does")
+        rest = unpack.unused_data
+        if not rest:
+            return bytes(out)
 
 
 def parse(body: bytes, content_type: str | None = None, max_rows: int = MAX_ROWS, schema=None) -> pd.DataFrame:
@@ -200,6 +205,8 @@ def _frame(key: str, value, schema=None) -> pd.DataFrame:
         for shape in shapes:
             check_row_shape(shape, schema, key, len(value))
     lengths = {int(np.prod(shape)) for shape in shapes}
+    if schema is not None and len(lengths) == 1 and lengths != {schema.num_features}:  # before a frame that wide
+        raise UserError(f"expected {schema.num_features} values per row, got {lengths.pop()}")
     if len(lengths) > 1:
         raise UserError(f"the rows of {key!r} have different lengths ({min(lengths)} to {max(lengths)} values)")
     from dl_uncertainty.tracking.runs import (
