@@ -11,6 +11,7 @@ import lzma
 import os
 import zipfile
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -161,6 +162,13 @@ def test_a_gzipped_parquet_table_is_read(in_tmp, capsys):
 PIXELS = [0, *(int(v) for v in np.random.default_rng(3).integers(0, 17, 63))]  # one digits image: 8 x 8, values 0-16
 
 
+class Served(NamedTuple):
+    url: str
+    flat: dict  # the answer to PIXELS sent as one flat row
+    run_id: str
+    uri: str
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, digits_splits):
     """A one-epoch MC-Dropout model on digits, logged and served from a fresh process."""
@@ -176,7 +184,7 @@ def server(tmp_path_factory, digits_splits):
     with model_server(env, cwd=tmp, args=("--model", f"runs:/{trained.run_id}/model")) as url:
         status, flat = post(f"{url}/invocations", {"inputs": [PIXELS]})
         assert status == 200, flat
-        yield url, flat
+        yield Served(url, flat, trained.run_id, uri)
 
 
 def row(*values):
@@ -228,14 +236,14 @@ def send(url: str, body: bytes, headers: dict) -> tuple[int, dict]:
 
 @pytest.mark.parametrize(("body", "headers", "says"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
 def test_a_request_the_model_cannot_answer_is_a_400_saying_why(server, body, headers, says):
-    status, answer = send(server[0], body, headers)
+    status, answer = send(server.url, body, headers)
     assert status == 400, answer
     assert says in answer["error"] and "\n" not in answer["error"], answer
 
 
 def test_a_gzip_bomb_is_a_413_not_a_full_memory(server):
     bomb = gzip.compress(b" " * (1 << 20)) * 257  # 257 members of 1 MiB each: 260 kB sent
-    status, answer = send(server[0], bomb, {"Content-Encoding": "gzip"})
+    status, answer = send(server.url, bomb, {"Content-Encoding": "gzip"})
     assert status == 413 and "unpacks to more than 256 MiB" in answer["error"]
 
 
@@ -257,12 +265,44 @@ ANSWERED = [
 
 @pytest.mark.parametrize(("body", "headers"), [c[1:] for c in ANSWERED], ids=[c[0] for c in ANSWERED])
 def test_the_same_row_sent_another_valid_way_gets_the_same_answer(server, body, headers):
-    url, flat = server
-    status, answer = send(url, body, headers)
+    status, answer = send(server.url, body, headers)
     assert status == 200, answer
-    assert answer == flat
+    assert answer == server.flat
 
 
 def test_a_value_far_but_plausible_is_answered(server):
-    status, answer = post(f"{server[0]}/invocations", {"inputs": [[1000] + PIXELS[1:]]})
+    status, answer = post(f"{server.url}/invocations", {"inputs": [[1000] + PIXELS[1:]]})
     assert status == 200 and len(answer["predictions"]) == 1
+
+
+def test_a_run_uri_without_the_model_path_loads_the_runs_model(server):
+    from dl_uncertainty.serve import load
+
+    os.environ["MLFLOW_TRACKING_URI"] = server.uri
+    try:
+        for uri in (f"runs:/{server.run_id}", f"runs:/{server.run_id}/"):
+            assert load(uri).schema.num_features == 64
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--port", "99999"], r"--port must be in 0-65535, got 99999$"),
+    (["--port", "{busy}"], r"cannot listen on 127.0.0.1:\d+ \(Address already in use\); pass another --port"),
+    (["--host", "no-such-host.invalid"], r"cannot listen on no-such-host.invalid:0 \(.*\); pass another --port or --host"),
+    (["--sample-cache-mb", "-5"], r"--sample-cache-mb must be >= 0 \(0 draws on every request\), got -5$"),
+    (["--sample-cache-mb", "inf"], r"--sample-cache-mb must be >= 0 .*got inf$"),
+    (["--model", "no/such/folder"], r"no model folder no/such/folder; --model takes models:/<name>@<alias>, runs:/<run id>"),
+], ids=["port-out-of-range", "port-in-use", "unknown-host", "negative-cache", "infinite-cache", "missing-folder"])
+def test_bad_serve_arguments_are_one_line_before_the_model_loads(in_tmp, capsys, args, says):
+    import re
+    import socket
+
+    from dl_uncertainty.serve import main
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        args = [a.format(busy=busy.getsockname()[1]) for a in args]
+        assert main(["--model", "runs:/0123456789abcdef0123456789abcdef/model", "--port", "0", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and re.search(says, err[-1]), err
+    assert "Traceback" not in "\n".join(err)
