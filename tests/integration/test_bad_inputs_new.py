@@ -78,6 +78,16 @@ def test_a_bad_input_is_one_error_line_and_leaves_nothing_behind(in_tmp, capsys,
     assert finished_runs(in_tmp) == []
 
 
+def test_a_run_that_holds_no_model_of_ours_says_so(in_tmp, capsys):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("by hand"))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    code, stderr, _ = run_in_process("evaluate", [f"run_id={run.info.run_id}"], capsys)
+    assert_one_error_line(code, stderr, rf"run {run.info.run_id} holds no model trained by dl_uncertainty")
+
+
 def macos_and_notebook_leftovers(root):
     (root / "__MACOSX" / "a").mkdir(parents=True)
     (root / "__MACOSX" / "a" / "._0.png").write_bytes(b"\0\5 resource fork")
@@ -101,6 +111,7 @@ def deeper_folders_and_odd_images(root):
 GOOD = [
     ("bom-semicolons-crlf", csv_file(("\ufeffa;b;label\n" + rows_csv(sep=";")).replace("\n", "\r\n"))),
     ("trailing-blank-lines", csv_file(TABLE + "\n\n  \n")),
+    ("old-mac-line-ends", csv_file(TABLE.replace("\n", "\r"))),
     ("npz-five-dimensional-x", npz_file(x=np.zeros((ROWS, 1, 1, 4, 4)) + np.arange(ROWS)[:, None, None, None, None],
                                         y=np.arange(ROWS) % 2)),
     ("npz-extra-arrays", npz_file(x=np.arange(ROWS * 3.0).reshape(ROWS, 3), y=np.arange(ROWS) % 2, notes=np.zeros(3))),

@@ -44,6 +44,8 @@ def _decode(raw: bytes, path: str, encoding: str) -> str:
         ) from None
     if "\0" in text[:4096]:
         raise UserError(f"{path} is a binary file, not a CSV (or set data.encoding, e.g. utf-16)")
+    if "\r" in text and "\n" not in text:  # old Mac line ends: CR alone
+        text = text.replace("\r", "\n")
     return text
 
 
