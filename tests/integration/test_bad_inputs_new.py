@@ -317,3 +317,19 @@ def test_bad_serve_arguments_are_one_line_before_the_model_loads(in_tmp, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and re.search(says, err[-1]), err
     assert "Traceback" not in "\n".join(err)
+
+
+def test_the_logged_model_takes_image_arrays_of_its_shape_only(server):
+    from mlflow.exceptions import MlflowException
+
+    from dl_uncertainty.serve import load
+
+    os.environ["MLFLOW_TRACKING_URI"] = server.uri
+    try:
+        wrapper = load(f"runs:/{server.run_id}/model")
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    image = np.asarray(PIXELS, dtype=float).reshape(1, 1, 8, 8)
+    assert len(wrapper.predict(None, image)) == 1
+    with pytest.raises(MlflowException, match=r"the rows of 'the input' are nested as \(2, 32\)"):
+        wrapper.predict(None, image.reshape(1, 2, 32))
