@@ -63,6 +63,8 @@ BAD = [
      r"\(data.image_size is a list: write data.image_size=\[8\]\)$"),
     ("ood-classes-one-value", "preprocess", given("data.ood_classes=8"), r"write data.ood_classes=\[8\]\)$"),
     ("override-without-value", "train", given("train.epochs"), r"an override is key=value: write train.epochs=<value>"),
+    ("label-column-needing-quotes", "preprocess", given("data.label_column=a~b"),
+     r"\(a value holding ~ must be quoted: data.label_column='a~b'\)$"),
     ("epochs-fraction", "train", given("train.epochs=1.5"), r"train.epochs=1.5 .*could not be converted to Integer"),
 ]
 
@@ -158,6 +160,16 @@ def test_a_packed_table_gives_the_splits_of_the_table_itself(in_tmp, capsys, nam
     for split in ("train", "val", "calib", "test"):
         plain, packed_split = np.load(in_tmp / "plain" / f"{split}.npz"), np.load(in_tmp / "packed" / f"{split}.npz")
         assert np.array_equal(plain["x"], packed_split["x"]) and np.array_equal(plain["y"], packed_split["y"])
+
+
+@pytest.mark.parametrize(("override", "file"), [("data.path=~/t.csv", "t.csv"), ("data.path=café&co.csv", "café&co.csv"),
+                                                ("data.path=a~b.csv", "a~b.csv")])
+def test_a_path_that_hydra_reads_only_quoted_is_read_as_typed(in_tmp, capsys, monkeypatch, override, file):
+    monkeypatch.setenv("HOME", str(in_tmp))
+    csv_file(TABLE, file)(in_tmp)
+    code, stderr, _ = run_in_process("preprocess", ["data=csv", override, "data_dir=~/out"], capsys)
+    assert code == 0, stderr
+    assert len(list((in_tmp / "out").glob("*.npz"))) == 5
 
 
 def test_a_gzipped_parquet_table_is_read(in_tmp, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 from typing import Any
 
@@ -42,6 +43,9 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
                 raise UserError(f"invalid configuration: {_first_line(err)}{_hint(_first_line(err), overrides)}") from None
             overrides = [o for o in overrides if _override_key(o) != key]
     _check_added_keys(overrides, cfg)
+    for key in ("data.path", "data_dir", "train.checkpoint_dir"):  # ~ quoted, so no shell expanded it
+        if str(OmegaConf.select(cfg, key) or "").startswith("~"):
+            OmegaConf.update(cfg, key, os.path.expanduser(OmegaConf.select(cfg, key)))
     try:
         validate(cfg)
     except OmegaConfBaseException as err:  # e.g. ${nope}: an interpolation of no key, found when read
@@ -60,6 +64,8 @@ def mapping_override(override: str) -> str:
     quoted, so an MD5 that reads as a number (all digits, or digits around one ``e``) stays text."""
     key, sep, value = override.partition("=")
     name = key.lstrip("+")
+    if sep and re.search(r"(path|_dir)$", name) and value != "null" and re.fullmatch(r"[^'\"${}\[\](),\s]+", value):
+        return f"{key}='{value}'"  # a path as it is: ~/data, café.csv, a&b.csv (Hydra's grammar refuses ~ é &)
     if not sep or key.startswith("~") or name not in MAPPINGS:
         return override
     value = re.sub(r"""(["'])([^"'{}:,\s]+)\1(\s*:)""", r"\2\3", value.strip())
@@ -103,6 +109,9 @@ def _hint(error: str, overrides: list[str]) -> str:
     if scalar:
         key, value = scalar.groups()
         return f" ({key} is a list: write {key}=[{value}])"
+    token = re.search(r"LexerNoViableAltException: ([\w.+]+)=(\S+) .*token recognition error at: '(.)'", error)
+    if token:
+        return f" (a value holding {token.group(3)} must be quoted: {token.group(1)}='{token.group(2)}')"
     bare = re.search(r"Error parsing override '([^'=]+)' missing EQUAL", error)
     if bare and bare.group(1) in overrides:
         return f" (an override is key=value: write {bare.group(1)}=<value>)"
