@@ -27,17 +27,17 @@ def unpacked(raw: bytes, path: str) -> bytes:
     if raw.startswith(b"\xd0\xcf\x11\xe0"):  # OLE2: Excel 97-2003 (and other Office files)
         raise UserError(f"{path} is an Excel 97-2003 workbook (or another Office file), not a table; {SAVE_AS}")
     if raw.startswith(b"PK\x03\x04"):
-        return _zip_member(raw, path)
+        try:
+            archive = zipfile.ZipFile(io.BytesIO(raw))
+        except (zipfile.BadZipFile, OSError, EOFError):
+            return raw  # not a readable archive after all: the CSV reader names it a binary file
+        return _zip_member(archive, path)
     return raw
 
 
-def _zip_member(raw: bytes, path: str) -> bytes:
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(raw))
-        names = [n for n in archive.namelist() if not n.endswith("/") and not n.split("/")[-1].startswith(".")
-                 and not n.startswith("__MACOSX/")]
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise UserError(f"{path} is a damaged ZIP archive ({err}); check the file") from None
+def _zip_member(archive: zipfile.ZipFile, path: str) -> bytes:
+    names = [n for n in archive.namelist() if not n.endswith("/") and not n.split("/")[-1].startswith(".")
+             and not n.startswith("__MACOSX/")]
     if any(n.startswith("xl/") for n in names):
         raise UserError(f"{path} is an Excel workbook (.xlsx), not a table; {SAVE_AS}")
     if any(n in ("content.xml", "mimetype") for n in names):
