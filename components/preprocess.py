@@ -16,18 +16,11 @@ def preprocess(
 ):
     """Load, clean and split the data; write the five splits (train, val, calib, test, ood) and the EDA report."""
     from dl_uncertainty.config.compose import pick_config
-    from dl_uncertainty.data.folds import check_folds, pooled_labels
-    from dl_uncertainty.data.splits import dropped_rows_line, save_split
-    from dl_uncertainty.data.tables import prepare as prepare_splits
+    from dl_uncertainty.data.splits import save_split
     from dl_uncertainty.reports.eda import eda_html
-    from dl_uncertainty.uncertainty.conformal import check_alpha
+    from dl_uncertainty.steps import prepared_splits
 
-    cfg = pick_config(open(config.path).read())
-    splits = prepare_splits(cfg.data, cfg.seed)
-    check_alpha(len(splits["calib"].y), cfg.evaluate.alpha)
-    check_folds(pooled_labels(splits["train"], splits["val"]), cfg.pipeline.folds, splits["train"].schema.class_names)
-    if dropped := dropped_rows_line(splits["train"].schema):
-        print(dropped)
+    splits = prepared_splits(pick_config(open(config.path).read()))
     report = eda_html(splits)  # before any split is written: a failure leaves no split behind
     for name, artifact in {"train": train, "val": val, "calib": calib, "test": test, "ood": ood}.items():
         save_split(splits[name], artifact.path)

@@ -10,9 +10,9 @@ def train(config: Input[Artifact], model_name: str, seed: int, fold: int, train:
     """Train one model with model seed ``seed`` (early stopping on val), fit its calibration on calib,
     log it to MLflow, and export its weights + config + calibration into the Model artifact.
     ``fold`` >= 0 (K-fold cross-validation): train on the other folds of train + val, early-stop on
-    fold ``fold``. ``val_rows``: the rows it early-stopped on, which evaluate reads as its validation."""
+    fold ``fold``, every split in the scaling refitted on the fold's training part. ``val_rows``: the rows it early-stopped on, which evaluate reads as its validation."""
     from dl_uncertainty.config.compose import pick_config
-    from dl_uncertainty.data.folds import fold_splits
+    from dl_uncertainty.data.folds import fold_splits, rescaled
     from dl_uncertainty.data.splits import load_split, save_split
     from dl_uncertainty.tracking.bundle import save_bundle
     from dl_uncertainty.train import train_and_log
@@ -23,6 +23,7 @@ def train(config: Input[Artifact], model_name: str, seed: int, fold: int, train:
     calib_split = load_split(calib.path, expect=train_split.schema)
     if fold >= 0:
         train_split, val_split = fold_splits(train_split, val_split, cfg.pipeline.folds, fold, cfg.seed)
+        calib_split = rescaled(calib_split, train_split.schema)  # the fold's scaling, refitted on its train part
     save_split(val_split, val_rows.path)
     trained = train_and_log(cfg, train_split, val_split, calib_split, checkpoint_dir=f"{model.path}.checkpoints")
     save_bundle(trained.model, cfg, train_split.schema, model.path, run_id=trained.run_id,

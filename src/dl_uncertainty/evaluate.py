@@ -64,7 +64,7 @@ def evaluate_run(cfg: DictConfig):
     import mlflow
 
     from dl_uncertainty.config.schema import EvaluateConfig
-    from dl_uncertainty.data.tables import prepare
+    from dl_uncertainty.data.folds import prepare_run_splits
     from dl_uncertainty.steps import evaluate_and_log
     from dl_uncertainty.tracking import runs as tracking
     from dl_uncertainty.tracking import store
@@ -89,7 +89,7 @@ def evaluate_run(cfg: DictConfig):
     for key in BUNDLED:  # ... except what was fitted after training and is bundled with the model
         evaluate[key] = logged.cfg.evaluate.get(key, getattr(EvaluateConfig(), key))
     run_cfg.evaluate = evaluate
-    splits = prepare(run_cfg.data, run_cfg.seed)
+    splits = prepare_run_splits(run_cfg)  # a fold model: validated on its own fold, as in training
     check_mc_memory(run_cfg, list(splits.values()), len(splits["train"].schema.class_names))
     return evaluate_and_log(logged.model, run_cfg, splits, logged.calibration, cfg.run_id)
 

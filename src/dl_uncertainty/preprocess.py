@@ -8,20 +8,17 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from dl_uncertainty.data.splits import dropped_rows_line, save_splits
-from dl_uncertainty.data.tables import prepare
+from dl_uncertainty.data.splits import save_splits
 from dl_uncertainty.errors import UserError, check_writable
-from dl_uncertainty.uncertainty.conformal import check_alpha
 
 
 def _task(cfg: DictConfig) -> None:
+    from dl_uncertainty.steps import prepared_splits  # torch loads only when there is work
+
     if not str(cfg.data_dir or "").strip():
         raise UserError("data_dir is empty; set it to the folder the split files go to, e.g. data_dir=data/processed")
     check_writable(cfg.data_dir, "data_dir")  # before any work
-    splits = prepare(cfg.data, cfg.seed)
-    check_alpha(len(splits["calib"].y), cfg.evaluate.alpha)
-    if dropped := dropped_rows_line(splits["train"].schema):
-        print(dropped)
+    splits = prepared_splits(cfg)
     for name, path in save_splits(splits, cfg.data_dir).items():
         print(f"{name:5s} {len(splits[name].y):6d} examples -> {path}")
 

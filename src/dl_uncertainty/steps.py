@@ -1,5 +1,6 @@
-"""The evaluate and compare steps: what the KFP components run (each a few lines around one call
-here) and what ``python -m dl_uncertainty.evaluate`` runs, so the pipeline and the CLI share code."""
+"""The preprocess, evaluate and compare steps: what the KFP components run (each a few lines around one
+call here) and what ``python -m dl_uncertainty.preprocess`` and ``evaluate`` run, so the pipeline and the
+CLI share code."""
 
 from __future__ import annotations
 
@@ -9,6 +10,24 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import DictConfig
 from torch import nn
+
+
+def prepared_splits(cfg: DictConfig) -> dict:
+    """``cfg.data`` cleaned and split with ``cfg.seed``, refused before any split is written when the
+    calibration split is too small for ``evaluate.alpha`` or a class cannot be in every one of
+    ``pipeline.folds`` folds; prints how many rows cleaning dropped. The pipeline's preprocess step and
+    ``python -m dl_uncertainty.preprocess`` both run it."""
+    from dl_uncertainty.data.folds import check_folds, pooled_labels
+    from dl_uncertainty.data.splits import dropped_rows_line
+    from dl_uncertainty.data.tables import prepare
+    from dl_uncertainty.uncertainty.conformal import check_alpha
+
+    splits = prepare(cfg.data, cfg.seed)
+    check_alpha(len(splits["calib"].y), cfg.evaluate.alpha)
+    check_folds(pooled_labels(splits["train"], splits["val"]), cfg.pipeline.folds, splits["train"].schema.class_names)
+    if dropped := dropped_rows_line(splits["train"].schema):
+        print(dropped)
+    return splits
 
 
 def evaluate_and_log(model: nn.Module, cfg: DictConfig, splits: dict, calibration, run_id: str,
@@ -36,6 +55,7 @@ def evaluate_bundle(bundle: str, val: str, calib: str, test: str, ood: str, pred
     ``predictions_path``."""
     from sklearn.metrics import confusion_matrix
 
+    from dl_uncertainty.data.folds import rescaled
     from dl_uncertainty.data.splits import load_split
     from dl_uncertainty.tracking.bundle import load_bundle
     from dl_uncertainty.tracking.compare import registered_name
@@ -44,6 +64,7 @@ def evaluate_bundle(bundle: str, val: str, calib: str, test: str, ood: str, pred
     net, cfg, schema, meta = load_bundle(bundle)
     splits = {"val": load_split(val, expect=schema, mmap=True), "calib": load_split(calib, expect=schema, mmap=True),
               "test": load_split(test, expect=schema, mmap=True), "ood": load_split(ood, mmap=True)}
+    splits = {name: rescaled(split, schema) for name, split in splits.items()}  # a fold model's own scaling
     calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
     evaluation = evaluate_and_log(net, cfg, splits, calibration, meta["run_id"], predictions_path)
     matrix = confusion_matrix(evaluation.predictions["labels"], evaluation.predictions["probs"].argmax(1),
@@ -100,10 +121,12 @@ def compare_models(config_json: str, records: list[str], predictions: list[str])
     columns = [c for c in TABLE_METRICS if any(c in m for m in results.values())]
     note = f"{C.selection_note(metric)}. {noise}"
     markdown = S.spread_markdown(spreads, columns, winner, metric, mode, registered, note, verdict, axis=over)
-    if F.has_folds(entries):
-        markdown += "\n" + F.cv_markdown(F.cross_validation(entries))
+    folds = F.cross_validation(entries) if F.has_folds(entries) else None
+    if folds:
+        markdown += "\n" + F.cv_markdown(folds)
     tuning = C.tuning_section({family: entry["run_id"] for family, entry in chosen.items()})
-    html = C.comparison_html(results, columns, winner, metric, mode, preds, f"{note} {verdict}", tuning,
-                             seeds=S.spread_rows(spreads, columns, over))
+    html = C.comparison_html(results, columns, winner, metric, mode, preds, f"{noise} {verdict}", tuning,
+                             seeds=S.spread_rows(spreads, columns, over),
+                             cross_validation=F.cv_section(folds) if folds else None)
     version = C.register_champion(registered["run_id"], name, promote=not failures)
     return Comparison(winner, markdown, html, verdict, version, not failures, name)

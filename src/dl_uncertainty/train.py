@@ -34,15 +34,16 @@ def train_and_log(
     cfg: DictConfig, train: Split | None = None, val: Split | None = None, calib: Split | None = None,
     checkpoint_dir: str | Path | None = None,
 ) -> TrainedRun:
-    """Train ``cfg.model`` (on ``cfg.data`` unless splits are given) inside a new MLflow run.
+    """Train ``cfg.model`` (on ``cfg.data``, fold ``pipeline.fold`` when set, unless splits are given) inside
+    a new MLflow run.
 
     ``train`` fits the weights, ``val`` stops training early (its NLL), and the calibration
     (temperature, conformal thresholds, abstain threshold) is fitted on ``calib`` only."""
     import mlflow
     import pandas as pd
 
+    from dl_uncertainty.data.folds import prepare_run_splits
     from dl_uncertainty.data.rows import unscaled
-    from dl_uncertainty.data.tables import prepare
     from dl_uncertainty.families.feature_density import threshold_on
     from dl_uncertainty.families.predict import served_log_probs
     from dl_uncertainty.reports.plots import training_curves
@@ -56,7 +57,7 @@ def train_and_log(
     checkpoint_dir = checkpoint_dir or cfg.train.checkpoint_dir or Path("checkpoints") / cfg.model.name
     check_writable(checkpoint_dir, "train.checkpoint_dir")
     if train is None and val is None and calib is None:
-        splits = prepare(cfg.data, cfg.seed)
+        splits = prepare_run_splits(cfg)  # pipeline.fold set: that fold's train and val
         train, val, calib = splits["train"], splits["val"], splits["calib"]
     elif train is None or val is None or calib is None:
         raise TypeError("train_and_log takes the train, val and calib splits together, or none of them")

@@ -359,6 +359,9 @@ def test_a_class_without_calibration_rows_is_refused(tmp_path):
         prepare(_csv_cfg(path, "data.ood_classes=[]", "data.calib_fraction=0.02"), 0)
     with pytest.raises(UserError, match=r"^data.calib_fraction=0.005 leaves class '\w+' with no calibration rows"):
         prepare(_csv_cfg(path, "data.ood_classes=[]", "data.calib_fraction=0.005"), 0)  # 1 row for 3 classes
+    digits = load_config(["data.calib_fraction=0.003"])  # class names read from the data, not typed in a CSV
+    with pytest.raises(UserError, match=r"^data.calib_fraction=0.003 leaves class '\d' with no calibration rows"):
+        prepare(digits.data, digits.seed)
 
 
 def test_a_calibration_split_too_small_for_alpha_is_refused(tmp_path):

@@ -3,6 +3,7 @@ rows split between the champion gate and the test report, and runs from before t
 
 import mlflow
 import numpy as np
+import pytest
 
 from dl_uncertainty.data.stratify import ood_parts
 from dl_uncertainty.families.feature_density import density_of, log_density, threshold_on
@@ -62,3 +63,17 @@ def test_evaluating_a_run_from_before_the_calibration_split_says_what_is_missing
     assert lines == [f"error: run {run.info.run_id} was trained before the calibration split existed (it has no "
                      "data.calib_fraction param): its calibration and abstain thresholds were fitted on validation; "
                      "retrain it with `python -m dl_uncertainty.train model=bnn` (or `make run`) and evaluate the new run"]
+
+
+def test_evaluate_logs_to_a_run_in_any_experiment(tiny_cfg, digits_splits, tmp_path, monkeypatch):
+    from dl_uncertainty.evaluate import evaluate_run
+    from dl_uncertainty.train import train_and_log
+
+    monkeypatch.chdir(tmp_path)  # the store's artifacts beside its database
+    store = [f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    trained = train_and_log(tiny_cfg("model=mc_dropout_dnn", "train.epochs=1", "experiment_name=elsewhere", *store,
+                                     f"train.checkpoint_dir={tmp_path / 'ckpt'}"),
+                            digits_splits["train"], digits_splits["val"], digits_splits["calib"])
+    evaluation = evaluate_run(tiny_cfg(f"run_id={trained.run_id}", *store))  # the default experiment is active
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(trained.run_id)
+    assert run.data.metrics["test_accuracy"] == pytest.approx(evaluation.metrics["test_accuracy"])

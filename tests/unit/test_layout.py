@@ -92,6 +92,37 @@ def test_the_cycle_check_finds_a_cycle(tmp_path):
     assert cycles(import_graph(pkg)) == [["dl_uncertainty.a.x", "dl_uncertainty.a.y"]]
 
 
+# The core's folders bottom to top (docs/architecture.md); the modules directly in the package are the entry points.
+LAYERS = ("errors", "config", "data", "uncertainty", "families", "training", "reports", "tracking")
+# Leaves any layer may read: they import nothing of the core but errors (checked below). The family names
+# (config validates model=...) and the MLflow store's setup (tuning and the sweep report open it).
+LEAVES = {"dl_uncertainty.families.registry", "dl_uncertainty.tracking.store"}
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else None
+    return LAYERS.index(top) if top in LAYERS else len(LAYERS)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports of a module in a higher layer than the importer's (leaves aside)."""
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                  if d not in LEAVES and _layer(d) > _layer(m))
+
+
+def test_every_module_imports_only_its_own_layer_or_those_below():
+    graph = import_graph()
+    assert upward_imports(graph) == []
+    assert {leaf: graph[leaf] - {"dl_uncertainty.errors"} for leaf in LEAVES} == {leaf: set() for leaf in LEAVES}
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = {"dl_uncertainty.data.tables": {"dl_uncertainty.reports.render", "dl_uncertainty.errors"},
+             "dl_uncertainty.reports.render": {"dl_uncertainty.data.tables"},
+             "dl_uncertainty.train": {"dl_uncertainty.tracking.runs"}}
+    assert upward_imports(graph) == ["dl_uncertainty.data.tables -> dl_uncertainty.reports.render"]
+
+
 def test_no_module_over_the_line_ceiling():
     long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}, f"split these modules (over {MAX_LINES} lines): {long}"

@@ -8,12 +8,13 @@ from dl_uncertainty.config.compose import load_config
 from dl_uncertainty.errors import UserError
 from dl_uncertainty.families.base import build_model as get_model
 from dl_uncertainty.families.bnn import kl_divergence
+from dl_uncertainty.families.registry import NAMES
 from dl_uncertainty.training.loop import kl_scale, loss_terms, train_model, val_log_probs
 from dl_uncertainty.uncertainty import metrics
 
 
-@pytest.mark.parametrize("model", ["bnn", "mc_dropout_dnn"])
-def test_both_models_beat_90_percent_val_accuracy_in_a_few_epochs(tiny_cfg, digits_splits, model):
+@pytest.mark.parametrize("model", NAMES)
+def test_every_family_beats_90_percent_val_accuracy_in_a_few_epochs(tiny_cfg, digits_splits, model):
     cfg = tiny_cfg(f"model={model}", "train.epochs=8", "model.hidden_sizes=[128]")
     result = train_model(cfg, digits_splits["train"], digits_splits["val"])
     assert result.best["val_acc"] > 0.90

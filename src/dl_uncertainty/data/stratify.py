@@ -124,7 +124,7 @@ def _no_calib_rows(cfg, labels: np.ndarray, rest: np.ndarray, calib: np.ndarray,
     values, counts = np.unique(labels[pool], return_counts=True)
     missing = [v for v, c in zip(values, counts, strict=True) if c >= 3 and v not in set(labels[calib])]
     if missing:
-        shown = names[int(missing[0])] if names is not None else str(missing[0])
+        shown = str(names[int(missing[0])]) if names is not None else str(missing[0])
         raise UserError(f"data.calib_fraction={cfg.calib_fraction:g} leaves class {shown!r} with no calibration rows "
                         f"({len(calib)} calibration rows for {len(values)} classes); raise data.calib_fraction")
 

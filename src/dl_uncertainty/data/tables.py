@@ -263,7 +263,7 @@ def _apply_cleaning(frame: pd.DataFrame, stats: dict) -> tuple[np.ndarray, dict]
     return x.astype("float32"), counts
 
 
-def _fit_scaling(x: np.ndarray, method: str) -> dict:
+def fit_scaling(x: np.ndarray, method: str) -> dict:
     if method == "standard":
         center, scale = x.mean(axis=0), x.std(axis=0)
     elif method == "minmax":
@@ -321,7 +321,7 @@ def prepare(cfg: DictConfig, seed: int) -> dict[str, Split]:
     stats.update(blank_labels=cfg.blank_labels, non_finite=cfg.non_finite,
                  rows_dropped=dropped)  # before splitting: {"blank_labels": n, "non_finite": n, "missing": n}
     x_train, _ = _apply_cleaning(frame.iloc[train], stats)
-    stats.update(_fit_scaling(x_train, cfg.scaling))
+    stats.update(fit_scaling(x_train, cfg.scaling))
 
     ood_index = {name: i for i, name in enumerate(ood_names)}
     parts = {**{name: rows[positions[name]] for name in ("train", "val", "calib", "test")},

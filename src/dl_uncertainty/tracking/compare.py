@@ -184,11 +184,12 @@ def tuning_section(run_ids: dict[str, str]) -> Section | None:
 
 def comparison_html(results: dict[str, dict[str, float]], columns: list[str], winner: str, metric: str,
                     mode: str, predictions: dict[str, dict[str, np.ndarray]], verdict: str = "",
-                    tuning: Section | None = None, seeds: list[dict] | None = None) -> str:
+                    tuning: Section | None = None, seeds: list[dict] | None = None,
+                    cross_validation: Section | None = None) -> str:
     """Side-by-side report: every metric, overlaid reliability diagrams and risk-coverage curves, and
     ``tuning`` (see ``tuning_section``) when a model came from a sweep. With several seeds per family,
     ``results`` are the means, ``seeds`` the mean ± std rows (``seeds.spread_rows``) and the figures
-    show each family's median-seed run."""
+    show each family's median-seed run; ``cross_validation``: the K-fold section (``folds.cv_section``)."""
     pairs = {name: (p["probs"], p["labels"]) for name, p in predictions.items()}
     all_metrics = sorted({k for m in results.values() for k in m})
     groups: dict[str, list[dict]] = {g: [] for g in metric_catalog.GROUPS}
@@ -201,6 +202,7 @@ def comparison_html(results: dict[str, dict[str, float]], columns: list[str], wi
                 table=[{"metric": c, "better": metric_catalog.better(c),
                         **{name: m.get(c, float("nan")) for name, m in results.items()}} for c in columns]),
         *([Section("Over seeds (mean ± std)", table=seeds)] if seeds and any("seeds" in r for r in seeds) else []),
+        *([cross_validation] if cross_validation else []),
         Section("Calibration and selective prediction", figures={
             "Reliability": calibration_plots.reliability_equal_mass(pairs),
             "Risk-coverage": calibration_plots.risk_coverage_zoomed(pairs),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dl_uncertainty.reports.render import format_value, markdown_table
+from dl_uncertainty.reports.render import Section, format_value, markdown_table
 from dl_uncertainty.tracking.seeds import Spread, by_family
 from dl_uncertainty.uncertainty import metrics as M
 
@@ -61,8 +61,8 @@ def cross_validation(entries: list[dict]) -> dict[str, dict]:
     return out
 
 
-def cv_markdown(found: dict[str, dict]) -> str:
-    """The cross-validation section of the comparison: four rows per family."""
+def cv_rows(found: dict[str, dict]) -> list[dict]:
+    """Four rows per family: out of fold pooled, each fold (mean ± std), the fold ensemble and one fold model on test."""
     def row(name: str, what: str, n, values: dict) -> dict:
         return {"model": name, "scored on": what, "rows": n,
                 **{k: (v.cell() if isinstance(v, Spread) else format_value(v)) for k, v in values.items()}}
@@ -74,10 +74,25 @@ def cv_markdown(found: dict[str, dict]) -> str:
                  row(name, f"test, the {cv['folds']} fold models as one ensemble", cv["test_rows"], cv["ensemble"]),
                  row(name, "test, one fold model (mean ± std)", cv["test_rows"], cv["single"])]
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    table = markdown_table([{c: r.get(c, "-") for c in columns} for r in rows])
-    folds = max(cv["folds"] for cv in found.values())
-    return (f"## {folds}-fold cross-validation\n\n{table}\n\nEach fold model early-stopped on its own fold of "
-            "train + validation; pooled, their out-of-fold predictions score every training row once. Calibration "
-            "and test splits are the same for every fold. The fold ensemble averages the fold models' MC predictive "
-            "distributions like a deep ensemble; it is reported, not registered (a model bundle holds one network "
-            "and the calibration fitted for it): the registered model is the family's median fold.\n")
+    return [{c: r.get(c, "-") for c in columns} for r in rows]
+
+
+NOTE = ("Each fold model early-stopped on its own fold of train + validation; pooled, their out-of-fold predictions "
+        "score every training row once. Calibration and test splits are the same for every fold. The fold ensemble "
+        "averages the fold models' MC predictive distributions like a deep ensemble; it is reported, not registered "
+        "(a model bundle holds one network and the calibration fitted for it): the registered model is the family's "
+        "median fold.")
+
+
+def _title(found: dict[str, dict]) -> str:
+    return f"{max(cv['folds'] for cv in found.values())}-fold cross-validation"
+
+
+def cv_markdown(found: dict[str, dict]) -> str:
+    """The cross-validation section of the Markdown comparison."""
+    return f"## {_title(found)}\n\n{markdown_table(cv_rows(found))}\n\n{NOTE}\n"
+
+
+def cv_section(found: dict[str, dict]) -> Section:
+    """The same table and note as a section of the HTML comparison."""
+    return Section(_title(found), text=NOTE, table=cv_rows(found))
