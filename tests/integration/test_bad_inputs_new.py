@@ -55,6 +55,8 @@ BAD = [
      r"t.zip is a ZIP archive of 2 files \(t.csv, u.csv\); unpack it"),
     ("gzip-cut-short", "preprocess", csv_file(gzip.compress(TABLE.encode())[:60]),
      r"t.csv is gzip-compressed but cannot be unpacked"),
+    ("three-rows", "preprocess", csv_file("a,b,label\n1,2,a\n3,4,b\n5,6,a\n"),
+     r"the data has 3 rows \(a \(2 rows\), b \(1 rows\)\): too few for test, calibration, validation and train"),
     ("momentum-negative", "train", given("train.optimizer=sgd", "train.momentum=-1"), r"train.momentum must be in \[0, 1\)"),
     ("momentum-one", "train", given("train.optimizer=sgd", "train.momentum=1"), r"train.momentum must be in \[0, 1\)"),
     ("model-typo", "train", given("model=bnnn"), r"Could not find 'model/bnnn'.*\(did you mean model=bnn\?\)$"),
