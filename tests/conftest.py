@@ -42,6 +42,17 @@ def tiny_cfg():
     return lambda *overrides: load_config([*TINY, *overrides])
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: a second OpenMP thread only adds barrier waits (badly so on a busy machine)."""
+    import torch  # here: most test sessions never load it
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits_splits():
     cfg = load_config(TINY)

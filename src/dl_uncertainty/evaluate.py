@@ -50,6 +50,9 @@ def _check_calibration_split(run, run_id: str) -> None:
     params = run.data.params
     if "data.calib_fraction" in params:
         return
+    if "model.name" not in params and "model_type" not in run.data.tags:
+        raise UserError(f"run {run_id} holds no model trained by dl_uncertainty (no model.name param); give the id "
+                        "that `python -m dl_uncertainty.train` printed")
     model = params.get("model.name") or run.data.tags.get("model_type") or "<family>"
     raise UserError(f"run {run_id} was trained before the calibration split existed (it has no data.calib_fraction "
                     "param): its calibration and abstain thresholds were fitted on validation; retrain it with "

@@ -18,6 +18,7 @@ GET  /health, /v1/models/<name>    ready?        GET /info   the columns it take
                                    for an image model's pixels), its classes, its calibration, and
                                    feature_density: its abstain threshold and whether it decides abstaining
 
+A body may be gzip- or deflate-compressed (Content-Encoding), up to 256 MiB unpacked.
 Bad input gets a 400 whose body is one sentence: {"error": "..."}; more rows than --max-rows (10000) a 413,
 an unknown path a 404 and a wrong method a 405, of the same shape; a failure of the server itself a 500
 of the same shape (its traceback goes to the server's log). Every answer is strict JSON: a number that is
@@ -34,20 +35,19 @@ import argparse
 import json
 import logging
 import math
+import os
+import re
 import sys
 import threading
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from starlette.requests import Request  # noqa: I001 -- module level: FastAPI resolves annotations here
 
 from dl_uncertainty.errors import UserError
+from dl_uncertainty.request_body import MAX_ROWS, TooLarge, check_cells, decoded, parse  # noqa: F401 -- parse: here too
 
 REGISTERED_PREFIX = "dl-uncertainty-"  # tracking.compare.registered_name: dl-uncertainty-<data>-<input shape>
-INPUT_KEYS = ("dataframe_split", "dataframe_records", "inputs", "instances")
-MAX_INT_DIGITS = 300  # a longer integer is past float64's range (1.8e308) or close to it
-MAX_ROWS = 10_000  # per request, by default: bounds one request's memory (its T x rows x classes samples)
 log = logging.getLogger("dl_uncertainty.serve")
 
 
@@ -68,6 +68,17 @@ def champion_uri(data: str | None = None) -> str:
     return f"models:/{names[0]}@champion"
 
 
+def _model_uri(uri: str) -> str:
+    """``runs:/<id>`` names a run: its model is at ``runs:/<id>/model``; a path that is no folder is refused."""
+    run = re.fullmatch(r"runs:/+([0-9a-fA-F]{32})/*", uri.strip())
+    if run:
+        return f"runs:/{run.group(1)}/model"
+    if not re.match(r"^[a-zA-Z][\w+.-]*:", uri) and not os.path.isdir(uri):
+        raise UserError(f"no model folder {uri}; --model takes models:/<name>@<alias>, runs:/<run id>/model "
+                        "or the folder of a saved model")
+    return uri
+
+
 def load(uri: str | None, data: str | None = None):
     """The logged pyfunc's ``UncertaintyModel`` (weights, schema, calibration), or a one-line error.
     ``uri`` None: the champion of ``data`` (see ``champion_uri``)."""
@@ -79,7 +90,7 @@ def load(uri: str | None, data: str | None = None):
 
     mlflow.set_tracking_uri(store.tracking_uri())
     store.check_reachable(store.tracking_uri())
-    uri = uri or champion_uri(data)
+    uri = _model_uri(uri) if uri else champion_uri(data)
     try:
         wrapper = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     except (MlflowException, OSError) as err:
@@ -90,112 +101,6 @@ def load(uri: str | None, data: str | None = None):
         raise UserError(f"{uri} was not logged by dl_uncertainty (train one with `make train`)")
     set_threads(wrapper.cfg.num_threads)  # 1 by default: small nets answer fastest, a pod's CPU limit holds
     return wrapper
-
-
-def _number(text: str) -> int | float:
-    """A JSON integer; one too long for a float is refused here (Python's int() also stops at 4300 digits)."""
-    if len(text) > MAX_INT_DIGITS:
-        raise UserError(f"a number in the body has {len(text.lstrip('-'))} digits; every feature must be a finite "
-                        "64-bit float")
-    return int(text)
-
-
-class TooLarge(UserError):
-    """A request with more rows than the server takes: a 413."""
-
-
-def parse(body: bytes, content_type: str | None = None, max_rows: int = MAX_ROWS) -> pd.DataFrame:
-    """A request body in one of MLflow's JSON formats as a DataFrame (columns named or positional)."""
-    example = 'send {"dataframe_split": {"columns": [...], "data": [[...]]}}'
-    if not body.strip():
-        raise UserError(f"the body is empty; {example}")
-    try:
-        payload = json.loads(body, parse_int=_number)
-    except RecursionError:
-        raise UserError("the request is nested too deeply to be a table of rows") from None
-    except (ValueError, UnicodeDecodeError):
-        given = f" (Content-Type: {content_type})" if content_type and "json" not in content_type else ""
-        raise UserError(f"the body is not JSON{given}; {example}") from None
-    if not isinstance(payload, dict) or not any(k in payload for k in INPUT_KEYS):
-        raise UserError(f"the JSON body needs one of the keys {', '.join(INPUT_KEYS)}")
-    keys = [k for k in INPUT_KEYS if k in payload]
-    if len(keys) > 1:
-        raise UserError(f"the JSON body has the keys {', '.join(keys)}; send the rows under one of them")
-    key = keys[0]
-    extra = [k for k in payload if k != key]
-    if extra:
-        raise UserError(f"unknown keys {extra[:5]} next to {key!r}; the body holds {key!r} only")
-    value = payload[key]
-    if isinstance(value, list | dict) and len(value) == 0:
-        raise UserError(f"{key!r} holds no rows")
-    try:
-        frame = _frame(key, value)
-    except RecursionError:
-        raise UserError("the request is nested too deeply to be a table of rows") from None
-    except UserError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
-        raise UserError(f"{key!r} is not a table of rows: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    if len(frame) == 0:
-        raise UserError(f"{key!r} holds no rows")
-    if len(frame) > max_rows:
-        raise TooLarge(f"the request has {len(frame)} rows; this server takes at most {max_rows} per request "
-                       "(--max-rows): send them in smaller batches")
-    return frame
-
-
-def _frame(key: str, value) -> pd.DataFrame:
-    if key == "dataframe_split":
-        if not isinstance(value, dict) or "data" not in value:
-            raise UserError('\'dataframe_split\' needs {"columns": [...], "data": [[...]]}')
-        if value["data"] is not None and not isinstance(value["data"], list):
-            raise UserError("'dataframe_split' data must be a list of rows")
-        if value.get("columns") is not None and not isinstance(value["columns"], list):
-            raise UserError("'dataframe_split' columns must be a list of column names")
-        return pd.DataFrame(value["data"], columns=value.get("columns"))
-    if key == "dataframe_records" or (isinstance(value, list) and value and isinstance(value[0], dict)):
-        if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
-            raise UserError(f"{key!r} must be a list of records, one {{column: value}} object per row")
-        return pd.DataFrame.from_records(value)
-    if isinstance(value, dict):  # {"column": [values, ...], ...}
-        if not all(isinstance(v, list) for v in value.values()):
-            raise UserError(f"{key!r} as an object needs a list of values per column")
-        return pd.DataFrame(value)
-    if not isinstance(value, list):
-        raise UserError(f"{key!r} must be a list of rows")
-    try:
-        lengths = {len(np.ravel(row)) for row in value}
-    except ValueError:  # ragged or too deep: not one number per cell
-        raise UserError(f"the rows of {key!r} must be lists of numbers (an image's may be nested lists of one "
-                        "shape)") from None
-    if len(lengths) > 1:
-        raise UserError(f"the rows of {key!r} have different lengths ({min(lengths)} to {max(lengths)} values)")
-    from dl_uncertainty.tracking.runs import (
-        as_frame,  # here: mlflow is loaded by then, and --help stays fast
-    )
-
-    return as_frame(value)
-
-
-def check_cells(frame: pd.DataFrame, names: list[str]) -> None:
-    """Refuse cells that pandas would silently turn into numbers (true -> 1) or that are not one value."""
-    def name(col: int) -> str:
-        return str(frame.columns[col]) if not isinstance(frame.columns, pd.RangeIndex) else (
-            names[col] if col < len(names) else str(col))
-
-    suspect = [col for col, dtype in enumerate(frame.dtypes) if dtype.kind in ("b", "O")]
-    for col in suspect:  # a numeric column holds numbers only: reading each column costs ~20 us
-        series = frame.iloc[:, col]
-        if series.dtype == bool:
-            raise UserError(f"row 0 column {name(col)!r} is {str(bool(series.iloc[0])).lower()}, a boolean; "
-                            "every feature must be a number")
-        for row, cell in enumerate(series.array):
-            if isinstance(cell, bool | np.bool_):
-                raise UserError(f"row {row} column {name(col)!r} is {str(bool(cell)).lower()}, a boolean; "
-                                "every feature must be a number")
-            if isinstance(cell, list | dict | tuple):
-                raise UserError(f"row {row} column {name(col)!r} holds {'a list' if not isinstance(cell, dict) else 'an object'}, "
-                                "not one number; send one value per column")
 
 
 def json_safe(value, path: str = "", non_finite: dict[str, str] | None = None):
@@ -256,8 +161,8 @@ def create_app(wrapper, name: str = "dl-uncertainty", max_rows: int = MAX_ROWS):
     def error(message: str, status: int) -> Response:  # ASCII-escaped: any character a client sent survives
         return Response(json.dumps({"error": message}), status_code=status, media_type="application/json")
 
-    def predict(body: bytes, content_type: str | None) -> str:
-        frame = parse(body, content_type, max_rows)
+    def predict(body: bytes, content_type: str | None, encoding: str | None) -> str:
+        frame = parse(decoded(body, encoding), content_type, max_rows, wrapper.schema)
         check_cells(frame, names)
         x = raw_to_rows(frame, wrapper.schema)
         with lock:
@@ -267,7 +172,9 @@ def create_app(wrapper, name: str = "dl-uncertainty", max_rows: int = MAX_ROWS):
 
     async def answer(request: Request) -> Response:
         try:
-            content = await run_in_threadpool(predict, await request.body(), request.headers.get("content-type"))
+            headers = request.headers
+            content = await run_in_threadpool(predict, await request.body(), headers.get("content-type"),
+                                              headers.get("content-encoding"))
         except UserError as err:
             return error(str(err), 413 if isinstance(err, TooLarge) else 400)
         except Exception as err:  # a bug, not the client's input: one sentence out, the traceback in the log
@@ -306,6 +213,25 @@ def warm_up(wrapper) -> None:
         log.warning("the warm-up prediction failed", exc_info=True)
 
 
+def _bad_argument(args) -> str | None:
+    """What is wrong with the command line, checked before the model loads (the port: that it is free)."""
+    import socket
+
+    if args.max_rows < 1:
+        return f"--max-rows must be at least 1, got {args.max_rows}"
+    if args.sample_cache_mb is not None and not (math.isfinite(args.sample_cache_mb) and args.sample_cache_mb >= 0):
+        return f"--sample-cache-mb must be >= 0 (0 draws on every request), got {args.sample_cache_mb:g}"
+    if not 0 <= args.port <= 65535:
+        return f"--port must be in 0-65535, got {args.port}"
+    try:
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as err:
+        why = os.strerror(err.errno) if err.errno else str(err)
+        return f"cannot listen on {args.host}:{args.port} ({why}); pass another --port or --host"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dl_uncertainty.serve", description=__doc__.split("\n\n")[0],
                                      epilog="Endpoints and formats: see the module docstring or README.")
@@ -322,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, default=MAX_ROWS, metavar="N",
                         help=f"rows one request may hold; more get a 413 (default {MAX_ROWS})")
     args = parser.parse_args(argv)
-    if args.max_rows < 1:
-        print(f"error: --max-rows must be at least 1, got {args.max_rows}", file=sys.stderr)
+    problem = _bad_argument(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         print(f"loading {args.model or 'the champion of ' + (args.data or 'the data registered last')} ...",

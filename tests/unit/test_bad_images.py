@@ -83,7 +83,7 @@ def test_empty_non_image_and_oversized_files_are_named_with_the_fix(tmp_path):
             + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))  # a header claiming 900 M pixels
     cases = [(lambda root: (root / "a" / "z.png").write_bytes(b""), r"z.png is an empty file \(0 bytes\); copy it "
               r"again or remove it$"),
-             (lambda root: (root / "a" / "notes.txt").write_text("hi"), r"notes.txt is not a readable image "
+             (lambda root: (root / "a" / "notes.png").write_text("hi"), r"notes.png is not a readable image "
               r"\(PNG/JPEG\); remove it or replace it$"),
              (lambda root: (root / "a" / "bomb.png").write_bytes(bomb), r"bomb.png is too large to decode safely "
               r"\(.*900000000 pixels.*\); shrink it or remove it$")]

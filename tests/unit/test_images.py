@@ -72,7 +72,7 @@ def _copy(shapes, tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda root: (root / "empty").mkdir(), "class folder .*empty has no images"),
-    (lambda root: (root / "circle" / "notes.txt").write_text("hello"), r"notes.txt is not a readable image"),
+    (lambda root: (root / "circle" / "notes.jpg").write_text("hello"), r"notes.jpg is not a readable image"),
     (lambda root: (root / "square" / "cut.png").write_bytes((root / "square" / "square_0000.png").read_bytes()[:60]),
      r"cut.png is truncated: the file ends before its image does"),
     (lambda root: [shutil.rmtree(root / c) for c in ("square", "triangle")], "at least two classes.*found: circle"),

@@ -17,13 +17,7 @@ EXACT = ("repeat", "lrt", "auto")  # compared against "loop", the modules' own s
 Z = 5.0  # two-sided z bound; with ~10^3 comparisons per test a false alarm has p < 1e-3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second OpenMP thread only adds barrier waits (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bnn(log_sigma: float = -1.0, bias: bool = True) -> nn.Module:

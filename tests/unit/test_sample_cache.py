@@ -14,12 +14,7 @@ from dl_uncertainty.uncertainty.engine import mc_log_probs
 T = 30
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bnn() -> nn.Module:

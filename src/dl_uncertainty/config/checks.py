@@ -154,6 +154,7 @@ def validate(cfg: DictConfig, family_types: bool = True) -> None:
     _check(0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32), got {cfg.seed}")
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _check(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    _check(0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum}")
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _check(t.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0")

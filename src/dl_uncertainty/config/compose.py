@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 from typing import Any
 
@@ -39,9 +40,12 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
         except (HydraException, OmegaConfBaseException) as err:
             key = _other_family_key(str(err), overrides)
             if key is None:
-                raise UserError(f"invalid configuration: {_first_line(err)}") from None
+                raise UserError(f"invalid configuration: {_first_line(err)}{_hint(_first_line(err), overrides)}") from None
             overrides = [o for o in overrides if _override_key(o) != key]
     _check_added_keys(overrides, cfg)
+    for key in ("data.path", "data_dir", "train.checkpoint_dir"):  # ~ quoted, so no shell expanded it
+        if str(OmegaConf.select(cfg, key) or "").startswith("~"):
+            OmegaConf.update(cfg, key, os.path.expanduser(OmegaConf.select(cfg, key)))
     try:
         validate(cfg)
     except OmegaConfBaseException as err:  # e.g. ${nope}: an interpolation of no key, found when read
@@ -60,6 +64,8 @@ def mapping_override(override: str) -> str:
     quoted, so an MD5 that reads as a number (all digits, or digits around one ``e``) stays text."""
     key, sep, value = override.partition("=")
     name = key.lstrip("+")
+    if sep and re.search(r"(path|_dir)$", name) and value != "null" and re.fullmatch(r"[^'\"${}\[\](),\s]+", value):
+        return f"{key}='{value}'"  # a path as it is: ~/data, café.csv, a&b.csv (Hydra's grammar refuses ~ é &)
     if not sep or key.startswith("~") or name not in MAPPINGS:
         return override
     value = re.sub(r"""(["'])([^"'{}:,\s]+)\1(\s*:)""", r"\2\3", value.strip())
@@ -90,6 +96,26 @@ def _check_added_keys(overrides: list[str], cfg: DictConfig) -> None:
         close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.7)
         hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
         raise UserError(f"{override} adds {key}, which is not a config key{hint}; --cfg prints every key")
+
+
+def _hint(error: str, overrides: list[str]) -> str:
+    """What to type instead, for the Hydra errors a new user meets first."""
+    missing = re.search(r"Could not find '([\w.]+)/([^']+)'\s+Available options in '[^']+':\s*(.*)", error)
+    if missing:
+        group, given, options = missing.group(1), missing.group(2), missing.group(3).split()
+        close = difflib.get_close_matches(given, options, n=1, cutoff=0.6)
+        return f" (did you mean {group}={close[0]}?)" if close else ""
+    scalar = re.search(r"Error merging override ([\w.]+)=(\S+) Invalid value assigned: \w+ is not a ListConfig", error)
+    if scalar:
+        key, value = scalar.groups()
+        return f" ({key} is a list: write {key}=[{value}])"
+    token = re.search(r"LexerNoViableAltException: ([\w.+]+)=(\S+) .*token recognition error at: '(.)'", error)
+    if token:
+        return f" (a value holding {token.group(3)} must be quoted: {token.group(1)}='{token.group(2)}')"
+    bare = re.search(r"Error parsing override '([^'=]+)' missing EQUAL", error)
+    if bare and bare.group(1) in overrides:
+        return f" (an override is key=value: write {bare.group(1)}=<value>)"
+    return ""
 
 
 def _is_schema_key(key: str, cfg: DictConfig) -> bool:

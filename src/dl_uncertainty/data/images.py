@@ -30,10 +30,16 @@ from dl_uncertainty.errors import UserError
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # files a file manager leaves beside images (besides hidden ones): never images, so never listed
 NOT_IMAGES = ("thumbs.db", "desktop.ini")
+# notes, labels and archives kept beside a class's images: documents, never images, so never listed
+DOCUMENTS = (".txt", ".md", ".csv", ".tsv", ".json", ".xml", ".yaml", ".yml", ".html", ".pdf", ".log", ".ini",
+             ".py", ".ipynb", ".zip", ".tar", ".gz", ".npz", ".npy")
 
 
-def _listed(file: Path) -> bool:
-    return file.is_file() and not file.name.startswith(".") and file.name.lower() not in NOT_IMAGES
+def _listed(file: Path, folder: Path | None = None) -> bool:
+    """A file that may be an image: not hidden (nor in a hidden folder below ``folder``), not a document."""
+    hidden = any(part.startswith(".") for part in (file.relative_to(folder).parts if folder else (file.name,)))
+    return (file.is_file() and not hidden and file.name.lower() not in NOT_IMAGES
+            and file.suffix.lower() not in DOCUMENTS)
 
 # ---------------------------------------------------------------- listing files
 
@@ -45,12 +51,12 @@ def _list_folder(root: str) -> list[tuple[str, str]]:
     base = Path(root)
     if local_kind(root) != "folder":
         raise UserError(f"image folder not found: {root}")
-    classes = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
     if not classes:
         raise UserError(f"{root} has no class sub-folders; put each class's images in {root}/<class name>/")
     files = []
     for folder in classes:
-        found = sorted(f for f in folder.rglob("*") if _listed(f))
+        found = sorted(f for f in folder.rglob("*") if _listed(f, folder))
         if not found:
             raise UserError(f"class folder {folder} has no images")
         files += [(str(f), folder.name) for f in found]
@@ -69,7 +75,8 @@ def _list_s3(uri: str) -> list[tuple[str, str]]:
         for page in _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", []):
                 parts = PurePosixPath(item["Key"][len(prefix):]).parts
-                if len(parts) >= 2 and not parts[-1].startswith(".") and parts[-1].lower() not in NOT_IMAGES:
+                if (len(parts) >= 2 and not any(p.startswith(".") for p in parts) and parts[0] != "__MACOSX"
+                        and parts[-1].lower() not in NOT_IMAGES and PurePosixPath(parts[-1]).suffix.lower() not in DOCUMENTS):
                     files.append((f"s3://{bucket}/{item['Key']}", parts[0]))
     except (BotoCoreError, ClientError) as err:
         raise UserError(f"cannot list {uri}: {err}") from None

@@ -33,6 +33,34 @@ def input_range(schema: Schema) -> list[float] | None:
     return [0.0, 1.0] if str(schema.cleaning.get("scaling", "")).startswith("per-channel mean/std") else None
 
 
+def row_shapes(schema: Schema) -> list[tuple[int, ...]]:
+    """The shapes one row may be sent in: flat, or nested as the model's input (an image's (C, H, W);
+    one channel also as (H, W) or channels last, (H, W, 1), which flatten to the same order)."""
+    shapes = [(schema.num_features,), tuple(int(n) for n in schema.feature_shape)]
+    if len(shapes[1]) == 3 and shapes[1][0] == 1:
+        shapes += [shapes[1][1:], (*shapes[1][1:], 1)]
+    return list(dict.fromkeys(shapes))
+
+
+def check_row_shape(shape: tuple[int, ...], schema: Schema, key: str, rows: int) -> None:
+    """Refuse rows nested in a shape this model does not take (``shape``: one row's, as lists)."""
+    if shape == () and schema.num_features > 1:
+        raise UserError(f"{key!r} holds {rows} single numbers, not rows: this model takes {schema.num_features} "
+                        f"values per row, so send one row as [[v1, ..., v{schema.num_features}]]")
+    if len(shape) <= 1 or shape in row_shapes(schema):
+        return  # flat rows: their length is checked with the columns
+    nested = " or ".join(str(s) for s in row_shapes(schema)[1:]) or "nothing"
+    raise UserError(f"the rows of {key!r} are nested as {shape}, {_values(int(np.prod(shape)))} each; this model takes "
+                    f"{schema.num_features} values per row, flat or nested as {nested}")
+
+
+def _values(n: int) -> str:
+    return f"{n} value" if n == 1 else f"{n} values"
+
+
+LIMIT_SCALED = 1e6  # how many training standard deviations (or ranges) from the training centre a value may lie
+
+
 def raw_to_rows(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
     """New raw inputs (named columns, or rows of values in the training order) through the
     cleaning and scaling fitted on the training split. Bad input: UserError, one sentence."""
@@ -50,7 +78,8 @@ def raw_to_rows(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
         missing = [n for n in names if n not in given]
         unknown = [c for c in columns if c not in known]
         if missing or unknown:
-            problem = f"missing columns {missing[:5]}" if missing else f"unknown columns {unknown[:5]}"
+            problem = "; ".join(([f"unknown columns {unknown[:5]}"] if unknown else [])
+                                + ([f"missing columns {missing[:5]}"] if missing else []))
             raise UserError(f"{problem}: the model takes {len(names)} columns, {names[0]!r} to {names[-1]!r}")
         frame = frame.set_axis(columns, axis=1)[names]
     try:
@@ -73,11 +102,14 @@ def raw_to_rows(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
                             "takes pixels scaled to [0, 1]; divide 0-255 pixel values by 255")
     with np.errstate(over="ignore", invalid="ignore"):
         x, _ = _apply_cleaning(pd.DataFrame(values, columns=names), schema.cleaning)
-    bad = ~np.isfinite(x)
-    if bad.any():  # finite as given, too large once scaled to float32 (e.g. 1e300)
+    bad = ~np.isfinite(x) | (np.abs(x) > LIMIT_SCALED if "center" in schema.cleaning else False)
+    if bad.any():  # finite as given, too large once scaled to float32 (e.g. 1e300), or absurdly far (1e20 pixels)
         row, col = (int(i) for i in np.argwhere(bad)[0])
-        raise UserError(f"row {row} column {names[col]!r} is {float(values[row, col])!r}, too large to scale; "
-                        f"every feature must be a number of the size the training data held")
+        far = "" if not np.isfinite(x[row, col]) else (
+            f" ({abs(float(x[row, col])):.2g} times the training data's spread from its centre)")
+        raise UserError(f"row {row} column {names[col]!r} is {float(values[row, col]):g}, too large to scale{far}; "
+                        f"every feature must be a number of the size the training data held (at most "
+                        f"{LIMIT_SCALED:g} times its spread from its centre)")
     return x
 
 

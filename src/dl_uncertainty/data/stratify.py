@@ -109,6 +109,11 @@ def stratified_parts(labels: np.ndarray, cfg, seed: int, with_test: bool = True,
         share = cfg[key] / whole
         if name == "calib" and math.ceil(share * len(rest)) < len(np.unique(labels[rest])):
             _no_calib_rows(cfg, labels, rest, np.array([], int), names)
+        if len(rest) < len(labels) and (np.unique(labels[rest], return_counts=True)[1] < 2).all():
+            named = np.asarray(names)[labels] if names is not None else labels
+            raise UserError(f"the data has {len(labels)} rows ({_counted(named)}): too few for test, calibration, "
+                            f"validation and train splits of every class; after the {list(parts)[-1]} split every "
+                            f"class has one row left; add rows")
         rest, parts[name] = stratified(rest, labels[rest], share, seed, f"data.{key}", cfg[key], what)
         whole -= cfg[key]
         if name == "calib":

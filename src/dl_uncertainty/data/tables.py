@@ -19,6 +19,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from dl_uncertainty.data.numbers import mark, not_numeric
+from dl_uncertainty.data.packed import unpacked
 from dl_uncertainty.data.s3 import read_bytes
 from dl_uncertainty.data.splits import Schema, Split
 from dl_uncertainty.data.stratify import (
@@ -43,6 +44,8 @@ def _decode(raw: bytes, path: str, encoding: str) -> str:
         ) from None
     if "\0" in text[:4096]:
         raise UserError(f"{path} is a binary file, not a CSV (or set data.encoding, e.g. utf-16)")
+    if "\r" in text and "\n" not in text:  # old Mac line ends: CR alone
+        text = text.replace("\r", "\n")
     return text
 
 
@@ -77,7 +80,7 @@ def _read_parquet(raw: bytes, path: str, label_column: str) -> tuple[pd.DataFram
 
 
 def _read_csv(path: str, cfg: DictConfig) -> tuple[pd.DataFrame, pd.Series]:
-    raw = read_bytes(path)
+    raw = unpacked(read_bytes(path), path)
     if raw.startswith(b"PAR1"):  # Parquet's magic number: a table in columns, read as one
         frame, labels = _read_parquet(raw, path, cfg.label_column)
         return _checked_table(frame, labels, path, cfg, mark(cfg.decimal), mark(cfg.thousands), first_line=0)

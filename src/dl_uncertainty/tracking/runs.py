@@ -96,9 +96,11 @@ class UncertaintyModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        from dl_uncertainty.data.rows import raw_to_rows
+        from dl_uncertainty.data.rows import check_row_shape, raw_to_rows
 
         try:
+            if isinstance(model_input, np.ndarray) and model_input.ndim > 2:  # images: their shape, not any
+                check_row_shape(model_input.shape[1:], self.schema, "the input", len(model_input))
             x = raw_to_rows(as_frame(model_input), self.schema)
         except UserError as err:
             raise MlflowException(str(err), INVALID_PARAMETER_VALUE) from None

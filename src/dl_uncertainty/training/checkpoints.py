@@ -84,6 +84,7 @@ def check_resumable(state: dict, path: Path, cfg, schema) -> None:
     fix = f"delete {path}, set train.checkpoint_dir to another folder, or set train.resume=false"
     if state.get("model_config") != OmegaConf.to_container(cfg.model, resolve=True):
         raise UserError(f"checkpoint {path} was written for a different model config; {fix}")
+    check_same_optimizer(state, path, cfg.train)
     was = {k: state[k] for k in ("feature_shape", "class_names") if k in state}
     now = data_meta(schema)
     if was and was != {k: now[k] for k in was}:
@@ -95,3 +96,46 @@ def check_resumable(state: dict, path: Path, cfg, schema) -> None:
         model.load_state_dict(state["model"])
     except (RuntimeError, ValueError, KeyError):
         raise UserError(f"checkpoint {path} was written for data with other features or classes; {fix}") from None
+
+
+def optimizer_name(state: dict) -> str:
+    """adam, adamw or sgd: which optimizer wrote a checkpoint's optimizer state (read from its settings)."""
+    group = state["optimizer"]["param_groups"][0]
+    if "momentum" in group:
+        return "sgd"
+    return "adamw" if group.get("decoupled_weight_decay") else "adam"
+
+
+def check_same_optimizer(state: dict, path: Path, train_cfg) -> None:
+    """A checkpoint's optimizer moments only mean something to the optimizer that wrote them."""
+    was = optimizer_name(state)
+    if was != train_cfg.optimizer:
+        raise UserError(f"checkpoint {path} was written with train.optimizer={was}, this run sets "
+                        f"train.optimizer={train_cfg.optimizer}; set train.optimizer={was} to resume it, "
+                        "or set train.resume=false to start over")
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's settings (lr, weight decay, ...) as the config made them, before a resume."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, scheduler, settings: list[dict]) -> list[str]:
+    """After a resume restored the optimizer's state: the config's settings apply, not the checkpoint's
+    (a resume with another train.lr trains on with it; with a schedule, from the schedule's current
+    step). Returns what changed, e.g. ``['lr 0.001 -> 0.0005']``."""
+    changed = []
+    for group, wanted in zip(optimizer.param_groups, settings, strict=True):
+        base = "initial_lr" if scheduler is not None else "lr"
+        for key, value in wanted.items():
+            if key in ("lr", "initial_lr") and key != base:
+                continue
+            if group.get(key) != value:
+                changed.append(f"{'lr' if key == base else key} {group.get(key)} -> {value}")
+            group[key] = value
+    if scheduler is not None:  # the schedule's factor at its current step, times the (new) base lr
+        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        for i, group in enumerate(optimizer.param_groups):
+            group["lr"] = scheduler.base_lrs[i] * scheduler.lr_lambdas[i](scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return changed

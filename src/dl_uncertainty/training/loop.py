@@ -34,7 +34,12 @@ from dl_uncertainty.families.networks import (
 )
 from dl_uncertainty.families.predict import predict_log_probs
 from dl_uncertainty.training.augment import augment
-from dl_uncertainty.training.checkpoints import Checkpointer, TrainingInterrupted
+from dl_uncertainty.training.checkpoints import (
+    Checkpointer,
+    TrainingInterrupted,
+    apply_settings,
+    optimizer_settings,
+)
 from dl_uncertainty.training.schedule import make_scheduler, step_groups
 from dl_uncertainty.uncertainty import metrics
 
@@ -187,6 +192,7 @@ class _Run:
     def resume(self, state: dict, checkpoints: Checkpointer, cfg: DictConfig) -> None:
         if state["model_config"] != OmegaConf.to_container(cfg.model, resolve=True):
             raise UserError(f"checkpoint {checkpoints.path} was written for a different model config")
+        settings = optimizer_settings(self.optimizer)  # the config's lr etc., applied over the checkpoint's
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -197,12 +203,14 @@ class _Run:
             ) from None
         if self.scheduler and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
+        changed = apply_settings(self.optimizer, self.scheduler, settings)
         self.history, self.best, self.bad_epochs = state["history"], state["best"], state["bad_epochs"]
         self.start_epoch = state["epoch"] + 1
         checkpoints.first_epoch, checkpoints.saved_epoch = self.start_epoch, state["epoch"]
         torch.set_rng_state(state["rng"])
         self.shuffle.set_state(state["shuffle_rng"])
-        print(f"resuming {cfg.model.name} from {checkpoints.path} after epoch {state['epoch']}")
+        print(f"resuming {cfg.model.name} from {checkpoints.path} after epoch {state['epoch']}"
+              + (f"; changed: {', '.join(changed)}" if changed else ""))
 
     def record(self, epoch: int, metrics: dict[str, float]) -> None:
         """Append the epoch's metrics; keep the weights if its val NLL is the best so far."""
