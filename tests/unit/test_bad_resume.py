@@ -60,3 +60,13 @@ def test_a_resume_with_another_optimizer_is_refused_naming_the_key(tiny_cfg, dig
         with pytest.raises(UserError, match=rf"written with train.optimizer=adam, this run sets train.optimizer={other}; "
                                             r"set train.optimizer=adam to resume it"):
             check_resumable(state, tmp_path / "last.pt", cfg, train.schema)
+
+
+def test_a_resume_with_no_checkpoint_yet_says_it_trains_from_the_first_epoch(tiny_cfg, digits_splits, tmp_path,
+                                                                              capsys):
+    train, val = digits_splits["train"], digits_splits["val"]
+    result = train_model(tiny_cfg(*BASE, "train.epochs=1", "train.resume=true"), train, val,
+                         checkpoint_dir=tmp_path / "empty", quiet=True)
+    assert f"no checkpoint at {tmp_path / 'empty' / 'last.pt'} yet; training from the first epoch" in \
+        capsys.readouterr().out
+    assert result.epochs_run == 1

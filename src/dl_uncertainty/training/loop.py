@@ -312,6 +312,8 @@ def _train_model(cfg: DictConfig, train: Split, val: Split, on_epoch: EpochCallb
     state = checkpoints.load() if checkpoints and cfg.train.resume else None
     if state is not None:
         run.resume(state, checkpoints, cfg)
+    elif checkpoints and cfg.train.resume:  # e.g. a restarted pod's first try: say it, then train
+        print(f"train.resume=true: no checkpoint at {checkpoints.path} yet; training from the first epoch")
 
     def patience_spent() -> bool:  # early stopping: this many epochs without a better val NLL
         return bool(cfg.train.early_stopping_patience) and run.bad_epochs >= cfg.train.early_stopping_patience
