@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from omegaconf import DictConfig
-from torch import nn
+
+if TYPE_CHECKING:  # compare never needs torch (a second of its start-up)
+    from torch import nn
 
 
 def evaluate_and_log(model: nn.Module, cfg: DictConfig, splits: dict, calibration, run_id: str,
