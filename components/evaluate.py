@@ -18,17 +18,7 @@ def evaluate(
 ):
     """MC-evaluate the model's uncertainty (selection metrics on val, the calibration's own numbers on
     calib, reported metrics on test); log everything to its MLflow run and to KFP."""
-    import json
+    from dl_uncertainty.steps import evaluate_bundle, write_evaluation
 
-    from dl_uncertainty.reports.evaluation import html
-    from dl_uncertainty.steps import evaluate_bundle
-
-    result, class_names, matrix, record = evaluate_bundle(model.path, val.path, calib.path, test.path, ood.path,
-                                                          predictions_path=predictions.path)
-    for key, value in result.metrics.items():
-        metrics.log_metric(key, value)
-    confusion.log_confusion_matrix(class_names, matrix)
-    with open(report.path, "w") as fh:
-        fh.write(html(result))
-    with open(metrics.path, "w") as fh:  # the file travels with the artifact to the compare step
-        json.dump(record, fh)
+    write_evaluation(evaluate_bundle(model.path, val.path, calib.path, test.path, ood.path,
+                                     predictions_path=predictions.path), metrics, confusion, report)

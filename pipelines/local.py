@@ -48,7 +48,8 @@ def run_local(overrides: list[str], pipeline_root: str | Path = "local_outputs",
     run_dir, uri, seconds, log = execute(
         cfg, PIPELINE_NAME, pipeline_root, verbose, runner,
         lambda task_uri, image: build_pipeline(cfg, cluster=False, mlflow_tracking_uri=task_uri,
-                                               default_overrides=overrides, image=image),
+                                               default_overrides=overrides, image=image,
+                                               one_task_per_branch=runner == "subprocess"),
         labels=[branch_label(b["model"], b["seed"], cfg.pipeline.seeds, b["fold"])
                 for b in branches(list(cfg.pipeline.models), cfg.pipeline.seeds, cfg.seed, cfg.pipeline.folds)],
         at_once=len(cfg.pipeline.models))  # one branch per family at a time; further seeds queue
@@ -251,12 +252,18 @@ def _plain(text: str) -> str:
     return " ".join(_strip_colours(text).split())
 
 
+def evaluation_records(run_dir: Path) -> list[Path]:
+    """Each branch's record for the compare step: its evaluate task's, or its train-evaluate task's."""
+    return sorted(r for r in [*run_dir.rglob("evaluate/metrics"), *run_dir.rglob("train-evaluate/metrics")]
+                  if r.is_file())
+
+
 def _collect_reports(run_dir: Path) -> dict[str, Path]:
     """Copy every HTML report to <run>/reports/<name>.html, named after its step and model."""
     out = run_dir / "reports"
     out.mkdir(exist_ok=True)
     found = {}
-    records = {r: json.loads(r.read_text()) for r in run_dir.rglob("evaluate/metrics") if r.is_file()}
+    records = {r: json.loads(r.read_text()) for r in evaluation_records(run_dir)}
     seeds = collections.Counter(record["model"] for record in records.values())
     for report in sorted(run_dir.rglob("*report")):
         if not report.is_file():
@@ -264,7 +271,7 @@ def _collect_reports(run_dir: Path) -> dict[str, Path]:
         name = report.parent.name
         record = records.get(report.parent / "metrics")
         if record:  # one report per family, or per (family, seed) when a family has several
-            name = f"{name}-{branch_label(record['model'], record.get('seed', 0), seeds[record['model']], record.get('fold', -1))}"
+            name = f"evaluate-{branch_label(record['model'], record.get('seed', 0), seeds[record['model']], record.get('fold', -1))}"
         found[name] = out / f"{name}.html"
         shutil.copyfile(report, found[name])
     return found
@@ -276,7 +283,7 @@ def _summary(run_dir: Path, uri: str, seconds: float, task_times: dict[str, list
         sys.stdout.write(text + "\n")
 
     say(f"\n{PIPELINE_NAME} finished in {seconds:.0f} s; outputs in {run_dir}")
-    order = ["configure", "preprocess", "train", "evaluate", "compare"]
+    order = ["configure", "preprocess", "train", "evaluate", "train-evaluate", "compare"]
     say("task wall times (s): " + " | ".join(
         f"{name} " + ", ".join(f"{label} {t:.1f}".strip() for label, t in task_times[name])
         for name in sorted(task_times, key=lambda n: order.index(n) if n in order else len(order))) + "\n")

@@ -1,4 +1,6 @@
 """``uncertainty-pipeline``: preprocess -> ParallelFor(models x seeds or folds: train -> evaluate) -> compare.
+kfp.local runs each branch's train and evaluate as one task (``train_evaluate``): same outputs, one
+process start-up per branch instead of two.
 
 Parameter defaults are composed from ``configs/`` with Hydra when the pipeline is built, so the
 compiled YAML and the configs never drift.
@@ -15,6 +17,7 @@ from components.evaluate import evaluate
 from components.images import CPU_IMAGE
 from components.preprocess import preprocess
 from components.train import train
+from components.train_evaluate import train_evaluate
 from dl_uncertainty.config.compose import without_keys
 from dl_uncertainty.config.parameters import TYPED, TYPED_KEYS, typed_defaults
 
@@ -61,12 +64,14 @@ def task_settings(task, p: DictConfig, kind: str = "step", *, cluster: bool, gpu
 
 def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" = None,
                    mlflow_tracking_uri: "str | None" = None, default_overrides: "list[str] | None" = None,
-                   image: "str | None" = None):
+                   image: "str | None" = None, one_task_per_branch: bool = False):
     """The pipeline function, with defaults from ``cfg``.
 
     ``cluster`` adds what only a Kubernetes cluster understands (resources, GPU, secrets, env);
     kfp.local runs the same graph without it. ``gpu=False`` relaxes the GPU request. ``image``
     puts every task in that one image (kfp.local's DockerRunner, where no GPU is asked for).
+    ``one_task_per_branch`` runs each branch's train and evaluate as one ``train_evaluate`` task (for
+    kfp.local; a cluster keeps two, so that only training holds a GPU).
     """
     p = cfg.pipeline
     gpu = p.gpu if gpu is None else gpu
@@ -90,14 +95,17 @@ def build_pipeline(cfg: DictConfig, *, cluster: bool = True, gpu: "bool | None" 
         # the key dsl.Collected reads its outputs under, and the KFP backend fails to find them
         # (kubeflow/pipelines#13239).
         with dsl.ParallelFor(config.outputs["Output"]) as branch:
-            trained = configure_task(train(
-                config=config.outputs["config"], model_name=branch.model, seed=branch.seed, fold=branch.fold,
-                train=data.outputs["train"], val=data.outputs["val"], calib=data.outputs["calib"]),
-                kind="train").set_display_name("train")
-            evaluated = configure_task(evaluate(
-                model=trained.outputs["model"], val=trained.outputs["val_rows"], calib=data.outputs["calib"],
-                test=data.outputs["test"],
-                ood=data.outputs["ood"])).set_display_name("evaluate")
+            inputs = dict(config=config.outputs["config"], model_name=branch.model, seed=branch.seed, fold=branch.fold,
+                          train=data.outputs["train"], val=data.outputs["val"], calib=data.outputs["calib"])
+            if one_task_per_branch:
+                evaluated = configure_task(train_evaluate(**inputs, test=data.outputs["test"], ood=data.outputs["ood"]),
+                                           kind="train").set_display_name("train-evaluate")
+            else:
+                trained = configure_task(train(**inputs), kind="train").set_display_name("train")
+                evaluated = configure_task(evaluate(
+                    model=trained.outputs["model"], val=trained.outputs["val_rows"], calib=data.outputs["calib"],
+                    test=data.outputs["test"],
+                    ood=data.outputs["ood"])).set_display_name("evaluate")
         configure_task(compare(
             config=config.outputs["config"], metrics=dsl.Collected(evaluated.outputs["metrics"]),
             predictions=dsl.Collected(evaluated.outputs["predictions"]))).set_display_name("compare")

@@ -1,15 +1,44 @@
-"""The preprocess, evaluate and compare steps: what the KFP components run (each a few lines around one
-call here) and what ``python -m dl_uncertainty.preprocess`` and ``evaluate`` run, so the pipeline and the
-CLI share code."""
+"""The preprocess, train, evaluate and compare steps: what the KFP components run (each a few lines around
+one call here) and what ``python -m dl_uncertainty.preprocess`` and ``evaluate`` run, so the pipeline and the
+CLI share code. The artifacts they are handed are KFP's, read duck-typed (``.path``, ``.log_metric``, ...): no kfp here."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from omegaconf import DictConfig
-from torch import nn
+
+if TYPE_CHECKING:  # compare never needs torch (a second of its start-up)
+    from torch import nn
+
+
+def train_branch(config_json: str, model_name: str, seed: int, fold: int, train: str, val: str, calib: str,
+                 model_path: str, val_rows_path: str) -> dict:
+    """The pipeline's train step: train ``model_name`` with model seed ``seed`` on the split files (fold >= 0:
+    on the other folds of train + val, early-stopping on fold ``fold``), log it to MLflow, write its bundle
+    to ``model_path`` and the rows it early-stopped on to ``val_rows_path``. Returns the Model's metadata."""
+    from dl_uncertainty.config.compose import pick_config
+    from dl_uncertainty.data.folds import fold_splits, rescaled
+    from dl_uncertainty.data.splits import load_split, save_split
+    from dl_uncertainty.tracking.bundle import save_bundle
+    from dl_uncertainty.train import train_and_log
+
+    cfg = pick_config(config_json, model_name, seed, fold if fold >= 0 else None)
+    train_split = load_split(train, mmap=True)  # trained in memory or streamed: data.stream
+    val_split = load_split(val, expect=train_split.schema)
+    calib_split = load_split(calib, expect=train_split.schema)
+    if fold >= 0:
+        train_split, val_split = fold_splits(train_split, val_split, cfg.pipeline.folds, fold, cfg.seed)
+        calib_split = rescaled(calib_split, train_split.schema)  # the fold's scaling, refitted on its train part
+    save_split(val_split, val_rows_path)
+    trained = train_and_log(cfg, train_split, val_split, calib_split, checkpoint_dir=f"{model_path}.checkpoints")
+    save_bundle(trained.model, cfg, train_split.schema, model_path, run_id=trained.run_id,
+                calibration=trained.calibration.to_dict())
+    return {"model_name": model_name, "seed": seed, "fold": fold, "mlflow_run_id": trained.run_id,
+            "best_val_acc": trained.result.best["val_acc"], "best_val_nll": trained.result.best["val_nll"]}
 
 
 def prepared_splits(cfg: DictConfig) -> dict:
@@ -73,6 +102,21 @@ def evaluate_bundle(bundle: str, val: str, calib: str, test: str, ood: str, pred
               **({"fold": cfg.pipeline.fold} if cfg.pipeline.fold >= 0 else {}),
               "registered_model_name": registered_name(cfg.data, schema.feature_shape, cfg.evaluate.registered_model_name)}
     return evaluation, list(schema.class_names), matrix.tolist(), record
+
+
+def write_evaluation(evaluated: tuple, metrics, confusion, report) -> None:
+    """The evaluate step's outputs from what ``evaluate_bundle`` returned: every metric and the confusion
+    matrix to KFP, the HTML report, and the record the compare step reads (in the metrics artifact's file)."""
+    from dl_uncertainty.reports.evaluation import html
+
+    result, class_names, matrix, record = evaluated
+    for key, value in result.metrics.items():
+        metrics.log_metric(key, value)
+    confusion.log_confusion_matrix(class_names, matrix)
+    with open(report.path, "w") as fh:
+        fh.write(html(result))
+    with open(metrics.path, "w") as fh:  # the file travels with the artifact to the compare step
+        json.dump(record, fh)
 
 
 @dataclass

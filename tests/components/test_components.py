@@ -12,6 +12,7 @@ from components.configure import configure
 from components.evaluate import evaluate
 from components.preprocess import preprocess
 from components.train import train
+from components.train_evaluate import train_evaluate
 from dl_uncertainty.config.compose import without_keys
 from dl_uncertainty.errors import UserError
 from dl_uncertainty.uncertainty import metrics as M
@@ -271,6 +272,26 @@ def test_gate_verdict_says_when_there_is_no_champion_to_fall_back_on(tmp_path):
     assert "no champion is set, so `make serve` has nothing to serve until a model passes" in none
     assert "stays" not in none
     assert "the champion alias stays on version 3" in gate_verdict("bnn", failed, champion="3")
+
+
+def test_train_evaluate_in_one_task_reports_what_train_then_evaluate_report(chain):
+    """kfp.local's one task per branch: the same trained weights, metrics, predictions and record."""
+    tmp, splits = chain["tmp"], chain["splits"]
+    outputs = {k: art(cls, tmp, f"one-{k}") for k, cls in (
+        ("model", dsl.Model), ("val_rows", dsl.Dataset), ("metrics", dsl.Metrics),
+        ("confusion", dsl.ClassificationMetrics), ("report", dsl.HTML), ("predictions", dsl.Dataset))}
+    train_evaluate.python_func(config=chain["config"], model_name="mc_dropout_dnn", seed=PARAMS["seed"], fold=-1,
+                               **splits, **outputs)
+    two = chain["evaluated"]["mc_dropout_dnn"]
+    one_record, two_record = (json.load(open(e["metrics"].path)) for e in (outputs, two))
+    assert one_record["run_id"] != two_record["run_id"]  # trained again, in its own MLflow run
+    np.testing.assert_equal(one_record["metrics"], two_record["metrics"])
+    assert outputs["confusion"].metadata == two["confusion"].metadata
+    with np.load(outputs["predictions"].path) as one, np.load(two["predictions"].path) as other:
+        assert sorted(one.files) == sorted(other.files)
+        for key in one.files:
+            np.testing.assert_array_equal(one[key], other[key], err_msg=key)
+    assert "<img" in open(outputs["report"].path).read()
 
 
 def test_train_on_a_corrupt_dataset_artifact_fails_clearly(chain, tmp_path):

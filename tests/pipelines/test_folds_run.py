@@ -18,7 +18,7 @@ def test_two_folds_train_on_each_other_and_are_scored_out_of_fold(tmp_path, monk
                         tmp_path / "out")
     printed = capsys.readouterr().out
     for fold in (0, 1):
-        assert re.search(rf"^  done  train mc_dropout_dnn-fold{fold} +\d+\.\d s$", printed, re.M)
+        assert re.search(rf"^  done  train-evaluate mc_dropout_dnn-fold{fold} +\d+\.\d s$", printed, re.M)
 
     data = {name: load_split(next(run_dir.rglob(f"preprocess/{name}"))) for name in ("train", "val", "calib", "test")}
     def raw(split):  # each fold model's rows are in its own scaling: compare the data's values (digits: 0-16)
@@ -26,12 +26,12 @@ def test_two_folds_train_on_each_other_and_are_scored_out_of_fold(tmp_path, monk
 
     pooled = set(raw(data["train"]) + raw(data["val"]))
     held = {}
-    for record_path in run_dir.rglob("evaluate/metrics"):
+    for record_path in run_dir.rglob("train-evaluate/metrics"):
         record = json.loads(record_path.read_text())
-        branch = record_path.parent.parent
-        val_rows = load_split(branch / "train" / "val_rows")
+        task = record_path.parent
+        val_rows = load_split(task / "val_rows")
         held[record["fold"]] = raw(val_rows)
-        with np.load(branch / "evaluate" / "predictions") as p:  # validated on its own fold; calib and test fixed
+        with np.load(task / "predictions") as p:  # validated on its own fold; calib and test fixed
             np.testing.assert_array_equal(p["val_labels"], val_rows.y)
             np.testing.assert_array_equal(p["calib_labels"], data["calib"].y)
             np.testing.assert_array_equal(p["labels"], data["test"].y)

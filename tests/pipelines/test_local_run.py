@@ -21,7 +21,8 @@ def test_whole_pipeline_runs_locally_and_lands_in_mlflow(mlflow_server, tmp_path
     printed = captured.out
     assert "# Model comparison" in printed and "Winner:" in printed
     assert len((captured.out + captured.err).splitlines()) < 60  # one line per task, not every task's log
-    for task in ("configure", "preprocess", "train bnn", "train mc_dropout_dnn", "evaluate bnn", "compare"):
+    # each branch trains and evaluates in one task: one process start-up per branch, not two
+    for task in ("configure", "preprocess", "train-evaluate bnn", "train-evaluate mc_dropout_dnn", "compare"):
         assert re.search(rf"^  done  {task} +\d+\.\d s$", printed, re.M), task
     assert "epoch   1/2" not in printed and "Got executor_input" not in printed
     for name in ("compare", "preprocess", "evaluate-bnn", "evaluate-mc_dropout_dnn"):

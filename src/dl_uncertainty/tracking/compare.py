@@ -153,7 +153,7 @@ def tuning_section(run_ids: dict[str, str]) -> Section | None:
     """For each compared model trained from ``configs/tuned/<model>.yaml`` (its run tagged with the
     study), the sweep's figures from the study's parent run in MLflow, or where to find its report.
     None when no model was tuned. Needs the tracking URI set (``store.setup``)."""
-    from dl_uncertainty.tracking.runs import TUNED_STUDY_TAG
+    from dl_uncertainty.tracking.store import TUNED_STUDY_TAG  # not runs: it loads torch
 
     client = mlflow.MlflowClient()
     text, figures = [], {}

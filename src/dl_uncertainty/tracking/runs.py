@@ -22,9 +22,8 @@ from dl_uncertainty.config.compose import flatten
 from dl_uncertainty.data.splits import Schema
 from dl_uncertainty.errors import UserError
 from dl_uncertainty.tracking.bundle import load_bundle, save_bundle
-from dl_uncertainty.tracking.store import setup
+from dl_uncertainty.tracking.store import TUNED_STUDY_TAG, setup
 
-TUNED_STUDY_TAG = "dlu.tuned_study"  # on a training run: the Optuna study its config is the best trial of
 SAMPLE_CACHE_MB = 256  # per loaded model: its seeded MC draws, kept for reuse (see inference.SampleCache)
 PYFUNC_REQUIREMENTS = ["torch>=2.3", "torchbnn>=1.2,<1.3", "numpy", "pandas", "omegaconf>=2.3,<2.4",
                        "hydra-core>=1.3.2,<1.4", "scikit-learn", "boto3"]

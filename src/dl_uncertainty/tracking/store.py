@@ -26,6 +26,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 # MLflow 3's UI opens an experiment on its GenAI (traces) view unless the experiment says it is classic ML
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+TUNED_STUDY_TAG = "dlu.tuned_study"  # on a training run: the Optuna study its config is the best trial of
 
 
 def absolute_sqlite(uri: str) -> str:
