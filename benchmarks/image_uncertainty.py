@@ -103,6 +103,17 @@ def row(data: str, name: str, ev, seconds: float, epochs: int) -> dict:
     return out
 
 
+def report(r: dict, ev) -> None:
+    """One progress line per model: the headline numbers and what the calibration split did to T."""
+    cal = ev.calibration or {}
+    worst = {s: min(r[k][i] for k in FAR_KINDS) for i, s in enumerate(SCORES)}
+    print(f"  {r['data']} {r['model']}: acc {r['acc']:.4f}  NLL {r['nll']:.3f}  ECE raw {r['ece']:.3f} served "
+          f"{r['ece_ts']:.3f}  val NLL {ev.metrics.get('val_nll', float('nan')):.3f}  "
+          f"T {cal.get('temperature', 1.0):.3f} (fitted {cal.get('fitted_temperature', 1.0):.3f})  "
+          f"worst far-OOD AUROC H {worst['entropy']:.2f} D {worst['density']:.2f}  "
+          f"{r['train_s']:.0f} s ({r['epoch_s']:.2f} s/epoch)", flush=True)
+
+
 def run(data: str, families: list[str], root: Path, extra: list[str], epochs: int | None) -> list[dict]:
     base = data_overrides(data, root) + ["num_threads=1", *extra] + ([f"train.epochs={epochs}"] if epochs else [])
     rows, splits = [], None
@@ -112,19 +123,21 @@ def run(data: str, families: list[str], root: Path, extra: list[str], epochs: in
         tic = time.perf_counter()
         result = train_model(cfg, splits["train"], splits["val"], quiet=True)
         seconds = time.perf_counter() - tic
-        ev = evaluate_model(result.model, cfg, splits["test"], splits["ood"], splits["val"], with_figures=False)
+        ev = evaluate_model(result.model, cfg, splits["test"], splits["ood"], splits["val"], calib=splits["calib"],
+                            with_figures=False)
         rows.append(row(data, family, ev, seconds, result.epochs_run))
-        print(f"  {data} {family}: acc {ev.metrics['acc']:.4f}  {seconds:.0f} s", flush=True)
+        report(rows[-1], ev)
     cfg = load_config(base + ["model=mc_dropout_dnn"])
     tic = time.perf_counter()
     model = train_textbook(cfg, splits["train"], cfg.train.epochs)
     seconds = time.perf_counter() - tic
     fit_feature_density(model, splits["train"], splits["val"], cfg)
-    ev = evaluate_model(model, cfg, splits["test"], splits["ood"], splits["val"], with_figures=False)
+    ev = evaluate_model(model, cfg, splits["test"], splits["ood"], splits["val"], calib=splits["calib"],
+                        with_figures=False)
     rows.append(row(data, "textbook CNN", ev, seconds, cfg.train.epochs))
-    print(f"  {data} textbook CNN: acc {ev.metrics['acc']:.4f}  {seconds:.0f} s", flush=True)
-    n = {k: len(splits[k].y) for k in ("train", "val", "test")}
-    print(f"  {data}: {n['train']} train / {n['val']} val / {n['test']} test images, "
+    report(rows[-1], ev)
+    n = {k: len(splits[k].y) for k in ("train", "val", "calib", "test")}
+    print(f"  {data}: {n['train']} train / {n['val']} val / {n['calib']} calibration / {n['test']} test images, "
           f"shape {splits['train'].schema.feature_shape}", flush=True)
     return rows
 
