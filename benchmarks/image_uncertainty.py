@@ -13,6 +13,7 @@ far-OOD AUROC per generated kind by entropy / mutual information / feature densi
 training seconds (in all and per epoch run), and ratios against the textbook CNN.
 
     python benchmarks/image_uncertainty.py [--data digits shapes] [--families bnn ...] [--epochs N] [-- overrides]
+    python benchmarks/image_uncertainty.py --speed 3 [...]   # per-epoch time only, against the textbook CNN
 """
 
 from __future__ import annotations
@@ -142,6 +143,40 @@ def run(data: str, families: list[str], root: Path, extra: list[str], epochs: in
     return rows
 
 
+def epoch_seconds(train_for, rounds: int) -> float:
+    """Seconds one more epoch costs: (3 epochs - 1 epoch) / 2, which cancels the set-up and the work
+    after training; the fastest of ``rounds`` tries (load from other work only ever adds time)."""
+    def timed(epochs: int) -> float:
+        tic = time.perf_counter()
+        train_for(epochs)
+        return time.perf_counter() - tic
+    return min((timed(3) - timed(1)) / 2 for _ in range(rounds))
+
+
+def speed(data: str, families: list[str], root: Path, extra: list[str], rounds: int) -> None:
+    """Per-epoch time of each family's training loop (per-epoch validation included) against the
+    textbook CNN's, the two timed alternately in one process so the machine's load hits both alike."""
+    base = data_overrides(data, root) + ["num_threads=1", *extra]
+    cfg = load_config(base + ["model=mc_dropout_dnn"])
+    splits = prepare_images(cfg.data, cfg.seed)
+    train, val = splits["train"], splits["val"]
+
+    def textbook(epochs: int) -> None:
+        train_textbook(cfg, train, epochs)
+
+    for family in families:
+        def ours(epochs: int, family: str = family) -> None:
+            train_model(load_config(base + [f"model={family}", f"train.epochs={epochs}"]), train, val, quiet=True)
+
+        times = {"ours": [], "textbook": []}
+        for _ in range(rounds):
+            times["ours"].append(epoch_seconds(ours, 1))
+            times["textbook"].append(epoch_seconds(textbook, 1))
+        mine, base_s = min(times["ours"]), min(times["textbook"])
+        print(f"  {data} {family}: {mine:.3f} s / epoch, textbook CNN {base_s:.3f} s / epoch: {mine / base_s:.2f}x "
+              f"(fastest of {rounds} alternating rounds; load {os.getloadavg()[0]:.1f})", flush=True)
+
+
 def table(rows: list[dict]) -> str:
     cells = "H/MI/D/En"  # entropy, mutual information, feature density, energy
     head = (["data", "model", "acc", "NLL", "ECE raw / served", *[f"{k} AUROC {cells}" for k in FAR_KINDS],
@@ -164,6 +199,8 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES), choices=list(NAMES),
                         help=f"default: {' '.join(DEFAULT_FAMILIES)}")
     parser.add_argument("--epochs", type=int, default=None, help="train.epochs for every model (default: the recipe's)")
+    parser.add_argument("--speed", type=int, default=0, metavar="ROUNDS",
+                        help="only time one epoch of each family against the textbook CNN, alternately, ROUNDS times")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every family, e.g. evaluate.mc_samples=20")
     args = parser.parse_args()
     set_threads(1)
@@ -171,9 +208,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for data in args.data:
+            if args.speed:
+                speed(data, args.families, Path(tmp), args.overrides, args.speed)
+                continue
             rows += run(data, args.families, Path(tmp), args.overrides, args.epochs)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
-    print(table(rows))
+    if rows:
+        print(table(rows))
 
 
 if __name__ == "__main__":
