@@ -106,10 +106,11 @@ def row(data: str, name: str, ev, seconds: float, epochs: int) -> dict:
 
 def report(r: dict, ev) -> None:
     """One progress line per model: the headline numbers and what the calibration split did to T."""
-    cal = ev.calibration or {}
+    cal, m, nan = ev.calibration or {}, ev.metrics, float("nan")
     worst = {s: min(r[k][i] for k in FAR_KINDS) for i, s in enumerate(SCORES)}
     print(f"  {r['data']} {r['model']}: acc {r['acc']:.4f}  NLL {r['nll']:.3f}  ECE raw {r['ece']:.3f} served "
-          f"{r['ece_ts']:.3f}  val NLL {ev.metrics.get('val_nll', float('nan')):.3f}  "
+          f"{r['ece_ts']:.3f}  val acc {m.get('val_acc', nan):.4f} NLL served {m.get('val_nll_ts', nan):.3f} "
+          f"ECE served {m.get('val_ece_ts', nan):.3f}  "
           f"T {cal.get('temperature', 1.0):.3f} (fitted {cal.get('fitted_temperature', 1.0):.3f})  "
           f"worst far-OOD AUROC H {worst['entropy']:.2f} D {worst['density']:.2f}  "
           f"{r['train_s']:.0f} s ({r['epoch_s']:.2f} s/epoch)", flush=True)
