@@ -163,3 +163,20 @@ def test_served_uncertainty_is_that_of_the_served_probabilities():
         assert np.allclose(out["mutual_info"], out["entropy"] - out["expected_entropy"])
         assert (out["mutual_info"] >= 0).all()
     assert not np.allclose(C.decide(log_probs, cal)["entropy"], M.predictive_entropy(log_probs))  # T = 2.5 counts
+
+
+def test_a_temperature_at_its_search_bound_is_not_kept():
+    # under-confident MC samples that err only where some samples vote right: the calibration NLL keeps
+    # falling as T -> 0 (each sample one-hot, the served probability the vote share), down to the bound
+    k, samples = 3, 10
+    labels = np.arange(200) % k
+    probs = np.full((samples, 200, k), 0.25)
+    probs[:, np.arange(200), labels] = 0.5
+    wrong = (labels + 1) % k
+    for row in range(10):  # 6 of 10 samples favour a wrong class: the MC average errs
+        probs[:6, row] = 0.25
+        probs[:6, row, wrong[row]] = 0.5
+    fitted = C.fit(np.log(probs), labels, load_config([]).evaluate)
+    assert fitted.errors == 10 and fitted.fitted_temperature == pytest.approx(C.T_BOUNDS[0], rel=0.01)
+    assert fitted.nll_gain[1] > 0  # the held-out gain alone would keep it
+    assert fitted.temperature == 1.0 and "search bound" in fitted.temperature_reason

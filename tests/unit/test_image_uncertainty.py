@@ -157,3 +157,37 @@ def test_auto_density_takes_the_gaussian_only_with_enough_rows_per_feature():
     assert density_kind("auto", (ROWS_PER_FEATURE * 128, 128)) == "gaussian"
     assert density_kind("auto", (195, 128)) == "knn"  # the generated shapes' training split
     assert density_kind("knn", (10**6, 2)) == "knn" and density_kind("gaussian", (3, 128)) == "gaussian"
+
+
+@pytest.mark.parametrize("share, rows", [(0.25, 4), (0.5, 8), (1.0, 16)])
+def test_outlier_share_sets_the_outlier_rows_per_batch_row(tiny_cfg, digits_splits, share, rows):
+    from dl_uncertainty.families.outliers import with_outliers
+
+    cfg = tiny_cfg("model=mc_dropout_dnn", *CNN, "model.outlier_exposure=0.5", f"model.outlier_share={share}")
+    model = build_model(cfg.model, digits_splits["train"].schema.feature_shape, 10)
+    x = torch.as_tensor(np.asarray(digits_splits["train"].x[:16], np.float32))
+    batch, n = with_outliers(model, x, cfg)
+    assert n == 16 and len(batch) == 16 + rows and torch.equal(batch[:16], x)
+
+
+@pytest.mark.parametrize("share", [0, 1.5])
+def test_an_outlier_share_outside_0_1_names_the_key(tiny_cfg, share):
+    with pytest.raises(UserError, match="model.outlier_share"):
+        tiny_cfg(f"model.outlier_share={share}")
+
+
+def test_the_density_of_a_small_augmented_split_is_also_fitted_on_augmented_copies(tiny_cfg, digits_splits):
+    from dl_uncertainty.families.feature_density import MAX_COPIES, fit_rows
+
+    train = digits_splits["train"]  # 8x8 images, one channel
+    assert train.schema.feature_shape == [1, 8, 8]
+    x, y = fit_rows(train, tiny_cfg("data.hflip=true", "data.crop_padding=0"))
+    n = len(train.y)
+    assert x.shape == ((MAX_COPIES + 1) * n, train.x.shape[1]) and (y == np.tile(train.y, MAX_COPIES + 1)).all()
+    np.testing.assert_array_equal(x[:n], train.x)
+    flat = np.asarray(train.x, np.float32).reshape(n, 8, 8)
+    for copy in x[n:].reshape(MAX_COPIES, n, 8, 8):  # each row is its image or that image mirrored
+        same, mirrored = (copy == flat).all((1, 2)), (copy == flat[:, :, ::-1]).all((1, 2))
+        assert (same | mirrored).all() and 0.2 < mirrored.mean() < 0.8
+    x_plain, _ = fit_rows(train, tiny_cfg("data.hflip=false", "data.crop_padding=0"))
+    assert len(x_plain) == n

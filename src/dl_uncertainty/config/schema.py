@@ -76,6 +76,7 @@ class ModelConfig:
     conv_dropout: bool = True  # cnn/resnet: dropout in the conv layers too; false: only in the fully connected part
     spectral_norm: float | None = None  # spectral normalisation of the feature extractor with this coefficient; null = off
     outlier_exposure: float = 0.0  # images: weight of the uniform-prediction loss on synthetic outliers; 0 = off
+    outlier_share: float = 0.5  # outlier exposure: outlier rows added per in-distribution row of a batch
 
 
 @dataclass

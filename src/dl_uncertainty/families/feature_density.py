@@ -21,6 +21,7 @@ from torch import nn
 
 from dl_uncertainty.errors import UserError
 from dl_uncertainty.families.base import family_of
+from dl_uncertainty.training.augment import augment
 from dl_uncertainty.uncertainty.density import ClassGaussianDensity, energy_score, fit_threshold
 from dl_uncertainty.uncertainty.knn_density import KNNDensity
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 DENSITY_ATTR = "dlu_density"
 BATCH = 1024
 ROWS_PER_FEATURE = 5  # evaluate.density=auto: fewer training rows per feature than this, and the kNN is used
+BANK_ROWS = 10_000  # augmented copies of a small training split fill the density's fit up to about this many rows
+MAX_COPIES = 4  # ... at most this many copies of each training image
 
 
 @dataclass
@@ -83,15 +86,40 @@ def density_kind(setting: str, shape: tuple[int, int]) -> str:
     return "gaussian" if rows >= ROWS_PER_FEATURE * dims else "knn"
 
 
+def augmented_copies(train: Split, cfg: DictConfig) -> int:
+    """How many augmented copies of each training image the density is also fitted on: the training
+    augmentation (``data.hflip``, ``data.crop_padding``) says which images count as in-distribution, and
+    a small split covers them sparsely; up to MAX_COPIES, and none once the split fills BANK_ROWS."""
+    shape = train.schema.feature_shape
+    if len(shape) != 3 or not (cfg.data.get("hflip", False) or cfg.data.get("crop_padding", 0)):
+        return 0
+    return min(MAX_COPIES, max(0, BANK_ROWS // max(len(train.y), 1) - 1))
+
+
+def fit_rows(train: Split, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The training rows the density is fitted on, with their labels: the split, then its augmented copies."""
+    copies = augmented_copies(train, cfg)
+    x = np.asarray(train.x, np.float32)
+    if not copies:
+        return x, np.asarray(train.y)
+    generator = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
+    rows = torch.as_tensor(x)
+    shifted = [augment(rows, train.schema.feature_shape, cfg.data.hflip, cfg.data.crop_padding, generator).numpy()
+               for _ in range(copies)]
+    return np.concatenate([x, *shifted]), np.tile(np.asarray(train.y), copies + 1)
+
+
 def fit_feature_density(model: nn.Module, train: Split, val: Split | None, cfg: DictConfig) -> FeatureDensity:
-    """Fit on the training split's features, threshold on the held-out ``val``; attach it to ``model``."""
+    """Fit on the features of the training split (and of its augmented copies, see ``augmented_copies``),
+    threshold on the held-out ``val``; attach it to ``model``."""
     e = cfg.evaluate
-    train_features = features(model, train.x)
-    if density_kind(e.get("density", "gaussian"), train_features.shape) == "knn":
+    x, y = fit_rows(train, cfg)
+    train_features = features(model, x)
+    if density_kind(e.get("density", "gaussian"), (len(train.y), train_features.shape[1])) == "knn":
         density = KNNDensity(seed=cfg.get("seed", 0))
     else:
         density = ClassGaussianDensity("shared", e.get("density_ridge", 1e-3))
-    density.fit(train_features, train.y, num_classes=len(train.schema.class_names))
+    density.fit(train_features, y, num_classes=len(train.schema.class_names))
     held_out = val.x if val is not None and len(val.y) else train.x
     rate = e.get("density_target_rate", 0.95)
     fitted = FeatureDensity(density, fit_threshold(density.log_density(features(model, held_out)), rate), rate)

@@ -25,7 +25,6 @@ from torch import nn
 from dl_uncertainty.families.networks import image_shape_of
 
 TILES = 4  # jigsaw grid per side
-SHARE = 0.5  # outlier rows per in-distribution row of the batch
 
 
 def _permuted(images: torch.Tensor) -> torch.Tensor:
@@ -75,7 +74,7 @@ def with_outliers(model: nn.Module, x: torch.Tensor, cfg: DictConfig) -> tuple[t
     shape = image_shape_of(model)
     if not weight or shape is None or len(x) < 2:
         return x, len(x)
-    count = max(1, math.ceil(SHARE * len(x)))
+    count = max(1, math.ceil(cfg.model.get("outlier_share", 0.5) * len(x)))
     return torch.cat([x, synthetic_outliers(x.detach(), shape, count)]), len(x)
 
 

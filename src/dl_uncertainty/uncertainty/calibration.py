@@ -34,6 +34,7 @@ from dl_uncertainty.uncertainty import metrics as M
 
 CONFORMAL_METHODS = CF.METHODS
 BOOTSTRAP = 2000  # resamples of the held-out NLL gain
+T_BOUNDS = (0.05, 20.0)  # the temperature's search interval
 
 
 @dataclass
@@ -128,7 +129,7 @@ def held_out_gain(log_probs: np.ndarray, labels: np.ndarray) -> tuple[float, lis
     after = np.empty(n)
     halves = np.array_split(np.random.default_rng(0).permutation(n), 2)
     for fit_rows, score_rows in (halves, halves[::-1]):
-        t = M.fit_temperature(log_probs[:, fit_rows], labels[fit_rows])
+        t = M.fit_temperature(log_probs[:, fit_rows], labels[fit_rows], T_BOUNDS)
         scaled = served_mean(log_probs[:, score_rows], t)
         after[score_rows] = -scaled[np.arange(len(score_rows)), labels[score_rows]]
     gain = before - after
@@ -136,13 +137,18 @@ def held_out_gain(log_probs: np.ndarray, labels: np.ndarray) -> tuple[float, lis
     return float(after.mean()), [float(gain.mean()), *map(float, np.quantile(means, [0.05, 0.95]))]
 
 
-def _keep_temperature(scaling: bool, n: int, errors: int, gain: list[float]) -> str:
+def _keep_temperature(scaling: bool, n: int, errors: int, gain: list[float], fitted: float = 1.0) -> str:
     """Why T is kept or not: a sentence starting with "kept" or "not kept"."""
     if not scaling:
         return "not kept: evaluate.calibration=none" if n >= 4 else f"not kept: {n} calibration examples are too few"
     if errors == 0:
         return ("not kept: the model makes no error on the calibration split, so the NLL only falls as T -> 0 and the "
                 "first error on new data would cost a huge NLL")
+    if not T_BOUNDS[0] * 1.01 < fitted < T_BOUNDS[1] / 1.01:
+        # Toward T -> 0 each MC sample turns one-hot and the served probabilities become the samples'
+        # vote shares; a minimum at the bound is an artefact of the search interval, not a fitted T.
+        return (f"not kept: the fitted T {fitted:.3g} is at its search bound, where the calibration split's NLL "
+                "still falls, so the split does not pin T down")
     verdict = "kept" if gain[1] > 0 else "not kept"
     why = "above 0" if gain[1] > 0 else "not above 0: the gain is within its bootstrap noise"
     return (f"{verdict}: held-out NLL gain {gain[0]:.4f}, its bootstrap 5 % quantile {gain[1]:.4f} is {why}")
@@ -163,10 +169,10 @@ def fit(val_log_probs: np.ndarray, val_labels: np.ndarray, cfg: DictConfig, rows
     mean = M.mean_log_probs(val_log_probs)
     before = M.nll(mean, val_labels)
     scaling = cfg.calibration == "temperature" and len(val_labels) >= 4
-    fitted = M.fit_temperature(val_log_probs, val_labels) if scaling else 1.0
+    fitted = M.fit_temperature(val_log_probs, val_labels, T_BOUNDS) if scaling else 1.0
     after, gain = held_out_gain(val_log_probs, val_labels) if scaling else (before, [0.0, 0.0, 0.0])
     errors = int((mean.argmax(1) != val_labels).sum())
-    reason = _keep_temperature(scaling, len(val_labels), errors, gain)
+    reason = _keep_temperature(scaling, len(val_labels), errors, gain, fitted)
     temperature = fitted if reason.startswith("kept") else 1.0
     samples = served_samples(val_log_probs, temperature)
     probs = np.exp(M.mean_log_probs(samples))
