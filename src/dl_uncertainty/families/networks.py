@@ -127,12 +127,14 @@ def _build(cfg: DictConfig, feature_shape: list[int], num_classes: int, bayesian
         layers.append(nn.Unflatten(1, tuple(feature_shape)))
         for out_channels in cfg.conv_channels:
             layers.append(_conv(bayesian, cfg, channels, out_channels))
-            if not bayesian:
-                layers.append(nn.BatchNorm2d(out_channels))
-            layers.append(act())
+            # pooling first: BatchNorm and the activation then touch a quarter of the values (a
+            # training step ~0.6x as long; without BatchNorm the function is the same either way)
             if min(height, width) >= 2:
                 layers.append(nn.MaxPool2d(2))
                 height, width = height // 2, width // 2
+            if not bayesian:
+                layers.append(nn.BatchNorm2d(out_channels))
+            layers.append(act())
             if _conv_dropout(cfg) > 0:
                 layers.append(nn.Dropout(cfg.dropout))
             channels = out_channels

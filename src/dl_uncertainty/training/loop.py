@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,18 +252,43 @@ def _train_epoch(run: _Run, data: _Data, cfg: DictConfig, epoch: int, scaler: to
                  interactive: bool) -> tuple[dict[str, float], float]:
     """One pass over the shuffled training split: the per-row sums of the loss terms, and the KL weight."""
     model, device, shape = run.model, data.device, data.train.schema.feature_shape
-    use_amp = scaler.is_enabled()
     augmenting = len(shape) == 3 and (cfg.data.hflip or cfg.data.crop_padding > 0)
     model.train()
     kl_w = kl_scale(cfg.model, epoch, data.n)
-    sums: dict[str, float] = {}
     order = torch.randperm(data.n, generator=run.shuffle)
-    accumulate = cfg.train.get("accumulate_grad_batches", 1)
-    group_rows = step_groups(data.n, cfg.train.batch_size, accumulate)
+    group_rows = step_groups(data.n, cfg.train.batch_size, cfg.train.get("accumulate_grad_batches", 1))
     # a bar (rows/s, time left) on a terminal, for epochs still running after a few seconds
     bar = tqdm(total=data.n, desc=f"{cfg.model.name} epoch {epoch}/{cfg.train.epochs}", leave=False,
                disable=not interactive, unit="row", unit_scale=True, delay=5)
     run.optimizer.zero_grad(set_to_none=True)
+    totals: dict[str, torch.Tensor] = {}  # summed on the device: one sync per epoch, not one per step
+    with _conv_layout(model, device):
+        _train_steps(run, data, cfg, order, group_rows, scaler, augmenting, kl_w, totals, bar)
+    bar.close()
+    return {key: float(value) for key, value in totals.items()}, kl_w
+
+
+@contextmanager
+def _conv_layout(model: nn.Module, device: torch.device):
+    """Image networks train with their conv weights (and so activations) channels-last on the CPU,
+    where oneDNN's convolution, pooling and BatchNorm kernels run ~1.3-1.5x faster that way; the
+    weights are back in the default layout before anything else (validation, checkpoints, SWAG's
+    flat parameter vectors) sees them. Values are the same; only the memory order differs."""
+    if device.type != "cpu" or not any(p.dim() == 4 for p in model.parameters()):
+        yield
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+def _train_steps(run: _Run, data: _Data, cfg: DictConfig, order: torch.Tensor, group_rows: list[int],
+                 scaler: torch.amp.GradScaler, augmenting: bool, kl_w: float, totals: dict[str, torch.Tensor],
+                 bar) -> None:
+    model, device, shape = run.model, data.device, data.train.schema.feature_shape
+    use_amp, accumulate = scaler.is_enabled(), cfg.train.get("accumulate_grad_batches", 1)
     for i, (xb, yb) in enumerate(data.batches(order)):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         if augmenting:
@@ -279,10 +305,9 @@ def _train_epoch(run: _Run, data: _Data, cfg: DictConfig, epoch: int, scaler: to
             if run.scheduler:
                 run.scheduler.step()
         for key, value in terms.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach()) * len(yb)
+            part = value.detach().double() * len(yb)
+            totals[key] = totals[key] + part if key in totals else part
         bar.update(len(yb))
-    bar.close()
-    return sums, kl_w
 
 
 def _epoch_metrics(sums: dict[str, float], kl_w: float, n_train: int, val_metrics: dict[str, float]) -> dict[str, float]:
