@@ -109,7 +109,8 @@ def report(r: dict, ev) -> None:
     cal, m, nan = ev.calibration or {}, ev.metrics, float("nan")
     worst = {s: min(r[k][i] for k in FAR_KINDS) for i, s in enumerate(SCORES)}
     print(f"  {r['data']} {r['model']}: acc {r['acc']:.4f}  NLL {r['nll']:.3f}  ECE raw {r['ece']:.3f} served "
-          f"{r['ece_ts']:.3f}  val acc {m.get('val_acc', nan):.4f} NLL served {m.get('val_nll_ts', nan):.3f} "
+          f"{r['ece_ts']:.3f}  val acc {m.get('val_acc', nan):.4f} NLL raw {m.get('val_nll', nan):.3f} ECE raw "
+          f"{m.get('val_ece', nan):.3f} NLL served {m.get('val_nll_ts', nan):.3f} "
           f"ECE served {m.get('val_ece_ts', nan):.3f}  "
           f"T {cal.get('temperature', 1.0):.3f} (fitted {cal.get('fitted_temperature', 1.0):.3f})  "
           f"worst far-OOD AUROC H {worst['entropy']:.2f} D {worst['density']:.2f}  "

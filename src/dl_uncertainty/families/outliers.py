@@ -10,7 +10,8 @@ the batch's own images with their structure destroyed, three ways chosen per row
 
 None of them is one of the generated far-OOD kinds evaluation reports (``uncertainty.far_ood``:
 uniform noise, blobs, inverted images, constants, zoomed patches), so those stay a fair test.
-``model.outlier_exposure`` weighs the term; 0 (the default outside image recipes) turns it off.
+``model.outlier_exposure`` weighs the term; 0 (the default outside image recipes) turns it off;
+``model.outlier_kinds`` lists the generators used (all three unless a recipe says otherwise).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from dl_uncertainty.errors import UserError
 from dl_uncertainty.families.networks import image_shape_of
 
 TILES = 4  # jigsaw grid per side
@@ -58,13 +60,30 @@ def _smeared(images: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(mixed, [k // 2] * 4, mode="replicate"), kernel, groups=channels)
 
 
-def synthetic_outliers(x: torch.Tensor, shape: list[int], count: int) -> torch.Tensor:
-    """``count`` outlier rows made from the flat image rows ``x`` [B, C*H*W] (see the module doc)."""
+KINDS = {"permuted": _permuted, "jigsaw": _jigsaw, "smeared": _smeared}
+
+
+def synthetic_outliers(x: torch.Tensor, shape: list[int], count: int,
+                       kinds: tuple[str, ...] = tuple(KINDS)) -> torch.Tensor:
+    """``count`` outlier rows made from the flat image rows ``x`` [B, C*H*W], each of one of ``kinds``
+    chosen at random (see the module doc)."""
     pick = torch.randint(len(x), (count,)).to(x.device)
     images = x[pick].reshape(count, *shape)
-    kind = torch.randint(3, (count,)).to(x.device)[:, None, None, None]
-    out = torch.where(kind == 0, _permuted(images), torch.where(kind == 1, _jigsaw(images), _smeared(images)))
+    kind = torch.randint(len(kinds), (count,)).to(x.device)[:, None, None, None]
+    made = [KINDS[name](images) for name in kinds]
+    out = made[-1]
+    for i in range(len(kinds) - 2, -1, -1):
+        out = torch.where(kind == i, made[i], out)
     return out.reshape(count, -1)
+
+
+def outlier_kinds(cfg: DictConfig) -> tuple[str, ...]:
+    """``model.outlier_kinds``, checked: which generators make the training outliers."""
+    kinds = tuple(cfg.get("outlier_kinds") or KINDS)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise UserError(f"model.outlier_kinds: unknown {', '.join(map(str, unknown))}; choose from {', '.join(KINDS)}")
+    return kinds
 
 
 def with_outliers(model: nn.Module, x: torch.Tensor, cfg: DictConfig) -> tuple[torch.Tensor, int]:
@@ -75,7 +94,7 @@ def with_outliers(model: nn.Module, x: torch.Tensor, cfg: DictConfig) -> tuple[t
     if not weight or shape is None or len(x) < 2:
         return x, len(x)
     count = max(1, math.ceil(cfg.model.get("outlier_share", 0.5) * len(x)))
-    return torch.cat([x, synthetic_outliers(x.detach(), shape, count)]), len(x)
+    return torch.cat([x, synthetic_outliers(x.detach(), shape, count, outlier_kinds(cfg.model))]), len(x)
 
 
 def uniform_loss(logits: torch.Tensor) -> torch.Tensor:

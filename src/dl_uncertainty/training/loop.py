@@ -344,6 +344,9 @@ def _train_model(cfg: DictConfig, train: Split, val: Split, on_epoch: EpochCallb
         return bool(cfg.train.early_stopping_patience) and run.bad_epochs >= cfg.train.early_stopping_patience
 
     interactive = sys.stderr.isatty() and not quiet
+    # every step reads the config: resolved once, its interpolations are not re-parsed on each read
+    step_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    OmegaConf.set_struct(step_cfg, True)
     seen, busy = 0, 0.0
     epoch = run.start_epoch - 1
     for epoch in range(run.start_epoch, cfg.train.epochs + 1):
@@ -351,11 +354,13 @@ def _train_model(cfg: DictConfig, train: Split, val: Split, on_epoch: EpochCallb
             epoch -= 1
             break
         tic = time.perf_counter()
-        sums, kl_w = _train_epoch(run, data, cfg, epoch, scaler, interactive)
+        sums, kl_w = _train_epoch(run, data, step_cfg, epoch, scaler, interactive)
         busy += time.perf_counter() - tic
         seen += data.n
         family.epoch_end(model, epoch, cfg)
-        metrics = _epoch_metrics(sums, kl_w, data.n, evaluate_split(model, val, cfg.train.val_mc_samples))
+        with _conv_layout(model, device):
+            val_metrics = evaluate_split(model, val, cfg.train.val_mc_samples)
+        metrics = _epoch_metrics(sums, kl_w, data.n, val_metrics)
         run.record(epoch, metrics)
         line = (f"{cfg.model.name} epoch {epoch:3d}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"val_acc {metrics['val_acc']:.4f}  val_nll {metrics['val_nll']:.4f}")
