@@ -191,3 +191,28 @@ def test_the_density_of_a_small_augmented_split_is_also_fitted_on_augmented_copi
         assert (same | mirrored).all() and 0.2 < mirrored.mean() < 0.8
     x_plain, _ = fit_rows(train, tiny_cfg("data.hflip=false", "data.crop_padding=0"))
     assert len(x_plain) == n
+
+
+def test_outlier_kinds_choose_which_generators_make_the_outliers(digits_splits):
+    images = _images(digits_splits["test"])
+    rows, shape = images.reshape(len(images), -1), list(images.shape[1:])
+    permuted = synthetic_outliers(rows, shape, 200, ("permuted",))
+    # every pixel-permuted row holds one source row's values: its sorted values are one of theirs
+    sources = rows.sort(dim=1).values
+    assert all((sources == row).all(dim=1).any() for row in permuted.sort(dim=1).values)
+    smeared = synthetic_outliers(rows, shape, 200, ("smeared",))
+    assert not any((sources == row).all(dim=1).any() for row in smeared.sort(dim=1).values)
+
+
+def test_an_unknown_outlier_kind_names_the_key(tiny_cfg):
+    with pytest.raises(UserError, match="model.outlier_kinds"):
+        tiny_cfg("model.outlier_kinds=[blur]")
+
+
+def test_image_training_leaves_the_weights_in_the_default_memory_layout(tiny_cfg, digits_splits):
+    """The training pass runs channels-last on the CPU; nothing after it may see that layout."""
+    cfg = tiny_cfg("model=mc_dropout_dnn", *CNN, "train.epochs=1", "model.outlier_exposure=0.5")
+    result = loop.train_model(cfg, digits_splits["train"], digits_splits["val"], quiet=True)
+    assert all(p.is_contiguous() for p in result.model.parameters())
+    assert all(t.is_contiguous() for t in result.model.state_dict().values())
+    assert math.isfinite(result.history["train_loss"][0]) and result.history["train_loss"][0] > 0

@@ -190,6 +190,8 @@ def validate(cfg: DictConfig, family_types: bool = True) -> None:
     _one_of(e.density, "evaluate.density", ("gaussian", "knn", "auto"))
     _check(m.outlier_exposure >= 0, f"model.outlier_exposure must be >= 0, got {m.outlier_exposure}")
     _check(0 < m.outlier_share <= 1, f"model.outlier_share must be in (0, 1], got {m.outlier_share}")
+    _check(len(m.outlier_kinds) > 0 and set(m.outlier_kinds) <= {"permuted", "jigsaw", "smeared"},
+           f"model.outlier_kinds must be a non-empty list of permuted, jigsaw, smeared; got {list(m.outlier_kinds)}")
     _check(e.density_ridge >= 0, f"evaluate.density_ridge must be >= 0, got {e.density_ridge}")
     _check(0 <= e.target_risk < 1, f"evaluate.target_risk must be in [0, 1), got {e.target_risk}")
     _check(cfg.num_threads >= 0, f"num_threads must be >= 0, got {cfg.num_threads}")

@@ -77,6 +77,7 @@ class ModelConfig:
     spectral_norm: float | None = None  # spectral normalisation of the feature extractor with this coefficient; null = off
     outlier_exposure: float = 0.0  # images: weight of the uniform-prediction loss on synthetic outliers; 0 = off
     outlier_share: float = 0.5  # outlier exposure: outlier rows added per in-distribution row of a batch
+    outlier_kinds: list[str] = field(default_factory=lambda: ["permuted", "jigsaw", "smeared"])  # outlier exposure: its generators
 
 
 @dataclass
