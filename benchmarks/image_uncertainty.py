@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -175,8 +176,10 @@ def speed(data: str, families: list[str], root: Path, extra: list[str], rounds: 
             times["ours"].append(epoch_seconds(ours, 1))
             times["textbook"].append(epoch_seconds(textbook, 1))
         mine, base_s = min(times["ours"]), min(times["textbook"])
+        ratios = sorted(o / t for o, t in zip(times["ours"], times["textbook"], strict=True))
         print(f"  {data} {family}: {mine:.3f} s / epoch, textbook CNN {base_s:.3f} s / epoch: {mine / base_s:.2f}x "
-              f"(fastest of {rounds} alternating rounds; load {os.getloadavg()[0]:.1f})", flush=True)
+              f"(fastest of {rounds} alternating rounds); per round {statistics.median(ratios):.2f}x median, "
+              f"{ratios[0]:.2f}-{ratios[-1]:.2f}x; load {os.getloadavg()[0]:.1f}", flush=True)
 
 
 def table(rows: list[dict]) -> str:
