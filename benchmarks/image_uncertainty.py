@@ -3,8 +3,8 @@
 Two data sets every machine can make: (a) the generated shapes (``dl_uncertainty.data.shapes``,
 300 images 32x32 RGB, ``data=image_folder`` defaults) and (b) scikit-learn's 1,797 real 8x8 handwritten
 digits written as PNGs and read back at 28x28 (``data=image_folder data.image_size=[28,28]``, no
-flips or crops, as for MNIST). Each family trains with the project's loop and is evaluated by the
-project's ``evaluate_model``; the textbook CNN (conv 32 - pool - conv 64 - pool - dropout - fc 128 -
+flips or crops, and the ``mnist`` recipe's outlier kinds, as for MNIST). Each family trains with
+the project's loop and is evaluated by the project's ``evaluate_model``; the textbook CNN (conv 32 - pool - conv 64 - pool - dropout - fc 128 -
 dropout - fc, Adam 1e-3, batch 64, constant lr, the last epoch's weights) trains in the same process
 on the same split and goes through the same evaluation (MC-Dropout, its own feature density).
 
@@ -60,7 +60,7 @@ def digits_folder(root: Path) -> Path:
 def data_overrides(name: str, root: Path) -> list[str]:
     if name == "digits":
         return ["data=image_folder", f"data.path={digits_folder(root / 'digits')}", "data.image_size=[28,28]",
-                "data.hflip=false", "data.crop_padding=0"]
+                "data.hflip=false", "data.crop_padding=0", "model.outlier_kinds=[permuted,jigsaw]"]
     return ["data=image_folder", f"data.path={make_shapes(root / 'shapes')}"]
 
 
