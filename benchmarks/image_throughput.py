@@ -26,12 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dl_uncertainty.config.compose import load_config  # noqa: E402
+from dl_uncertainty.data.augment import augment  # noqa: E402
 from dl_uncertainty.data.shapes import make_shapes  # noqa: E402
 from dl_uncertainty.data.tables import prepare  # noqa: E402
 from dl_uncertainty.families.base import build_model as get_model  # noqa: E402
 from dl_uncertainty.families.networks import resolve_device  # noqa: E402
 from dl_uncertainty.families.predict import predict_log_probs  # noqa: E402
-from dl_uncertainty.training.augment import augment
 from dl_uncertainty.training.loop import kl_scale, loss_terms, make_optimizer, set_threads  # noqa: E402
 
 

@@ -33,12 +33,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dl_uncertainty.config.compose import load_config  # noqa: E402
+from dl_uncertainty.data.augment import augment  # noqa: E402
 from dl_uncertainty.data.image_splits import prepare_images  # noqa: E402
 from dl_uncertainty.data.shapes import make_shapes  # noqa: E402
 from dl_uncertainty.families.feature_density import fit_feature_density  # noqa: E402
 from dl_uncertainty.families.registry import NAMES  # noqa: E402
 from dl_uncertainty.reports.evaluation import evaluate_model  # noqa: E402
-from dl_uncertainty.training.augment import augment  # noqa: E402
 from dl_uncertainty.training.loop import seed_everything, set_threads, train_model  # noqa: E402
 from dl_uncertainty.uncertainty.far_ood import FAR_KINDS  # noqa: E402
 

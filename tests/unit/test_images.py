@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 
 from dl_uncertainty.config.compose import load_config
+from dl_uncertainty.data.augment import augment
 from dl_uncertainty.data.images import check_source
 from dl_uncertainty.data.rows import to_images
 from dl_uncertainty.data.shapes import make_shapes
 from dl_uncertainty.data.splits import load_split, save_split
 from dl_uncertainty.data.tables import prepare
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.training.augment import augment
 
 SHAPES = ["circle", "square", "triangle"]
 

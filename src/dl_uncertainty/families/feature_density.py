@@ -19,9 +19,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from dl_uncertainty.data.augment import augment
 from dl_uncertainty.errors import UserError
 from dl_uncertainty.families.base import family_of
-from dl_uncertainty.training.augment import augment
 from dl_uncertainty.uncertainty.density import ClassGaussianDensity, energy_score, fit_threshold
 from dl_uncertainty.uncertainty.knn_density import KNNDensity
 

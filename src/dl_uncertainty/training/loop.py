@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
+from dl_uncertainty.data.augment import augment
 from dl_uncertainty.data.splits import Split
 from dl_uncertainty.errors import UserError
 from dl_uncertainty.families.base import build_model, family_of
@@ -34,7 +35,6 @@ from dl_uncertainty.families.networks import (
     resolve_device,
 )
 from dl_uncertainty.families.predict import predict_log_probs
-from dl_uncertainty.training.augment import augment
 from dl_uncertainty.training.checkpoints import (
     Checkpointer,
     TrainingInterrupted,
