@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -322,6 +323,18 @@ def _epoch_metrics(sums: dict[str, float], kl_w: float, n_train: int, val_metric
     }
 
 
+def _resolved(cfg: DictConfig) -> DictConfig:
+    """The config with its interpolations resolved once: every training step reads it, and each read
+    of an interpolated key re-parses it. One that cannot be resolved whole (a key only some other
+    step needs) is read as it is."""
+    try:
+        resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except OmegaConfBaseException:
+        return cfg
+    OmegaConf.set_struct(resolved, True)
+    return resolved
+
+
 def _train_model(cfg: DictConfig, train: Split, val: Split, on_epoch: EpochCallback | None,
                  checkpoints: Checkpointer | None, quiet: bool) -> TrainResult:
     seed_everything(cfg.seed)
@@ -344,9 +357,7 @@ def _train_model(cfg: DictConfig, train: Split, val: Split, on_epoch: EpochCallb
         return bool(cfg.train.early_stopping_patience) and run.bad_epochs >= cfg.train.early_stopping_patience
 
     interactive = sys.stderr.isatty() and not quiet
-    # every step reads the config: resolved once, its interpolations are not re-parsed on each read
-    step_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    OmegaConf.set_struct(step_cfg, True)
+    step_cfg = _resolved(cfg)
     seen, busy = 0, 0.0
     epoch = run.start_epoch - 1
     for epoch in range(run.start_epoch, cfg.train.epochs + 1):
