@@ -98,7 +98,8 @@ def train_and_log(
             mlflow.log_figure(training_curves(result.history), "figures/training_curves.png")
             threshold_on(result.model, calib.x, cfg)  # the density's abstain threshold, like the calibration: on calib
             fitted = calibration.fit(served_log_probs(result.model, calib.x, cfg).numpy(), calib.y, cfg.evaluate,
-                                     rows=calib.x, seed=cfg.seed)
+                                     rows=calib.x, seed=cfg.seed,
+                                     check=lambda: (served_log_probs(result.model, val.x, cfg).numpy(), val.y))
             mlflow.log_dict(fitted.to_dict(), "calibration.json")
             example = pd.DataFrame(unscaled(train.x[:5], train.schema).round(6), columns=train.schema.feature_names or None)
             tracking.log_model(result.model, cfg, train.schema, example, fitted)

@@ -180,3 +180,25 @@ def test_a_temperature_at_its_search_bound_is_not_kept():
     assert fitted.errors == 10 and fitted.fitted_temperature == pytest.approx(C.T_BOUNDS[0], rel=0.01)
     assert fitted.nll_gain[1] > 0  # the held-out gain alone would keep it
     assert fitted.temperature == 1.0 and "search bound" in fitted.temperature_reason
+
+
+def test_a_temperature_that_raises_the_validation_nll_is_not_kept():
+    # the calibration split sees an under-confident model (a sharpening T wins there beyond noise); on the
+    # validation split the same model is calibrated already, and that T would make it over-confident
+    rng = np.random.default_rng(2)
+
+    def samples(scale: float, seed: int):
+        probs, labels = calibrated_data(300, seed=seed)
+        logits = np.log(probs)[None] * scale + rng.normal(0, 0.2, (10, *probs.shape))
+        return logits - np.log(np.exp(logits).sum(-1, keepdims=True)), labels
+
+    calib, calib_labels = samples(0.4, 3)
+    cfg = load_config(["evaluate.calibration=temperature"]).evaluate
+    alone = C.fit(calib, calib_labels, cfg)
+    assert alone.temperature < 0.7 and alone.temperature_reason.startswith("kept")
+    alike = C.fit(calib, calib_labels, cfg, check=lambda: samples(0.4, 4))  # validation alike: still kept
+    assert alike.temperature == alone.temperature
+    checked = C.fit(calib, calib_labels, cfg, check=lambda: samples(1.0, 4))
+    assert checked.temperature == 1.0 and checked.fitted_temperature == alone.fitted_temperature
+    assert checked.temperature_reason.startswith(f"not kept: T {alone.fitted_temperature:.3g} raises the validation "
+                                                 "split's NLL from ")

@@ -98,7 +98,8 @@ def evaluate_model(
     fit_on = "calib" if "calib" in lp else "val"
     if calibration is None and fit_on in lp:
         held = calib if fit_on == "calib" else val
-        calibration = C.fit(lp[fit_on], held.y, e, rows=held.x, seed=cfg.seed, split=fit_on)
+        check = (lambda: (lp["val"], val.y)) if fit_on == "calib" and "val" in lp else None
+        calibration = C.fit(lp[fit_on], held.y, e, rows=held.x, seed=cfg.seed, split=fit_on, check=check)
     feats = {name: feature_scores(model, x) for name, x in rows.items()}
     scores = {name: ood_scores(lp[name], feats[name]) for name in rows}
     for prefix, name in (("", "ood"), ("far_", "far_ood")):

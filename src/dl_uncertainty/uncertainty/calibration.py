@@ -154,8 +154,21 @@ def _keep_temperature(scaling: bool, n: int, errors: int, gain: list[float], fit
     return (f"{verdict}: held-out NLL gain {gain[0]:.4f}, its bootstrap 5 % quantile {gain[1]:.4f} is {why}")
 
 
+def _check_on_validation(reason: str, fitted: float, check) -> str:
+    """A T the calibration split keeps must not raise the validation split's NLL: a calibration split
+    whose few errors all keep some MC votes for their label lets T fall toward the samples' vote
+    shares, and the first unanimous error elsewhere then costs a huge NLL."""
+    if not reason.startswith("kept") or check is None:
+        return reason
+    log_probs, labels = check()
+    plain, scaled = (M.nll(served_samples(log_probs, t), labels) for t in (1.0, fitted))
+    if scaled <= plain:
+        return reason
+    return f"not kept: T {fitted:.3g} raises the validation split's NLL from {plain:.4f} to {scaled:.4f}"
+
+
 def fit(val_log_probs: np.ndarray, val_labels: np.ndarray, cfg: DictConfig, rows: np.ndarray | None = None,
-        seed: int = 0, split: str = "calib") -> Calibration:
+        seed: int = 0, split: str = "calib", check=None) -> Calibration:
     """Fit everything on the MC samples ``[T, N, K]`` of ``split`` (the calibration split); ``cfg``
     is ``cfg.evaluate``. The temperature minimises the NLL of the served distribution, the mean of
     the scaled samples; the abstain threshold is on the scaled samples' predictive entropy.
@@ -164,7 +177,8 @@ def fit(val_log_probs: np.ndarray, val_labels: np.ndarray, cfg: DictConfig, rows
     uniforms; without them, the MC-averaged log-probabilities stand in. The temperature is kept only
     if its held-out NLL gain is above its bootstrap noise and the model errs on some calibration
     example: with no error, the NLL only falls as T -> 0 and the sharpened model pays a huge NLL
-    for its first error on new data.
+    for its first error on new data. ``check``: a callable giving the validation split's MC samples
+    and labels, read only for a T that would be kept, which must not raise their NLL.
     """
     mean = M.mean_log_probs(val_log_probs)
     before = M.nll(mean, val_labels)
@@ -172,7 +186,7 @@ def fit(val_log_probs: np.ndarray, val_labels: np.ndarray, cfg: DictConfig, rows
     fitted = M.fit_temperature(val_log_probs, val_labels, T_BOUNDS) if scaling else 1.0
     after, gain = held_out_gain(val_log_probs, val_labels) if scaling else (before, [0.0, 0.0, 0.0])
     errors = int((mean.argmax(1) != val_labels).sum())
-    reason = _keep_temperature(scaling, len(val_labels), errors, gain, fitted)
+    reason = _check_on_validation(_keep_temperature(scaling, len(val_labels), errors, gain, fitted), fitted, check)
     temperature = fitted if reason.startswith("kept") else 1.0
     samples = served_samples(val_log_probs, temperature)
     probs = np.exp(M.mean_log_probs(samples))
