@@ -31,7 +31,6 @@ MLFLOW_TRACKING_URI points at (default ``sqlite:///mlflow.db``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -233,7 +232,9 @@ def _bad_argument(args) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dl_uncertainty.serve", description=__doc__.split("\n\n")[0],
+    from dl_uncertainty.cli import OneLineParser
+
+    parser = OneLineParser(prog="python -m dl_uncertainty.serve", description=__doc__.split("\n\n")[0],
                                      epilog="Endpoints and formats: see the module docstring or README.")
     parser.add_argument("--model", default=None, help="MLflow model URI (default: the champion of --data)")
     parser.add_argument("--data", default=None, help="serve the champion of this data (data.source, with the file or "
