@@ -21,12 +21,14 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dl_uncertainty.data.s3 import local_kind, read_bytes, split_s3_uri
 from dl_uncertainty.data.stratify import check_splittable, class_names
 from dl_uncertainty.errors import UserError
 
+ORIENTATION = 0x0112  # the EXIF tag a camera sets when it stores a photo turned
+EXIF_FORMATS = ("JPEG", "MPO", "TIFF", "WEBP", "PNG", "HEIF")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # files a file manager leaves beside images (besides hidden ones): never images, so never listed
 NOT_IMAGES = ("thumbs.db", "desktop.ini")
@@ -54,6 +56,7 @@ def _list_folder(root: str) -> list[tuple[str, str]]:
     classes = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
     if not classes:
         raise UserError(f"{root} has no class sub-folders; put each class's images in {root}/<class name>/")
+    _check_distinct(classes)
     files = []
     for folder in classes:
         found = sorted(f for f in folder.rglob("*") if _listed(f, folder))
@@ -61,6 +64,18 @@ def _list_folder(root: str) -> list[tuple[str, str]]:
             raise UserError(f"class folder {folder} has no images")
         files += [(str(f), folder.name) for f in found]
     return files
+
+
+def _check_distinct(classes: list[Path]) -> None:
+    """A class folder that is a link to another class folder (or to a folder inside one) would label
+    the same images as two classes."""
+    real = {folder: folder.resolve() for folder in classes}
+    for link in (folder for folder in classes if folder.is_symlink()):
+        for other in classes:
+            if other != link and not (other.is_symlink() and other > link) and (
+                    real[link] == real[other] or real[other] in real[link].parents):
+                raise UserError(f"class folder {link} is a link to {real[link]}, whose images class {other.name!r} already "
+                                "holds: they would be in two classes; remove the link, or copy in the images it should hold")
 
 
 def _list_s3(uri: str) -> list[tuple[str, str]]:
@@ -176,6 +191,8 @@ def _open(raw: bytes, path: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(raw))
         image.load()
+        if image.getexif().get(ORIENTATION, 1) != 1:  # a camera's rotation tag: the image as it is shown
+            image = ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise _unreadable(path, err) from None
     return _eight_bit(image, path)
@@ -220,6 +237,10 @@ def _check_headers(files: list[str], resizing: bool) -> None:
             with Image.open(path) as image:
                 size, kind = image.size, image.format
                 image.verify()
+            if kind in EXIF_FORMATS:
+                with Image.open(path) as image:  # verify() leaves the image unusable
+                    if image.getexif().get(ORIENTATION) in (5, 6, 7, 8):  # shown turned by 90 degrees
+                        size = size[::-1]
             if kind == "JPEG" and not _ends_like_jpeg(path):
                 with Image.open(path) as image:
                     image.load()
