@@ -81,7 +81,7 @@ def _check_distinct(classes: list[Path]) -> None:
 def _list_s3(uri: str) -> list[tuple[str, str]]:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from dl_uncertainty.data.s3 import _s3_client
+    from dl_uncertainty.data.s3 import _s3_client, s3_error
 
     bucket, prefix = split_s3_uri(uri)
     prefix = prefix.rstrip("/") + "/"
@@ -94,7 +94,7 @@ def _list_s3(uri: str) -> list[tuple[str, str]]:
                         and parts[-1].lower() not in NOT_IMAGES and PurePosixPath(parts[-1]).suffix.lower() not in DOCUMENTS):
                     files.append((f"s3://{bucket}/{item['Key']}", parts[0]))
     except (BotoCoreError, ClientError) as err:
-        raise UserError(f"cannot list {uri}: {err}") from None
+        raise s3_error("list", uri, err) from None
     if not files:
         raise UserError(f"{uri} has no images in class sub-folders (<prefix>/<class name>/<image>)")
     return sorted(files)
