@@ -136,6 +136,18 @@ def _density_info(wrapper) -> dict[str, Any] | None:
             "abstain_on": wrapper.cfg.evaluate.get("abstain_on", "entropy")}
 
 
+def _column_ranges(schema) -> list[list[float]] | None:
+    """Per column, the values a request may hold: within LIMIT_SCALED training spreads of the training
+    centre (data.rows refuses the rest). None where scaling does not bound them (none, or clipped first)."""
+    from dl_uncertainty.data.rows import LIMIT_SCALED
+
+    cleaning = schema.cleaning
+    if "center" not in cleaning or "clip_low" in cleaning:
+        return None
+    center, scale = np.asarray(cleaning["center"], float), np.asarray(cleaning["scale"], float)
+    return np.stack([center - LIMIT_SCALED * scale, center + LIMIT_SCALED * scale], axis=1).tolist()
+
+
 def info(wrapper, max_rows: int = MAX_ROWS) -> dict[str, Any]:
     schema, cal = wrapper.schema, wrapper.calibration
     from dl_uncertainty.data.rows import input_range
@@ -153,6 +165,7 @@ def info(wrapper, max_rows: int = MAX_ROWS) -> dict[str, Any]:
         # what a request may hold; beyond it, a 413 (rows, bytes) or a 400 (values) saying which
         "limits": {"max_rows": max_rows, "max_body_bytes": MAX_BODY, "max_unpacked_bytes": MAX_UNPACKED,
                    "max_number_digits": MAX_INT_DIGITS, "input_range": input_range(schema),
+                   "column_ranges": _column_ranges(schema),
                    "values": "finite numbers, one per column; booleans, lists and objects are refused"},
     }, non_finite=non_finite)
     return {**answer, "non_finite": non_finite}

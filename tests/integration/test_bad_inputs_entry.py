@@ -296,7 +296,15 @@ def test_info_states_the_limits_a_request_is_held_to(served_url):
     with urllib.request.urlopen(f"{served_url}/info") as answer:
         limits = json.load(answer)["limits"]
     assert limits["max_rows"] == 50 and limits["max_body_bytes"] == 256 << 20 and limits["max_number_digits"] == 300
-    assert limits["input_range"] is None  # a table model: any finite number
+    assert limits["input_range"] is None  # a table model: any finite number within its column's range
+    low, high = limits["column_ranges"][3]
+    assert low < 0 < 16 < high
+    for value, status in ((high * 0.99, 200), (high * 1.01, 400)):
+        row = [0.0] * 64
+        row[3] = value
+        code, _, body = request(served_url, "POST", "/invocations", json.dumps({"inputs": [row]}).encode(),
+                                {"Content-Type": "application/json"})
+        assert code == status, body
     rows = [[0.0] * 64] * (limits["max_rows"] + 1)
     code, _, body = request(served_url, "POST", "/invocations", json.dumps({"inputs": rows}).encode(),
                             {"Content-Type": "application/json"})
