@@ -318,3 +318,13 @@ def test_a_body_past_the_limit_is_a_413_before_it_is_read(served_url):
     code, _, body = request(served_url, "POST", "/invocations", b"",
                             {"Content-Type": "application/json", "Content-Length": str((256 << 20) + 1)})
     assert code == 413 and "256 MiB" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize(("name", "says"), [("team/model", r" \(it holds '/'\)"), ("model:v2", r" \(it holds ':'\)"),
+                                            ("model@prod", r" \(it holds '@'\)"), (" ", r"=' ' cannot name an MLflow registered model; use")],
+                         ids=["slash", "colon", "at", "blank"])
+def test_a_registered_model_name_mlflow_refuses_is_refused_before_training(in_tmp, capsys, name, says):
+    code, stderr, _ = run_in_process("train", [f"evaluate.registered_model_name={name}" if name.strip()
+                                               else "evaluate.registered_model_name=' '", "--cfg"], capsys)
+    assert_one_error_line(code, stderr, r"^error: evaluate\.registered_model_name=.*" + says)
+    assert not (in_tmp / "mlflow.db").exists()
