@@ -82,6 +82,11 @@ def _model_uri(uri: str) -> str:
     run = re.fullmatch(r"runs:/+([0-9a-fA-F]{32})/*", uri.strip())
     if run:
         return f"runs:/{run.group(1)}/model"
+    given = re.match(r"runs:/+([^/]*)", uri.strip())
+    if given and not re.fullmatch(r"[0-9a-fA-F]{32}", given.group(1)):
+        said = f"{given.group(1)!r} is not a run id" if given.group(1) else "no run id after runs:/"
+        raise UserError(f"{uri}: {said}; a run id is 32 hex characters, "
+                        "printed by dl_uncertainty.train and shown in `make mlflow-ui` (give it whole)")
     if not re.match(r"^[a-zA-Z][\w+.-]*:", uri) and not os.path.isdir(uri):
         raise UserError(f"no model folder {uri}; --model takes models:/<name>@<alias>, runs:/<run id>/model "
                         "or the folder of a saved model")

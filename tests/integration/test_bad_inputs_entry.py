@@ -328,3 +328,15 @@ def test_a_registered_model_name_mlflow_refuses_is_refused_before_training(in_tm
                                                else "evaluate.registered_model_name=' '", "--cfg"], capsys)
     assert_one_error_line(code, stderr, r"^error: evaluate\.registered_model_name=.*" + says)
     assert not (in_tmp / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("runs:/0123abcd/model", r"runs:/0123abcd/model: '0123abcd' is not a run id; a run id is 32 hex characters"),
+    ("runs:/", r"runs:/: no run id after runs:/"),
+    ("garbage", r"no model folder garbage; --model takes models:/<name>@<alias>"),
+], ids=["run-id-prefix", "no-run-id", "not-a-uri"])
+def test_a_model_uri_that_names_no_run_is_one_line_before_loading(in_tmp, capsys, uri, message):
+    from dl_uncertainty.serve import main as serve
+
+    assert_one_error_line(serve(["--model", uri, "--port", "0"]), capsys.readouterr().err, message)
+    assert not (in_tmp / "mlflow.db").exists()
