@@ -68,7 +68,7 @@ lint: $(INSTALLED) ## ruff on the whole tree; the core's shape: no import cycle,
 
 run: $(INSTALLED) ## run the whole pipeline locally (kfp.local); MODELS=bnn,swag: these families; DATA=mnist or DATA=<file or folder>; SEEDS=3: every family with 3 model seeds; FOLDS=5: 5-fold cross-validation; RUNNER=docker: every task in the image; VERBOSE=1: every task's log
 	@$(call refuse_empty,MODELS,name one or more of $(FAMILIES): MODELS=bnn$(comma)swag) \
-	$(WITH_STACK) $(PY) -m pipelines run-local --runner $(RUNNER) $(if $(VERBOSE),--verbose) $(RUN_MODELS) $(DATA_ARGS) $(OVERRIDES) $(if $(SEEDS),pipeline.seeds=$(SEEDS)) $(if $(FOLDS),pipeline.folds=$(FOLDS))
+	$(WITH_STACK) $(PY) -m pipelines run-local --runner $(RUNNER) $(if $(filter-out 0 false no,$(VERBOSE)),--verbose) $(RUN_MODELS) $(DATA_ARGS) $(OVERRIDES) $(if $(SEEDS),pipeline.seeds=$(SEEDS)) $(if $(FOLDS),pipeline.folds=$(FOLDS))
 
 results: $(INSTALLED) ## regenerate the results tables in README.md and BENCHMARKS.md (3 seeds on digits, a few minutes)
 	$(PY) benchmarks/results.py

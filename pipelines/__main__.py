@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
             path = compile_pipeline(args.overrides, _output(args), gpu=not args.no_gpu, pipeline=args.pipeline)
             print(f"compiled {path}")
+        elif args.command == "run-local" and not args.pipeline_root.strip():
+            raise UserError("--pipeline-root is empty; give the folder task outputs go to (default local_outputs)")
         elif args.command == "run-local" and args.pipeline == "tuning":
             from pipelines.tuning import run_tuning_local
 

@@ -275,6 +275,8 @@ def _bad_argument(args) -> str | None:
     """What is wrong with the command line, checked before the model loads (the port: that it is free)."""
     import socket
 
+    if args.model is not None and not args.model.strip():
+        return "--model is empty; give models:/<name>@<alias>, runs:/<run id>/model or a model folder, or leave it out for the champion"
     if args.max_rows < 1:
         return f"--max-rows must be at least 1, got {args.max_rows}"
     if args.sample_cache_mb is not None and not (math.isfinite(args.sample_cache_mb) and args.sample_cache_mb >= 0):
@@ -284,8 +286,8 @@ def _bad_argument(args) -> str | None:
     try:
         with socket.create_server((args.host, args.port)):
             pass
-    except OSError as err:
-        why = os.strerror(err.errno) if err.errno else str(err)
+    except OSError as err:  # a name that does not resolve: gaierror, whose errno os.strerror does not know
+        why = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
         return f"cannot listen on {args.host}:{args.port} ({why}); pass another --port or --host"
     return None
 

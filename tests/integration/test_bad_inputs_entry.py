@@ -93,12 +93,15 @@ def test_wrong_flags_are_one_line_naming_the_help(capsys):
     for argv, message in ((["compile", "--bogus"], r"unrecognized arguments: --bogus; see python -m pipelines --help"),
                           (["run", "--timeout", "soon"], r"--timeout: invalid int value: 'soon'; see python -m pipelines run --help"),
                           (["run-local", "--pipeline", "nosuch"], r"--pipeline: invalid choice: 'nosuch'"),
-                          ([], r"the following arguments are required")):
+                          ([], r"the following arguments are required"),
+                          (["run-local", "--pipeline-root", ""], r"^error: --pipeline-root is empty")):
         code, stderr = pipelines_main(argv, capsys)
         assert_one_error_line(code, stderr, message)
     with pytest.raises(SystemExit) as stop:
         serve(["--port", "abc"])
     assert_one_error_line(stop.value.code, capsys.readouterr().err, r"--port: invalid int value: 'abc'")
+    assert_one_error_line(serve(["--host", "no-such-host.invalid", "--port", "0"]), capsys.readouterr().err,
+                          r"cannot listen on no-such-host.invalid:0 \((Name or service not known|.*not known.*|.*resolution.*)\)")
 
 
 @pytest.mark.parametrize(("output", "message"), [
@@ -334,7 +337,8 @@ def test_a_registered_model_name_mlflow_refuses_is_refused_before_training(in_tm
     ("runs:/0123abcd/model", r"runs:/0123abcd/model: '0123abcd' is not a run id; a run id is 32 hex characters"),
     ("runs:/", r"runs:/: no run id after runs:/"),
     ("garbage", r"no model folder garbage; --model takes models:/<name>@<alias>"),
-], ids=["run-id-prefix", "no-run-id", "not-a-uri"])
+    (" ", r"^error: --model is empty; give models:/<name>@<alias>"),
+], ids=["run-id-prefix", "no-run-id", "not-a-uri", "blank"])
 def test_a_model_uri_that_names_no_run_is_one_line_before_loading(in_tmp, capsys, uri, message):
     from dl_uncertainty.serve import main as serve
 
