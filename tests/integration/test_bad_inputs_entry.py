@@ -41,6 +41,7 @@ def make(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 MAKE_BAD = [
     ("run-unknown-family", ("run", "MODELS=bnn,foo"), r"pipeline.models\[\]='foo' is not one of bnn"),
+    ("run-family-twice", ("run", "MODELS=bnn,swag,bnn"), r"pipeline.models names bnn twice; each family trains once per seed"),
     ("run-no-family", ("run", "MODELS="), r"^error: MODELS is empty; name one or more of bnn"),
     ("run-data-file-missing", ("run", "DATA=/no/such/file"), r"data file not found: /no/such/file$"),
     ("run-runner-unknown", ("run", "RUNNER=kubernetes"), r"^error: argument --runner: invalid choice: 'kubernetes'"),

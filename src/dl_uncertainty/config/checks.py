@@ -207,6 +207,9 @@ def validate(cfg: DictConfig, family_types: bool = True) -> None:
     _check(0 <= e.target_risk < 1, f"evaluate.target_risk must be in [0, 1), got {e.target_risk}")
     _check(cfg.num_threads >= 0, f"num_threads must be >= 0, got {cfg.num_threads}")
     _check(len(cfg.pipeline.models) >= 1, "pipeline.models must name at least one model")
+    twice = sorted({m for m in cfg.pipeline.models if list(cfg.pipeline.models).count(m) > 1})
+    _check(not twice, f"pipeline.models names {', '.join(twice)} twice; each family trains once per seed "
+                      "(pipeline.seeds=N trains N of each)")
     for name in cfg.pipeline.models:
         _one_of(name, "pipeline.models[]", MODEL_NAMES)
     _check(cfg.pipeline.seeds >= 1, f"pipeline.seeds must be >= 1 (model seeds per family), got {cfg.pipeline.seeds}")
