@@ -224,14 +224,19 @@ def palette_with_transparency(image: Image.Image, path: Path) -> None:
     image.convert("P").save(f"{path}.png", transparency=0)
 
 
+def palette_with_alpha_per_colour(image: Image.Image, path: Path) -> None:
+    image.convert("P").save(f"{path}.png", transparency=bytes([0, 128] + [255] * 254))
+
+
 def animated(image: Image.Image, path: Path) -> None:
     second = Image.fromarray(255 - picture())
     image.save(f"{path}.gif", save_all=True, append_images=[second], duration=100, loop=0)
 
 
-@pytest.mark.parametrize("save", [exif_turned, palette_with_transparency,
+@pytest.mark.filterwarnings("error")  # Pillow's warning for a palette with alpha: a line a user would see
+@pytest.mark.parametrize("save", [exif_turned, palette_with_transparency, palette_with_alpha_per_colour,
                                   lambda image, path: image.convert("CMYK").save(f"{path}.jpg", quality=100, subsampling=0), animated],
-                         ids=["exif-rotation", "palette-transparency", "cmyk-jpeg", "animated-gif-first-frame"])
+                         ids=["exif-rotation", "palette-transparency", "palette-alpha-per-colour", "cmyk-jpeg", "animated-gif-first-frame"])
 def test_odd_but_valid_images_are_read_as_they_are_shown(tmp_path, save):
     images = decoded(folder_of(tmp_path / "imgs", save))
     assert images.shape == (6, 3, 8, 12)

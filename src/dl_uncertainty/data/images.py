@@ -270,6 +270,8 @@ def _sizes_differ(first: str, first_size: tuple[int, int], other: str, size: tup
 
 def conform(image: Image.Image, channels: int, size: list[int] | None) -> np.ndarray:
     """A Pillow image as uint8 [C, H, W] with ``channels`` (1 or 3), resized to ``size`` [H, W]."""
+    if image.mode == "P" and "transparency" in image.info:  # Pillow warns converting it straight: via RGBA, same colours
+        image = image.convert("RGBA")
     image = image.convert("L" if channels == 1 else "RGB")
     if size:
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
