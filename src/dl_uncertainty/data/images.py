@@ -28,7 +28,7 @@ from dl_uncertainty.data.stratify import check_splittable, class_names
 from dl_uncertainty.errors import UserError
 
 ORIENTATION = 0x0112  # the EXIF tag a camera sets when it stores a photo turned
-EXIF_FORMATS = ("JPEG", "MPO", "TIFF", "WEBP", "PNG", "HEIF")
+EXIF_FORMATS = ("JPEG", "MPO", "TIFF", "WEBP")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # files a file manager leaves beside images (besides hidden ones): never images, so never listed
 NOT_IMAGES = ("thumbs.db", "desktop.ini")
@@ -236,11 +236,10 @@ def _check_headers(files: list[str], resizing: bool) -> None:
                 raise _empty(path)
             with Image.open(path) as image:
                 size, kind = image.size, image.format
+                # their EXIF is in the header; a PNG's may follow the pixels (decode_all then compares sizes)
+                if kind in EXIF_FORMATS and image.getexif().get(ORIENTATION) in (5, 6, 7, 8):  # shown turned 90 degrees
+                    size = size[::-1]
                 image.verify()
-            if kind in EXIF_FORMATS:
-                with Image.open(path) as image:  # verify() leaves the image unusable
-                    if image.getexif().get(ORIENTATION) in (5, 6, 7, 8):  # shown turned by 90 degrees
-                        size = size[::-1]
             if kind == "JPEG" and not _ends_like_jpeg(path):
                 with Image.open(path) as image:
                     image.load()
