@@ -26,6 +26,17 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 # `make stack-up` leaves the stack's addresses here; run, train, tune and evaluate use them.
 STACK_ENV := .stack/env
+# DATA names a data config (digits, mnist, ...) or is a file or folder: .npz an NPZ archive, a folder
+# image folders, any other file a table (CSV or Parquet). A variable the user set (command line or
+# environment) is passed on; this file's defaults are the configs' own.
+user_set = $(filter command line environment environment override override,$(origin $(1)))
+data_file = $(if $(filter %.npz,$(1)),data=npz,$(if $(filter %/,$(1))$(wildcard $(1)/.),data=image_folder,data=csv)) "data.path=$(1)"
+DATA_ARGS = $(if $(DATA),$(if $(findstring /,$(DATA))$(findstring .,$(DATA)),$(call data_file,$(DATA)),data=$(DATA)))
+RUN_MODELS = $(if $(call user_set,MODELS),"pipeline.models=[$(MODELS)]")
+# one line and a non-zero exit for a variable set to nothing, before any work
+refuse_empty = $(if $(and $(call user_set,$(1)),$(if $(strip $($(1))),,empty)),echo "error: $(1) is empty; $(2)" >&2 && exit 2;)
+comma := ,
+FAMILIES := bnn$(comma) mc_dropout_dnn$(comma) deep_ensemble$(comma) swag or laplace
 WITH_STACK = $(if $(wildcard $(STACK_ENV)),source $(STACK_ENV) && echo "using the local stack ($(STACK_ENV)): $$MLFLOW_TRACKING_URI" &&,)
 
 .PHONY: help install test test-e2e lint format run results compile train tune evaluate serve mlflow-ui bench pipeline-upload \
@@ -55,8 +66,9 @@ lint: $(INSTALLED) ## ruff on the whole tree; the core's shape: no import cycle,
 	$(VENV)/bin/ruff check src components pipelines tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_layout.py
 
-run: $(INSTALLED) ## run the whole pipeline locally (kfp.local); SEEDS=3: every family with 3 model seeds; FOLDS=5: 5-fold cross-validation; RUNNER=docker: every task in the image; VERBOSE=1: every task's log
-	@$(WITH_STACK) $(PY) -m pipelines run-local --runner $(RUNNER) $(if $(VERBOSE),--verbose) $(OVERRIDES) $(if $(SEEDS),pipeline.seeds=$(SEEDS)) $(if $(FOLDS),pipeline.folds=$(FOLDS))
+run: $(INSTALLED) ## run the whole pipeline locally (kfp.local); MODELS=bnn,swag: these families; DATA=mnist or DATA=<file or folder>; SEEDS=3: every family with 3 model seeds; FOLDS=5: 5-fold cross-validation; RUNNER=docker: every task in the image; VERBOSE=1: every task's log
+	@$(call refuse_empty,MODELS,name one or more of $(FAMILIES): MODELS=bnn$(comma)swag) \
+	$(WITH_STACK) $(PY) -m pipelines run-local --runner $(RUNNER) $(if $(filter-out 0 false no,$(VERBOSE)),--verbose) $(RUN_MODELS) $(DATA_ARGS) $(OVERRIDES) $(if $(SEEDS),pipeline.seeds=$(SEEDS)) $(if $(FOLDS),pipeline.folds=$(FOLDS))
 
 results: $(INSTALLED) ## regenerate the results tables in README.md and BENCHMARKS.md (3 seeds on digits, a few minutes)
 	$(PY) benchmarks/results.py
@@ -64,17 +76,20 @@ results: $(INSTALLED) ## regenerate the results tables in README.md and BENCHMAR
 compile: $(INSTALLED) ## compile the pipeline to build/uncertainty_pipeline.yaml
 	$(PY) -m pipelines compile $(PIPELINE_FLAGS) $(OVERRIDES)
 
-train: $(INSTALLED) ## train bnn, mc_dropout_dnn and deep_ensemble with plain Hydra (no KFP), logged to MLflow (MODELS=...)
-	@$(WITH_STACK) $(PY) -m dl_uncertainty.train --multirun model=$(MODELS) $(OVERRIDES)
+train: $(INSTALLED) ## train bnn, mc_dropout_dnn and deep_ensemble with plain Hydra (no KFP), logged to MLflow (MODELS=..., DATA=...)
+	@$(call refuse_empty,MODELS,name one or more of $(FAMILIES): MODELS=bnn$(comma)swag) \
+	$(WITH_STACK) $(PY) -m dl_uncertainty.train --multirun model=$(MODELS) $(DATA_ARGS) $(OVERRIDES)
 
 tune: $(INSTALLED) ## Optuna sweep per family (TUNE_MODELS=bnn,mc_dropout_dnn; any of families/registry.py); best configs in configs/tuned/ (+tuned=<model>)
-	@$(WITH_STACK) $(PY) -m dl_uncertainty.tune model=$(TUNE_MODELS) $(OVERRIDES)
+	@$(call refuse_empty,TUNE_MODELS,name one or more of $(FAMILIES): TUNE_MODELS=bnn) \
+	$(WITH_STACK) $(PY) -m dl_uncertainty.tune model=$(TUNE_MODELS) $(DATA_ARGS) $(OVERRIDES)
 
 evaluate: $(INSTALLED) ## re-evaluate a logged model: make evaluate RUN_ID=<id>
 	@$(WITH_STACK) $(PY) -m dl_uncertainty.evaluate run_id=$(RUN_ID) $(OVERRIDES)
 
 serve: $(INSTALLED) ## serve a champion on http://127.0.0.1:5001: DATA=digits (default: the data registered last), or MODEL_URI=..., SERVE_PORT=...
-	@$(WITH_STACK) $(PY) -m dl_uncertainty.serve $(if $(MODEL_URI),--model "$(MODEL_URI)") $(if $(DATA),--data "$(DATA)") --port $(SERVE_PORT)
+	@$(call refuse_empty,SERVE_PORT,set SERVE_PORT=5001 or another free port) \
+	$(WITH_STACK) $(PY) -m dl_uncertainty.serve $(if $(MODEL_URI),--model "$(MODEL_URI)") $(if $(DATA),--data "$(DATA)") --port $(SERVE_PORT)
 
 mlflow-ui: $(INSTALLED) ## MLflow UI on the local store at http://127.0.0.1:5000 (MLFLOW_PORT=...)
 	@$(PY) -c "from dl_uncertainty.store import runs_url; print('runs:', runs_url('http://127.0.0.1:$(MLFLOW_PORT)'))"

@@ -17,13 +17,14 @@ import sys
 import threading
 import time
 
-from dl_uncertainty.errors import UserError
+from dl_uncertainty.cli import OneLineParser
+from dl_uncertainty.errors import UserError, check_writable
 
 PIPELINES = ("uncertainty", "tuning")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog="python -m pipelines", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{compile,run-local,upload,run}")
 
@@ -57,7 +58,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _output(args: argparse.Namespace) -> str:
-    return args.output or f"build/{args.pipeline}_pipeline.yaml"
+    """Where the YAML goes, checked before compiling: a .yaml file in a writable folder."""
+    path = args.output or f"build/{getattr(args, 'pipeline', 'uncertainty')}_pipeline.yaml"
+    if os.path.isdir(path):
+        raise UserError(f"--output {path} is a folder; give a file, e.g. {os.path.join(path, 'pipeline.yaml')}")
+    if not path.endswith((".yaml", ".yml")):
+        raise UserError(f"--output {path} must end with .yaml (the pipeline is written as YAML)")
+    folder = os.path.dirname(path) or "."
+    blocker = next((p for p in _parents(folder) if os.path.exists(p) and not os.path.isdir(p)), None)
+    if blocker:
+        raise UserError(f"--output {path}: {blocker} is a file, not a folder")
+    check_writable(folder, "--output")
+    return path
+
+
+def _parents(folder: str) -> list[str]:
+    parts = [folder]
+    while os.path.dirname(parts[-1]) not in ("", parts[-1]):
+        parts.append(os.path.dirname(parts[-1]))
+    return parts
 
 
 class Terminated(KeyboardInterrupt):
@@ -78,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
             path = compile_pipeline(args.overrides, _output(args), gpu=not args.no_gpu, pipeline=args.pipeline)
             print(f"compiled {path}")
+        elif args.command == "run-local" and not args.pipeline_root.strip():
+            raise UserError("--pipeline-root is empty; give the folder task outputs go to (default local_outputs)")
         elif args.command == "run-local" and args.pipeline == "tuning":
             from pipelines.tuning import run_tuning_local
 

@@ -6,6 +6,7 @@ Configs are composed with Hydra's compose API rather than ``@hydra.main`` so tha
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import logging
 import sys
@@ -28,6 +29,13 @@ Overrides use Hydra's syntax and are checked against the typed config:
 
 config groups (in {configs}):
 {groups}"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that says a wrong flag as the project's one ``error:`` line, not its usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def _groups() -> str:

@@ -14,6 +14,7 @@ from dl_uncertainty.errors import UserError
 INPUT_KEYS = ("dataframe_split", "dataframe_records", "inputs", "instances")
 MAX_INT_DIGITS = 300  # a longer integer is past float64's range (1.8e308) or close to it
 MAX_UNPACKED = 256 << 20  # bytes a gzip body may unpack to (a few bytes can unpack to gigabytes)
+MAX_BODY = MAX_UNPACKED  # bytes a body may hold as sent, compressed or not
 MAX_ROWS = 10_000  # per request, by default: bounds one request's memory (its T x rows x classes samples)
 
 

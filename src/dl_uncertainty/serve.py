@@ -20,7 +20,8 @@ GET  /health, /v1/models/<name>    ready?        GET /info   the columns it take
 
 A body may be gzip- or deflate-compressed (Content-Encoding), up to 256 MiB unpacked.
 Bad input gets a 400 whose body is one sentence: {"error": "..."}; more rows than --max-rows (10000) a 413,
-an unknown path a 404 and a wrong method a 405, of the same shape; a failure of the server itself a 500
+a body over 256 MiB a 413, an unknown path a 404 and a wrong method a 405 (with Allow), of the same shape; HEAD
+answers where GET does and OPTIONS says a path's methods; GET /info's "limits" states these bounds; a failure of the server itself a 500
 of the same shape (its traceback goes to the server's log). Every answer is strict JSON: a number that is
 infinite or undefined (an abstain threshold of inf) is null, and /info's "non_finite" object maps its
 dotted path to "inf", "-inf" or "nan". The seeded MC draws (a BNN's noise vectors, dropout masks) are drawn once and kept
@@ -31,7 +32,6 @@ MLFLOW_TRACKING_URI points at (default ``sqlite:///mlflow.db``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -45,7 +45,16 @@ import numpy as np
 from starlette.requests import Request  # noqa: I001 -- module level: FastAPI resolves annotations here
 
 from dl_uncertainty.errors import UserError
-from dl_uncertainty.request_body import MAX_ROWS, TooLarge, check_cells, decoded, parse  # noqa: F401 -- parse: here too
+from dl_uncertainty.request_body import (  # noqa: F401 -- parse: here too
+    MAX_BODY,
+    MAX_INT_DIGITS,
+    MAX_ROWS,
+    MAX_UNPACKED,
+    TooLarge,
+    check_cells,
+    decoded,
+    parse,
+)
 
 REGISTERED_PREFIX = "dl-uncertainty-"  # tracking.compare.registered_name: dl-uncertainty-<data>-<input shape>
 log = logging.getLogger("dl_uncertainty.serve")
@@ -73,6 +82,11 @@ def _model_uri(uri: str) -> str:
     run = re.fullmatch(r"runs:/+([0-9a-fA-F]{32})/*", uri.strip())
     if run:
         return f"runs:/{run.group(1)}/model"
+    given = re.match(r"runs:/+([^/]*)", uri.strip())
+    if given and not re.fullmatch(r"[0-9a-fA-F]{32}", given.group(1)):
+        said = f"{given.group(1)!r} is not a run id" if given.group(1) else "no run id after runs:/"
+        raise UserError(f"{uri}: {said}; a run id is 32 hex characters, "
+                        "printed by dl_uncertainty.train and shown in `make mlflow-ui` (give it whole)")
     if not re.match(r"^[a-zA-Z][\w+.-]*:", uri) and not os.path.isdir(uri):
         raise UserError(f"no model folder {uri}; --model takes models:/<name>@<alias>, runs:/<run id>/model "
                         "or the folder of a saved model")
@@ -127,7 +141,19 @@ def _density_info(wrapper) -> dict[str, Any] | None:
             "abstain_on": wrapper.cfg.evaluate.get("abstain_on", "entropy")}
 
 
-def info(wrapper) -> dict[str, Any]:
+def _column_ranges(schema) -> list[list[float]] | None:
+    """Per column, the values a request may hold: within LIMIT_SCALED training spreads of the training
+    centre (data.rows refuses the rest). None where scaling does not bound them (none, or clipped first)."""
+    from dl_uncertainty.data.rows import LIMIT_SCALED
+
+    cleaning = schema.cleaning
+    if "center" not in cleaning or "clip_low" in cleaning:
+        return None
+    center, scale = np.asarray(cleaning["center"], float), np.asarray(cleaning["scale"], float)
+    return np.stack([center - LIMIT_SCALED * scale, center + LIMIT_SCALED * scale], axis=1).tolist()
+
+
+def info(wrapper, max_rows: int = MAX_ROWS) -> dict[str, Any]:
     schema, cal = wrapper.schema, wrapper.calibration
     from dl_uncertainty.data.rows import input_range
 
@@ -141,6 +167,11 @@ def info(wrapper) -> dict[str, Any]:
         "feature_density": _density_info(wrapper),
         # the MC draws kept for reuse (a BNN's noise vectors or weight sets, dropout masks): bytes held, the bound, samples held
         "sample_cache": {"bytes": cache.bytes, "max_bytes": cache.max_bytes, "samples": len(cache)} if cache is not None else None,
+        # what a request may hold; beyond it, a 413 (rows, bytes) or a 400 (values) saying which
+        "limits": {"max_rows": max_rows, "max_body_bytes": MAX_BODY, "max_unpacked_bytes": MAX_UNPACKED,
+                   "max_number_digits": MAX_INT_DIGITS, "input_range": input_range(schema),
+                   "column_ranges": _column_ranges(schema),
+                   "values": "finite numbers, one per column; booleans, lists and objects are refused"},
     }, non_finite=non_finite)
     return {**answer, "non_finite": non_finite}
 
@@ -173,7 +204,7 @@ def create_app(wrapper, name: str = "dl-uncertainty", max_rows: int = MAX_ROWS):
     async def answer(request: Request) -> Response:
         try:
             headers = request.headers
-            content = await run_in_threadpool(predict, await request.body(), headers.get("content-type"),
+            content = await run_in_threadpool(predict, await read_body(request), headers.get("content-type"),
                                               headers.get("content-encoding"))
         except UserError as err:
             return error(str(err), 413 if isinstance(err, TooLarge) else 400)
@@ -190,19 +221,46 @@ def create_app(wrapper, name: str = "dl-uncertainty", max_rows: int = MAX_ROWS):
         routes = f"POST /invocations or /v1/models/{name}:predict; GET /health, /info"
         what = "no such path" if err.status_code == 404 else (
             f"{request.method} is not allowed here" if err.status_code == 405 else str(err.detail))
-        return error(f"{what} ({request.method} {request.url.path}); this server answers {routes}", err.status_code)
+        answer = error(f"{what} ({request.method} {request.url.path}); this server answers {routes}", err.status_code)
+        answer.headers.update(err.headers or {})  # a 405's Allow: the methods the path takes
+        return answer
 
     app.add_exception_handler(Exception, failed)
     app.add_exception_handler(HTTPException, refused)
 
-    app.post("/invocations")(answer)
-    app.post(f"/v1/models/{name}:predict")(answer)
     ready = lambda: {"status": "ready", "name": name}  # noqa: E731
-    app.get("/health")(ready)
-    app.get("/ping")(ready)
-    app.get(f"/v1/models/{name}")(ready)
-    app.get("/info")(lambda: info(wrapper))
+    routes = {"/invocations": ("POST", answer), f"/v1/models/{name}:predict": ("POST", answer),
+              "/health": ("GET", ready), "/ping": ("GET", ready), f"/v1/models/{name}": ("GET", ready),
+              "/info": ("GET", lambda: info(wrapper, max_rows))}
+    for path, (method, endpoint) in routes.items():  # HEAD: a GET's headers, as HTTP says every GET path answers
+        app.api_route(path, methods=[method, "HEAD"] if method == "GET" else [method])(endpoint)
+
+    for path, (method, _) in routes.items():  # OPTIONS: the methods a path takes, without calling it
+        allow = "GET, HEAD, OPTIONS" if method == "GET" else "POST, OPTIONS"
+        app.options(path)(_allowing(allow, Response))
+
     return app
+
+
+def _allowing(allow: str, response):
+    """An endpoint answering 204 with ``Allow`` (a closure: a default argument would be a query parameter)."""
+    return lambda: response(status_code=204, headers={"Allow": allow})
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refused with a 413 past MAX_BODY bytes before it is all in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise TooLarge(f"the body is {int(declared)} bytes; this server takes at most {MAX_BODY >> 20} MiB per request: "
+                       "send fewer rows per request")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise TooLarge(f"the body is over {MAX_BODY >> 20} MiB; this server takes at most that per request: "
+                           "send fewer rows per request")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def warm_up(wrapper) -> None:
@@ -217,6 +275,8 @@ def _bad_argument(args) -> str | None:
     """What is wrong with the command line, checked before the model loads (the port: that it is free)."""
     import socket
 
+    if args.model is not None and not args.model.strip():
+        return "--model is empty; give models:/<name>@<alias>, runs:/<run id>/model or a model folder, or leave it out for the champion"
     if args.max_rows < 1:
         return f"--max-rows must be at least 1, got {args.max_rows}"
     if args.sample_cache_mb is not None and not (math.isfinite(args.sample_cache_mb) and args.sample_cache_mb >= 0):
@@ -226,14 +286,16 @@ def _bad_argument(args) -> str | None:
     try:
         with socket.create_server((args.host, args.port)):
             pass
-    except OSError as err:
-        why = os.strerror(err.errno) if err.errno else str(err)
+    except OSError as err:  # a name that does not resolve: gaierror, whose errno os.strerror does not know
+        why = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
         return f"cannot listen on {args.host}:{args.port} ({why}); pass another --port or --host"
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dl_uncertainty.serve", description=__doc__.split("\n\n")[0],
+    from dl_uncertainty.cli import OneLineParser
+
+    parser = OneLineParser(prog="python -m dl_uncertainty.serve", description=__doc__.split("\n\n")[0],
                                      epilog="Endpoints and formats: see the module docstring or README.")
     parser.add_argument("--model", default=None, help="MLflow model URI (default: the champion of --data)")
     parser.add_argument("--data", default=None, help="serve the champion of this data (data.source, with the file or "

@@ -99,6 +99,18 @@ def model_types(m: DictConfig) -> None:
         raise UserError(f"model.{key} must be {want[1]} (as in configs/model/{m.name}.yaml), got {value!r}")
 
 
+def _check_registered_name(name: str | None) -> None:
+    """What MLflow's registry refuses (blank, "/", ":", a path-like name) and what would break the
+    champion's models:/<name>@champion URI ("@"), refused before any training rather than at registration."""
+    if name is None:
+        return
+    bad = [c for c in ("/", ":", "@", "\\") if c in name]
+    _check(name.strip() != "" and name == name.strip() and not bad and ".." not in name,
+           f"evaluate.registered_model_name={name!r} cannot name an MLflow registered model"
+           f"{f' (it holds {bad[0]!r})' if bad else ''}; use letters, digits, '-', '_' and '.', or null for "
+           "dl-uncertainty-<data>-<input shape>")
+
+
 def validate(cfg: DictConfig, family_types: bool = True) -> None:
     """Value checks the type system cannot express; raise UserError naming the key."""
     d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.evaluate
@@ -106,6 +118,7 @@ def validate(cfg: DictConfig, family_types: bool = True) -> None:
     _check(d.source not in ("csv", "npz", "image_folder") or bool(d.path),
            f"data.path is required for data.source={d.source}")
     _validate_images(d)
+    _check_registered_name(e.get("registered_model_name"))
     _one_of(d.missing, "data.missing", ("drop", "mean", "median", "ffill"))
     _one_of(d.outliers, "data.outliers", ("none", "iqr", "zscore"))
     _one_of(d.scaling, "data.scaling", ("none", "standard", "minmax", "global"))
@@ -196,6 +209,9 @@ def validate(cfg: DictConfig, family_types: bool = True) -> None:
     _check(0 <= e.target_risk < 1, f"evaluate.target_risk must be in [0, 1), got {e.target_risk}")
     _check(cfg.num_threads >= 0, f"num_threads must be >= 0, got {cfg.num_threads}")
     _check(len(cfg.pipeline.models) >= 1, "pipeline.models must name at least one model")
+    twice = sorted({m for m in cfg.pipeline.models if list(cfg.pipeline.models).count(m) > 1})
+    _check(not twice, f"pipeline.models names {', '.join(twice)} twice; each family trains once per seed "
+                      "(pipeline.seeds=N trains N of each)")
     for name in cfg.pipeline.models:
         _one_of(name, "pipeline.models[]", MODEL_NAMES)
     _check(cfg.pipeline.seeds >= 1, f"pipeline.seeds must be >= 1 (model seeds per family), got {cfg.pipeline.seeds}")

@@ -21,12 +21,14 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dl_uncertainty.data.s3 import local_kind, read_bytes, split_s3_uri
 from dl_uncertainty.data.stratify import check_splittable, class_names
 from dl_uncertainty.errors import UserError
 
+ORIENTATION = 0x0112  # the EXIF tag a camera sets when it stores a photo turned
+EXIF_FORMATS = ("JPEG", "MPO", "TIFF", "WEBP")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # files a file manager leaves beside images (besides hidden ones): never images, so never listed
 NOT_IMAGES = ("thumbs.db", "desktop.ini")
@@ -54,6 +56,7 @@ def _list_folder(root: str) -> list[tuple[str, str]]:
     classes = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
     if not classes:
         raise UserError(f"{root} has no class sub-folders; put each class's images in {root}/<class name>/")
+    _check_distinct(classes)
     files = []
     for folder in classes:
         found = sorted(f for f in folder.rglob("*") if _listed(f, folder))
@@ -63,10 +66,22 @@ def _list_folder(root: str) -> list[tuple[str, str]]:
     return files
 
 
+def _check_distinct(classes: list[Path]) -> None:
+    """A class folder that is a link to another class folder (or to a folder inside one) would label
+    the same images as two classes."""
+    real = {folder: folder.resolve() for folder in classes}
+    for link in (folder for folder in classes if folder.is_symlink()):
+        for other in classes:
+            if other != link and not (other.is_symlink() and other > link) and (
+                    real[link] == real[other] or real[other] in real[link].parents):
+                raise UserError(f"class folder {link} is a link to {real[link]}, whose images class {other.name!r} already "
+                                "holds: they would be in two classes; remove the link, or copy in the images it should hold")
+
+
 def _list_s3(uri: str) -> list[tuple[str, str]]:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from dl_uncertainty.data.s3 import _s3_client
+    from dl_uncertainty.data.s3 import _s3_client, s3_error
 
     bucket, prefix = split_s3_uri(uri)
     prefix = prefix.rstrip("/") + "/"
@@ -79,7 +94,7 @@ def _list_s3(uri: str) -> list[tuple[str, str]]:
                         and parts[-1].lower() not in NOT_IMAGES and PurePosixPath(parts[-1]).suffix.lower() not in DOCUMENTS):
                     files.append((f"s3://{bucket}/{item['Key']}", parts[0]))
     except (BotoCoreError, ClientError) as err:
-        raise UserError(f"cannot list {uri}: {err}") from None
+        raise s3_error("list", uri, err) from None
     if not files:
         raise UserError(f"{uri} has no images in class sub-folders (<prefix>/<class name>/<image>)")
     return sorted(files)
@@ -176,6 +191,8 @@ def _open(raw: bytes, path: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(raw))
         image.load()
+        if image.getexif().get(ORIENTATION, 1) != 1:  # a camera's rotation tag: the image as it is shown
+            image = ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise _unreadable(path, err) from None
     return _eight_bit(image, path)
@@ -219,6 +236,9 @@ def _check_headers(files: list[str], resizing: bool) -> None:
                 raise _empty(path)
             with Image.open(path) as image:
                 size, kind = image.size, image.format
+                # their EXIF is in the header; a PNG's may follow the pixels (decode_all then compares sizes)
+                if kind in EXIF_FORMATS and image.getexif().get(ORIENTATION) in (5, 6, 7, 8):  # shown turned 90 degrees
+                    size = size[::-1]
                 image.verify()
             if kind == "JPEG" and not _ends_like_jpeg(path):
                 with Image.open(path) as image:
@@ -249,6 +269,8 @@ def _sizes_differ(first: str, first_size: tuple[int, int], other: str, size: tup
 
 def conform(image: Image.Image, channels: int, size: list[int] | None) -> np.ndarray:
     """A Pillow image as uint8 [C, H, W] with ``channels`` (1 or 3), resized to ``size`` [H, W]."""
+    if image.mode == "P" and "transparency" in image.info:  # Pillow warns converting it straight: via RGBA, same colours
+        image = image.convert("RGBA")
     image = image.convert("L" if channels == 1 else "RGB")
     if size:
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)

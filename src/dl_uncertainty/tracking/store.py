@@ -119,8 +119,40 @@ def runs_url(base: str, uri: str = DEFAULT_URI, experiment_name: str = "dl-uncer
     return f"{base}/#/experiments{query}"
 
 
+# what MLflow can track to (a bare path is a file store); a driver may follow a "+": postgresql+psycopg2
+KNOWN_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+
+
+def check_sqlite_file(uri: str) -> None:
+    """A sqlite store's file must be a sqlite database (or not exist yet, or be empty): MLflow
+    would otherwise fail with SQLAlchemy's traceback."""
+    import sqlite3
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    if database.is_dir():
+        raise UserError(f"{database} is a folder, not a sqlite database; set MLFLOW_TRACKING_URI (or tracking_uri) "
+                        "to sqlite:///<folder>/mlflow.db")
+    if not database.is_file() or database.stat().st_size == 0:
+        return
+    try:
+        with sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True) as con:
+            con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.Error as err:
+        raise UserError(f"{database} is not an MLflow sqlite database ({err}); point MLFLOW_TRACKING_URI "
+                        "(or tracking_uri) at another file, or move this one away") from None
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, not after MLflow's minutes of retries, when a server is not there."""
+    """Fail in seconds, not after MLflow's minutes of retries, when a server is not there; and in one
+    line when the URI names no store MLflow can use."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme.split("+")[0].lower()
+    if len(scheme) > 1 and scheme not in KNOWN_SCHEMES:  # one letter: a Windows drive
+        raise UserError(f"tracking URI {uri} has a scheme MLflow cannot track to ({scheme}:); use "
+                        "sqlite:///mlflow.db, http(s)://<server>:<port>, postgresql://... or a folder")
+    if scheme == "sqlite" and uri.startswith("sqlite:///"):
+        check_sqlite_file(uri)
     if not uri.startswith(("http://", "https://")):
         return
     try:
