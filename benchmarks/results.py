@@ -159,8 +159,10 @@ def records_of(run_dir: Path) -> list[dict]:
     """Every evaluate record of a run, with ``test_rows``, its test split's size, from its predictions."""
     import numpy as np
 
+    from pipelines.local import evaluation_records
+
     found = []
-    for path in sorted(run_dir.rglob("evaluate/metrics")):
+    for path in evaluation_records(run_dir):  # an evaluate task's, or a kfp.local train-evaluate task's
         if path.is_file():
             found.append(json.loads(path.read_text()))
             if (path.parent / "predictions").is_file():
