@@ -286,8 +286,8 @@ def _bad_argument(args) -> str | None:
     try:
         with socket.create_server((args.host, args.port)):
             pass
-    except OSError as err:  # a name that does not resolve: gaierror, whose errno os.strerror does not know
-        why = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
+    except OSError as err:  # create_server appends the address to strerror; a gaierror's errno os.strerror does not know
+        why = err.strerror if isinstance(err, socket.gaierror) or not err.errno else os.strerror(err.errno)
         return f"cannot listen on {args.host}:{args.port} ({why}); pass another --port or --host"
     return None
 
