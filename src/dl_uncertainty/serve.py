@@ -286,8 +286,8 @@ def _bad_argument(args) -> str | None:
     try:
         with socket.create_server((args.host, args.port)):
             pass
-    except OSError as err:  # create_server appends the address to strerror; a gaierror's errno os.strerror does not know
-        why = err.strerror if isinstance(err, socket.gaierror) or not err.errno else os.strerror(err.errno)
+    except OSError as err:  # create_server appends " (while attempting to bind on address ...)" to strerror
+        why = (err.strerror or str(err)).split(" (while attempting to bind")[0]
         return f"cannot listen on {args.host}:{args.port} ({why}); pass another --port or --host"
     return None
 
