@@ -10,6 +10,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -130,3 +131,25 @@ def run_module(module: str, *args: str, cwd: Path, env: dict | None = None, time
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
+
+
+class ServedModel(NamedTuple):
+    url: str
+    run_id: str
+    uri: str  # its MLflow tracking URI
+
+
+@pytest.fixture(scope="session")
+def tiny_served_model(tmp_path_factory, digits_splits):
+    """A one-epoch MC-Dropout model on digits, logged and served from a fresh process (at most 50 rows a
+    request), for the tests of what the server answers to odd requests."""
+    from dl_uncertainty.train import train_and_log
+
+    tmp = tmp_path_factory.mktemp("served")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = load_config([*TINY, "model=mc_dropout_dnn", "train.epochs=1", "model.hidden_sizes=[16]",
+                       f"tracking_uri={uri}", f"train.checkpoint_dir={tmp / 'ckpt'}"])
+    trained = train_and_log(cfg, digits_splits["train"], digits_splits["val"], digits_splits["calib"])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin"}
+    with model_server(env, cwd=tmp, args=("--model", f"runs:/{trained.run_id}/model", "--max-rows", "50")) as url:
+        yield ServedModel(url, trained.run_id, uri)

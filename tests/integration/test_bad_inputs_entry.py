@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import TINY, model_server
 from tests.integration.test_bad_inputs_more import assert_one_error_line, run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -262,18 +261,8 @@ def test_a_class_folder_linked_to_another_class_is_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def served_url(tmp_path_factory, digits_splits):
-    from dl_uncertainty.config.compose import load_config
-    from dl_uncertainty.train import train_and_log
-
-    tmp = tmp_path_factory.mktemp("entry-served")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cfg = load_config([*TINY, "model=mc_dropout_dnn", "train.epochs=1", "model.hidden_sizes=[16]",
-                       f"tracking_uri={uri}", f"train.checkpoint_dir={tmp / 'ckpt'}"])
-    trained = train_and_log(cfg, digits_splits["train"], digits_splits["val"], digits_splits["calib"])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin"}
-    with model_server(env, cwd=tmp, args=("--model", f"runs:/{trained.run_id}/model", "--max-rows", "50")) as url:
-        yield url
+def served_url(tiny_served_model):
+    return tiny_served_model.url
 
 
 def request(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):

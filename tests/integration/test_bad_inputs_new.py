@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.conftest import TINY, model_server
 from tests.integration.test_bad_inputs_more import (
     ROWS,
     assert_one_error_line,
@@ -195,21 +194,11 @@ class Served(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, digits_splits):
+def server(tiny_served_model):
     """A one-epoch MC-Dropout model on digits, logged and served from a fresh process."""
-    from dl_uncertainty.config.compose import load_config
-    from dl_uncertainty.train import train_and_log
-
-    tmp = tmp_path_factory.mktemp("served")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cfg = load_config([*TINY, "model=mc_dropout_dnn", "train.epochs=1", "model.hidden_sizes=[16]",
-                       f"tracking_uri={uri}", f"train.checkpoint_dir={tmp / 'ckpt'}"])
-    trained = train_and_log(cfg, digits_splits["train"], digits_splits["val"], digits_splits["calib"])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin"}
-    with model_server(env, cwd=tmp, args=("--model", f"runs:/{trained.run_id}/model")) as url:
-        status, flat = post(f"{url}/invocations", {"inputs": [PIXELS]})
-        assert status == 200, flat
-        yield Served(url, flat, trained.run_id, uri)
+    status, flat = post(f"{tiny_served_model.url}/invocations", {"inputs": [PIXELS]})
+    assert status == 200, flat
+    return Served(tiny_served_model.url, flat, tiny_served_model.run_id, tiny_served_model.uri)
 
 
 def row(*values):
