@@ -64,13 +64,16 @@ class _SpectralBound(nn.Module):
         # One power-iteration step per training forward lags behind the weights (the norm in eval was up
         # to 1.29x the coefficient after 40 Adam steps): when training ends, converge on the final weights.
         if self.training and not mode and self._weight is not None and self.v.numel():
-            w = self._weight().detach()
-            with torch.inference_mode(False), torch.no_grad():  # eval() may come inside inference mode
-                v = self.v
-                for _ in range(SETTLE_ITERATIONS):
-                    v = _normalised(self._adjoint(w, _normalised(self._apply_op(w, v))))
-                self.v.copy_(v)
+            with torch.inference_mode(False):  # eval() may come inside inference mode
+                self._power_iterate(self._weight().detach(), SETTLE_ITERATIONS)
         return super().train(mode)
+
+    @torch.no_grad()
+    def _power_iterate(self, w: torch.Tensor, steps: int) -> None:
+        v = self.v
+        for _ in range(steps):
+            v = _normalised(self._adjoint(w, _normalised(self._apply_op(w, v))))
+        self.v.copy_(v)
 
     def _apply_op(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self._op(v, w) if self.is_conv else w @ v
@@ -91,12 +94,7 @@ class _SpectralBound(nn.Module):
             return weight / torch.clamp(sigma / self.coeff, min=1.0)
         w = weight.detach()
         if self.training:
-            with torch.no_grad():
-                v = self.v
-                for _ in range(max(self.iters, 1)):
-                    u = _normalised(self._apply_op(w, v))
-                    v = _normalised(self._adjoint(w, u))
-                self.v.copy_(v)
+            self._power_iterate(w, max(self.iters, 1))
         u = _normalised(self._apply_op(w, self.v)).detach()
         sigma = (u * self._apply_op(weight, self.v)).sum()  # differentiable in weight
         if self.training:
