@@ -163,11 +163,10 @@ def records_of(run_dir: Path) -> list[dict]:
 
     found = []
     for path in evaluation_records(run_dir):  # an evaluate task's, or a kfp.local train-evaluate task's
-        if path.is_file():
-            found.append(json.loads(path.read_text()))
-            if (path.parent / "predictions").is_file():
-                with np.load(path.parent / "predictions") as npz:
-                    found[-1]["test_rows"] = len(npz["labels"])
+        found.append(json.loads(path.read_text()))
+        if (path.parent / "predictions").is_file():
+            with np.load(path.parent / "predictions") as npz:
+                found[-1]["test_rows"] = len(npz["labels"])
     if not found:
         raise SystemExit(f"no evaluate records under {run_dir}")
     return found
@@ -193,12 +192,12 @@ def main(argv: list[str] | None = None) -> None:
         tic = time.perf_counter()
         run_dir = run_local([*OVERRIDES, f"tracking_uri=sqlite:///{work / 'mlflow.db'}"], work / "outputs")
         seconds = time.perf_counter() - tic
-    took = f", {seconds:.0f} s" if seconds else ""
+    # tables made from a finished run (--from) cannot know the load or time it ran at
+    measured = f", load average {load:.1f} at start, {seconds:.0f} s" if seconds is not None else ""
     records = records_of(run_dir)
     seeds = sorted({r.get("seed") for r in records})
     note = (f"`make results`: digits, default settings, model seeds {', '.join(map(str, seeds))} (one data split, "
-            f"made with seed {cfg.seed}), {cfg.evaluate.mc_samples} MC samples, {os.cpu_count()} CPU cores, "
-            f"load average {load:.1f} at start{took}.")
+            f"made with seed {cfg.seed}), {cfg.evaluate.mc_samples} MC samples, {os.cpu_count()} CPU cores{measured}.")
     # the winner is chosen as compare chooses it: on the validation metric; test numbers are reported only
     written = write_tables(tables(records, selection_metric(cfg.evaluate.winner_metric), cfg.evaluate.winner_mode, note),
                            args.files)
