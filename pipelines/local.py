@@ -6,6 +6,7 @@ import collections
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -122,29 +123,44 @@ def execute(cfg, name: str, pipeline_root: str | Path, verbose: bool, runner: st
 
 
 @contextlib.contextmanager
+def _root_logger_kept():
+    """Put the root logger back as it was. kfp.local swaps its handlers and level for each task
+    without a lock, so branches running at once can leave it at INFO with a handler on a stream
+    that is gone by the next run in this process."""
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
+
+
+@contextlib.contextmanager
 def _branches_at_once(branches: int):
     """Let every ParallelFor iteration run at once. kfp.local (2.17) runs at most two, a guard
     against nested loops multiplying threads; our loops are flat and small (one branch per model or
     tuning worker), and a third branch left waiting runs alone on a half-idle machine. Where kfp has
     no such class (another version), its own limit holds."""
-    try:
-        from kfp.local.orchestrator import enhanced_dag_orchestrator as orchestrator
+    with _root_logger_kept():
+        try:
+            from kfp.local.orchestrator import enhanced_dag_orchestrator as orchestrator
 
-        original = orchestrator.ParallelExecutor
-    except (ImportError, AttributeError):
-        yield
-        return
+            original = orchestrator.ParallelExecutor
+        except (ImportError, AttributeError):
+            yield
+            return
 
-    class AllBranches(original):
-        def __init__(self, max_workers: int | None = None):
-            super().__init__(max_workers)
-            self.conservative_max = self.max_workers = max(branches, self.max_workers)
+        class AllBranches(original):
+            def __init__(self, max_workers: int | None = None):
+                super().__init__(max_workers)
+                self.conservative_max = self.max_workers = max(branches, self.max_workers)
 
-    orchestrator.ParallelExecutor = AllBranches
-    try:
-        yield
-    finally:
-        orchestrator.ParallelExecutor = original
+        orchestrator.ParallelExecutor = AllBranches
+        try:
+            yield
+        finally:
+            orchestrator.ParallelExecutor = original
 
 
 class _Tee(io.TextIOBase):

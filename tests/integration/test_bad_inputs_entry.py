@@ -28,10 +28,14 @@ RUN_ID = "0123456789abcdef0123456789abcdef"
 
 
 def make(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``make <args>`` of this checkout with this interpreter; INSTALLED names a file that exists, so no install runs."""
+    """``make <args>`` of this checkout with this interpreter, as a user's top-level make (not make[1] under
+    `make test`); INSTALLED names a file newer than pyproject.toml, so no install runs."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(["make", "-s", "-C", str(ROOT), f"PY={sys.executable}", "INSTALLED=pyproject.toml",
+    for name in ("MLFLOW_TRACKING_URI", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"):
+        env.pop(name, None)
+    installed = cwd / "installed"
+    installed.touch()
+    return subprocess.run(["make", "-s", "-C", str(ROOT), f"PY={sys.executable}", f"INSTALLED={installed}",
                            f"MLFLOW_TRACKING_URI=sqlite:///{cwd / 'mlflow.db'}", *args],
                           capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
 

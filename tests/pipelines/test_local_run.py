@@ -1,5 +1,6 @@
 """The whole pipeline under kfp.local against a real MLflow server; and a failing task."""
 
+import logging
 import re
 
 import mlflow
@@ -14,8 +15,11 @@ from tests.conftest import LOOSE_GATE, REPO, TINY, run_module
 def test_whole_pipeline_runs_locally_and_lands_in_mlflow(mlflow_server, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    root_logger = logging.getLogger()
+    before = root_logger.level, root_logger.handlers[:]
     run_dir = run_local([*TINY, *LOOSE_GATE, "train.epochs=2", "experiment_name=pipeline-test",
                          "pipeline.models=[bnn,mc_dropout_dnn]"], tmp_path / "out")
+    assert (root_logger.level, root_logger.handlers) == before  # kfp's per-task logger swaps leave no trace
 
     captured = capsys.readouterr()
     printed = captured.out
@@ -209,8 +213,11 @@ def test_every_branch_of_a_parallel_for_runs_at_once(tmp_path):
             _stamp(item=item).set_caching_options(False)
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path))
+    root_logger = logging.getLogger()
+    before = root_logger.level, root_logger.handlers[:]
     with _branches_at_once(3):
         fan_out()
+    assert (root_logger.level, root_logger.handlers) == before  # kfp swaps them per task, unlocked
     spans = [tuple(map(float, path.read_text().split())) for path in tmp_path.rglob("span")]
     assert len(spans) == 3
     assert max(start for start, _ in spans) < min(end for _, end in spans)  # all three ran at the same time
