@@ -49,16 +49,21 @@ def test_whole_pipeline_runs_locally_and_lands_in_mlflow(mlflow_server, tmp_path
     assert champion.run_id == best.info.run_id
 
 
-def test_a_failing_task_fails_the_run_naming_the_task_and_nothing_after_it_runs(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_a_failing_task_fails_the_run_naming_the_task_and_nothing_after_it_runs(tmp_path, monkeypatch, capsys,
+                                                                                 verbose):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     table = tmp_path / "t.csv"  # readable, but every row misses a value and data.missing=drop: preprocess fails
     table.write_text("a,b,label\n" + "".join(f"{i},,{i % 2}\n" if i % 2 else f",{i},{i % 2}\n" for i in range(40)))
     with pytest.raises(UserError, match="preprocess") as info:
-        run_local([*TINY, "data=csv", f"data.path={table}", "data.missing=drop"], tmp_path / "out")
+        run_local([*TINY, "data=csv", f"data.path={table}", "data.missing=drop"], tmp_path / "out", verbose=verbose)
     assert "\n" not in str(info.value)
     assert "Cause: every row of" in str(info.value) and "data.missing=drop leaves none" in str(info.value)
-    assert "data.missing=drop leaves none" in capsys.readouterr().out  # and the task's own log
+    printed = capsys.readouterr().out
+    assert "data.missing=drop leaves none" in printed  # and the task's own log
+    # verbose: every task's whole log as it comes (the executor input too), no one-line summaries
+    assert ("Got executor_input" in printed and "  done  " not in printed) is verbose
     run_dir = next((tmp_path / "out").glob("uncertainty-pipeline-*"))
     assert not list(run_dir.rglob("model.pt")) and not list(run_dir.rglob("predictions"))
 
@@ -100,15 +105,6 @@ def test_unwritable_pipeline_root_fails_before_any_task_starts(tmp_path):
     assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [
         f"error: cannot write to {tmp_path / 'file' / 'out'} (Not a directory); set --pipeline-root to a writable folder"]
     assert not (tmp_path / "mlflow.db").exists()
-
-
-def test_verbose_prints_every_tasks_whole_log(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_local([*TINY, "train.epochs=2", "pipeline.models=[mc_dropout_dnn]"], tmp_path / "out", verbose=True)
-    printed = capsys.readouterr().out
-    assert "epoch   2/2" in printed and "Got executor_input" in printed and "Winner:" in printed
-    assert "  done  " not in printed and len(printed.splitlines()) > 60
 
 
 def test_quiet_log_keeps_the_task_logs_minus_the_executor_input_json_for_a_failure():
