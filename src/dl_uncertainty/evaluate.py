@@ -1,12 +1,14 @@
 """Re-evaluate a logged model and add the uncertainty metrics, figures and report to its MLflow run.
 
-    python -m dl_uncertainty.evaluate run_id=<MLflow run id> [evaluate.mc_samples=100]
+    python -m dl_uncertainty.evaluate run_id=<MLflow run id, or its first characters> [evaluate.mc_samples=100]
 
 The calibration (evaluate.calibration, alpha, conformal_method, target_risk, conformal_nonempty, raps_*) and the
 feature density (evaluate.abstain_on, density_target_rate, density_ridge) are the ones fitted after training and bundled with the model; setting one of them to another value here is refused.
 """
 
 from __future__ import annotations
+
+import re
 
 from omegaconf import DictConfig
 
@@ -43,6 +45,28 @@ def _run_id(given: str) -> str:
     return given
 
 
+def _run_of_prefix(prefix: str, uri: str) -> str:
+    """The one run whose id starts with ``prefix`` (as git takes a commit's first characters)."""
+    import mlflow
+
+    if not re.fullmatch(r"[0-9a-f]{1,31}", prefix):
+        raise UserError(f"no MLflow run {prefix} at {uri}")
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    matches, token = [], None
+    while experiments:
+        page = client.search_runs(experiments, max_results=1000, page_token=token)
+        matches += [run.info.run_id for run in page if run.info.run_id.startswith(prefix)]
+        if not (token := page.token):
+            break
+    if not matches:
+        raise UserError(f"no MLflow run {prefix} at {uri}")
+    if len(matches) > 1:
+        raise UserError(f"run_id={prefix} starts {len(matches)} runs' ids ({', '.join(sorted(matches)[:3])}"
+                        f"{', ...' if len(matches) > 3 else ''}); give more of the id")
+    return matches[0]
+
+
 def _check_calibration_split(run, run_id: str) -> None:
     """A run trained before the calibration split existed fitted its temperature, conformal and abstain
     thresholds on validation, which now picks and gates models: refused, rather than evaluated on a
@@ -77,7 +101,8 @@ def evaluate_run(cfg: DictConfig):
     try:
         found = mlflow.get_run(cfg.run_id)
     except mlflow.exceptions.MlflowException:
-        raise UserError(f"no MLflow run {cfg.run_id} at {store.tracking_uri(cfg)}") from None
+        cfg.run_id = _run_of_prefix(cfg.run_id, store.tracking_uri(cfg))
+        found = mlflow.get_run(cfg.run_id)
     if found.info.lifecycle_stage == "deleted":
         raise UserError(f"MLflow run {cfg.run_id} is deleted; restore it first (`mlflow runs restore --run-id "
                         f"{cfg.run_id}` with MLFLOW_TRACKING_URI={store.tracking_uri(cfg)}) or evaluate another run")

@@ -343,3 +343,28 @@ def test_a_model_uri_that_names_no_run_is_one_line_before_loading(in_tmp, capsys
 
     assert_one_error_line(serve(["--model", uri, "--port", "0"]), capsys.readouterr().err, message)
     assert not (in_tmp / "mlflow.db").exists()
+
+
+# ---------------------------------------------------------------- run ids by their first characters
+
+
+def test_a_run_is_evaluated_by_the_first_characters_of_its_id_and_a_shared_prefix_is_refused(
+        tiny_served_model, monkeypatch, capsys):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_served_model.uri)
+    run_id = tiny_served_model.run_id
+    code, stderr, out = run_in_process("evaluate", [f"run_id={run_id[:8]}", "evaluate.mc_samples=3"], capsys)
+    assert code == 0, stderr
+    assert f"logged to run {run_id}:" in out
+
+    client = mlflow.MlflowClient(tiny_served_model.uri)
+    others = client.create_experiment("prefix-test")
+    ids = [run_id] + [client.create_run(others).info.run_id for _ in range(20)]
+    shared = next(c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) > 1)  # 21 ids, 16 letters
+    code, stderr, _ = run_in_process("evaluate", [f"run_id={shared}"], capsys)
+    assert_one_error_line(code, stderr, rf"run_id={shared} starts {sum(i.startswith(shared) for i in ids)} runs' ids "
+                                        r"\([0-9a-f]{32}, [0-9a-f]{32}.*\); give more of the id$")
+    unused = next(f"{n:06x}" for n in range(2**24) if not any(i.startswith(f"{n:06x}") for i in ids))
+    code, stderr, _ = run_in_process("evaluate", [f"run_id={unused}"], capsys)
+    assert_one_error_line(code, stderr, rf"^error: no MLflow run {unused} at sqlite:///")
