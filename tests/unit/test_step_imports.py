@@ -17,10 +17,10 @@ def loaded_after(statement: str, modules: tuple[str, ...]) -> list[str]:
     return [m for m in out.stdout.strip().split(",") if m]
 
 
-def test_the_compare_step_loads_neither_torch_nor_scikit_learn():
+def test_the_compare_step_loads_neither_torch_nor_scikit_learn_nor_scipys_optimizers():
     # everything compare_models imports, including the tuning section's lookup of a run's study tag
     statement = ("import components.compare; from dl_uncertainty import steps; "
                  "from dl_uncertainty.tracking import compare, folds, seeds, store; "
                  "from dl_uncertainty.uncertainty import metrics; from dl_uncertainty.config import compose")
-    assert loaded_after(statement, ("torch", "sklearn")) == []
+    assert loaded_after(statement, ("torch", "sklearn", "scipy.optimize")) == []
 
