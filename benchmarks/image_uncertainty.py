@@ -2,8 +2,8 @@
 
 Two data sets every machine can make: (a) the generated shapes (``dl_uncertainty.data.shapes``,
 300 images 32x32 RGB, ``data=image_folder`` defaults) and (b) scikit-learn's 1,797 real 8x8 handwritten
-digits written as PNGs and read back at 28x28 (``data=image_folder data.image_size=[28,28]``, no
-flips or crops, and the ``mnist`` recipe's outlier kinds, as for MNIST). Each family trains with
+digits written as PNGs and read back at 28x28 (``data=mnist`` with ``data.source=image_folder``: the
+``mnist`` config's recipe, flips and crops, as MNIST trains; the splits' shares of ``image_folder``). Each family trains with
 the project's loop and is evaluated by the project's ``evaluate_model``; the textbook CNN (conv 32 - pool - conv 64 - pool - dropout - fc 128 -
 dropout - fc, Adam 1e-3, batch 64, constant lr, the last epoch's weights) trains in the same process
 on the same split and goes through the same evaluation (MC-Dropout, its own feature density).
@@ -58,9 +58,10 @@ def digits_folder(root: Path) -> Path:
 
 
 def data_overrides(name: str, root: Path) -> list[str]:
-    if name == "digits":
-        return ["data=image_folder", f"data.path={digits_folder(root / 'digits')}", "data.image_size=[28,28]",
-                "data.hflip=false", "data.crop_padding=0", "model.outlier_kinds=[permuted,jigsaw]"]
+    if name == "digits":  # the mnist data config (its recipe, flips and crops), reading the digits folder
+        return ["data=mnist", "data.source=image_folder", f"data.path={digits_folder(root / 'digits')}",
+                "data.image_size=[28,28]", "data.far_ood=null", "data.val_fraction=0.15", "data.calib_fraction=0.15",
+                "data.test_fraction=0.2"]
     return ["data=image_folder", f"data.path={make_shapes(root / 'shapes')}"]
 
 

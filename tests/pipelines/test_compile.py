@@ -190,5 +190,5 @@ def test_the_data_recipe_sets_epochs_unless_the_compile_overrides_do(tmp_path):
     assert params["epochs"] == 0  # not digits' 60 baked in: the configs decide when the run composes them
     assert params["overrides"] == ["data=mnist"]
     run = load_config(with_typed(typed_overrides(params), params["overrides"]))  # what the configure step composes
-    assert run.train.epochs == load_config(["data=mnist"]).data.recipe.train.epochs == 20
+    assert run.train.epochs == load_config(["data=mnist"]).data.recipe.train.epochs == 30
     assert load_config(with_typed(typed_overrides({**params, "epochs": 7}), params["overrides"])).train.epochs == 7

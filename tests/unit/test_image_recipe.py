@@ -206,7 +206,9 @@ def test_image_data_selects_the_recipe_and_digits_keeps_its_defaults():
         ("mlp", [256, 256], 60, "none")
     mnist = load_config(["data=mnist", "model=bnn"])
     assert (mnist.model.arch, list(mnist.model.conv_channels), list(mnist.model.hidden_sizes)) == ("cnn", [32, 64], [128])
-    assert (mnist.model.conv_dropout, mnist.model.kl_weight, mnist.train.epochs) == (False, 0.1, 20)
+    assert (mnist.model.conv_dropout, mnist.model.kl_weight, mnist.train.epochs) == (False, 0.1, 30)
+    assert (mnist.data.crop_padding, load_config(["data=mnist", "model=mc_dropout_dnn"]).model.dropout) == (2, 0.1)
+    assert load_config(["model=mc_dropout_dnn"]).model.dropout == 0.25  # digits' tables keep the family's dropout
     assert (mnist.train.lr_schedule, mnist.train.warmup_fraction, mnist.train.early_stopping_patience) == ("cosine", 0.05, 0)
     assert load_config(["data=mnist", "train.epochs=3"]).train.epochs == 3  # a command-line value wins
     assert load_config(["data=cifar10"]).model.arch == "resnet"
