@@ -19,7 +19,7 @@ TYPED = (  # parameter name, the config key it sets, its type
 TYPED_KEYS = [key for _, key, _ in TYPED]
 # Typed parameters a run may leave to the configs, and the value that says so (one the checks refuse):
 # a compiled pipeline's default where the configs derive the key from another choice, as train.epochs
-# from the data config's recipe, so the run's data decides (20 for an image recipe) and not the data the
+# from the data config's recipe, so the run's data decides (30 for the MNIST recipe) and not the data the
 # pipeline was compiled with.
 FROM_CONFIGS = {"epochs": 0, "learning_rate": 0.0, "mc_samples": 0}
 
