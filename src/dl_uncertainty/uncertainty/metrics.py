@@ -319,7 +319,8 @@ def fit_temperature(
     Bounded 1-D search (scipy) over log-temperature. Accepts logits or log-probs ``[T, N, K]``
     (they differ by a per-row constant, which the re-normalization removes).
     """
-    from scipy.optimize import minimize_scalar  # here: the compare step reads this module, fits nothing
+    # imported here: the compare step reads this module and fits nothing
+    from scipy.optimize import minimize_scalar
 
     lp = as_log_probs(log_probs)
     y = _labels(labels, lp.shape[1])
