@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from dl_uncertainty.cli import OneLineParser
 from dl_uncertainty.errors import UserError, check_writable
@@ -65,18 +66,12 @@ def _output(args: argparse.Namespace) -> str:
     if not path.endswith((".yaml", ".yml")):
         raise UserError(f"--output {path} must end with .yaml (the pipeline is written as YAML)")
     folder = os.path.dirname(path) or "."
-    blocker = next((p for p in _parents(folder) if os.path.exists(p) and not os.path.isdir(p)), None)
+    blocker = next((p for p in (folder, *map(str, Path(folder).parents)) if os.path.exists(p) and not os.path.isdir(p)),
+                   None)
     if blocker:
         raise UserError(f"--output {path}: {blocker} is a file, not a folder")
     check_writable(folder, "--output")
     return path
-
-
-def _parents(folder: str) -> list[str]:
-    parts = [folder]
-    while os.path.dirname(parts[-1]) not in ("", parts[-1]):
-        parts.append(os.path.dirname(parts[-1]))
-    return parts
 
 
 class Terminated(KeyboardInterrupt):

@@ -51,14 +51,8 @@ def _run_of_prefix(prefix: str, uri: str) -> str:
 
     if not re.fullmatch(r"[0-9a-f]{1,31}", prefix):
         raise UserError(f"no MLflow run {prefix} at {uri}")
-    client = mlflow.MlflowClient()
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    matches, token = [], None
-    while experiments:
-        page = client.search_runs(experiments, max_results=1000, page_token=token)
-        matches += [run.info.run_id for run in page if run.info.run_id.startswith(prefix)]
-        if not (token := page.token):
-            break
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")  # it pages through them
+    matches = [run.info.run_id for run in runs if run.info.run_id.startswith(prefix)]
     if not matches:
         raise UserError(f"no MLflow run {prefix} at {uri}")
     if len(matches) > 1:
