@@ -89,7 +89,7 @@ def mnist5k_mirror(root: Path) -> Path:
     return root
 
 
-def data_overrides(name: str, root: Path) -> list[str]:
+def data_overrides(name: str, root: Path, shapes_per_class: int | None = None) -> list[str]:
     if name == "mnist5k":  # the user's path: data=mnist from a local mirror whose files are not the official ones
         mirror = mnist5k_mirror(root / "mnist5k")
         sums = ",".join(f'"mnist/{f.name}":{hashlib.md5(f.read_bytes(), usedforsecurity=False).hexdigest()}'
@@ -100,7 +100,8 @@ def data_overrides(name: str, root: Path) -> list[str]:
         return ["data=mnist", "data.source=image_folder", f"data.path={digits_folder(root / 'digits')}",
                 "data.image_size=[28,28]", "data.far_ood=null", "data.val_fraction=0.15", "data.calib_fraction=0.15",
                 "data.test_fraction=0.2"]
-    return ["data=image_folder", f"data.path={make_shapes(root / 'shapes')}"]
+    shapes = make_shapes(root / "shapes", **({"per_class": shapes_per_class} if shapes_per_class else {}))
+    return ["data=image_folder", f"data.path={shapes}"]
 
 
 def textbook_cnn(shape: list[int], classes: int) -> nn.Sequential:
@@ -157,8 +158,9 @@ def report(r: dict, ev) -> None:
           f"{r['train_s']:.0f} s ({r['epoch_s']:.2f} s/epoch)", flush=True)
 
 
-def run(data: str, families: list[str], root: Path, extra: list[str], epochs: int | None) -> list[dict]:
-    base = data_overrides(data, root) + ["num_threads=1", *extra] + ([f"train.epochs={epochs}"] if epochs else [])
+def run(data: str, families: list[str], root: Path, extra: list[str], epochs: int | None,
+        shapes_per_class: int | None = None) -> list[dict]:
+    base = data_overrides(data, root, shapes_per_class) + ["num_threads=1", *extra] + ([f"train.epochs={epochs}"] if epochs else [])
     rows, splits = [], None
     for family in families:
         cfg = load_config(base + [f"model={family}"])
@@ -195,10 +197,11 @@ def epoch_seconds(train_for, rounds: int) -> float:
     return min((timed(3) - timed(1)) / 2 for _ in range(rounds))
 
 
-def speed(data: str, families: list[str], root: Path, extra: list[str], rounds: int) -> None:
+def speed(data: str, families: list[str], root: Path, extra: list[str], rounds: int,
+          shapes_per_class: int | None = None) -> None:
     """Per-epoch time of each family's training loop (per-epoch validation included) against the
     textbook CNN's, the two timed alternately in one process so the machine's load hits both alike."""
-    base = data_overrides(data, root) + ["num_threads=1", *extra]
+    base = data_overrides(data, root, shapes_per_class) + ["num_threads=1", *extra]
     cfg = load_config(base + ["model=mc_dropout_dnn"])
     splits = prepare_images(cfg.data, cfg.seed)
     train, val = splits["train"], splits["val"]
@@ -245,6 +248,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="train.epochs for every model (default: the recipe's)")
     parser.add_argument("--speed", type=int, default=0, metavar="ROUNDS",
                         help="only time one epoch of each family against the textbook CNN, alternately, ROUNDS times")
+    parser.add_argument("--shapes-per-class", type=int, default=None, metavar="N",
+                        help="generated shapes per class (default: make-shapes' own)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every family, e.g. evaluate.mc_samples=20")
     args = parser.parse_args()
     set_threads(1)
@@ -253,9 +258,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for data in args.data:
             if args.speed:
-                speed(data, args.families, Path(tmp), args.overrides, args.speed)
+                speed(data, args.families, Path(tmp), args.overrides, args.speed, args.shapes_per_class)
                 continue
-            rows += run(data, args.families, Path(tmp), args.overrides, args.epochs)
+            rows += run(data, args.families, Path(tmp), args.overrides, args.epochs, args.shapes_per_class)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
     if rows:
         print(table(rows))

@@ -5,7 +5,15 @@
 
 from __future__ import annotations
 
-from dl_uncertainty.data.shapes import make_shapes
+from dl_uncertainty.data.shapes import PER_CLASS, make_shapes
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     shapes = sub.add_parser("make-shapes", help="write circle/square/triangle PNGs, one folder per class")
     shapes.add_argument("folder")
-    shapes.add_argument("--per-class", type=int, default=100)
-    shapes.add_argument("--size", type=int, default=32)
-    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--per-class", type=_positive, default=PER_CLASS, help=f"images per class (default {PER_CLASS})")
+    shapes.add_argument("--size", type=_positive, default=32, help="side in pixels (default 32)")
+    shapes.add_argument("--seed", type=int, default=0, help="default 0")
     args = parser.parse_args(argv)
     folder = make_shapes(args.folder, args.per_class, args.size, args.seed)
     print(f"{3 * args.per_class} images in {folder}; use them with data=image_folder data.path={folder}")

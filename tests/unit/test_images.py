@@ -8,6 +8,8 @@ import io
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -277,9 +279,6 @@ def test_image_configs_default_to_the_resnet_and_tables_to_the_mlp():
 
 
 def test_preprocess_cli_says_a_bad_image_folder_in_one_line(shapes, tmp_path):
-    import subprocess
-    import sys
-
     root = _copy(shapes, tmp_path)
     (root / "square" / "square_0003.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     proc = subprocess.run([sys.executable, "-m", "dl_uncertainty.preprocess", "data=image_folder",
@@ -301,3 +300,14 @@ def test_unreachable_download_server_names_the_url(tmp_path):
     with pytest.raises(UserError, match=rf"cannot download http://127.0.0.1:{port}/c/cifar-10-python.tar.gz "
                                         r"\(.*refused.*\); download it by other means and put it at "):
         prepare(cfg.data, 0)
+
+
+def test_make_shapes_cli_writes_each_class_and_refuses_a_count_below_one(tmp_path):
+    cli = [sys.executable, "-m", "dl_uncertainty.images", "make-shapes"]
+    done = subprocess.run([*cli, str(tmp_path / "s"), "--per-class", "4", "--size", "8"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert {p.name: len(list(p.iterdir())) for p in (tmp_path / "s").iterdir()} == dict.fromkeys(SHAPES, 4)
+    assert Image.open(next((tmp_path / "s" / "circle").iterdir())).size == (8, 8)
+    refused = subprocess.run([*cli, str(tmp_path / "t"), "--per-class", "0"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "'0' is not a whole number of at least 1" in refused.stderr.splitlines()[-1]
+    assert not (tmp_path / "t").exists()

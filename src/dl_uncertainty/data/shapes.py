@@ -10,7 +10,10 @@ from PIL import Image
 # ---------------------------------------------------------------- a generated data set
 
 
-def make_shapes(folder: str | Path, per_class: int = 100, size: int = 32, seed: int = 0) -> Path:
+PER_CLASS = 300  # 900 images: enough that one test image is 0.6 % of accuracy and far-OOD AUROC 0.99 is measurable
+
+
+def make_shapes(folder: str | Path, per_class: int = PER_CLASS, size: int = 32, seed: int = 0) -> Path:
     """``folder/{circle,square,triangle}/*.png``: one bright filled shape per image on a dark
     background, random size, place and colours, so a model must learn the outline, not a colour."""
     from PIL import ImageDraw
