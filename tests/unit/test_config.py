@@ -57,6 +57,8 @@ def test_defaults_are_the_documented_ones():
         ("train.mixup_alpha=0", "train.mixup_alpha must be > 0"),
         ("train.mixup_prob=1.5", "train.mixup_prob must be in [0, 1]"),
         ("train.cutmix_prob=-0.1", "train.cutmix_prob must be in [0, 1]"),
+        ("train.keep_epoch=first", "train.keep_epoch"),
+        ("train.keep_epoch=last", "set train.early_stopping_patience=0 with it"),
     ],
 )
 def test_bad_config_is_a_user_error_naming_the_key(override, needle):

@@ -9,7 +9,13 @@ from dl_uncertainty.errors import UserError
 from dl_uncertainty.families.base import build_model as get_model
 from dl_uncertainty.families.bnn import kl_divergence
 from dl_uncertainty.families.registry import NAMES
-from dl_uncertainty.training.loop import kl_scale, loss_terms, train_model, val_log_probs
+from dl_uncertainty.training.loop import (
+    evaluate_split,
+    kl_scale,
+    loss_terms,
+    train_model,
+    val_log_probs,
+)
 from dl_uncertainty.uncertainty import metrics
 
 
@@ -157,6 +163,20 @@ def test_early_stopping_stops_when_val_nll_stalls(tiny_cfg, digits_splits):
     result = train_model(cfg, digits_splits["train"], digits_splits["val"])
     assert result.epochs_run < 200
     assert result.epochs_run - result.best_epoch == 2
+
+
+def test_keep_epoch_returns_the_best_or_the_final_epochs_weights(tiny_cfg, digits_splits):
+    train, val = digits_splits["train"], digits_splits["val"]
+    common = ("model=mc_dropout_dnn", "train.epochs=6", "train.early_stopping_patience=0", "train.lr=0.05",
+              "train.val_mc_samples=0")
+    best = train_model(tiny_cfg(*common), train, val, quiet=True)
+    last = train_model(tiny_cfg(*common, "train.keep_epoch=last"), train, val, quiet=True)
+    nll = best.history["val_nll"]
+    assert last.history == best.history and nll.index(min(nll)) < len(nll) - 1  # the two runs differ only in what they keep
+    assert (best.best_epoch, last.best_epoch) == (nll.index(min(nll)) + 1, 6)
+    assert evaluate_split(best.model, val, 0)["nll"] == pytest.approx(min(nll), rel=1e-5)
+    assert evaluate_split(last.model, val, 0)["nll"] == pytest.approx(nll[-1], rel=1e-5)
+    assert last.best["val_nll"] == nll[-1]
 
 
 def test_mc_dropout_cnn_and_bnn_cnn_build_for_images(tiny_cfg, digits_splits):

@@ -89,6 +89,7 @@ class TrainConfig:
     batch_size: int = 64
     epochs: int = 60
     early_stopping_patience: int = 15  # epochs without val NLL improvement; 0 disables
+    keep_epoch: str = "best"  # best: the weights of the epoch with the lowest val NLL | last: the final epoch's
     label_smoothing: float = 0.0
     loss: str = "ce"  # ce | focal
     focal_gamma: float = 2.0  # focal: down-weights examples the model already gets right

@@ -164,7 +164,8 @@ def train_model(
     quiet: bool = False,
     checkpoint_meta: dict | None = None,
 ) -> TrainResult:
-    """Train ``cfg.model`` on ``train`` with early stopping on the val NLL; return the best weights.
+    """Train ``cfg.model`` on ``train`` with early stopping on the val NLL; return the best weights
+    (``train.keep_epoch=last``: the final epoch's).
 
     ``on_epoch(epoch, metrics)`` sees every epoch's metrics (MLflow logging, pruning: an exception
     it raises ends the training); ``quiet`` drops the per-epoch line; ``checkpoint_meta`` is saved
@@ -225,11 +226,14 @@ class _Run:
         print(f"resuming {cfg.model.name} from {checkpoints.path} after epoch {state['epoch']}"
               + (f"; changed: {', '.join(changed)}" if changed else ""))
 
-    def record(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Append the epoch's metrics; keep the weights if its val NLL is the best so far."""
+    def record(self, epoch: int, metrics: dict[str, float], keep_last: bool = False) -> None:
+        """Append the epoch's metrics; keep the weights if its val NLL is the best so far (with
+        ``keep_last``, the final epoch's weights are kept instead, so none are copied)."""
         for key, value in metrics.items():
             self.history.setdefault(key, []).append(value)
-        if metrics["val_nll"] < self.best["nll"]:
+        if keep_last:
+            self.best = {"nll": metrics["val_nll"], "epoch": epoch, "state": None}
+        elif metrics["val_nll"] < self.best["nll"]:
             self.best = {"nll": metrics["val_nll"], "epoch": epoch, "state": copy.deepcopy(self.model.state_dict())}
             self.bad_epochs = 0
         else:
@@ -383,7 +387,7 @@ def _train_model(cfg: DictConfig, train: Split, val: Split, on_epoch: EpochCallb
         with _conv_layout(model, device):
             val_metrics = evaluate_split(model, val, cfg.train.val_mc_samples)
         metrics = _epoch_metrics(sums, kl_w, data.n, val_metrics)
-        run.record(epoch, metrics)
+        run.record(epoch, metrics, keep_last=cfg.train.keep_epoch == "last")
         line = (f"{cfg.model.name} epoch {epoch:3d}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"val_acc {metrics['val_acc']:.4f}  val_nll {metrics['val_nll']:.4f}")
         if not quiet:
@@ -393,7 +397,8 @@ def _train_model(cfg: DictConfig, train: Split, val: Split, on_epoch: EpochCallb
         if checkpoints:
             checkpoints.epoch_done(run.state(cfg, epoch), last_epoch=epoch == cfg.train.epochs or patience_spent())
 
-    model.load_state_dict(run.best["state"])
+    if run.best["state"] is not None:  # None: keep_epoch=last, the model holds the final epoch's weights
+        model.load_state_dict(run.best["state"])
     family.after_training(model, train, val, cfg)
     fit_feature_density(model, train, val, cfg)  # the distance-aware score, on the final weights
     rate = seen / busy if busy else 0.0
