@@ -58,7 +58,7 @@ def test_defaults_are_the_documented_ones():
         ("train.mixup_prob=1.5", "train.mixup_prob must be in [0, 1]"),
         ("train.cutmix_prob=-0.1", "train.cutmix_prob must be in [0, 1]"),
         ("train.keep_epoch=first", "train.keep_epoch"),
-        ("train.keep_epoch=last", "set train.early_stopping_patience=0 with it"),
+        ("train.keep_epoch=last", "set train.keep_epoch=best to stop early, or train.early_stopping_patience=0"),
     ],
 )
 def test_bad_config_is_a_user_error_naming_the_key(override, needle):

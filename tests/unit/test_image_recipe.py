@@ -210,5 +210,6 @@ def test_image_data_selects_the_recipe_and_digits_keeps_its_defaults():
     assert (mnist.data.crop_padding, load_config(["data=mnist", "model=mc_dropout_dnn"]).model.dropout) == (2, 0.1)
     assert load_config(["model=mc_dropout_dnn"]).model.dropout == 0.25  # digits' tables keep the family's dropout
     assert (mnist.train.lr_schedule, mnist.train.warmup_fraction, mnist.train.early_stopping_patience) == ("cosine", 0.05, 0)
+    assert (mnist.train.keep_epoch, digits.train.keep_epoch) == ("last", "best")  # cosine to 0: the final weights
     assert load_config(["data=mnist", "train.epochs=3"]).train.epochs == 3  # a command-line value wins
     assert load_config(["data=cifar10"]).model.arch == "resnet"

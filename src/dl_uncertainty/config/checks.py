@@ -174,7 +174,8 @@ def validate(cfg: DictConfig, family_types: bool = True) -> None:
     _one_of(t.keep_epoch, "train.keep_epoch", ("best", "last"))
     _check(t.keep_epoch == "best" or not t.early_stopping_patience,
            f"train.keep_epoch=last keeps the final epoch, which early stopping makes the one "
-           f"{t.early_stopping_patience} epochs past the best: set train.early_stopping_patience=0 with it")
+           f"{t.early_stopping_patience} epochs past the best (the image recipes keep the last epoch): set "
+           f"train.keep_epoch=best to stop early, or train.early_stopping_patience=0")
     _check(t.checkpoint_every_s >= 0, f"train.checkpoint_every_s must be >= 0 (0 = every epoch), got {t.checkpoint_every_s}")
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
     _one_of(t.loss, "train.loss", ("ce", "focal"))
