@@ -33,9 +33,7 @@ from dl_uncertainty.errors import UserError
 from dl_uncertainty.families.base import build_model, family_of
 from dl_uncertainty.families.feature_density import fit_feature_density
 from dl_uncertainty.families.losses import Mix, mix_batch
-from dl_uncertainty.families.networks import (
-    resolve_device,
-)
+from dl_uncertainty.families.networks import resolve_device
 from dl_uncertainty.families.predict import predict_log_probs
 from dl_uncertainty.training.checkpoints import (
     Checkpointer,
@@ -154,16 +152,9 @@ def evaluate_split(model: nn.Module, split: Split, samples: int) -> dict[str, fl
     return {"nll": metrics.nll(log_probs, split.y), "acc": metrics.accuracy(log_probs, split.y)}
 
 
-def train_model(
-    cfg: DictConfig,
-    train: Split,
-    val: Split,
-    *,
-    on_epoch: EpochCallback | None = None,
-    checkpoint_dir: str | Path | None = None,
-    quiet: bool = False,
-    checkpoint_meta: dict | None = None,
-) -> TrainResult:
+def train_model(cfg: DictConfig, train: Split, val: Split, *, on_epoch: EpochCallback | None = None,
+                checkpoint_dir: str | Path | None = None, quiet: bool = False,
+                checkpoint_meta: dict | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``train`` with early stopping on the val NLL; return the best weights
     (``train.keep_epoch=last``: the final epoch's).
 
