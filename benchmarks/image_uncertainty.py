@@ -238,8 +238,9 @@ def targets(rows: list[dict]) -> list[str]:
     """The image targets for each data set's families, on the means over the seeds run: accuracy
     (0.985 on digits, 0.97 on shapes), far-OOD >= 0.99 by each family's best score on its worst kind,
     and on digits also served ECE <= 0.015, entropy >= 0.95 on the worst kind and the BNN at most 0.005
-    behind MC-Dropout; then wall time per epoch against the textbook CNN's (set-up and the per-epoch
-    validation pass included, one model after the other: ``--speed`` times it alternately)."""
+    behind MC-Dropout; then wall time per epoch beside the textbook CNN's, for information (set-up and
+    the per-epoch validation pass included, one model after the other: ``--speed`` times the speed target
+    alternately)."""
     lines = []
     for data in dict.fromkeys(r["data"] for r in rows):
         digits = data != "shapes"
@@ -259,13 +260,12 @@ def targets(rows: list[dict]) -> list[str]:
         if digits and "bnn" in mine and "mc_dropout_dnn" in mine:
             gap = mine["bnn"]["acc"] - mine["mc_dropout_dnn"]["acc"]
             checks.append((f"bnn accuracy {gap:+.4f} against mc_dropout_dnn's, at most 0.005 behind", gap >= -0.005))
-        for name, r in mine.items():
-            member = r["epoch_s"] / r["members"]
-            checks.append((f"{name} wall s per epoch{' per member' if r['members'] > 1 else ''} {member:.2f} <= textbook "
-                           f"CNN's {tb['epoch_s']:.2f} (set-up and validation included; --speed: alternately)",
-                           member <= tb["epoch_s"]))
+        times = [f"{name} {r['epoch_s'] / r['members']:.2f}{' per member' if r['members'] > 1 else ''}"
+                 for name, r in mine.items()]
         lines += [f"targets on {data}, mean over seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}:"]
         lines += [f"  {'met    ' if ok else 'NOT MET'}  {text}" for text, ok in checks]
+        lines.append(f"  wall s per epoch, set-up and validation included, one model after the other: {', '.join(times)}; "
+                     f"textbook CNN {tb['epoch_s']:.2f} (the per-epoch speed target: --speed, alternately in one process)")
     return lines
 
 
