@@ -160,9 +160,8 @@ def report(r: dict, ev) -> None:
           f"{r['train_s']:.0f} s ({r['epoch_s']:.2f} s/epoch)", flush=True)
 
 
-def run(data: str, families: list[str], root: Path, extra: list[str], epochs: int | None,
-        shapes_per_class: int | None = None) -> list[dict]:
-    base = data_overrides(data, root, shapes_per_class) + ["num_threads=1", *extra] + ([f"train.epochs={epochs}"] if epochs else [])
+def run(data: str, families: list[str], data_args: list[str], extra: list[str], epochs: int | None) -> list[dict]:
+    base = data_args + ["num_threads=1", *extra] + ([f"train.epochs={epochs}"] if epochs else [])
     rows, splits = [], None
     for family in families:
         cfg = load_config(base + [f"model={family}"])
@@ -200,11 +199,10 @@ def epoch_seconds(train_for, rounds: int) -> float:
     return min((timed(3) - timed(1)) / 2 for _ in range(rounds))
 
 
-def speed(data: str, families: list[str], root: Path, extra: list[str], rounds: int,
-          shapes_per_class: int | None = None) -> None:
+def speed(data: str, families: list[str], data_args: list[str], extra: list[str], rounds: int) -> None:
     """Per-epoch time of each family's training loop (per-epoch validation included) against the
     textbook CNN's, the two timed alternately in one process so the machine's load hits both alike."""
-    base = data_overrides(data, root, shapes_per_class) + ["num_threads=1", *extra]
+    base = data_args + ["num_threads=1", *extra]
     cfg = load_config(base + ["model=mc_dropout_dnn"])
     splits = prepare_images(cfg.data, cfg.seed)
     train, val = splits["train"], splits["val"]
@@ -305,12 +303,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for data in args.data:
+            data_args = data_overrides(data, Path(tmp), args.shapes_per_class)  # written once, read by every seed
             if args.speed:
-                speed(data, args.families, Path(tmp), args.overrides, args.speed, args.shapes_per_class)
+                speed(data, args.families, data_args, args.overrides, args.speed)
                 continue
             for seed in args.seeds or [None]:
                 extra = [*args.overrides, *([f"seed={seed}"] if seed is not None else [])]
-                rows += run(data, args.families, Path(tmp), extra, args.epochs, args.shapes_per_class)
+                rows += run(data, args.families, data_args, extra, args.epochs)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
     if rows:
         print(table(rows))
